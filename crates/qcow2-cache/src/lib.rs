@@ -1,0 +1,2 @@
+//! Table cache (placeholder, filled below).
+#![forbid(unsafe_code)]

@@ -1,0 +1,198 @@
+//! Storage backends for qcow2 images.
+//!
+//! [`Storage`] is positional I/O on one file: read, write, sync, punch a
+//! hole, length. [`FileStorage`] implements it on `libc` (pread, pwrite,
+//! fdatasync, fallocate); [`MemStorage`] keeps the bytes in memory for unit
+//! tests; [`CountingStorage`] counts calls of any backend;
+//! [`FaultStorage`] injects errors and simulates power loss.
+#![warn(missing_docs)]
+
+mod fault;
+mod file;
+mod mem;
+
+pub use fault::{FaultPlan, FaultStorage};
+pub use file::{FileStorage, OpenMode};
+pub use mem::MemStorage;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Positional I/O on one image file. All methods take `&self`; backends
+/// are safe to share between threads.
+pub trait Storage: Send + Sync {
+    /// Fills `buf` from `offset`. Bytes past the end of the file read as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the file as needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates the range; it reads as zeroes afterwards. Backends that
+    /// cannot punch holes write zeroes or do nothing and return `Ok(false)`.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool>;
+    /// Current length of the file.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Next data at or after `offset` (SEEK_DATA); `None` when only a hole
+    /// follows. Backends without hole tracking say everything is data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(if offset < self.len()? { Some(offset) } else { None })
+    }
+    /// Next hole at or after `offset` (SEEK_HOLE); the end of the file counts as a hole.
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        let _ = offset;
+        self.len()
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for Box<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).punch_hole(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        (**self).next_hole(offset)
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).punch_hole(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        (**self).next_hole(offset)
+    }
+}
+
+/// Call counts of a [`CountingStorage`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoCounts {
+    /// read_at calls.
+    pub reads: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// write_at calls.
+    pub writes: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// sync calls.
+    pub syncs: u64,
+    /// punch_hole calls.
+    pub punches: u64,
+}
+
+/// Wraps a backend and counts every call.
+pub struct CountingStorage<S> {
+    inner: S,
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
+    syncs: AtomicU64,
+    punches: AtomicU64,
+}
+
+impl<S: Storage> CountingStorage<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        CountingStorage {
+            inner,
+            reads: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            punches: AtomicU64::new(0),
+        }
+    }
+    /// Counts so far.
+    pub fn counts(&self) -> IoCounts {
+        IoCounts {
+            reads: self.reads.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            syncs: self.syncs.load(Ordering::Relaxed),
+            punches: self.punches.load(Ordering::Relaxed),
+        }
+    }
+    /// The wrapped backend.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Storage> Storage for CountingStorage<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.punches.fetch_add(1, Ordering::Relaxed);
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.next_hole(offset)
+    }
+}

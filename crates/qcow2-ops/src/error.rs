@@ -1,0 +1,65 @@
+//! The error type of the image layer; every error maps to one negative errno.
+
+use qcow2_format::FormatError;
+use std::io;
+use thiserror::Error;
+
+/// What went wrong in an image operation.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The underlying file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// On-disk data failed validation.
+    #[error("{0}")]
+    Format(#[from] FormatError),
+    /// A caller argument is wrong (bad flags, range past the end, ...).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The request is valid but cannot be done this way (e.g. NO_FALLBACK).
+    #[error("operation not supported: {0}")]
+    NotSupported(String),
+    /// Write on an image opened read-only (or turned read-only after corruption).
+    #[error("image is read-only")]
+    ReadOnly,
+    /// Metadata is inconsistent; the image was marked corrupt.
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+    /// No space left (file too large, refcount overflow, table limits).
+    #[error("no space: {0}")]
+    NoSpace(String),
+}
+
+impl Error {
+    /// The negative errno for C callers.
+    pub fn errno(&self) -> i32 {
+        -match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Format(FormatError::UnknownIncompatible(_))
+            | Error::Format(FormatError::Unsupported(_))
+            | Error::Format(FormatError::UnsupportedVersion(_)) => libc::ENOTSUP,
+            Error::Format(_) => libc::EINVAL,
+            Error::Invalid(_) => libc::EINVAL,
+            Error::NotSupported(_) => libc::ENOTSUP,
+            Error::ReadOnly => libc::EROFS,
+            Error::Corrupt(_) => libc::EIO,
+            Error::NoSpace(_) => libc::ENOSPC,
+        }
+    }
+    /// Wraps an I/O error with context.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;

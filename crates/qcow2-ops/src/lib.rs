@@ -1,0 +1,17 @@
+//! The qcow2 image: open, create, read, write, write-zeroes, discard, flush,
+//! block status, check and repair. This is the Rust API of the engine.
+//!
+//! An [`Image`] is `Send + Sync`: every method takes `&self` and requests are
+//! serialised by one internal lock.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+mod image;
+mod types;
+
+pub use error::{Error, Result};
+pub use image::Image;
+pub use qcow2_format as format;
+pub use qcow2_io as io;
+pub use types::*;

@@ -1,0 +1,2 @@
+//! Refcount layer (placeholder).
+#![forbid(unsafe_code)]
