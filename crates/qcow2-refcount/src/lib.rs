@@ -1,2 +1,423 @@
-//! Refcount layer (placeholder).
+//! Refcount table and refcount blocks: lookups, allocation of host
+//! clusters, increments and decrements, growth of the refcount structures.
+//!
+//! The layer answers "give me N free clusters" and "change this cluster's
+//! refcount"; it never looks at L1/L2 tables. Decisions about when refcount
+//! changes may reach the disk (the ordering rules) belong to the caller, who
+//! flushes [`Refcounts::flush`] at the right moments. The only writes this
+//! layer issues on its own are the ones that make new refcount structures
+//! reachable (new refcount block, moved refcount table), each preceded by a
+//! sync of what it points at.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use qcow2_cache::{CacheConfig, CacheStats, TableCache};
+use qcow2_format::header::MAX_REFTABLE_BYTES;
+use qcow2_format::refcount as rc;
+use qcow2_format::{be64, put_be32, put_be64};
+use qcow2_io::Storage;
+use std::io;
+use std::ops::Range;
+use thiserror::Error;
+
+/// Errors of the refcount layer.
+#[derive(Debug, Error)]
+pub enum RefcountError {
+    /// I/O failed.
+    #[error("refcount I/O: {0}")]
+    Io(#[from] io::Error),
+    /// On-disk refcount structures are inconsistent.
+    #[error("refcount structures corrupt: {0}")]
+    Corrupt(String),
+    /// Out of room (refcount overflow, table limit).
+    #[error("{0}")]
+    NoSpace(String),
+}
+
+type Result<T> = std::result::Result<T, RefcountError>;
+
+/// Refcount state of an open image.
+pub struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    entries_per_block: u64,
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u32,
+    cache: TableCache,
+    free_hint: u64,
+    /// Clusters that reached refcount zero since the caller last took them.
+    freed: Vec<u64>,
+}
+
+impl Refcounts {
+    /// Loads the refcount table. `cache_bytes` bounds the block cache.
+    pub fn load(
+        storage: &dyn Storage,
+        cluster_bits: u32,
+        order: u32,
+        table_offset: u64,
+        table_clusters: u32,
+        cache_bytes: usize,
+        granularity: usize,
+    ) -> Result<Self> {
+        let cs = 1u64 << cluster_bits;
+        let bytes = table_clusters as u64 * cs;
+        if bytes > MAX_REFTABLE_BYTES {
+            return Err(RefcountError::Corrupt("refcount table too large".into()));
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        storage.read_at(&mut raw, table_offset)?;
+        let table: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        for (i, &e) in table.iter().enumerate() {
+            if e & (cs - 1) != 0 {
+                return Err(RefcountError::Corrupt(format!(
+                    "refcount block {i} offset {e:#x} is not cluster aligned"
+                )));
+            }
+        }
+        let slice = cs.min(64 << 10) as usize;
+        Ok(Refcounts {
+            cluster_bits,
+            order,
+            entries_per_block: rc::entries_per_block(cluster_bits, order),
+            table,
+            table_offset,
+            table_clusters,
+            cache: TableCache::new(CacheConfig {
+                slice_size: slice,
+                capacity: (cache_bytes / slice).max(4),
+                granularity,
+            }),
+            free_hint: 0,
+            freed: Vec::new(),
+        })
+    }
+
+    /// Cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Refcount order.
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+    /// Largest refcount value.
+    pub fn max_refcount(&self) -> u64 {
+        rc::max_refcount(self.order)
+    }
+    /// Entries of the refcount table (block offsets, 0: none).
+    pub fn table(&self) -> &[u64] {
+        &self.table
+    }
+    /// Refcount table location and length in clusters.
+    pub fn table_location(&self) -> (u64, u32) {
+        (self.table_offset, self.table_clusters)
+    }
+    /// Clusters described by one refcount block.
+    pub fn entries_per_block(&self) -> u64 {
+        self.entries_per_block
+    }
+    /// Cache counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats
+    }
+    /// Resets cache counters.
+    pub fn reset_stats(&mut self) {
+        self.cache.stats = CacheStats::default();
+    }
+    /// Whether refcount changes wait in the cache.
+    pub fn is_dirty(&self) -> bool {
+        self.cache.is_dirty()
+    }
+    /// Whether loading another slice would have to write back a dirty one.
+    pub fn victim_is_dirty(&self) -> bool {
+        self.cache.victim_is_dirty()
+    }
+
+    /// Locates the cache slice and byte/entry index for `cluster`, loading it.
+    /// `None` when no refcount block covers the cluster.
+    fn locate(&mut self, storage: &dyn Storage, cluster: u64) -> Result<Option<(usize, usize)>> {
+        let block = cluster / self.entries_per_block;
+        let Some(&boff) = self.table.get(block as usize) else {
+            return Ok(None);
+        };
+        if boff == 0 {
+            return Ok(None);
+        }
+        let idx = cluster % self.entries_per_block;
+        let byte = rc::byte_of(idx, self.order);
+        let slice = self.cache.slice_size() as u64;
+        let slice_off = boff + byte / slice * slice;
+        let id = match self.cache.lookup(slice_off) {
+            Some(id) => id,
+            None => self.cache.load(storage, slice_off)?,
+        };
+        let entries_per_slice = (slice * 8) >> self.order;
+        Ok(Some((id, (idx % entries_per_slice) as usize)))
+    }
+
+    /// Refcount of host cluster `cluster` (0 when uncovered).
+    pub fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
+        Ok(match self.locate(storage, cluster)? {
+            None => 0,
+            Some((id, i)) => rc::get(self.cache.data(id), i, self.order),
+        })
+    }
+
+    fn set_covered(&mut self, id: usize, i: usize, value: u64) {
+        let byte = ((i as u64) << self.order) / 8;
+        let width = (1usize << self.order).div_ceil(8);
+        let d = self.cache.data_mut(id, byte as usize, width);
+        // `d` starts at the entry's byte; index relative to that byte.
+        let rel = match self.order {
+            0..=2 => i % (8 >> self.order),
+            _ => 0,
+        };
+        rc::set(d, rel, self.order, value);
+    }
+
+    /// Sets the refcount of `cluster`, creating its refcount block if needed.
+    /// `avoid` is a cluster range the caller is about to use, so new
+    /// structures must not be placed there.
+    pub fn set(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        value: u64,
+        avoid: Range<u64>,
+    ) -> Result<()> {
+        if value > self.max_refcount() {
+            return Err(RefcountError::NoSpace(format!(
+                "refcount of cluster {cluster} would exceed {}",
+                self.max_refcount()
+            )));
+        }
+        let loc = match self.locate(storage, cluster)? {
+            Some(l) => l,
+            None => {
+                if value == 0 {
+                    return Ok(());
+                }
+                self.create_block(storage, cluster / self.entries_per_block, avoid)?;
+                self.locate(storage, cluster)?
+                    .ok_or_else(|| RefcountError::Corrupt("new refcount block missing".into()))?
+            }
+        };
+        let old = rc::get(self.cache.data(loc.0), loc.1, self.order);
+        if old == value {
+            return Ok(());
+        }
+        self.set_covered(loc.0, loc.1, value);
+        if value == 0 {
+            self.freed.push(cluster);
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of `cluster`.
+    pub fn update(&mut self, storage: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
+        let old = self.get(storage, cluster)?;
+        let new = if delta < 0 {
+            old.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                RefcountError::Corrupt(format!(
+                    "refcount of cluster {cluster} would drop below zero"
+                ))
+            })?
+        } else {
+            old.checked_add(delta as u64)
+                .filter(|&v| v <= self.max_refcount())
+                .ok_or_else(|| {
+                    RefcountError::NoSpace(format!("refcount of cluster {cluster} overflows"))
+                })?
+        };
+        self.set(storage, cluster, new, cluster..cluster + 1)?;
+        Ok(new)
+    }
+
+    /// Finds `n` contiguous free clusters (refcount zero) and sets their
+    /// refcount to one. Returns the first cluster index. `min` is the lowest
+    /// cluster index allowed (the header cluster is never free).
+    pub fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
+        let mut start = self.free_hint.max(1);
+        'search: loop {
+            for k in 0..n {
+                let c = start + k;
+                if self.get(storage, c)? != 0 {
+                    start = c + 1;
+                    if k == 0 && start - 1 == self.free_hint.max(1) {
+                        self.free_hint = start;
+                    }
+                    continue 'search;
+                }
+            }
+            break;
+        }
+        if start.checked_add(n).is_none_or(|e| e > (1u64 << (56 - self.cluster_bits))) {
+            return Err(RefcountError::NoSpace("host offsets exhausted".into()));
+        }
+        for k in 0..n {
+            self.set(storage, start + k, 1, start..start + n)?;
+        }
+        if self.free_hint == start {
+            self.free_hint = start + n;
+        }
+        Ok(start)
+    }
+
+    /// Takes the list of clusters whose refcount dropped to zero.
+    pub fn take_freed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// Writes back dirty refcount slices. Returns whether anything was written.
+    pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
+        Ok(self.cache.flush(storage)?)
+    }
+
+    /// Drops cached slices (after an external rewrite of the structures).
+    pub fn invalidate(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Makes a refcount block for `block` reachable.
+    fn create_block(&mut self, storage: &dyn Storage, block: u64, avoid: Range<u64>) -> Result<()> {
+        if block as usize >= self.table.len() {
+            return self.grow_table(storage, block, avoid);
+        }
+        let epb = self.entries_per_block;
+        let first = block * epb;
+        // Every cluster of an uncovered block has refcount zero: take the
+        // first one the caller does not need. It describes itself.
+        let mut r = first;
+        while avoid.contains(&r) {
+            r += 1;
+        }
+        if r >= first + epb {
+            return Err(RefcountError::NoSpace(
+                "no room for a refcount block".into(),
+            ));
+        }
+        let cs = self.cluster_size();
+        let boff = r * cs;
+        self.zero_block_in_cache(storage, boff)?;
+        self.table[block as usize] = boff;
+        let (id, i) = self
+            .locate(storage, r)?
+            .ok_or_else(|| RefcountError::Corrupt("new block not found".into()))?;
+        self.set_covered(id, i, 1);
+        // The block must be on disk before the table entry that points at it.
+        self.cache.flush(storage)?;
+        storage.sync()?;
+        let mut e = [0u8; 8];
+        put_be64(&mut e, 0, boff);
+        storage.write_at(&e, self.table_offset + block * 8)?;
+        storage.sync()?;
+        Ok(())
+    }
+
+    fn zero_block_in_cache(&mut self, storage: &dyn Storage, boff: u64) -> Result<()> {
+        let slice = self.cache.slice_size() as u64;
+        let mut o = boff;
+        while o < boff + self.cluster_size() {
+            self.cache.insert_zeroed(storage, o)?;
+            o += slice;
+        }
+        Ok(())
+    }
+
+    /// Moves the refcount table to a larger place that covers `block`.
+    fn grow_table(&mut self, storage: &dyn Storage, block: u64, avoid: Range<u64>) -> Result<()> {
+        let cs = self.cluster_size();
+        let epb = self.entries_per_block;
+        let needed_entries = (block + 1).max(self.table.len() as u64 * 2);
+        let new_clusters = (needed_entries * 8).div_ceil(cs);
+        if new_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(RefcountError::NoSpace(
+                "refcount table would exceed 8 MiB".into(),
+            ));
+        }
+        let new_entries = new_clusters * cs / 8;
+        // Everything from here on is unused.
+        let file_end = storage.len()?.div_ceil(cs);
+        let s = file_end.max(avoid.end);
+        // Blocks to create: the requested one and those covering the new
+        // table and the new blocks themselves.
+        let covered = |tbl: &Vec<u64>, b: u64| tbl.get(b as usize).is_some_and(|&o| o != 0);
+        let mut k = 0u64;
+        let mut blocks: Vec<u64>;
+        loop {
+            blocks = Vec::new();
+            if !covered(&self.table, block) {
+                blocks.push(block);
+            }
+            let end = s + new_clusters + k;
+            for b in s / epb..=(end - 1) / epb {
+                if !covered(&self.table, b) && !blocks.contains(&b) {
+                    blocks.push(b);
+                }
+            }
+            if blocks.len() as u64 == k {
+                break;
+            }
+            k = blocks.len() as u64;
+        }
+        if blocks.iter().any(|&b| b >= new_entries) {
+            return Err(RefcountError::NoSpace(
+                "refcount table growth does not converge".into(),
+            ));
+        }
+        blocks.sort_unstable();
+        // Flush pending changes of existing blocks first.
+        self.cache.flush(storage)?;
+        let mut table = self.table.clone();
+        table.resize(new_entries as usize, 0);
+        for (j, &b) in blocks.iter().enumerate() {
+            table[b as usize] = (s + new_clusters + j as u64) * cs;
+        }
+        let old_table = std::mem::replace(&mut self.table, table);
+        let old_loc = (self.table_offset, self.table_clusters);
+        // New blocks start zeroed in the cache.
+        for &b in &blocks {
+            let off = self.table[b as usize];
+            self.zero_block_in_cache(storage, off)?;
+        }
+        let used = s..s + new_clusters + blocks.len() as u64;
+        for c in used.clone() {
+            match self.locate(storage, c)? {
+                Some((id, i)) => self.set_covered(id, i, 1),
+                None => {
+                    self.table = old_table;
+                    return Err(RefcountError::Corrupt(
+                        "new refcount table not covered".into(),
+                    ));
+                }
+            }
+        }
+        self.cache.flush(storage)?;
+        let mut raw = vec![0u8; (new_clusters * cs) as usize];
+        for (i, &e) in self.table.iter().enumerate() {
+            put_be64(&mut raw, i * 8, e);
+        }
+        storage.write_at(&raw, s * cs)?;
+        storage.sync()?;
+        // Switch the header over in one write.
+        let mut h = [0u8; 12];
+        put_be64(&mut h, 0, s * cs);
+        put_be32(&mut h, 8, new_clusters as u32);
+        storage.write_at(&h, 48)?;
+        storage.sync()?;
+        self.table_offset = s * cs;
+        self.table_clusters = new_clusters as u32;
+        // Release the old table.
+        let first_old = old_loc.0 / cs;
+        for c in first_old..first_old + old_loc.1 as u64 {
+            self.update(storage, c, -1)?;
+        }
+        if self.free_hint > first_old {
+            self.free_hint = first_old;
+        }
+        Ok(())
+    }
+}
