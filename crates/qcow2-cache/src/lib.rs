@@ -97,7 +97,9 @@ impl TableCache {
         if self.slots.len() < self.cfg.capacity {
             return false;
         }
-        self.victim().map(|v| self.slots[v].is_dirty).unwrap_or(false)
+        self.victim()
+            .map(|v| self.slots[v].is_dirty)
+            .unwrap_or(false)
     }
 
     fn victim(&self) -> Option<SlotId> {

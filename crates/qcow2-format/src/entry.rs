@@ -258,7 +258,10 @@ mod tests {
         assert_eq!(e.l2_offset(), 0x50000);
         assert!(e.copied());
         assert_eq!(e.reserved(), 0);
-        assert_eq!(L1Entry(0x0100_0000_0000_0000).reserved(), 0x0100_0000_0000_0000);
+        assert_eq!(
+            L1Entry(0x0100_0000_0000_0000).reserved(),
+            0x0100_0000_0000_0000
+        );
         assert_eq!(L1Entry(1).reserved(), 1);
         assert_eq!(L1Entry::new(0x70000).0, 0x8000_0000_0007_0000);
         assert_eq!(L1Entry::new(0).0, 0);
@@ -266,8 +269,14 @@ mod tests {
 
     #[test]
     fn standard_types() {
-        assert_eq!(L2Entry::standard(0).cluster_type(false), ClusterType::Unallocated);
-        assert_eq!(L2Entry::standard(1).cluster_type(false), ClusterType::ZeroPlain);
+        assert_eq!(
+            L2Entry::standard(0).cluster_type(false),
+            ClusterType::Unallocated
+        );
+        assert_eq!(
+            L2Entry::standard(1).cluster_type(false),
+            ClusterType::ZeroPlain
+        );
         assert_eq!(
             L2Entry::standard(0x8000_0000_0005_0001).cluster_type(false),
             ClusterType::ZeroAlloc

@@ -11,16 +11,15 @@ pub mod error;
 pub mod header;
 pub mod refcount;
 
-
 pub use entry::{
     ClusterType, CompressedDescriptor, L1Entry, L2Entry, SubclusterType, L2_BITMAP_ALL_ZERO,
 };
 pub use error::FormatError;
+pub use header::Geometry;
 pub use header::{
     CompressionType, Extension, FeatureName, Header, EXT_BACKING_FORMAT, EXT_BITMAPS,
     EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, EXT_FULL_DISK_ENCRYPTION,
 };
-pub use header::Geometry;
 
 /// Big-endian u64 from an 8-byte slice starting at `off` (caller guarantees bounds).
 #[inline]

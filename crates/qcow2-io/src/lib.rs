@@ -41,7 +41,11 @@ pub trait Storage: Send + Sync {
     /// Next data at or after `offset` (SEEK_DATA); `None` when only a hole
     /// follows. Backends without hole tracking say everything is data.
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        Ok(if offset < self.len()? { Some(offset) } else { None })
+        Ok(if offset < self.len()? {
+            Some(offset)
+        } else {
+            None
+        })
     }
     /// Next hole at or after `offset` (SEEK_HOLE); the end of the file counts as a hole.
     fn next_hole(&self, offset: u64) -> io::Result<u64> {

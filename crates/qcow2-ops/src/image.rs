@@ -1,88 +1,751 @@
-//! The image handle.
+//! The image handle: open, create, flush, close, and the metadata plumbing
+//! (L1, L2 cache, refcounts, ordering) shared by the request paths.
 
+use crate::backing::Backing;
 use crate::error::{Error, Result};
 use crate::types::*;
-use std::path::Path;
+use qcow2_cache::{CacheConfig, SlotId, TableCache};
+use qcow2_format::entry::{L1Entry, L2Entry};
+use qcow2_format::header::{self, Header};
+use qcow2_format::{be64, put_be64, Geometry};
+use qcow2_io::{FileStorage, OpenMode, Storage};
+use qcow2_refcount::{RefcountError, Refcounts};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
-/// An open qcow2 image.
+/// Deferred refcount decrements are applied at the latest when this many wait.
+const MAX_PENDING_FREES: usize = 1 << 16;
+
+/// An open qcow2 image. Safe to share between threads; requests are
+/// serialised by one internal lock.
 pub struct Image {
-    _p: (),
+    inner: Mutex<Inner>,
 }
 
-fn todo_err() -> Error {
-    Error::NotSupported("not implemented yet".into())
+/// Everything behind the lock.
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    pub(crate) path: PathBuf,
+    pub(crate) file: Box<dyn Storage>,
+    pub(crate) header: Header,
+    pub(crate) geo: Geometry,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l1_dirty: BTreeSet<usize>,
+    pub(crate) l2: TableCache,
+    pub(crate) refs: Refcounts,
+    pub(crate) backing: Option<Backing>,
+    pub(crate) opts: OpenOptions,
+    pub(crate) read_only: bool,
+    /// Refcount increments or new-cluster data not yet durable: L2/L1
+    /// writes must wait for a sync.
+    pub(crate) alloc_unsynced: bool,
+    /// Anything written since the last sync.
+    pub(crate) unsynced: bool,
+    /// Host clusters whose refcount drops once the L2 change is durable.
+    pub(crate) pending_frees: Vec<u64>,
+    /// Host clusters to punch once freed (discard requests).
+    pub(crate) punch_on_free: BTreeSet<u64>,
+    pub(crate) stats: Stats,
+    /// Last decompressed cluster: (L2 entry raw, bytes).
+    pub(crate) zcache: Option<(u64, Vec<u8>)>,
 }
 
 impl Image {
     /// Opens the image at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-        let _ = (path.as_ref(), opts);
-        Err(todo_err())
+        let inner = Inner::open(path.as_ref(), opts)?;
+        Ok(Image {
+            inner: Mutex::new(inner),
+        })
     }
-    /// Creates a new image file at `path` of `size` bytes (fails if it exists? no: truncates, as qemu-img).
+
+    /// Creates a new image file at `path` of `size` bytes (an existing file is truncated).
     pub fn create(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -> Result<()> {
-        let _ = (path.as_ref(), size, opts);
-        Err(todo_err())
+        crate::create::create(path.as_ref(), size, opts)
     }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Virtual size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        0
+        self.lock().header.size
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        0
+        self.lock().geo.cluster_size()
     }
     /// Header information.
     pub fn info(&self) -> ImageInfo {
-        unimplemented!()
+        self.lock().info()
     }
     /// Reads `buf.len()` bytes at guest `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let _ = (offset, buf);
-        Err(todo_err())
+        let mut g = self.lock();
+        g.check_range(offset, buf.len() as u64)?;
+        g.read(offset, buf)
     }
     /// Writes `buf` at guest `offset`; `flags` may hold [`REQ_FUA`].
     pub fn write(&self, offset: u64, buf: &[u8], flags: u32) -> Result<()> {
-        let _ = (offset, buf, flags);
-        Err(todo_err())
+        let mut g = self.lock();
+        g.check_flags(flags, REQ_FUA)?;
+        g.check_writable()?;
+        g.check_range(offset, buf.len() as u64)?;
+        let r = g.write(offset, buf);
+        g.finish_request(r, flags)
     }
     /// Zeroes `len` bytes at `offset` with QEMU's semantics; flags [`REQ_MAY_UNMAP`],
     /// [`REQ_FUA`], [`REQ_NO_FALLBACK`].
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: u32) -> Result<()> {
-        let _ = (offset, len, flags);
-        Err(todo_err())
+        let mut g = self.lock();
+        g.check_flags(flags, REQ_KNOWN)?;
+        g.check_writable()?;
+        g.check_range(offset, len)?;
+        let r = g.write_zeroes(offset, len, flags);
+        g.finish_request(r, flags)
     }
     /// Discards whole clusters in the range (partial clusters: no-op).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        Err(todo_err())
+        let mut g = self.lock();
+        g.check_writable()?;
+        g.check_range(offset, len)?;
+        let r = g.discard(offset, len);
+        g.finish_request(r, 0)
     }
     /// Writes back caches and syncs (per cache mode).
     pub fn flush(&self) -> Result<()> {
-        Err(todo_err())
+        let mut g = self.lock();
+        if g.read_only {
+            return Ok(());
+        }
+        g.flush_all(true)
     }
     /// Allocation status of `[offset, offset+len)`, merged like `qemu-img map`.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
-        let _ = (offset, len);
-        Err(todo_err())
+        let mut g = self.lock();
+        g.check_range(offset, len)?;
+        g.map_range(offset, len)
     }
     /// The whole map, equal to `qemu-img map --output=json`.
     pub fn map(&self) -> Result<Vec<MapEntry>> {
-        self.block_status(0, self.virtual_size())
+        let mut g = self.lock();
+        let size = g.header.size;
+        g.map_range(0, size)
     }
     /// Checks (and optionally repairs) metadata consistency.
     pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        let _ = repair;
-        Err(todo_err())
+        let mut g = self.lock();
+        if repair != RepairMode::None {
+            g.check_writable()?;
+            g.flush_all(true)?;
+        }
+        crate::check::check(&mut g, repair)
     }
     /// Counters since open or the last reset.
     pub fn stats(&self) -> Stats {
-        Stats::default()
+        self.lock().stats()
     }
     /// Resets the counters.
-    pub fn reset_stats(&self) {}
+    pub fn reset_stats(&self) {
+        let mut g = self.lock();
+        g.stats = Stats::default();
+        g.l2.stats = Default::default();
+        g.refs.reset_stats();
+    }
     /// Flushes and closes.
     pub fn close(self) -> Result<()> {
-        Err(todo_err())
+        let mut g = self.lock();
+        if g.read_only {
+            return Ok(());
+        }
+        g.flush_all(true)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let g = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !g.read_only {
+            let _ = g.flush_all(true);
+        }
+    }
+}
+
+pub(crate) fn ioerr(ctx: &str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let what = format!("{name}: {ctx}");
+    move |e| Error::io(what, e)
+}
+
+impl Inner {
+    fn open(path: &Path, opts: &OpenOptions) -> Result<Inner> {
+        let name = path.display().to_string();
+        let file = FileStorage::open(
+            path,
+            OpenMode {
+                writable: opts.writable,
+                direct: opts.cache == CacheMode::None,
+                create: false,
+            },
+        )
+        .map_err(|e| Error::io(format!("could not open '{name}'"), e))?;
+        Self::open_storage(Box::new(file), path, opts)
+    }
+
+    pub(crate) fn open_storage(
+        file: Box<dyn Storage>,
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Inner> {
+        let name = path.display().to_string();
+        let file_len = file.len().map_err(ioerr("stat", &name))?;
+        let mut first = vec![0u8; (2u64 << 20).min(file_len.max(512)) as usize];
+        file.read_at(&mut first, 0)
+            .map_err(ioerr("read header", &name))?;
+        let header = Header::parse(&first, file_len).map_err(|e| match e {
+            qcow2_format::FormatError::Truncated(_) | qcow2_format::FormatError::BadMagic => {
+                Error::Invalid(format!("'{name}' is not a qcow2 image: {e}"))
+            }
+            e => Error::Format(e),
+        })?;
+        if header.crypt_method != 0 {
+            return Err(Error::NotSupported(format!(
+                "'{name}': encrypted images are not supported"
+            )));
+        }
+        if header.has_data_file() {
+            return Err(Error::NotSupported(format!(
+                "'{name}': external data files are not supported"
+            )));
+        }
+        let geo = header.geometry();
+        let read_only = !opts.writable;
+        if header.is_corrupt() && opts.writable {
+            return Err(Error::Corrupt(format!(
+                "'{name}' is marked corrupt; repair it with 'qcow2 check -r all' or open it read-only"
+            )));
+        }
+        if header.nb_snapshots > 0 && opts.writable {
+            // Writes would need COW of shared tables; refuse rather than risk it.
+            return Err(Error::NotSupported(format!(
+                "'{name}': writing to images with internal snapshots is not supported"
+            )));
+        }
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_at(&mut raw, header.l1_table_offset)
+            .map_err(ioerr("read L1 table", &name))?;
+        let cs = geo.cluster_size();
+        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        for (i, &e) in l1.iter().enumerate() {
+            let e = L1Entry(e);
+            if e.l2_offset() & (cs - 1) != 0 {
+                return Err(Error::Corrupt(format!(
+                    "'{name}': L2 table offset {:#x} of L1 entry {i} is not cluster aligned",
+                    e.l2_offset()
+                )));
+            }
+        }
+        let granularity = opts.dirty_granularity.clamp(512, 1 << 21);
+        let refs = Refcounts::load(
+            &*file,
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            opts.refcount_cache_bytes,
+            granularity,
+        )
+        .map_err(|e| refcount_err(&name, e))?;
+        let slice = cs.min(64 << 10) as usize;
+        let l2 = TableCache::new(CacheConfig {
+            slice_size: slice,
+            capacity: (opts.l2_cache_bytes / slice).max(4),
+            granularity,
+        });
+        let backing = if opts.open_backing {
+            match &header.backing_file {
+                Some(b) => Some(Backing::open(path, b, header.backing_format().as_deref())?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let mut me = Inner {
+            name,
+            path: path.to_path_buf(),
+            file,
+            header,
+            geo,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2,
+            refs,
+            backing,
+            opts: opts.clone(),
+            read_only,
+            alloc_unsynced: false,
+            unsynced: false,
+            pending_frees: Vec::new(),
+            punch_on_free: BTreeSet::new(),
+            stats: Stats::default(),
+            zcache: None,
+        };
+        if !me.read_only && me.header.is_dirty() {
+            // Lazy refcounts were not written back: rebuild them, as QEMU does.
+            crate::check::check(&mut me, RepairMode::All)?;
+            me.set_incompat_bit(header::INCOMPAT_DIRTY, false)?;
+        }
+        // Lazy-refcount images are written with exact refcounts, a valid
+        // state of such an image: the dirty bit is never set by this engine.
+        Ok(me)
+    }
+
+    pub(crate) fn info(&self) -> ImageInfo {
+        let h = &self.header;
+        ImageInfo {
+            virtual_size: h.size,
+            cluster_size: h.cluster_size(),
+            version: h.version,
+            refcount_bits: h.refcount_bits(),
+            extended_l2: h.extended_l2(),
+            lazy_refcounts: h.lazy_refcounts(),
+            compression_type: h.compression().name(),
+            corrupt: h.is_corrupt(),
+            dirty: h.is_dirty(),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format(),
+            full_backing_file: h
+                .backing_file
+                .as_ref()
+                .map(|b| crate::backing::resolve(&self.path, b).display().to_string()),
+            data_file: h.data_file(),
+            file_length: self.file.len().unwrap_or(0),
+            snapshots: h.nb_snapshots,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        let l2 = self.l2.stats;
+        let rc = self.refs.cache_stats();
+        s.l2_hits = l2.hits;
+        s.l2_misses = l2.misses;
+        s.l2_dirty_marks = l2.dirty_marks;
+        s.l2_writebacks = l2.writebacks;
+        s.l2_bytes_written = l2.bytes_written;
+        s.refblock_dirty_marks = rc.dirty_marks;
+        s.refblock_writebacks = rc.writebacks;
+        s.refblock_bytes_written = rc.bytes_written;
+        s
+    }
+
+    fn check_flags(&self, flags: u32, allowed: u32) -> Result<()> {
+        if flags & !allowed != 0 {
+            return Err(Error::Invalid(format!(
+                "unknown request flags {:#x}",
+                flags & !allowed
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.header.size => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "request at {offset} of {len} bytes is past the end of '{}' ({} bytes)",
+                self.name, self.header.size
+            ))),
+        }
+    }
+
+    /// After a request: flush per cache mode / FUA; on error, keep the
+    /// image consistent (nothing half-written is made reachable).
+    fn finish_request(&mut self, r: Result<()>, flags: u32) -> Result<()> {
+        r?;
+        if self.opts.cache == CacheMode::Writethrough || flags & REQ_FUA != 0 {
+            self.flush_all(true)?;
+        } else if self.pending_frees.len() > MAX_PENDING_FREES {
+            self.flush_all(false)?;
+        }
+        Ok(())
+    }
+
+    // ----- low-level file access with counters -----
+
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        if self.opts.cache == CacheMode::Unsafe {
+            self.unsynced = false;
+            self.alloc_unsynced = false;
+            return Ok(());
+        }
+        self.file.sync().map_err(ioerr("sync", &self.name))?;
+        self.stats.file_syncs += 1;
+        self.unsynced = false;
+        self.alloc_unsynced = false;
+        Ok(())
+    }
+
+    pub(crate) fn write_data(&mut self, host: u64, buf: &[u8]) -> Result<()> {
+        self.overlap_check(host, buf.len() as u64, "data")?;
+        self.file
+            .write_at(buf, host)
+            .map_err(ioerr("write data", &self.name))?;
+        self.stats.data_bytes_written += buf.len() as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Refuses writes that would land on the header, L1 table or refcount table.
+    pub(crate) fn overlap_check(&mut self, host: u64, len: u64, what: &str) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = host.saturating_add(len);
+        let overlaps = |a: u64, b: u64| host < b && a < end;
+        let l1 = self.header.l1_table_offset;
+        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        let (rt, rtc) = self.refs.table_location();
+        if overlaps(0, cs) || overlaps(l1, l1_end) || overlaps(rt, rt + rtc as u64 * cs) {
+            let msg = format!(
+                "{}: refusing {what} write at {host:#x} ({len} bytes): overlaps image metadata",
+                self.name
+            );
+            self.mark_corrupt();
+            return Err(Error::Corrupt(msg));
+        }
+        Ok(())
+    }
+
+    /// Sets the corrupt bit (best effort) and turns the image read-only.
+    pub(crate) fn mark_corrupt(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if self.header.version >= 3 {
+            let _ = self.set_incompat_bit(header::INCOMPAT_CORRUPT, true);
+        }
+        self.read_only = true;
+    }
+
+    pub(crate) fn set_incompat_bit(&mut self, bit: u64, on: bool) -> Result<()> {
+        let mut v = self.header.incompatible_features;
+        if on {
+            v |= bit
+        } else {
+            v &= !bit
+        }
+        let mut b = [0u8; 8];
+        put_be64(&mut b, 0, v);
+        self.file
+            .write_at(&b, 72)
+            .map_err(ioerr("write header", &self.name))?;
+        self.header.incompatible_features = v;
+        self.file.sync().map_err(ioerr("sync", &self.name))?;
+        self.stats.file_syncs += 1;
+        Ok(())
+    }
+
+    // ----- L1 / L2 access -----
+
+    /// L2 table offset for L1 index (0: none). Validates the offset.
+    pub(crate) fn l2_table(&mut self, l1_idx: usize) -> Result<u64> {
+        let Some(&e) = self.l1.get(l1_idx) else {
+            return Err(Error::Invalid("offset beyond the L1 table".into()));
+        };
+        let off = L1Entry(e).l2_offset();
+        if off != 0 && off < self.geo.cluster_size() {
+            self.mark_corrupt();
+            return Err(Error::Corrupt(format!(
+                "{}: L1 entry {l1_idx} points into the header",
+                self.name
+            )));
+        }
+        Ok(off)
+    }
+
+    /// Cache slot and byte position within it of the L2 entry for `guest`
+    /// in table `table`.
+    pub(crate) fn l2_slot(&mut self, table: u64, guest: u64) -> Result<(SlotId, usize)> {
+        let es = self.geo.l2_entry_size();
+        let byte = self.geo.l2_index(guest) * es;
+        let slice = self.l2.slice_size() as u64;
+        let slice_off = table + byte / slice * slice;
+        let id = match self.l2.lookup(slice_off) {
+            Some(id) => id,
+            None => {
+                if self.l2.victim_is_dirty() {
+                    self.prepare_l2_writeback()?;
+                }
+                let name = self.name.clone();
+                self.l2
+                    .load(&*self.file, slice_off)
+                    .map_err(ioerr("read L2 table", &name))?
+            }
+        };
+        Ok((id, (byte % slice) as usize))
+    }
+
+    /// Reads the L2 entry for `guest` (unallocated when there is no L2 table).
+    pub(crate) fn l2_entry(&mut self, guest: u64) -> Result<L2Entry> {
+        let l1_idx = self.geo.l1_index(guest) as usize;
+        let table = self.l2_table(l1_idx)?;
+        if table == 0 {
+            return Ok(L2Entry::default());
+        }
+        let (id, pos) = self.l2_slot(table, guest)?;
+        let d = self.l2.data(id);
+        let e = L2Entry {
+            raw: be64(d, pos),
+            bitmap: if self.geo.extended_l2 {
+                be64(d, pos + 8)
+            } else {
+                0
+            },
+        };
+        self.validate_l2(e, guest)?;
+        Ok(e)
+    }
+
+    pub(crate) fn validate_l2(&mut self, e: L2Entry, guest: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let bad = if e.is_compressed() {
+            None
+        } else if e.host_offset() & (cs - 1) != 0 {
+            Some("host offset is not cluster aligned")
+        } else if e.host_offset() != 0 && e.host_offset() < cs {
+            Some("host offset points at the header")
+        } else {
+            None
+        };
+        if let Some(why) = bad {
+            let msg = format!(
+                "{}: L2 entry for guest offset {guest:#x} ({:#x}): {why}",
+                self.name, e.raw
+            );
+            self.mark_corrupt();
+            return Err(Error::Corrupt(msg));
+        }
+        Ok(())
+    }
+
+    /// Ensures an L2 table exists for `guest`, allocating one. Returns its offset.
+    pub(crate) fn ensure_l2_table(&mut self, guest: u64) -> Result<u64> {
+        let l1_idx = self.geo.l1_index(guest) as usize;
+        let cur = self.l2_table(l1_idx)?;
+        if cur != 0 {
+            if !L1Entry(self.l1[l1_idx]).copied() {
+                return Err(Error::NotSupported(
+                    "shared L2 tables (internal snapshots) are not supported".into(),
+                ));
+            }
+            return Ok(cur);
+        }
+        let cs = self.geo.cluster_size();
+        let c = self.alloc_clusters(1)?;
+        let off = c * cs;
+        // The new table must read as zeroes: extend the file over it, or
+        // clear a reused cluster.
+        let len = self.file.len().map_err(ioerr("stat", &self.name))?;
+        if off >= len {
+            self.file
+                .set_len(off + cs)
+                .map_err(ioerr("extend file", &self.name))?;
+        } else {
+            let zeros = vec![0u8; cs as usize];
+            self.file
+                .write_at(&zeros, off)
+                .map_err(ioerr("clear L2 table", &self.name))?;
+            self.unsynced = true;
+        }
+        self.alloc_unsynced = true;
+        self.l2.discard_range(off, cs);
+        self.l1[l1_idx] = L1Entry::new(off).0;
+        self.l1_dirty.insert(l1_idx);
+        Ok(off)
+    }
+
+    /// Stores an L2 entry (marks the slice dirty).
+    pub(crate) fn set_l2_entry(&mut self, table: u64, guest: u64, e: L2Entry) -> Result<()> {
+        let (id, pos) = self.l2_slot(table, guest)?;
+        let ext = self.geo.extended_l2;
+        let d = self.l2.data_mut(id, pos, if ext { 16 } else { 8 });
+        put_be64(d, 0, e.raw);
+        if ext {
+            put_be64(d, 8, e.bitmap);
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous host clusters (refcount 1). Returns the first index.
+    pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        // Refcount slices only ever hold increments (decrements wait in
+        // pending_frees), so evicting them needs no ordering.
+        let name = self.name.clone();
+        let c = self
+            .refs
+            .alloc(&*self.file, n)
+            .map_err(|e| refcount_err(&name, e))?;
+        self.alloc_unsynced = true;
+        // Guard against handing out metadata clusters (corrupt refcounts).
+        let cs = self.geo.cluster_size();
+        self.overlap_check(c * cs, n * cs, "allocation")?;
+        Ok(c)
+    }
+
+    /// Queues the release of the host clusters an L2 entry referenced; the
+    /// refcount drops only after the L2 change is durable.
+    pub(crate) fn free_entry_clusters(&mut self, e: L2Entry, punch: bool) {
+        let cb = self.geo.cluster_bits;
+        if e.is_compressed() {
+            let d = e.compressed(cb);
+            let first = d.first_cluster(cb) >> cb;
+            let last = d.last_cluster(cb) >> cb;
+            for c in first..=last {
+                self.pending_frees.push(c);
+            }
+        } else if e.host_offset() != 0 {
+            let c = e.host_offset() >> cb;
+            self.pending_frees.push(c);
+            if punch {
+                self.punch_on_free.insert(c);
+            }
+        }
+    }
+
+    /// Before any L2 slice is written: refcounts of new clusters and their
+    /// data must be durable.
+    pub(crate) fn prepare_l2_writeback(&mut self) -> Result<()> {
+        let name = self.name.clone();
+        if self.refs.is_dirty() {
+            self.refs
+                .flush(&*self.file)
+                .map_err(|e| refcount_err(&name, e))?;
+            self.unsynced = true;
+            self.alloc_unsynced = true;
+        }
+        if self.alloc_unsynced {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes back everything in crash-safe order; with `sync_end`, ends
+    /// with a sync if anything was written.
+    pub(crate) fn flush_all(&mut self, sync_end: bool) -> Result<()> {
+        let name = self.name.clone();
+        let mut wrote = false;
+        // 1. Allocations (refcounts, data) before the L2/L1 entries pointing at them.
+        if self.l2.is_dirty() || !self.l1_dirty.is_empty() {
+            self.prepare_l2_writeback()?;
+            // 2. L2 slices.
+            if self
+                .l2
+                .flush(&*self.file)
+                .map_err(ioerr("write L2 table", &name))?
+            {
+                self.unsynced = true;
+                wrote = true;
+                self.stats.cache_flushes += 1;
+            }
+            // 3. L1 entries, after the tables they point at are durable.
+            if !self.l1_dirty.is_empty() {
+                if self.unsynced {
+                    self.sync()?;
+                }
+                self.write_l1_dirty()?;
+                wrote = true;
+            }
+        }
+        // 4. Deferred frees, after the L2/L1 changes are durable.
+        if !self.pending_frees.is_empty() {
+            if self.unsynced {
+                self.sync()?;
+            }
+            let frees = std::mem::take(&mut self.pending_frees);
+            for c in frees {
+                self.refs
+                    .update(&*self.file, c, -1)
+                    .map_err(|e| refcount_err(&name, e))?;
+            }
+            let freed = self.refs.take_freed();
+            if self.opts.discard == DiscardMode::Unmap {
+                let cs = self.geo.cluster_size();
+                for run in runs(
+                    freed
+                        .iter()
+                        .copied()
+                        .filter(|c| self.punch_on_free.contains(c)),
+                ) {
+                    self.file
+                        .punch_hole(run.0 * cs, run.1 * cs)
+                        .map_err(ioerr("punch hole", &name))?;
+                    self.stats.holes_punched += 1;
+                    self.unsynced = true;
+                }
+            }
+            self.punch_on_free.clear();
+        }
+        if self.refs.is_dirty() {
+            if self
+                .refs
+                .flush(&*self.file)
+                .map_err(|e| refcount_err(&name, e))?
+            {
+                self.unsynced = true;
+                wrote = true;
+                self.stats.cache_flushes += 1;
+            }
+        }
+        let _ = wrote;
+        if sync_end && self.unsynced {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn write_l1_dirty(&mut self) -> Result<()> {
+        let dirty: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        for (start, n) in runs(dirty.iter().map(|&i| i as u64)) {
+            let mut b = vec![0u8; n as usize * 8];
+            for k in 0..n as usize {
+                put_be64(&mut b, k * 8, self.l1[start as usize + k]);
+            }
+            let off = self.header.l1_table_offset + start * 8;
+            self.file
+                .write_at(&b, off)
+                .map_err(ioerr("write L1 table", &self.name))?;
+            self.unsynced = true;
+        }
+        Ok(())
+    }
+}
+
+/// Groups sorted cluster indices into (start, count) runs.
+pub(crate) fn runs(it: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut v: Vec<u64> = it.collect();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for c in v {
+        match out.last_mut() {
+            Some((s, n)) if *s + *n == c => *n += 1,
+            _ => out.push((c, 1)),
+        }
+    }
+    out
+}
+
+pub(crate) fn refcount_err(name: &str, e: RefcountError) -> Error {
+    match e {
+        RefcountError::Io(io) => Error::io(format!("{name}: refcount update"), io),
+        RefcountError::Corrupt(m) => Error::Corrupt(format!("{name}: {m}")),
+        RefcountError::NoSpace(m) => Error::NoSpace(format!("{name}: {m}")),
     }
 }

@@ -6,9 +6,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backing;
+mod check;
+mod create;
 mod error;
 mod image;
+mod rw;
+mod status;
 mod types;
+mod zero;
 
 pub use error::{Error, Result};
 pub use image::Image;

@@ -254,7 +254,10 @@ impl Refcounts {
             }
             break;
         }
-        if start.checked_add(n).is_none_or(|e| e > (1u64 << (56 - self.cluster_bits))) {
+        if start
+            .checked_add(n)
+            .is_none_or(|e| e > (1u64 << (56 - self.cluster_bits)))
+        {
             return Err(RefcountError::NoSpace("host offsets exhausted".into()));
         }
         for k in 0..n {

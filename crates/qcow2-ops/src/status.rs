@@ -1,0 +1,197 @@
+//! Block status and the allocation map, as `qemu-img map` reports them.
+
+use crate::backing::Backing;
+use crate::error::Result;
+use crate::image::{ioerr, Inner};
+use crate::types::MapEntry;
+use qcow2_format::entry::SubclusterType;
+use qcow2_io::Storage;
+
+/// Appends `e`, merging it into the last entry where qemu-img would.
+pub(crate) fn push_merged(out: &mut Vec<MapEntry>, e: MapEntry) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        let same = last.start + last.length == e.start
+            && last.depth == e.depth
+            && last.present == e.present
+            && last.zero == e.zero
+            && last.data == e.data
+            && last.compressed == e.compressed
+            && last.offset.is_some() == e.offset.is_some()
+            && match (last.offset, e.offset) {
+                (Some(a), Some(b)) => a + last.length == b,
+                _ => true,
+            };
+        if same {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+impl Inner {
+    /// Status of `[offset, offset+len)`, merged.
+    pub(crate) fn map_range(&mut self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+        let mut out = Vec::new();
+        self.status_into(offset, len, 0, &mut out)?;
+        Ok(out)
+    }
+
+    fn status_into(
+        &mut self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<MapEntry>,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let l1_idx = self.geo.l1_index(pos) as usize;
+            if self.l2_table(l1_idx)? == 0 {
+                let tend = ((l1_idx as u64 + 1) * self.geo.l2_coverage()).min(end);
+                self.unallocated_into(pos, tend - pos, None, depth, out)?;
+                pos = tend;
+                continue;
+            }
+            let in_c = pos & (cs - 1);
+            let n = (cs - in_c).min(end - pos);
+            let e = self.l2_entry(pos)?;
+            let cg = pos - in_c;
+            for (t, s, l) in self.segments(e, in_c, n) {
+                let host = e.host_offset() + s;
+                let base = MapEntry {
+                    start: cg + s,
+                    length: l,
+                    depth,
+                    present: true,
+                    zero: false,
+                    data: false,
+                    compressed: false,
+                    offset: None,
+                };
+                let m = match t {
+                    SubclusterType::Normal => MapEntry {
+                        data: true,
+                        offset: Some(host),
+                        ..base
+                    },
+                    SubclusterType::ZeroAlloc => MapEntry {
+                        zero: true,
+                        offset: Some(host),
+                        ..base
+                    },
+                    SubclusterType::ZeroPlain => MapEntry { zero: true, ..base },
+                    SubclusterType::Compressed => MapEntry {
+                        data: true,
+                        compressed: true,
+                        ..base
+                    },
+                    SubclusterType::UnallocatedAlloc => {
+                        self.unallocated_into(cg + s, l, Some(host), depth, out)?;
+                        continue;
+                    }
+                    SubclusterType::UnallocatedPlain => {
+                        self.unallocated_into(cg + s, l, None, depth, out)?;
+                        continue;
+                    }
+                    SubclusterType::Invalid => {
+                        // Reads fail on it; report as data so callers do not skip it.
+                        MapEntry { data: true, ..base }
+                    }
+                };
+                push_merged(out, m);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// A range unallocated in this layer: ask the backing chain.
+    fn unallocated_into(
+        &mut self,
+        offset: u64,
+        len: u64,
+        host: Option<u64>,
+        depth: u32,
+        out: &mut Vec<MapEntry>,
+    ) -> Result<()> {
+        let zero_here = |start: u64, length: u64, out: &mut Vec<MapEntry>| {
+            push_merged(
+                out,
+                MapEntry {
+                    start,
+                    length,
+                    depth,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: host.map(|h| h + (start - offset)),
+                },
+            )
+        };
+        let Some(bk) = self.backing.as_mut() else {
+            zero_here(offset, len, out);
+            return Ok(());
+        };
+        let bsize = bk.size();
+        let inside = bsize.saturating_sub(offset).min(len);
+        if inside > 0 {
+            match bk {
+                Backing::Qcow2(inner) => inner.status_into(offset, inside, depth + 1, out)?,
+                Backing::Raw { file, .. } => raw_status(file, offset, inside, depth + 1, out)?,
+            }
+        }
+        if inside < len {
+            zero_here(offset + inside, len - inside, out);
+        }
+        Ok(())
+    }
+}
+
+/// Status of a raw file: data where the file has data, zero in holes.
+fn raw_status(
+    file: &dyn Storage,
+    offset: u64,
+    len: u64,
+    depth: u32,
+    out: &mut Vec<MapEntry>,
+) -> Result<()> {
+    let end = offset + len;
+    let mut pos = offset;
+    let ent = |start: u64, length: u64, data: bool| MapEntry {
+        start,
+        length,
+        depth,
+        present: true,
+        zero: !data,
+        data,
+        compressed: false,
+        offset: Some(start),
+    };
+    while pos < end {
+        let next_data = file
+            .next_data(pos)
+            .map_err(ioerr("seek", "backing file"))?
+            .unwrap_or(end)
+            .min(end);
+        if next_data > pos {
+            push_merged(out, ent(pos, next_data - pos, false));
+            pos = next_data;
+            continue;
+        }
+        let hole = file
+            .next_hole(pos)
+            .map_err(ioerr("seek", "backing file"))?
+            .min(end);
+        let hole = if hole <= pos { end } else { hole };
+        push_merged(out, ent(pos, hole - pos, true));
+        pos = hole;
+    }
+    Ok(())
+}

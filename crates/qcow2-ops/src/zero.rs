@@ -1,0 +1,335 @@
+//! write-zeroes and discard with QEMU 10's semantics and minimal L2 churn.
+//!
+//! The request is split like QEMU's block layer does: an unaligned head,
+//! the aligned middle and an unaligned tail (alignment: the subcluster
+//! size). Unaligned pieces are zeroed in place only when the rest of their
+//! (sub)cluster already reads as zeroes; otherwise they fall back to writing
+//! zero data, or fail with ENOTSUP under NO_FALLBACK. Whole clusters get
+//! their L2 entries rewritten, and an entry that is already in its target
+//! state is left alone: its slice is not dirtied.
+
+use crate::error::{Error, Result};
+use crate::image::Inner;
+use crate::types::*;
+use qcow2_format::entry::{ClusterType, L2Entry, SubclusterType, FLAG_ZERO, L2_BITMAP_ALL_ZERO};
+use qcow2_format::{be64, put_be64};
+
+fn enotsup(what: &str) -> Error {
+    Error::NotSupported(what.to_string())
+}
+
+impl Inner {
+    pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64, mut flags: u32) -> Result<()> {
+        if self.opts.discard == DiscardMode::Ignore {
+            flags &= !REQ_MAY_UNMAP;
+        }
+        if self.header.version < 3 && flags & REQ_NO_FALLBACK != 0 {
+            return Err(enotsup("v2 images cannot zero without writing data"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let align = self.geo.subcluster_size();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let head = pos % align;
+            let num = if head != 0 {
+                (align - head).min(end - pos)
+            } else if end - pos >= align {
+                (end - pos) / align * align
+            } else {
+                end - pos
+            };
+            let r = self.zeroes_piece(pos, num, flags);
+            match r {
+                Err(Error::NotSupported(_)) if flags & REQ_NO_FALLBACK == 0 => {
+                    self.write_zero_data(pos, num)?;
+                }
+                other => other?,
+            }
+            pos += num;
+        }
+        Ok(())
+    }
+
+    /// Writes literal zeroes (the fallback).
+    fn write_zero_data(&mut self, offset: u64, len: u64) -> Result<()> {
+        let chunk = self.geo.cluster_size().max(1 << 20);
+        let zeros = vec![0u8; chunk.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(chunk);
+            self.write(pos, &zeros[..n as usize])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// One driver-level zeroing call: `[offset, offset+bytes)` is either
+    /// aligned or lies within one subcluster.
+    fn zeroes_piece(&mut self, mut offset: u64, mut bytes: u64, flags: u32) -> Result<()> {
+        let sub = self.geo.subcluster_size();
+        let size = self.header.size;
+        let head = offset % sub;
+        let mut tail = (offset + bytes).div_ceil(sub) * sub - (offset + bytes);
+        if offset + bytes == size {
+            tail = 0;
+        }
+        if head != 0 || tail != 0 {
+            if !(self.is_zero(offset - head, head)? && self.is_zero(offset + bytes, tail)?) {
+                return Err(enotsup("rest of the subcluster is not zero"));
+            }
+            offset -= head;
+            bytes = sub.min(size - offset);
+            let e = self.l2_entry(offset)?;
+            let sc = ((offset % self.geo.cluster_size()) / sub) as u32;
+            let t = e.subcluster_type(self.geo.extended_l2, sc);
+            if !matches!(
+                t,
+                SubclusterType::UnallocatedPlain
+                    | SubclusterType::UnallocatedAlloc
+                    | SubclusterType::ZeroPlain
+                    | SubclusterType::ZeroAlloc
+            ) {
+                return Err(enotsup("partial zeroing of a data cluster"));
+            }
+        }
+        self.zeroize(offset, bytes, flags)
+    }
+
+    /// Whether `[offset, offset+len)` reads as zeroes through the backing chain,
+    /// judged from allocation status (as QEMU's block status does).
+    pub(crate) fn is_zero(&mut self, offset: u64, len: u64) -> Result<bool> {
+        let size = self.header.size;
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(true);
+        }
+        let st = self.map_range(offset, len)?;
+        Ok(st.iter().all(|m| m.zero))
+    }
+
+    /// `qcow2_subcluster_zeroize`: aligned range (or up to the image end).
+    fn zeroize(&mut self, offset: u64, bytes: u64, flags: u32) -> Result<()> {
+        let size = self.header.size;
+        if self.header.version < 3 {
+            if self.backing.is_none() {
+                return self.discard_clusters(offset, bytes, false);
+            }
+            return Err(enotsup("v2 image with a backing file"));
+        }
+        let cs = self.geo.cluster_size();
+        let end = offset + bytes;
+        let mut off = offset;
+        let head = end.min(off.div_ceil(cs) * cs) - off;
+        off += head;
+        let tail = if end >= size {
+            0
+        } else {
+            end - off.max(end / cs * cs)
+        };
+        let mid_end = end - tail;
+        if head != 0 {
+            self.zero_subclusters(offset, head)?;
+        }
+        if mid_end > off {
+            let n = (mid_end - off).div_ceil(cs);
+            self.zero_clusters(off, n, flags)?;
+        }
+        if tail != 0 {
+            self.zero_subclusters(mid_end, tail)?;
+        }
+        Ok(())
+    }
+
+    /// Part of one cluster, whole subclusters (extended L2 only).
+    fn zero_subclusters(&mut self, offset: u64, len: u64) -> Result<()> {
+        let sub = self.geo.subcluster_size();
+        let cs = self.geo.cluster_size();
+        let table = self.ensure_l2_table(offset)?;
+        let e = self.l2_entry(offset)?;
+        if e.is_compressed() {
+            return Err(enotsup("partial zeroing of a compressed cluster"));
+        }
+        let s0 = (offset % cs) / sub;
+        let s1 = s0 + len.div_ceil(sub);
+        let mut bitmap = e.bitmap;
+        for s in s0..s1 {
+            bitmap |= 1u64 << (32 + s);
+            bitmap &= !(1u64 << s);
+        }
+        if bitmap == e.bitmap {
+            self.stats.zero_entries_skipped += 1;
+            return Ok(());
+        }
+        self.set_l2_entry(table, offset, L2Entry { raw: e.raw, bitmap })
+    }
+
+    /// `zero_in_l2_slice` over `n` whole clusters from `offset`.
+    fn zero_clusters(&mut self, mut offset: u64, mut n: u64, flags: u32) -> Result<()> {
+        let ext = self.geo.extended_l2;
+        let es = self.geo.l2_entry_size() as usize;
+        let cb = self.geo.cluster_bits;
+        let may_unmap = flags & REQ_MAY_UNMAP != 0;
+        while n > 0 {
+            let table = self.ensure_l2_table(offset)?;
+            let (id, pos) = self.l2_slot(table, offset)?;
+            let slice = self.l2.slice_size();
+            let in_slice = ((slice - pos) / es) as u64;
+            let cnt = in_slice.min(n);
+            let mut i = 0usize;
+            while i < cnt as usize {
+                let p = pos + i * es;
+                let d = self.l2.data(id);
+                let old = L2Entry {
+                    raw: be64(d, p),
+                    bitmap: if ext { be64(d, p + 8) } else { 0 },
+                };
+                let (new, unmap) = zero_target(old, ext, may_unmap);
+                if new == old {
+                    self.stats.zero_entries_skipped += 1;
+                    i += 1;
+                    continue;
+                }
+                let guest = offset + ((i as u64) << cb);
+                self.validate_l2(old, guest)?;
+                let w = self.l2.data_mut(id, p, es);
+                put_be64(w, 0, new.raw);
+                if ext {
+                    put_be64(w, 8, new.bitmap);
+                }
+                if unmap {
+                    self.free_entry_clusters(old, true);
+                    self.zcache = None;
+                }
+                i += 1;
+            }
+            offset += cnt << cb;
+            n -= cnt;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        if self.opts.discard == DiscardMode::Ignore || len == 0 {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let size = self.header.size;
+        // Whole clusters only; the partial cluster at an unaligned image end counts.
+        let start = offset.div_ceil(cs) * cs;
+        let end = if offset + len == size {
+            size
+        } else {
+            (offset + len) / cs * cs
+        };
+        if end <= start {
+            return Ok(());
+        }
+        self.discard_clusters(start, end - start, false)
+    }
+
+    /// `discard_in_l2_slice` over whole clusters.
+    pub(crate) fn discard_clusters(&mut self, offset: u64, len: u64, full: bool) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let ext = self.geo.extended_l2;
+        let v3 = self.header.version >= 3;
+        let has_backing = self.backing.is_some() || self.header.backing_file.is_some();
+        let mut guest = offset;
+        let end = offset + len;
+        while guest < end {
+            let l1_idx = self.geo.l1_index(guest) as usize;
+            let table = self.l2_table(l1_idx)?;
+            let table_end = ((l1_idx as u64) + 1) * self.geo.l2_coverage();
+            if table == 0 {
+                // Unallocated L2: entries read as unallocated; only a backing
+                // file (v3) turns them into zero clusters.
+                if full || !(has_backing && v3) {
+                    guest = table_end.min(end);
+                    continue;
+                }
+                self.ensure_l2_table(guest)?;
+                continue;
+            }
+            let old = self.l2_entry(guest)?;
+            let ty = old.cluster_type(ext);
+            let allocated = old.is_compressed() || old.host_offset() != 0;
+            let mut new = old;
+            if full {
+                new = L2Entry::default();
+            } else if has_backing || allocated {
+                if ext {
+                    new = L2Entry {
+                        raw: 0,
+                        bitmap: L2_BITMAP_ALL_ZERO,
+                    };
+                } else if v3 {
+                    new = L2Entry::standard(FLAG_ZERO);
+                } else {
+                    new = L2Entry::default();
+                }
+            }
+            let _ = ty;
+            if new == old {
+                self.stats.zero_entries_skipped += 1;
+            } else {
+                self.set_l2_entry(table, guest, new)?;
+                self.free_entry_clusters(old, true);
+                self.zcache = None;
+            }
+            guest = (guest / cs + 1) << cb;
+        }
+        Ok(())
+    }
+}
+
+/// Target entry of a whole-cluster zeroing, and whether the old clusters are released.
+#[inline]
+fn zero_target(old: L2Entry, ext: bool, may_unmap: bool) -> (L2Entry, bool) {
+    let compressed = old.is_compressed();
+    let allocated = compressed || old.host_offset() != 0;
+    let unmap = compressed || (may_unmap && allocated);
+    let mut new = if unmap { L2Entry::default() } else { old };
+    if ext {
+        new.bitmap = L2_BITMAP_ALL_ZERO;
+    } else {
+        new.raw |= FLAG_ZERO;
+    }
+    let _ = ClusterType::Normal;
+    (new, unmap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_table() {
+        let data = L2Entry::standard(0x8000_0000_0005_0000);
+        let (n, u) = zero_target(data, false, false);
+        assert_eq!((n.raw, u), (0x8000_0000_0005_0001, false));
+        let (n, u) = zero_target(data, false, true);
+        assert_eq!((n.raw, u), (1, true));
+        let comp = L2Entry::standard(0x4000_0000_0012_3456);
+        assert_eq!(
+            zero_target(comp, false, false),
+            (L2Entry::standard(1), true)
+        );
+        let zp = L2Entry::standard(1);
+        assert_eq!(zero_target(zp, false, true).0, zp);
+        let za = L2Entry::standard(0x8000_0000_0005_0001);
+        assert_eq!(zero_target(za, false, false).0, za);
+        assert_eq!(zero_target(za, false, true), (L2Entry::standard(1), true));
+        assert_eq!(zero_target(L2Entry::default(), false, true).0, zp);
+        let ext = L2Entry {
+            raw: 0x8000_0000_0005_0000,
+            bitmap: 0xffff_ffff,
+        };
+        let (n, u) = zero_target(ext, true, false);
+        assert_eq!((n.raw, n.bitmap, u), (ext.raw, L2_BITMAP_ALL_ZERO, false));
+        let (n, u) = zero_target(ext, true, true);
+        assert_eq!((n.raw, n.bitmap, u), (0, L2_BITMAP_ALL_ZERO, true));
+    }
+}

@@ -1,0 +1,89 @@
+//! End-to-end checks of the engine against qemu-img on real files.
+
+use qcow2_ops::*;
+use std::path::Path;
+use std::process::Command;
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let o = c.arg(img).output().expect("qemu-io");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn raw_of(img: &Path) -> Vec<u8> {
+    let out = img.with_extension("raw");
+    let (ok, msg) = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{msg}");
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn read_matches_qemu_convert() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.qcow2");
+    let (ok, m) = qemu_img(&["create", "-f", "qcow2", p.to_str().unwrap(), "8M"]);
+    assert!(ok, "{m}");
+    qemu_io(
+        &p,
+        &[
+            "write -P 0xaa 0 100k",
+            "write -z 1M 128k",
+            "write -c -P 0x33 2M 64k",
+            "write -P 0x11 3000k 5k",
+        ],
+    );
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    img.read(0, &mut buf).unwrap();
+    assert!(buf == raw_of(&p));
+}
+
+#[test]
+fn writes_pass_qemu_check_and_compare() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    for p in [&a, &b] {
+        let (ok, m) = qemu_img(&["create", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
+        assert!(ok, "{m}");
+    }
+    let cmds = [
+        "write -P 0x5 0 100k",
+        "write -P 0x6 70k 3k",
+        "write -z 1M 128k",
+        "write -z -u 0 64k",
+        "discard 4M 1M",
+    ];
+    qemu_io(&a, &cmds);
+    let img = Image::open(&b, &OpenOptions::read_write()).unwrap();
+    img.write(0, &vec![5u8; 100 << 10], 0).unwrap();
+    img.write(70 << 10, &vec![6u8; 3 << 10], 0).unwrap();
+    img.write_zeroes(1 << 20, 128 << 10, 0).unwrap();
+    img.write_zeroes(0, 64 << 10, REQ_MAY_UNMAP).unwrap();
+    img.discard(4 << 20, 1 << 20).unwrap();
+    img.close().unwrap();
+    let (ok, m) = qemu_img(&["check", b.to_str().unwrap()]);
+    assert!(ok, "{m}");
+    let (ok, m) = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(ok, "{m}");
+}
