@@ -1,1 +1,171 @@
-fn main() {}
+//! `qcow2`: create, inspect, check and exercise qcow2 images with
+//! qemu-img / qemu-io compatible syntax and output.
+#![forbid(unsafe_code)]
+
+mod check;
+mod create;
+mod info;
+mod io;
+mod map;
+mod num;
+mod qjson;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use qcow2_ops::{Error, Image, OpenOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Output format of the inspection commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Text for people, like qemu-img's default.
+    #[default]
+    Human,
+    /// JSON with qemu-img's key names and layout.
+    Json,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qcow2",
+    version,
+    about = "qcow2 image tool (qemu-img / qemu-io compatible syntax)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show image information (like `qemu-img info`).
+    Info(info::InfoArgs),
+    /// Show the allocation map (like `qemu-img map`).
+    Map(map::MapArgs),
+    /// Create an image (like `qemu-img create`).
+    Create(create::CreateArgs),
+    /// Check (and repair) metadata consistency (like `qemu-img check`).
+    Check(check::CheckArgs),
+    /// Run qemu-io commands on an image (like `qemu-io`).
+    Io(io::IoArgs),
+}
+
+/// An error that ends the program: message for stderr and exit status.
+#[derive(Debug)]
+pub struct Fail {
+    /// Message (without the `qcow2: ` prefix); empty: print nothing.
+    pub msg: String,
+    /// Exit status.
+    pub code: u8,
+}
+
+impl Fail {
+    /// Exit status 1 with a message.
+    pub fn new(msg: impl Into<String>) -> Fail {
+        Fail {
+            msg: msg.into(),
+            code: 1,
+        }
+    }
+}
+
+/// The text of an OS error number (positive or negative), like strerror(3).
+pub fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno.abs()).to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// The text of an engine error: its own message with any `(os error N)` removed.
+pub fn error_text(e: &Error) -> String {
+    let s = e.to_string();
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while let Some(i) = rest.find(" (os error ") {
+        out.push_str(&rest[..i]);
+        match rest[i..].find(')') {
+            Some(j) => rest = &rest[i + j + 1..],
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Opens `path` and turns a failure into qemu-img's "Could not open" message.
+pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Image, Fail> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(Fail::new(format!(
+            "Could not open '{}': {}",
+            path.display(),
+            strerror(e.raw_os_error().unwrap_or(libc_eio()))
+        )));
+    }
+    Image::open(path, opts).map_err(|e| {
+        Fail::new(format!(
+            "Could not open '{}': {}",
+            path.display(),
+            error_text(&e)
+        ))
+    })
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+/// Checks a `-f` argument: only qcow2 is handled.
+pub fn check_format(fmt: &Option<String>) -> Result<(), Fail> {
+    match fmt.as_deref() {
+        None | Some("qcow2") => Ok(()),
+        Some(other) => Err(Fail::new(format!(
+            "Unknown or unsupported format '{other}' (only qcow2 is supported)"
+        ))),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Engine bugs must not surface as a Rust panic trace: report them as errors.
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(move || match cli.cmd {
+        Cmd::Info(a) => info::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Create(a) => create::run(a),
+        Cmd::Check(a) => check::run(a),
+        Cmd::Io(a) => io::run(a),
+    });
+    let result = match result {
+        Ok(r) => r,
+        Err(p) => Err(Fail {
+            msg: format!("internal error: {}", panic_message(p.as_ref())),
+            code: 1,
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            if !f.msg.is_empty() {
+                eprintln!("qcow2: {}", f.msg);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Common path argument type.
+pub type FilePath = PathBuf;

@@ -1,0 +1,346 @@
+//! `qcow2 create`.
+
+use crate::info::resolve_backing;
+use crate::num::parse_size;
+use crate::{error_text, strerror, Fail};
+use clap::Args;
+use qcow2_ops::{CreateOptions, Image, OpenOptions};
+use std::path::PathBuf;
+
+/// Arguments of `qcow2 create`.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', default_value = "qcow2")]
+    format: String,
+    /// Creation options, comma separated, as qemu-img's `-o` (may be repeated).
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Backing file (stored as given; relative names are relative to the image).
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format (qcow2 or raw).
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Do not open the backing file (SIZE is then required).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: do not print the "Formatting" line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to create.
+    file: PathBuf,
+    /// Virtual size (k, M, G, T, P, E suffixes); defaults to the backing file's size.
+    size: Option<String>,
+}
+
+/// Splits a qemu option string at commas (`,,` is a literal comma).
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out.into_iter().filter(|s| !s.is_empty()).collect()
+}
+
+fn parse_bool(name: &str, v: &str, file: &str) -> Result<bool, Fail> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(Fail::new(format!(
+            "{file}: Parameter '{name}' expects 'on' or 'off'"
+        ))),
+    }
+}
+
+/// Runs `qcow2 create`.
+pub fn run(a: CreateArgs) -> Result<u8, Fail> {
+    let file = a.file.to_string_lossy().into_owned();
+    if a.format != "qcow2" {
+        return Err(Fail::new(format!(
+            "Unknown or unsupported format '{}' (only qcow2 is supported)",
+            a.format
+        )));
+    }
+    // Collect options; later values win, as in qemu-img.
+    let mut cluster_size_s: Option<String> = None;
+    let mut compat_s: Option<String> = None;
+    let mut refcount_s: Option<String> = None;
+    let mut ext_l2_s: Option<String> = None;
+    let mut lazy_s: Option<String> = None;
+    let mut comp_s: Option<String> = None;
+    let mut size_opt: Option<String> = None;
+    let mut backing = a.backing.clone();
+    let mut backing_fmt = a.backing_format.clone();
+    for o in a.options.iter().flat_map(|s| split_opts(s)) {
+        let (k, v) = match o.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (o.clone(), "on".to_string()),
+        };
+        match k.as_str() {
+            "cluster_size" => cluster_size_s = Some(v),
+            "compat" => compat_s = Some(v),
+            "refcount_bits" => refcount_s = Some(v),
+            "extended_l2" => ext_l2_s = Some(v),
+            "lazy_refcounts" => lazy_s = Some(v),
+            "compression_type" => comp_s = Some(v),
+            "size" => size_opt = Some(v),
+            "backing_file" => backing = Some(v),
+            "backing_fmt" => backing_fmt = Some(v),
+            "preallocation" if v == "off" => {}
+            "help" => {
+                println!("Supported options:");
+                for (n, d) in [
+                    ("backing_file=<str>", "File name of a base image"),
+                    ("backing_fmt=<str>", "Image format of the base image"),
+                    ("cluster_size=<size>", "qcow2 cluster size"),
+                    (
+                        "compat=<str>",
+                        "Compatibility level (v2 [0.10] or v3 [1.1])",
+                    ),
+                    (
+                        "compression_type=<str>",
+                        "Compression method used for image cluster compression (zlib, zstd)",
+                    ),
+                    ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
+                    (
+                        "lazy_refcounts=<bool (on/off)>",
+                        "Postpone refcount updates",
+                    ),
+                    (
+                        "refcount_bits=<num>",
+                        "Width of a reference count entry in bits",
+                    ),
+                    ("size=<size>", "Virtual disk size"),
+                ] {
+                    println!("  {n:<30}- {d}");
+                }
+                return Ok(0);
+            }
+            _ => return Err(Fail::new(format!("{file}: Invalid parameter '{k}'"))),
+        }
+    }
+    let size_arg = a.size.clone().or(size_opt);
+
+    // Backing file: check it can be opened (unless -u) and find its size.
+    let mut backing_size: Option<u64> = None;
+    if let Some(b) = &backing {
+        let resolved = resolve_backing(&file, b);
+        let fmt = match &backing_fmt {
+            Some(f) => f.clone(),
+            None => {
+                let detected = detect_format(&resolved);
+                if let Some(d) = detected {
+                    println!("Detected format of {d}.");
+                }
+                return Err(Fail::new(format!(
+                    "{file}: Backing file specified without backing format"
+                )));
+            }
+        };
+        if fmt != "qcow2" && fmt != "raw" {
+            return Err(Fail::new(format!(
+                "{file}: Unsupported backing file format '{fmt}' (qcow2 or raw)"
+            )));
+        }
+        if !a.unsafe_backing {
+            let sz = match fmt.as_str() {
+                "raw" => std::fs::metadata(&resolved).map(|m| m.len()).map_err(|e| {
+                    format!(
+                        "Could not open '{resolved}': {}",
+                        strerror(e.raw_os_error().unwrap_or(5))
+                    )
+                }),
+                _ => {
+                    if let Err(e) = std::fs::metadata(&resolved) {
+                        Err(format!(
+                            "Could not open '{resolved}': {}",
+                            strerror(e.raw_os_error().unwrap_or(5))
+                        ))
+                    } else {
+                        let opts = OpenOptions {
+                            open_backing: false,
+                            ..OpenOptions::read_only()
+                        };
+                        Image::open(&resolved, &opts)
+                            .map(|img| img.virtual_size())
+                            .map_err(|e| format!("Could not open '{resolved}': {}", error_text(&e)))
+                    }
+                }
+            };
+            match sz {
+                Ok(s) => backing_size = Some(s),
+                Err(m) => {
+                    return Err(Fail::new(format!(
+                        "{file}: {m}\nCould not open backing image."
+                    )))
+                }
+            }
+        }
+    }
+
+    let size = match &size_arg {
+        Some(s) => match parse_size(s) {
+            Ok(v) => v,
+            Err(crate::num::SizeError::TooLarge) => {
+                return Err(Fail::new(
+                    "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+                ))
+            }
+            Err(_) => return Err(Fail::new(format!("Invalid image size specified: '{s}'."))),
+        },
+        None => match backing_size {
+            Some(s) => s,
+            None => {
+                return Err(Fail::new(format!(
+                    "{file}: Image creation needs a size parameter"
+                )))
+            }
+        },
+    };
+
+    let mut line = format!(
+        "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+        cluster_size_s
+            .as_deref()
+            .map(|s| parse_size(s).map(|v| v.to_string()).unwrap_or_else(|_| s.to_string()))
+            .unwrap_or_else(|| "65536".into()),
+        ext_l2_s.as_deref().unwrap_or("off"),
+        comp_s.as_deref().unwrap_or("zlib"),
+    );
+    if let Some(c) = &compat_s {
+        line.push_str(&format!(" compat={c}"));
+    }
+    if let Some(b) = &backing {
+        line.push_str(&format!(" backing_file={b}"));
+    }
+    if let Some(f) = &backing_fmt {
+        line.push_str(&format!(" backing_fmt={f}"));
+    }
+    line.push_str(&format!(
+        " lazy_refcounts={} refcount_bits={}",
+        lazy_s.as_deref().unwrap_or("off"),
+        refcount_s.as_deref().unwrap_or("16")
+    ));
+    if !a.quiet {
+        println!("{line}");
+    }
+
+    // Validate the options like qemu's qcow2 driver.
+    let mut opts = CreateOptions::default();
+    if let Some(c) = &compat_s {
+        opts.version = match c.as_str() {
+            "0.10" | "v2" => 2,
+            "1.1" | "v3" => 3,
+            _ => {
+                return Err(Fail::new(format!(
+                    "{file}: Parameter 'version' does not accept value '{c}'"
+                )))
+            }
+        };
+    }
+    if let Some(c) = &cluster_size_s {
+        opts.cluster_size = parse_size(c).map_err(|_| {
+            Fail::new(format!(
+                "{file}: Parameter 'cluster_size' expects a non-negative number below 2^64\n\
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                 and exabytes, respectively."
+            ))
+        })?;
+    }
+    if let Some(v) = &ext_l2_s {
+        opts.extended_l2 = parse_bool("extended_l2", v, &file)?;
+    }
+    if let Some(v) = &lazy_s {
+        opts.lazy_refcounts = parse_bool("lazy_refcounts", v, &file)?;
+    }
+    if let Some(v) = &comp_s {
+        opts.zstd = match v.as_str() {
+            "zlib" => false,
+            "zstd" => true,
+            _ => {
+                return Err(Fail::new(format!(
+                    "{file}: Parameter 'compression-type' does not accept value '{v}'"
+                )))
+            }
+        };
+    }
+    if let Some(v) = &refcount_s {
+        let bits: u64 = v.parse().map_err(|_| {
+            Fail::new(format!(
+                "{file}: Parameter 'refcount_bits' expects a number"
+            ))
+        })?;
+        if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+            return Err(Fail::new(format!(
+                "{file}: Refcount width must be a power of two and may not exceed 64 bits"
+            )));
+        }
+        opts.refcount_bits = bits as u32;
+    }
+    let cs = opts.cluster_size;
+    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+        return Err(Fail::new(format!(
+            "{file}: Cluster size must be a power of two between 512 and 2048k"
+        )));
+    }
+    if opts.version < 3 {
+        let v3 = "compatibility level 1.1 and above (use version=v3 or greater)";
+        if opts.lazy_refcounts {
+            return Err(Fail::new(format!(
+                "{file}: Lazy refcounts only supported with {v3}"
+            )));
+        }
+        if opts.refcount_bits != 16 {
+            return Err(Fail::new(format!(
+                "{file}: Different refcount widths than 16 bits require {}",
+                "compatibility level 1.1 or above (use version=v3 or greater)"
+            )));
+        }
+        if opts.zstd {
+            return Err(Fail::new(format!(
+                "{file}: Non-zlib compression type is only supported with {v3}"
+            )));
+        }
+        if opts.extended_l2 {
+            return Err(Fail::new(format!(
+                "{file}: Extended L2 entries are only supported with {v3}"
+            )));
+        }
+    }
+    if opts.extended_l2 && cs < 16384 {
+        return Err(Fail::new(format!(
+            "{file}: Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+        )));
+    }
+    opts.backing_file = backing;
+    opts.backing_format = backing_fmt;
+    // qemu rounds the virtual size up to whole 512-byte sectors.
+    let size = size.div_ceil(512) * 512;
+    Image::create(&a.file, size, &opts)
+        .map_err(|e| Fail::new(format!("{file}: {}", error_text(&e))))?;
+    Ok(0)
+}
+
+/// "qcow2" when the file starts with the qcow2 magic, else "raw"; None when unreadable.
+fn detect_format(path: &str) -> Option<&'static str> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut magic = [0u8; 4];
+    match f.read_exact(&mut magic) {
+        Ok(()) if magic == *b"QFI\xfb" => Some("qcow2"),
+        _ => Some("raw"),
+    }
+}

@@ -1,0 +1,130 @@
+//! `qcow2 map`.
+
+use crate::info::resolve_backing;
+use crate::{check_format, error_text, open_image, Fail, OutputFormat};
+use clap::Args;
+use qcow2_ops::{MapEntry, OpenOptions};
+use std::path::PathBuf;
+
+/// Arguments of `qcow2 map`.
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    output: OutputFormat,
+    /// Image format (only qcow2).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Accepted for compatibility (the image is always opened read-only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    file: PathBuf,
+}
+
+/// One entry exactly as `qemu-img map --output=json` prints it.
+pub fn json_entry(e: &MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    );
+    if let Some(o) = e.offset {
+        s.push_str(&format!(", \"offset\": {o}"));
+    }
+    s.push('}');
+    s
+}
+
+/// The whole map as `qemu-img map --output=json` prints it (with final newline).
+pub fn json_map(entries: &[MapEntry]) -> String {
+    let empty = [MapEntry {
+        start: 0,
+        length: 0,
+        depth: 0,
+        present: false,
+        zero: false,
+        data: false,
+        compressed: false,
+        offset: None,
+    }];
+    let entries = if entries.is_empty() {
+        &empty[..]
+    } else {
+        entries
+    };
+    let body: Vec<String> = entries.iter().map(json_entry).collect();
+    format!("[{}]\n", body.join(",\n"))
+}
+
+/// File names of the backing chain, index = depth.
+fn chain_names(file: &str, max_depth: u32) -> Vec<String> {
+    let mut names = vec![file.to_string()];
+    let mut cur = file.to_string();
+    let mut is_qcow2 = true;
+    while (names.len() as u32) <= max_depth && is_qcow2 {
+        let opts = OpenOptions {
+            open_backing: false,
+            ..OpenOptions::read_only()
+        };
+        let Ok(img) = qcow2_ops::Image::open(&cur, &opts) else {
+            break;
+        };
+        let info = img.info();
+        let Some(b) = info.backing_file else { break };
+        is_qcow2 = info.backing_format.as_deref() != Some("raw");
+        cur = resolve_backing(&cur, &b);
+        names.push(cur.clone());
+    }
+    names
+}
+
+/// Runs `qcow2 map`.
+pub fn run(a: MapArgs) -> Result<u8, Fail> {
+    check_format(&a.format)?;
+    let _ = a.force_share;
+    let img = open_image(&a.file, &OpenOptions::read_only())?;
+    let entries = img.map().map_err(|e| {
+        Fail::new(format!(
+            "{}: Could not read the allocation map: {}",
+            a.file.display(),
+            error_text(&e)
+        ))
+    })?;
+    match a.output {
+        OutputFormat::Json => print!("{}", json_map(&entries)),
+        OutputFormat::Human => {
+            let filename = a.file.to_string_lossy().into_owned();
+            let max_depth = entries.iter().map(|e| e.depth).max().unwrap_or(0);
+            let names = chain_names(&filename, max_depth);
+            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            for e in &entries {
+                if e.data && e.offset.is_none() {
+                    return Err(Fail::new(
+                        "File contains external, encrypted or compressed clusters.",
+                    ));
+                }
+                if e.data && !e.zero {
+                    println!(
+                        "{:<16}{:<16}{:<16}{}",
+                        hex(e.start),
+                        hex(e.length),
+                        hex(e.offset.unwrap_or(0)),
+                        names
+                            .get(e.depth as usize)
+                            .map(String::as_str)
+                            .unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
