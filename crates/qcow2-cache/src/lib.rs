@@ -184,6 +184,22 @@ impl TableCache {
         Ok(id)
     }
 
+    /// Puts an all-zero slice at `offset` that is known to read as zeroes
+    /// on disk: clean, no read. Counts a miss.
+    pub fn insert_zeroed_clean(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+    ) -> io::Result<SlotId> {
+        if let Some(id) = self.lookup(offset) {
+            return Ok(id);
+        }
+        self.stats.misses += 1;
+        let id = self.take_slot(storage, offset)?;
+        self.slots[id].data.fill(0);
+        Ok(id)
+    }
+
     /// The bytes of a slice.
     #[inline]
     pub fn data(&self, id: SlotId) -> &[u8] {

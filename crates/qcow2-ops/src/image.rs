@@ -49,6 +49,9 @@ pub(crate) struct Inner {
     pub(crate) stats: Stats,
     /// Last decompressed cluster: (L2 entry raw, bytes).
     pub(crate) zcache: Option<(u64, Vec<u8>)>,
+    /// L2 tables allocated since open: their on-disk bytes are zeroes, so
+    /// uncached slices need no read.
+    pub(crate) fresh_l2: std::collections::HashSet<u64>,
 }
 
 impl Image {
@@ -290,6 +293,7 @@ impl Inner {
             punch_on_free: BTreeSet::new(),
             stats: Stats::default(),
             zcache: None,
+            fresh_l2: Default::default(),
         };
         if !me.read_only && me.header.is_dirty() {
             // Lazy refcounts were not written back: rebuild them, as QEMU does.
@@ -384,13 +388,17 @@ impl Inner {
     pub(crate) fn sync(&mut self) -> Result<()> {
         if self.opts.cache == CacheMode::Unsafe {
             self.unsynced = false;
-            self.alloc_unsynced = false;
+            if !self.refs.is_dirty() {
+                self.alloc_unsynced = false;
+            }
             return Ok(());
         }
         self.file.sync().map_err(ioerr("sync", &self.name))?;
         self.stats.file_syncs += 1;
         self.unsynced = false;
-        self.alloc_unsynced = false;
+        if !self.refs.is_dirty() {
+            self.alloc_unsynced = false;
+        }
         Ok(())
     }
 
@@ -480,13 +488,27 @@ impl Inner {
         let id = match self.l2.lookup(slice_off) {
             Some(id) => id,
             None => {
-                if self.l2.victim_is_dirty() {
+                if self.l2.victim_is_dirty() && self.alloc_unsynced {
+                    // Entries point at new clusters: one ordering sync, then
+                    // write back every dirty slice so later evictions are free.
                     self.prepare_l2_writeback()?;
+                    let name = self.name.clone();
+                    self.l2
+                        .flush(&*self.file)
+                        .map_err(ioerr("write L2 table", &name))?;
+                    self.unsynced = true;
                 }
                 let name = self.name.clone();
-                self.l2
-                    .load(&*self.file, slice_off)
-                    .map_err(ioerr("read L2 table", &name))?
+                if self.fresh_l2.contains(&table) {
+                    // A new table whose clusters read as zeroes on disk.
+                    self.l2
+                        .insert_zeroed_clean(&*self.file, slice_off)
+                        .map_err(ioerr("write L2 table", &name))?
+                } else {
+                    self.l2
+                        .load(&*self.file, slice_off)
+                        .map_err(ioerr("read L2 table", &name))?
+                }
             }
         };
         Ok((id, (byte % slice) as usize))
@@ -564,8 +586,11 @@ impl Inner {
                 .map_err(ioerr("clear L2 table", &self.name))?;
             self.unsynced = true;
         }
-        self.alloc_unsynced = true;
         self.l2.discard_range(off, cs);
+        if self.fresh_l2.len() >= 4096 {
+            self.fresh_l2.clear();
+        }
+        self.fresh_l2.insert(off);
         self.l1[l1_idx] = L1Entry::new(off).0;
         self.l1_dirty.insert(l1_idx);
         Ok(off)
@@ -592,7 +617,6 @@ impl Inner {
             .refs
             .alloc(&*self.file, n)
             .map_err(|e| refcount_err(&name, e))?;
-        self.alloc_unsynced = true;
         // Guard against handing out metadata clusters (corrupt refcounts).
         let cs = self.geo.cluster_size();
         self.overlap_check(c * cs, n * cs, "allocation")?;
@@ -656,6 +680,13 @@ impl Inner {
             }
             // 3. L1 entries, after the tables they point at are durable.
             if !self.l1_dirty.is_empty() {
+                // New L2 tables and their refcounts before the L1 entries.
+                if self.refs.is_dirty() {
+                    self.refs
+                        .flush(&*self.file)
+                        .map_err(|e| refcount_err(&name, e))?;
+                    self.unsynced = true;
+                }
                 if self.unsynced {
                     self.sync()?;
                 }
