@@ -1,0 +1,81 @@
+//! The exported symbols of libqcow2 are exactly the functions of the header.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+fn defined_symbols(args: &[&str], lib: &std::path::Path) -> Option<Vec<(String, String)>> {
+    let (ok, out, err) = common::run(Command::new("nm").args(args).arg(lib));
+    if !ok {
+        eprintln!("note: nm failed on {}: {err}", lib.display());
+        return None;
+    }
+    Some(
+        out.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace().rev();
+                let name = it.next()?;
+                let kind = it.next()?;
+                Some((kind.to_string(), name.to_string()))
+            })
+            .collect(),
+    )
+}
+
+fn header_set() -> BTreeSet<String> {
+    let header = std::fs::read_to_string(common::workspace_root().join("include/qcow2.h")).unwrap();
+    let names: BTreeSet<String> = common::header_functions(&header).into_iter().collect();
+    assert!(
+        names.len() >= 15,
+        "too few functions parsed from the header: {names:?}"
+    );
+    names
+}
+
+#[test]
+fn shared_library_exports_exactly_the_header() {
+    if common::which("nm", &[]).is_none() {
+        eprintln!("note: nm not found; symbol check skipped");
+        return;
+    }
+    let lib = common::shared_lib();
+    assert!(lib.is_file(), "{} missing", lib.display());
+    let syms = defined_symbols(&["-D", "--defined-only"], &lib).expect("nm -D");
+    let exported: BTreeSet<String> = syms
+        .iter()
+        .filter(|(kind, _)| kind.eq_ignore_ascii_case("T"))
+        .map(|(_, n)| n.clone())
+        .collect();
+    let header = header_set();
+    let missing: Vec<_> = header.difference(&exported).collect();
+    let extra: Vec<_> = exported.difference(&header).collect();
+    assert!(
+        missing.is_empty(),
+        "declared in qcow2.h but not exported: {missing:?}"
+    );
+    assert!(extra.is_empty(), "exported but not in qcow2.h: {extra:?}");
+    // Nothing else leaks out of the shared object (no Rust or C dependency symbols).
+    let others: Vec<_> = syms
+        .iter()
+        .filter(|(kind, n)| !matches!(kind.as_str(), "A") && !n.starts_with("qcow2_"))
+        .collect();
+    assert!(others.is_empty(), "unexpected exported symbols: {others:?}");
+}
+
+#[test]
+fn static_library_defines_the_header() {
+    if common::which("nm", &[]).is_none() {
+        eprintln!("note: nm not found; symbol check skipped");
+        return;
+    }
+    let lib = common::static_lib();
+    assert!(lib.is_file(), "{} missing", lib.display());
+    let syms = defined_symbols(&["--defined-only", "-g"], &lib).expect("nm");
+    let defined: BTreeSet<String> = syms
+        .iter()
+        .filter(|(kind, n)| kind == "T" && n.starts_with("qcow2_"))
+        .map(|(_, n)| n.clone())
+        .collect();
+    assert_eq!(defined, header_set());
+}
