@@ -215,6 +215,11 @@ impl Inner {
         if self.opts.discard == DiscardMode::Ignore || len == 0 {
             return Ok(());
         }
+        if self.header.version < 3 && self.header.backing_file.is_some() {
+            // Dropping the entries would expose the backing file: QEMU refuses
+            // (ENOTSUP), which the block layer turns into a successful no-op.
+            return Ok(());
+        }
         let cs = self.geo.cluster_size();
         let size = self.header.size;
         // Whole clusters only; the partial cluster at an unaligned image end counts.
