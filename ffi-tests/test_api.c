@@ -384,6 +384,58 @@ static void test_read_write(void) {
     free(r);
 }
 
+/* The cache-mode flags reach the engine: writethrough syncs after every
+ * write, unsafe never syncs, writeback syncs on flush. */
+static void test_cache_modes(void) {
+    char path[4200];
+    h_path(path, sizeof path, "cache.qcow2");
+    CHECK_RC(qcow2_create(path, 4 * MiB, NULL), 0);
+    uint8_t buf[4096];
+    memset(buf, 0x42, sizeof buf);
+    Qcow2Stats st;
+    Qcow2Image *img = NULL;
+
+    CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR | QCOW2_OPEN_CACHE_WRITETHROUGH, &img), 0);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write(img, 0, buf, sizeof buf, 0), 0);
+    memset(&st, 0, sizeof st);
+    CHECK_RC(qcow2_get_stats(img, &st), 0);
+    CHECK_U64(st.file_syncs, >=, 1);
+    CHECK_RC(qcow2_close(img), 0);
+
+    img = NULL;
+    CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR | QCOW2_OPEN_CACHE_UNSAFE, &img), 0);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write(img, 65536, buf, sizeof buf, 0), 0);
+    CHECK_RC(qcow2_flush(img), 0);
+    memset(&st, 0xff, sizeof st);
+    CHECK_RC(qcow2_get_stats(img, &st), 0);
+    CHECK_U64(st.file_syncs, ==, 0);
+    CHECK_U64(st.l2_writebacks, >=, 1);
+    CHECK_RC(qcow2_close(img), 0);
+
+    img = NULL;
+    CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR, &img), 0);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write(img, 2 * 65536, buf, sizeof buf, 0), 0);
+    memset(&st, 0xff, sizeof st);
+    CHECK_RC(qcow2_get_stats(img, &st), 0);
+    CHECK_U64(st.file_syncs, ==, 0);
+    CHECK_RC(qcow2_flush(img), 0);
+    CHECK_RC(qcow2_get_stats(img, &st), 0);
+    CHECK_U64(st.file_syncs, >=, 1);
+    CHECK_RC(qcow2_close(img), 0);
+    CHECK(h_qemu_check(path));
+
+    size_t clen = 0;
+    uint8_t *c = h_qemu_content(path, &clen);
+    CHECK(c != NULL && clen == 4 * MiB);
+    if (c && clen == 4 * MiB)
+        for (int i = 0; i < 3; i++)
+            CHECK(memcmp(c + i * 65536, buf, sizeof buf) == 0);
+    free(c);
+}
+
 int main(int argc, char **argv) {
     h_init(argc, argv);
     test_strerror();
@@ -392,5 +444,6 @@ int main(int argc, char **argv) {
     test_create_options();
     test_backing();
     test_read_write();
+    test_cache_modes();
     return h_finish();
 }

@@ -239,10 +239,16 @@ mod abi_checks {
     const _: () = assert!(QCOW2_REQ_FUA == qcow2_ops::REQ_FUA);
     const _: () = assert!(QCOW2_REQ_NO_FALLBACK == qcow2_ops::REQ_NO_FALLBACK);
     const _: () = assert!(WRITE_ZEROES_FLAGS == qcow2_ops::REQ_KNOWN);
-    // Same counters, same size as the engine's Stats (the order is checked by
-    // the destructuring in `From<qcow2_ops::Stats>`).
+    // Same size as the engine's Stats; the set of names is checked by the
+    // destructuring in `From<qcow2_ops::Stats>`, the C order (DESIGN.md's) by
+    // tests/header.rs.
     const _: () =
         assert!(std::mem::size_of::<Qcow2Stats>() == std::mem::size_of::<qcow2_ops::Stats>());
+    // A handle is shared between threads by C callers.
+    const _: fn() = || {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Qcow2Image>();
+    };
 }
 
 // ---------------------------------------------------------------------------
