@@ -143,7 +143,7 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             None => {
                 let detected = detect_format(&resolved);
                 if let Some(d) = detected {
-                    println!("Detected format of {d}.");
+                    eprintln!("Detected format of {d}.");
                 }
                 return Err(Fail::new(format!(
                     "{file}: Backing file specified without backing format"
@@ -211,6 +211,23 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         },
     };
 
+    // Values of typed options are checked before anything is printed.
+    let mut opts = CreateOptions::default();
+    if let Some(c) = &cluster_size_s {
+        opts.cluster_size = parse_size(c).map_err(|_| {
+            Fail::new(format!(
+                "{file}: Parameter 'cluster_size' expects a non-negative number below 2^64\n\
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                 and exabytes, respectively."
+            ))
+        })?;
+    }
+    if let Some(v) = &ext_l2_s {
+        opts.extended_l2 = parse_bool("extended_l2", v, &file)?;
+    }
+    if let Some(v) = &lazy_s {
+        opts.lazy_refcounts = parse_bool("lazy_refcounts", v, &file)?;
+    }
     let mut line = format!(
         "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
         cluster_size_s
@@ -239,7 +256,6 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     }
 
     // Validate the options like qemu's qcow2 driver.
-    let mut opts = CreateOptions::default();
     if let Some(c) = &compat_s {
         opts.version = match c.as_str() {
             "0.10" | "v2" => 2,
@@ -250,21 +266,6 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
                 )))
             }
         };
-    }
-    if let Some(c) = &cluster_size_s {
-        opts.cluster_size = parse_size(c).map_err(|_| {
-            Fail::new(format!(
-                "{file}: Parameter 'cluster_size' expects a non-negative number below 2^64\n\
-                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-                 and exabytes, respectively."
-            ))
-        })?;
-    }
-    if let Some(v) = &ext_l2_s {
-        opts.extended_l2 = parse_bool("extended_l2", v, &file)?;
-    }
-    if let Some(v) = &lazy_s {
-        opts.lazy_refcounts = parse_bool("lazy_refcounts", v, &file)?;
     }
     if let Some(v) = &comp_s {
         opts.zstd = match v.as_str() {
