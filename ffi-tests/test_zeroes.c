@@ -322,6 +322,104 @@ static void scenario_extended_l2(void) {
     compare_with_oracle(1);
 }
 
+/* Compressed clusters: zeroed whole -> zero-plain and freed; hit partially ->
+ * rewritten as normal data. */
+static void scenario_compressed(void) {
+    if (!prepare("compressed", "qemu-img create -q -f qcow2 \"$IMG\" 4M && "
+                               "qemu-io -c 'write -c -P 0xaa 0 64k' -c 'write -c -P 0xbb 64k 64k' "
+                               "-c 'write -c -P 0xcc 128k 64k' \"$IMG\""))
+        return;
+    Qcow2Image *img = NULL;
+    CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR, &img), 0);
+    /* As qemu-img map: compressed clusters show no host offset. */
+    check_extent(img, 0, CL, QCOW2_EXTENT_ALLOCATED | QCOW2_EXTENT_DATA | QCOW2_EXTENT_COMPRESSED);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 0, CL, 0), 0);
+    check_extent(img, 0, CL, QCOW2_EXTENT_ALLOCATED | QCOW2_EXTENT_ZERO);
+    check_content(img, 0, CL, 0);
+    CHECK_RC(qcow2_flush(img), 0);
+    Qcow2Stats s = stats(img);
+    CHECK_U64(s.data_bytes_written, ==, 0);
+    CHECK_U64(s.refblock_writebacks, >, 0); /* the compressed cluster was freed */
+    /* Same with MAY_UNMAP (discard mode ignore clears it; compressed unmaps anyway). */
+    CHECK_RC(qcow2_write_zeroes(img, CL, CL, QCOW2_REQ_MAY_UNMAP), 0);
+    check_extent(img, CL, CL, QCOW2_EXTENT_ALLOCATED | QCOW2_EXTENT_ZERO);
+    /* Partial: the cluster becomes normal data. */
+    CHECK_RC(qcow2_write_zeroes(img, 2 * CL + 4096, 4096, QCOW2_REQ_NO_FALLBACK), -ENOTSUP);
+    CHECK_RC(qcow2_write_zeroes(img, 2 * CL + 4096, 4096, 0), 0);
+    check_content(img, 2 * CL, 4096, 0xcc);
+    check_content(img, 2 * CL + 4096, 4096, 0);
+    check_content(img, 2 * CL + 8192, CL - 8192, 0xcc);
+    check_extent(img, 2 * CL, CL, QCOW2_EXTENT_ALLOCATED | QCOW2_EXTENT_DATA | QCOW2_EXTENT_OFFSET_VALID);
+    CHECK_RC(qcow2_close(img), 0);
+    oracle("ignore", "-c 'write -z 0 64k' -c 'write -z -u 64k 64k' -c 'write -z 135168 4096'");
+    compare_with_oracle(0);
+}
+
+/* v2 with a backing file: the zero flag is not available, zero data is written. */
+static void scenario_v2_backing(void) {
+    if (!prepare("v2overlay", "qemu-img create -q -f qcow2 -o compat=0.10 base2.qcow2 4M && "
+                              "qemu-io -c 'write -P 0x11 0 1M' base2.qcow2 && "
+                              "qemu-img create -q -f qcow2 -o compat=0.10 -b base2.qcow2 -F qcow2 "
+                              "\"$IMG\" && qemu-io -c 'write -P 0x22 1M 64k' \"$IMG\""))
+        return;
+    Qcow2Image *img = NULL;
+    CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP, &img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 0, CL, QCOW2_REQ_NO_FALLBACK), -ENOTSUP);
+    CHECK_RC(qcow2_write_zeroes(img, MiB, CL, QCOW2_REQ_NO_FALLBACK | QCOW2_REQ_MAY_UNMAP), -ENOTSUP);
+    check_content(img, 0, CL, 0x11);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 0, CL, 0), 0);
+    Qcow2Stats s = stats(img);
+    CHECK_U64(s.data_bytes_written, >=, CL);
+    check_content(img, 0, CL, 0);
+    check_content(img, CL, CL, 0x11);
+    CHECK_RC(qcow2_write_zeroes(img, MiB, CL, QCOW2_REQ_MAY_UNMAP), 0);
+    check_content(img, MiB, CL, 0);
+    CHECK_RC(qcow2_close(img), 0);
+    oracle("unmap", "-c 'write -z 0 64k' -c 'write -z -u 1M 64k'");
+    compare_with_oracle(0);
+}
+
+/* Discard: whole clusters only; what each kind of cluster becomes. */
+static void scenario_discard(void) {
+    if (!prepare("discard", "qemu-img create -q -f qcow2 b3.qcow2 4M && "
+                            "qemu-io -c 'write -P 0x11 0 4M' b3.qcow2 && "
+                            "qemu-img create -q -f qcow2 -b b3.qcow2 -F qcow2 \"$IMG\" && "
+                            "qemu-io -c 'write -P 0x22 0 512k' -c 'write -z 512k 128k' \"$IMG\""))
+        return;
+    Qcow2Image *img = NULL;
+    CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP, &img), 0);
+    CHECK_RC(qcow2_discard(img, 512, 4096), 0); /* partial: no-op */
+    check_content(img, 0, CL, 0x22);
+    CHECK_RC(qcow2_discard(img, CL + 512, 2 * CL), 0); /* only cluster 2 is whole */
+    check_content(img, CL, CL, 0x22);
+    check_content(img, 2 * CL, CL, 0);
+    check_content(img, 3 * CL, CL, 0x22);
+    CHECK_RC(qcow2_discard(img, 512 * KiB, 128 * KiB), 0);
+    CHECK_RC(qcow2_discard(img, 2 * MiB, CL), 0); /* unallocated over backing */
+    check_content(img, 2 * MiB, CL, 0);
+    CHECK_RC(qcow2_close(img), 0);
+    oracle("unmap", "-c 'discard 512 4096' -c 'discard 66048 128k' -c 'discard 512k 128k' "
+                    "-c 'discard 2M 64k'");
+    compare_with_oracle(1);
+
+    /* Discard mode ignore: discard is a no-op. */
+    if (!prepare("discard-ignore", "qemu-img create -q -f qcow2 \"$IMG\" 4M && "
+                                   "qemu-io -c 'write -P 0x33 0 256k' \"$IMG\""))
+        return;
+    img = NULL;
+    CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR, &img), 0);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_discard(img, 0, 256 * KiB), 0);
+    check_content(img, 0, 256 * KiB, 0x33);
+    Qcow2Stats s = stats(img);
+    CHECK_U64(s.l2_dirty_marks, ==, 0);
+    CHECK_RC(qcow2_close(img), 0);
+    oracle("ignore", "-c 'discard 0 256k'");
+    compare_with_oracle(1);
+}
+
 int main(int argc, char **argv) {
     h_init(argc, argv);
     scenario_v3_no_unmap();
@@ -329,5 +427,8 @@ int main(int argc, char **argv) {
     scenario_v2();
     scenario_backing();
     scenario_extended_l2();
+    scenario_compressed();
+    scenario_v2_backing();
+    scenario_discard();
     return h_finish();
 }
