@@ -420,6 +420,67 @@ static void scenario_discard(void) {
     compare_with_oracle(1);
 }
 
+/* Small clusters: requests span several L2 tables and refcount blocks. */
+static void scenario_small_clusters(void) {
+    if (!prepare("small", "qemu-img create -q -f qcow2 -o cluster_size=4096,refcount_bits=1 "
+                          "\"$IMG\" 16M && qemu-io -c 'write -P 0x44 0 8M' \"$IMG\""))
+        return;
+    Qcow2Image *img = NULL;
+    CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP, &img), 0);
+    const uint64_t n = 6 * MiB / 4096;
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, MiB, 6 * MiB, 0), 0);
+    Qcow2Stats s = stats(img);
+    CHECK_U64(s.l2_dirty_marks, >=, 3); /* at least one per L2 table (2 MiB each) */
+    CHECK_U64(s.refblock_dirty_marks, ==, 0);
+    CHECK_RC(qcow2_flush(img), 0);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, MiB, 6 * MiB, 0), 0);
+    s = stats(img);
+    CHECK_U64(s.zero_entries_skipped, ==, n);
+    CHECK_U64(s.l2_dirty_marks, ==, 0);
+    CHECK_RC(qcow2_reset_stats(img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 2 * MiB, 4 * MiB, QCOW2_REQ_MAY_UNMAP), 0);
+    CHECK_RC(qcow2_flush(img), 0);
+    s = stats(img);
+    CHECK_U64(s.refblock_writebacks, >, 0);
+    CHECK_U64(s.holes_punched, >, 0);
+    check_content(img, 0, MiB, 0x44);
+    check_content(img, MiB, 6 * MiB, 0);
+    check_content(img, 7 * MiB, MiB, 0x44);
+    /* Partial cluster with data around it: fallback writes zeroes. */
+    CHECK_RC(qcow2_write_zeroes(img, 7 * MiB + 100, 5000, QCOW2_REQ_NO_FALLBACK), -ENOTSUP);
+    CHECK_RC(qcow2_write_zeroes(img, 7 * MiB + 100, 5000, QCOW2_REQ_MAY_UNMAP), 0);
+    check_content(img, 7 * MiB + 100, 5000, 0);
+    check_content(img, 7 * MiB + 5100, 1000, 0x44);
+    CHECK_RC(qcow2_close(img), 0);
+    oracle("unmap", "-c 'write -z 1M 6M' -c 'write -z 1M 6M' -c 'write -z -u 2M 4M' "
+                    "-c 'write -z -u 7340132 5000'");
+    compare_with_oracle(1);
+}
+
+/* Extended L2 with MAY_UNMAP and partial subclusters. */
+static void scenario_extended_l2_unmap(void) {
+    if (!prepare("extl2unmap", "qemu-img create -q -f qcow2 -o extended_l2=on \"$IMG\" 4M && "
+                               "qemu-io -c 'write -P 0xaa 0 256k' \"$IMG\""))
+        return;
+    Qcow2Image *img = NULL;
+    CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP, &img), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 0, CL, QCOW2_REQ_MAY_UNMAP), 0);
+    CHECK_RC(qcow2_write_zeroes(img, CL, CL, 0), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 2 * CL + 2048, 4096, QCOW2_REQ_MAY_UNMAP), 0);
+    CHECK_RC(qcow2_write_zeroes(img, 3 * CL + 100, 300, 0), 0);
+    CHECK_RC(qcow2_discard(img, 3 * CL + 8192, 8192), 0);
+    check_content(img, 0, 2 * CL, 0);
+    check_content(img, 2 * CL, 2048, 0xaa);
+    check_content(img, 2 * CL + 2048, 4096, 0);
+    check_content(img, 3 * CL + 100, 300, 0);
+    CHECK_RC(qcow2_close(img), 0);
+    oracle("unmap", "-c 'write -z -u 0 64k' -c 'write -z 64k 64k' -c 'write -z -u 133120 4096' "
+                    "-c 'write -z 196708 300' -c 'discard 204800 8192'");
+    compare_with_oracle(1);
+}
+
 int main(int argc, char **argv) {
     h_init(argc, argv);
     scenario_v3_no_unmap();
@@ -430,5 +491,7 @@ int main(int argc, char **argv) {
     scenario_compressed();
     scenario_v2_backing();
     scenario_discard();
+    scenario_small_clusters();
+    scenario_extended_l2_unmap();
     return h_finish();
 }
