@@ -29,7 +29,7 @@ fn case(o: &ImgOpts, backing: &Backing) {
                 dir,
                 "base.qcow2",
                 "qcow2",
-                &fill_script(cs, v3)[..6].to_vec(),
+                &fill_script(cs, v3)[..6],
             )
             .ok("qemu-io base");
             let top_backing = if matches!(backing, Backing::Chain) {
