@@ -162,6 +162,12 @@ static void test_create_options(void) {
     CHECK(h_qemu_check(path));
     CHECK(info_has(path, "\"compression-type\": \"zstd\""));
 
+    /* An empty image (qemu-img create ... 0 makes a clean one). */
+    h_path(path, sizeof path, "empty.qcow2");
+    CHECK_RC(qcow2_create(path, 0, NULL), 0);
+    CHECK(h_qemu_check(path));
+    CHECK(info_has(path, "\"virtual-size\": 0"));
+
     /* Bad options. */
     h_path(path, sizeof path, "bad.qcow2");
     memset(&o, 0, sizeof o);
