@@ -256,12 +256,10 @@ impl Checker<'_> {
                 )));
             }
             if self.hard_rebuild {
-                // QEMU rebuilds the refcount structures from scratch here.
-                self.msg(
-                    "ERROR the refcount structures need to be rebuilt, which is not supported"
-                        .into(),
-                );
-                self.res.check_errors += 1;
+                // Refcount blocks overlap other data: build new refcount
+                // structures from the expected refcounts, as QEMU does.
+                highest = self.rebuild_and_recheck(imrt)?;
+                self.check_oflag_copied()?;
                 self.res.image_end_offset = (highest + 1) * self.cs;
                 return Ok(());
             }
@@ -651,7 +649,10 @@ impl Checker<'_> {
                 if repair {
                     // Make the file cover the block, as QEMU does.
                     let r = match offset.checked_add(self.cs) {
-                        None => Err("offset too large".to_string()),
+                        Some(end) if end / self.cs > MAX_CHECK_CLUSTERS => {
+                            Err("File too large".to_string())
+                        }
+                        None => Err("File too large".to_string()),
                         Some(end) => self
                             .inner
                             .file
@@ -1010,6 +1011,136 @@ impl Checker<'_> {
         if let Ok(len) = self.inner.file.len() {
             self.file_len = self.file_len.max(len);
         }
+    }
+
+    /// QEMU's rebuild path of qcow2_check_refcounts: new refcount
+    /// structures, then the old ones (now leaked) are freed; the counts of
+    /// the first comparison turn into fixed counts.
+    fn rebuild_and_recheck(&mut self, imrt: &mut Imrt) -> Result<u64> {
+        let old = self.res.clone();
+        self.msg("Rebuilding refcount structure".into());
+        self.rebuild_structure(imrt)?;
+        self.res.corruptions = 0;
+        self.res.leaks = 0;
+        self.rebuild = false;
+        self.hard_rebuild = false;
+        let order = self.inner.refs.order();
+        *imrt = Imrt::new(order, self.file_len.div_ceil(self.cs))
+            .ok_or_else(|| Error::NoSpace("not enough memory for the refcount check".into()))?;
+        // Recount without touching the fragmentation numbers again.
+        let bfi = (
+            self.res.allocated_clusters,
+            self.res.fragmented_clusters,
+            self.res.compressed_clusters,
+        );
+        self.calculate(imrt, RepairMode::None)?;
+        (
+            self.res.allocated_clusters,
+            self.res.fragmented_clusters,
+            self.res.compressed_clusters,
+        ) = bfi;
+        // Free the old structures; only leaks left over count.
+        let saved = std::mem::take(&mut self.res);
+        self.res.messages = saved.messages.clone();
+        let highest = self.compare(imrt, RepairMode::Leaks)?;
+        if self.rebuild {
+            self.msg("ERROR rebuilt refcount structure is still broken".into());
+        }
+        let fresh_leaks = self.res.leaks;
+        let messages = std::mem::take(&mut self.res.messages);
+        self.res = saved;
+        self.res.messages = messages;
+        if self.res.corruptions < old.corruptions {
+            self.res.corruptions_fixed += old.corruptions - self.res.corruptions;
+        }
+        if self.res.leaks < old.leaks {
+            self.res.leaks_fixed += old.leaks - self.res.leaks;
+        }
+        self.res.leaks += fresh_leaks;
+        Ok(highest)
+    }
+
+    /// Writes a refcount table and blocks describing `imrt` past the end of
+    /// everything in use, switches the header to them and reloads the
+    /// refcount layer.
+    fn rebuild_structure(&mut self, imrt: &mut Imrt) -> Result<()> {
+        let cs = self.cs;
+        let order = self.inner.refs.order();
+        let epb = self.inner.refs.entries_per_block();
+        let name = self.inner.name.clone();
+        let start = imrt.len().max(self.file_len.div_ceil(cs));
+        // Blocks for every range up to the end of the new structures, and a
+        // table for those blocks: iterate to the fixed point.
+        let (mut blocks, mut tclusters) = (0u64, 0u64);
+        loop {
+            let end = start + tclusters + blocks;
+            let nb = end.div_ceil(epb);
+            let tc = (nb * 8).div_ceil(cs);
+            if nb == blocks && tc == tclusters {
+                break;
+            }
+            (blocks, tclusters) = (nb, tc);
+        }
+        let end = start + tclusters + blocks;
+        if tclusters * cs > qcow2_format::header::MAX_REFTABLE_BYTES
+            || end > MAX_CHECK_CLUSTERS
+            || !imrt.grow(end)
+        {
+            self.res.check_errors += 1;
+            return Err(Error::NoSpace(format!(
+                "{name}: the rebuilt refcount structure would be too large"
+            )));
+        }
+        for c in start..end {
+            imrt.set(c, 1);
+        }
+        let table_off = start * cs;
+        let mut table = vec![0u8; (tclusters * cs) as usize];
+        let mut buf = vec![0u8; cs as usize];
+        self.wrote = true;
+        for b in 0..blocks {
+            buf.fill(0);
+            let first = b * epb;
+            for c in first..(first + epb).min(imrt.len()) {
+                qcow2_format::refcount::set(&mut buf, (c - first) as usize, order, imrt.get(c));
+            }
+            let off = (start + tclusters + b) * cs;
+            put_be64(&mut table, b as usize * 8, off);
+            self.inner
+                .file
+                .write_at(&buf, off)
+                .map_err(ioerr("write refcount block", &name))?;
+        }
+        self.inner
+            .file
+            .write_at(&table, table_off)
+            .map_err(ioerr("write refcount table", &name))?;
+        self.inner.file.sync().map_err(ioerr("sync", &name))?;
+        self.inner.stats.file_syncs += 1;
+        let mut h = [0u8; 12];
+        put_be64(&mut h, 0, table_off);
+        h[8..12].copy_from_slice(&(tclusters as u32).to_be_bytes());
+        self.inner
+            .file
+            .write_at(&h, 48)
+            .map_err(ioerr("write header", &name))?;
+        self.inner.file.sync().map_err(ioerr("sync", &name))?;
+        self.inner.stats.file_syncs += 1;
+        self.inner.header.refcount_table_offset = table_off;
+        self.inner.header.refcount_table_clusters = tclusters as u32;
+        let granularity = self.inner.opts.dirty_granularity.clamp(512, 1 << 21);
+        self.inner.refs = qcow2_refcount::Refcounts::load(
+            &*self.inner.file,
+            self.cb,
+            order,
+            table_off,
+            tclusters as u32,
+            self.inner.opts.refcount_cache_bytes,
+            granularity,
+        )
+        .map_err(|e| refcount_err(&name, e))?;
+        self.file_len = self.file_len.max(end * cs);
+        Ok(())
     }
 
     /// QEMU's check_oflag_copied (active tables only).

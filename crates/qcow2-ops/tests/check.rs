@@ -605,3 +605,45 @@ fn repair_needs_a_writable_image() {
     w.close().unwrap();
     assert_same_as_qemu(&p);
 }
+
+/// Points refcount table entry `idx` at `off`.
+fn set_reftable_entry(img: &Path, idx: u64, off: u64) {
+    let f = std::fs::read(img).unwrap();
+    let rt = be64_at(&f, 48);
+    poke(img, rt + 8 * idx, &off.to_be_bytes());
+}
+
+#[test]
+fn planted_overlapping_refblock_is_rebuilt() {
+    let d = tempfile::tempdir().unwrap();
+    // A refcount block on a data cluster, and one on the refcount table.
+    for (k, target) in [(0, None), (1, Some(65536u64))] {
+        let sub = d.path().join(format!("o{k}")).tap_mkdir();
+        let p = base_image(&sub);
+        let t = target.unwrap_or_else(|| cluster_of_guest(&p, 1) << 16);
+        set_reftable_entry(&p, 1, t);
+        let before = assert_same_as_qemu(&p);
+        assert!(before
+            .messages
+            .iter()
+            .any(|m| m == "ERROR refcount block 1 refcount=2"));
+        let (_, after) = plant_and_repair(&p, RepairMode::All);
+        assert!(after.corruptions_fixed >= 1);
+        // The repaired image is usable.
+        let img = Image::open(sub.join("ours.qcow2"), &OpenOptions::read_write()).unwrap();
+        img.write(10 << 20, &[5u8; 65536], 0).unwrap();
+        img.close().unwrap();
+        let (rc, _, err) = qemu_check(&sub.join("ours.qcow2"), None);
+        assert_eq!(rc, 0, "{err}");
+    }
+}
+
+#[test]
+fn planted_refblock_outside_image() {
+    let d = tempfile::tempdir().unwrap();
+    let p = base_image(d.path());
+    set_reftable_entry(&p, 1, 64 << 20);
+    let before = assert_same_as_qemu(&p);
+    assert_eq!(before.corruptions, 1);
+    plant_and_repair(&p, RepairMode::All);
+}
