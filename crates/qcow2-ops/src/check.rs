@@ -35,6 +35,10 @@ const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 const BITMAP_ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 /// QEMU refuses to check images of more host clusters than this.
 const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
+/// A refcount block past the end of the file is made part of the file (as
+/// QEMU does) only when that grows the file by at most this much; otherwise
+/// the refcount structures are rebuilt.
+const MAX_REFBLOCK_EXTEND: u64 = 1 << 30;
 /// Snapshot limits (QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE).
 const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_SNAPSHOTS_SIZE: u64 = 64 << 20;
@@ -649,7 +653,10 @@ impl Checker<'_> {
                 if repair {
                     // Make the file cover the block, as QEMU does.
                     let r = match offset.checked_add(self.cs) {
-                        Some(end) if end / self.cs > MAX_CHECK_CLUSTERS => {
+                        Some(end)
+                            if end / self.cs > MAX_CHECK_CLUSTERS
+                                || end.saturating_sub(self.file_len) > MAX_REFBLOCK_EXTEND =>
+                        {
                             Err("File too large".to_string())
                         }
                         None => Err("File too large".to_string()),
@@ -848,7 +855,7 @@ impl Checker<'_> {
         if nb > MAX_BITMAPS || size > MAX_BITMAP_DIR_SIZE || size == 0 {
             return Err("invalid size".into());
         }
-        if off.checked_add(size).is_none_or(|e| e > self.file_len) {
+        if off.checked_add(size).map_or(true, |e| e > self.file_len) {
             return Err("exceeds the end of the file".into());
         }
         let buf = self
@@ -881,7 +888,24 @@ impl Checker<'_> {
     fn compare(&mut self, imrt: &mut Imrt, fix: RepairMode) -> Result<u64> {
         let mut highest = 0u64;
         let mut i = 0u64;
+        let epb = self.inner.refs.entries_per_block();
         while i < imrt.len() {
+            let block = i / epb;
+            let uncovered = self
+                .inner
+                .refs
+                .table()
+                .get(block as usize)
+                .map_or(true, |&b| b == 0);
+            if uncovered && imrt.get(i) == 0 {
+                // Stored refcounts are zero here: skip to the next reference.
+                let end = ((block + 1) * epb).min(imrt.len());
+                i += 1;
+                while i < end && imrt.get(i) == 0 {
+                    i += 1;
+                }
+                continue;
+            }
             let stored = match self.inner.refs.get(&*self.inner.file, i) {
                 Ok(v) => v,
                 Err(e) => {
