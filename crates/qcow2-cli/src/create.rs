@@ -327,6 +327,7 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         )));
     }
     opts.backing_file = backing;
+    opts.unsafe_backing = a.unsafe_backing;
     opts.backing_format = backing_fmt;
     // qemu rounds the virtual size up to whole 512-byte sectors.
     let size = size.div_ceil(512) * 512;

@@ -553,6 +553,15 @@ pub fn run(a: IoArgs) -> Result<u8, Fail> {
     }
     let Ctx { img, .. } = ctx;
     if let Some(fmt) = a.stats {
+        // The counters cover the whole run, the flush that closing does included.
+        if let Err(e) = img.flush() {
+            eprintln!(
+                "qcow2: {}: flush failed: {}",
+                a.file.display(),
+                error_text(&e)
+            );
+            ok = false;
+        }
         print_stats(&img, fmt);
     }
     if let Err(e) = img.close() {

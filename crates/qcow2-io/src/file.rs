@@ -139,6 +139,17 @@ impl FileStorage {
         (start, (end - start) as usize)
     }
 
+    fn stat(&self) -> io::Result<libc::stat> {
+        // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes only into `st`, which is properly sized; fd is open.
+        let r = unsafe { libc::fstat(self.fd, &mut st) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
         // SAFETY: lseek on an open fd has no memory-safety requirements.
         let r = unsafe { libc::lseek(self.fd, off_t(offset)?, whence) };
@@ -242,14 +253,11 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        // SAFETY: `st` is a properly sized, writable stat struct; fd is open.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above, fstat writes only into `st`.
-        let r = unsafe { libc::fstat(self.fd, &mut st) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(st.st_size as u64)
+        Ok(self.stat()?.st_size as u64)
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.stat()?.st_blocks as u64 * 512))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

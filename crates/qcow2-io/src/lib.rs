@@ -52,6 +52,10 @@ pub trait Storage: Send + Sync {
         let _ = offset;
         self.len()
     }
+    /// Bytes the file really occupies on disk (st_blocks), where known.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for Box<T> {
@@ -79,6 +83,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn next_hole(&self, offset: u64) -> io::Result<u64> {
         (**self).next_hole(offset)
     }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -105,6 +112,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn next_hole(&self, offset: u64) -> io::Result<u64> {
         (**self).next_hole(offset)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
     }
 }
 
@@ -198,5 +208,8 @@ impl<S: Storage> Storage for CountingStorage<S> {
     }
     fn next_hole(&self, offset: u64) -> io::Result<u64> {
         self.inner.next_hole(offset)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
     }
 }

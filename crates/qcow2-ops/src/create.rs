@@ -91,7 +91,7 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             "{name}: image size {size} is too large for cluster size {cs}"
         )));
     }
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let epb = rc::entries_per_block(cluster_bits, order);
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
@@ -109,7 +109,12 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     }
     let rt_off = cs;
     let rb_off = (1 + rt) * cs;
-    let l1_off = (1 + rt + rb) * cs;
+    // An empty L1 table owns no cluster (as qemu-img writes it).
+    let l1_off = if l1_clusters == 0 {
+        0
+    } else {
+        (1 + rt + rb) * cs
+    };
     let total = 1 + rt + rb + l1_clusters;
 
     let mut incompat = 0;
@@ -163,7 +168,15 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         extensions,
         backing_file: o.backing_file.clone(),
     };
-    let first = h.serialize()?;
+    let first = match h.serialize() {
+        Ok(b) => b,
+        Err(_) if o.version == 3 => {
+            // 512-byte clusters: QEMU leaves out the feature table when it does not fit.
+            h.extensions.retain(|e| e.kind != header::EXT_FEATURE_TABLE);
+            h.serialize()?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut table = vec![0u8; (rt * cs) as usize];
     for b in 0..rb {
         put_be64(&mut table, (b * 8) as usize, rb_off + b * cs);

@@ -52,6 +52,8 @@ pub(crate) struct Inner {
     /// L2 tables allocated since open: their on-disk bytes are zeroes, so
     /// uncached slices need no read.
     pub(crate) fresh_l2: std::collections::HashSet<u64>,
+    /// Whether the image looks metadata-preallocated (decided on first block status).
+    pub(crate) metadata_prealloc: Option<bool>,
 }
 
 impl Image {
@@ -294,6 +296,7 @@ impl Inner {
             stats: Stats::default(),
             zcache: None,
             fresh_l2: Default::default(),
+            metadata_prealloc: None,
         };
         if !me.read_only && me.header.is_dirty() {
             // Lazy refcounts were not written back: rebuild them, as QEMU does.

@@ -75,6 +75,11 @@ impl Inner {
                     offset: None,
                 };
                 let m = match t {
+                    SubclusterType::Normal if self.is_metadata_preallocated()? => {
+                        // As QEMU: ask the file where it really holds data.
+                        host_status(&*self.file, base, host, out)?;
+                        continue;
+                    }
                     SubclusterType::Normal => MapEntry {
                         data: true,
                         offset: Some(host),
@@ -109,6 +114,48 @@ impl Inner {
             pos += n;
         }
         Ok(())
+    }
+
+    /// QEMU's heuristic: clusters with a refcount outnumber the clusters the
+    /// file really occupies (by more than a ninth, and by at least two).
+    fn is_metadata_preallocated(&mut self) -> Result<bool> {
+        if let Some(v) = self.metadata_prealloc {
+            return Ok(v);
+        }
+        let cs = self.geo.cluster_size();
+        let v = match self
+            .file
+            .allocated_size()
+            .map_err(ioerr("stat", &self.name))?
+        {
+            None => false,
+            Some(real) => {
+                let real_clusters = real / cs;
+                let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+                let end = self
+                    .file
+                    .len()
+                    .map_err(ioerr("stat", &self.name))?
+                    .div_ceil(cs);
+                let mut count = 0;
+                let mut c = 0;
+                while c < end && count < threshold {
+                    let name = self.name.clone();
+                    if self
+                        .refs
+                        .get(&*self.file, c)
+                        .map_err(|e| crate::image::refcount_err(&name, e))?
+                        != 0
+                    {
+                        count += 1;
+                    }
+                    c += 1;
+                }
+                count >= threshold
+            }
+        };
+        self.metadata_prealloc = Some(v);
+        Ok(v)
     }
 
     /// A range unallocated in this layer: ask the backing chain.
@@ -152,6 +199,47 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// A data range of this layer checked against the file's holes: holes
+/// (and anything past the end of the file) also read as zeroes.
+fn host_status(
+    file: &dyn Storage,
+    base: MapEntry,
+    host: u64,
+    out: &mut Vec<MapEntry>,
+) -> Result<()> {
+    let end = host + base.length;
+    let mut pos = host;
+    while pos < end {
+        let next_data = file
+            .next_data(pos)
+            .map_err(ioerr("seek", "image file"))?
+            .unwrap_or(end)
+            .min(end);
+        let (run_end, zero) = if next_data > pos {
+            (next_data, true)
+        } else {
+            let h = file
+                .next_hole(pos)
+                .map_err(ioerr("seek", "image file"))?
+                .min(end);
+            (if h <= pos { end } else { h }, false)
+        };
+        push_merged(
+            out,
+            MapEntry {
+                start: base.start + (pos - host),
+                length: run_end - pos,
+                data: true,
+                zero,
+                offset: Some(pos),
+                ..base
+            },
+        );
+        pos = run_end;
+    }
+    Ok(())
 }
 
 /// Status of a raw file: data where the file has data, zero in holes.

@@ -137,6 +137,8 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Backing file format (`qcow2`, `raw`).
     pub backing_format: Option<String>,
+    /// Do not check that the backing file opens (qemu-img's `-u`).
+    pub unsafe_backing: bool,
 }
 
 impl Default for CreateOptions {
@@ -150,6 +152,7 @@ impl Default for CreateOptions {
             zstd: false,
             backing_file: None,
             backing_format: None,
+            unsafe_backing: false,
         }
     }
 }
