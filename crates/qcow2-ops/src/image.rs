@@ -65,6 +65,20 @@ impl Image {
         })
     }
 
+    /// Opens an image held by any storage backend (in-memory, fault-injecting,
+    /// counting). `path` names the image in messages and anchors relative
+    /// backing file names.
+    pub fn open_with_storage(
+        storage: Box<dyn qcow2_io::Storage>,
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let inner = Inner::open_storage(storage, path.as_ref(), opts)?;
+        Ok(Image {
+            inner: Mutex::new(inner),
+        })
+    }
+
     /// Creates a new image file at `path` of `size` bytes (an existing file is truncated).
     pub fn create(path: impl AsRef<Path>, size: u64, opts: &CreateOptions) -> Result<()> {
         crate::create::create(path.as_ref(), size, opts)
