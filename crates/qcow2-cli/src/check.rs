@@ -125,6 +125,7 @@ pub fn run(a: CheckArgs) -> Result<u8, Fail> {
             },
             OpenOptions {
                 open_backing: false,
+                for_repair: true,
                 ..OpenOptions::read_write()
             },
         ),

@@ -139,7 +139,11 @@ impl Image {
         if g.read_only {
             return Ok(());
         }
-        g.flush_all(true)
+        let r = g.flush_all(true);
+        if let Err(Error::Corrupt(_)) = &r {
+            g.mark_corrupt();
+        }
+        r
     }
     /// Allocation status of `[offset, offset+len)`, merged like `qemu-img map`.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
@@ -160,7 +164,15 @@ impl Image {
             g.check_writable()?;
             g.flush_all(true)?;
         }
-        crate::check::check(&mut g, repair)
+        let r = crate::check::check(&mut g, repair)?;
+        if repair == RepairMode::All
+            && g.header.is_corrupt()
+            && r.corruptions == 0
+            && r.check_errors == 0
+        {
+            g.set_incompat_bit(header::INCOMPAT_CORRUPT, false)?;
+        }
+        Ok(r)
     }
     /// Counters since open or the last reset.
     pub fn stats(&self) -> Stats {
@@ -240,7 +252,7 @@ impl Inner {
         }
         let geo = header.geometry();
         let read_only = !opts.writable;
-        if header.is_corrupt() && opts.writable {
+        if header.is_corrupt() && opts.writable && !opts.for_repair {
             return Err(Error::Corrupt(format!(
                 "'{name}' is marked corrupt; repair it with 'qcow2 check -r all' or open it read-only"
             )));
@@ -314,7 +326,13 @@ impl Inner {
         };
         if !me.read_only && me.header.is_dirty() {
             // Lazy refcounts were not written back: rebuild them, as QEMU does.
-            crate::check::check(&mut me, RepairMode::All)?;
+            let r = crate::check::check(&mut me, RepairMode::All)?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                return Err(Error::Corrupt(format!(
+                    "'{}': could not repair dirty image ({} corruptions left)",
+                    me.name, r.corruptions
+                )));
+            }
             me.set_incompat_bit(header::INCOMPAT_DIRTY, false)?;
         }
         // Lazy-refcount images are written with exact refcounts, a valid
@@ -391,6 +409,10 @@ impl Inner {
     /// After a request: flush per cache mode / FUA; on error, keep the
     /// image consistent (nothing half-written is made reachable).
     fn finish_request(&mut self, r: Result<()>, flags: u32) -> Result<()> {
+        if let Err(Error::Corrupt(_)) = &r {
+            // An inconsistency found while running: stop writing, as QEMU does.
+            self.mark_corrupt();
+        }
         r?;
         if self.opts.cache == CacheMode::Writethrough || flags & REQ_FUA != 0 {
             self.flush_all(true)?;

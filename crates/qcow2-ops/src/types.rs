@@ -77,6 +77,10 @@ pub struct OpenOptions {
     pub dirty_granularity: usize,
     /// Open the backing chain (off: unallocated clusters read as zeroes).
     pub open_backing: bool,
+    /// Opened to check and repair (qemu-img check -r): an image marked
+    /// corrupt may be opened read-write; a successful `check(RepairMode::All)`
+    /// clears the corrupt bit.
+    pub for_repair: bool,
 }
 
 impl OpenOptions {
@@ -114,6 +118,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: Self::DEFAULT_REFCOUNT_CACHE,
             dirty_granularity: Self::DEFAULT_DIRTY_GRANULARITY,
             open_backing: true,
+            for_repair: false,
         }
     }
 }

@@ -68,14 +68,9 @@ impl Refcounts {
         }
         let mut raw = vec![0u8; bytes as usize];
         storage.read_at(&mut raw, table_offset)?;
+        // Entries are validated when used, so that check can still open
+        // (and repair) an image with a broken entry.
         let table: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        for (i, &e) in table.iter().enumerate() {
-            if e & (cs - 1) != 0 {
-                return Err(RefcountError::Corrupt(format!(
-                    "refcount block {i} offset {e:#x} is not cluster aligned"
-                )));
-            }
-        }
         let slice = cs.min(64 << 10) as usize;
         Ok(Refcounts {
             cluster_bits,
@@ -144,6 +139,11 @@ impl Refcounts {
         };
         if boff == 0 {
             return Ok(None);
+        }
+        if boff & (self.cluster_size() - 1) != 0 || boff < self.cluster_size() {
+            return Err(RefcountError::Corrupt(format!(
+                "refcount block {block} offset {boff:#x} is invalid"
+            )));
         }
         let idx = cluster % self.entries_per_block;
         let byte = rc::byte_of(idx, self.order);
