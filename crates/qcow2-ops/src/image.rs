@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     pub(crate) fresh_l2: std::collections::HashSet<u64>,
     /// Whether the image looks metadata-preallocated (decided on first block status).
     pub(crate) metadata_prealloc: Option<bool>,
+    /// Host offsets of the L2 tables the L1 table references (overlap checks).
+    pub(crate) l2_tables: std::collections::HashSet<u64>,
 }
 
 impl Image {
@@ -323,7 +325,17 @@ impl Inner {
             zcache: None,
             fresh_l2: Default::default(),
             metadata_prealloc: None,
+            l2_tables: Default::default(),
         };
+        me.l2_tables = me
+            .l1
+            .iter()
+            .map(|&e| L1Entry(e).l2_offset())
+            .filter(|&o| o != 0)
+            .collect();
+        let l1_end = me.header.l1_table_offset + (me.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        me.refs
+            .set_protected(vec![(0, cs), (me.header.l1_table_offset, l1_end)]);
         if !me.read_only && me.header.is_dirty() {
             // Lazy refcounts were not written back: rebuild them, as QEMU does.
             let r = crate::check::check(&mut me, RepairMode::All)?;
@@ -458,10 +470,34 @@ impl Inner {
         let overlaps = |a: u64, b: u64| host < b && a < end;
         let l1 = self.header.l1_table_offset;
         let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        let (rt, rtc) = self.refs.table_location();
-        if overlaps(0, cs) || overlaps(l1, l1_end) || overlaps(rt, rt + rtc as u64 * cs) {
+        let l2_hit = {
+            let mut c = host & !(cs - 1);
+            let mut hit = false;
+            while c < end && !hit {
+                hit = self.l2_tables.contains(&c);
+                c += cs;
+            }
+            hit
+        };
+        if overlaps(0, cs) || overlaps(l1, l1_end) || self.refs.overlaps(host, len) || l2_hit {
             let msg = format!(
                 "{}: refusing {what} write at {host:#x} ({len} bytes): overlaps image metadata",
+                self.name
+            );
+            self.mark_corrupt();
+            return Err(Error::Corrupt(msg));
+        }
+        Ok(())
+    }
+
+    /// An L2 table must not lie on the header, the L1 table or refcount structures.
+    fn check_l2_location(&mut self, table: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let l1 = self.header.l1_table_offset;
+        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        if table < cs || (table < l1_end && l1 < table + cs) || self.refs.overlaps(table, cs) {
+            let msg = format!(
+                "{}: L2 table at {table:#x} overlaps other metadata",
                 self.name
             );
             self.mark_corrupt();
@@ -527,6 +563,7 @@ impl Inner {
         let id = match self.l2.lookup(slice_off) {
             Some(id) => id,
             None => {
+                self.check_l2_location(table)?;
                 if self.l2.victim_is_dirty() && self.alloc_unsynced {
                     // Entries point at new clusters: one ordering sync, then
                     // write back every dirty slice so later evictions are free.
@@ -630,6 +667,7 @@ impl Inner {
             self.fresh_l2.clear();
         }
         self.fresh_l2.insert(off);
+        self.l2_tables.insert(off);
         self.l1[l1_idx] = L1Entry::new(off).0;
         self.l1_dirty.insert(l1_idx);
         Ok(off)

@@ -87,3 +87,42 @@ fn writes_pass_qemu_check_and_compare() {
     let (ok, m) = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
     assert!(ok, "{m}");
 }
+
+/// An L1 entry pointing at the refcount table: QEMU refuses the metadata
+/// write and marks the image corrupt; so must we.
+#[test]
+fn l2_on_refcount_table_marks_corrupt_like_qemu() {
+    let d = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for name in ["q.qcow2", "o.qcow2"] {
+        let p = d.path().join(name);
+        let (ok, m) = qemu_img(&["create", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
+        assert!(ok, "{m}");
+        let mut b = std::fs::read(&p).unwrap();
+        let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+        let rt = u64::from_be_bytes(b[48..56].try_into().unwrap());
+        b[l1..l1 + 8].copy_from_slice(&(rt | 1 << 63).to_be_bytes());
+        std::fs::write(&p, b).unwrap();
+        paths.push(p);
+    }
+    let o = Command::new("qemu-io")
+        .args(["-c", "write 0 4k"])
+        .arg(&paths[0])
+        .output()
+        .unwrap();
+    let qemu_says =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(qemu_says.contains("corrupt"), "{qemu_says}");
+    let img = Image::open(&paths[1], &OpenOptions::read_write()).unwrap();
+    let e = img.write(0, &[1u8; 4096], 0).unwrap_err();
+    assert!(matches!(e, Error::Corrupt(_)), "{e}");
+    assert!(
+        img.write(1 << 20, &[1u8; 512], 0).is_err(),
+        "stays read-only"
+    );
+    drop(img);
+    for p in &paths {
+        let (_, info) = qemu_img(&["info", p.to_str().unwrap()]);
+        assert!(info.contains("corrupt: true"), "{}: {info}", p.display());
+    }
+}

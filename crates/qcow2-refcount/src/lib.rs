@@ -16,6 +16,7 @@ use qcow2_format::header::MAX_REFTABLE_BYTES;
 use qcow2_format::refcount as rc;
 use qcow2_format::{be64, put_be32, put_be64};
 use qcow2_io::Storage;
+use std::collections::HashSet;
 use std::io;
 use std::ops::Range;
 use thiserror::Error;
@@ -48,6 +49,10 @@ pub struct Refcounts {
     free_hint: u64,
     /// Clusters that reached refcount zero since the caller last took them.
     freed: Vec<u64>,
+    /// Host offsets of the refcount blocks, for overlap checks.
+    blocks: HashSet<u64>,
+    /// Byte ranges owned by other metadata (header, L1): no refcount block may lie there.
+    protected: Vec<(u64, u64)>,
 }
 
 impl Refcounts {
@@ -76,7 +81,6 @@ impl Refcounts {
             cluster_bits,
             order,
             entries_per_block: rc::entries_per_block(cluster_bits, order),
-            table,
             table_offset,
             table_clusters,
             cache: TableCache::new(CacheConfig {
@@ -86,7 +90,42 @@ impl Refcounts {
             }),
             free_hint: 0,
             freed: Vec::new(),
+            blocks: table.iter().copied().filter(|&e| e != 0).collect(),
+            protected: Vec::new(),
+            table,
         })
+    }
+
+    /// Declares byte ranges owned by other metadata (header, L1 table).
+    pub fn set_protected(&mut self, ranges: Vec<(u64, u64)>) {
+        self.protected = ranges;
+    }
+
+    /// Whether the host cluster at byte offset `off` is a refcount block.
+    pub fn is_refblock(&self, off: u64) -> bool {
+        self.blocks.contains(&off)
+    }
+
+    /// Whether `[off, off+len)` overlaps the refcount table or a refcount block.
+    pub fn overlaps(&self, off: u64, len: u64) -> bool {
+        let cs = self.cluster_size();
+        let end = off.saturating_add(len);
+        let rt_end = self.table_offset + self.table_clusters as u64 * cs;
+        if off < rt_end && self.table_offset < end {
+            return true;
+        }
+        let mut c = off & !(cs - 1);
+        while c < end {
+            if self.blocks.contains(&c) {
+                return true;
+            }
+            c += cs;
+            if c - (off & !(cs - 1)) > 64 * cs {
+                // Long ranges: test the blocks instead.
+                return self.blocks.iter().any(|&b| b < end && off < b + cs);
+            }
+        }
+        false
     }
 
     /// Cluster size.
@@ -140,7 +179,16 @@ impl Refcounts {
         if boff == 0 {
             return Ok(None);
         }
-        if boff & (self.cluster_size() - 1) != 0 || boff < self.cluster_size() {
+        let cs = self.cluster_size();
+        let rt_end = self.table_offset + self.table_clusters as u64 * cs;
+        if boff & (cs - 1) != 0
+            || boff < cs
+            || (boff < rt_end && self.table_offset < boff + cs)
+            || self
+                .protected
+                .iter()
+                .any(|&(a, b)| boff < b && a < boff + cs)
+        {
             return Err(RefcountError::Corrupt(format!(
                 "refcount block {block} offset {boff:#x} is invalid"
             )));
@@ -306,6 +354,7 @@ impl Refcounts {
         let boff = r * cs;
         self.zero_block_in_cache(storage, boff)?;
         self.table[block as usize] = boff;
+        self.blocks.insert(boff);
         let (id, i) = self
             .locate(storage, r)?
             .ok_or_else(|| RefcountError::Corrupt("new block not found".into()))?;
@@ -378,6 +427,7 @@ impl Refcounts {
         table.resize(new_entries as usize, 0);
         for (j, &b) in blocks.iter().enumerate() {
             table[b as usize] = (s + new_clusters + j as u64) * cs;
+            self.blocks.insert(table[b as usize]);
         }
         let old_table = std::mem::replace(&mut self.table, table);
         let old_loc = (self.table_offset, self.table_clusters);
