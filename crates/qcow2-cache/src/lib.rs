@@ -218,6 +218,14 @@ impl TableCache {
         &mut self.slots[id].data[start..start + len]
     }
 
+    /// Mutable bytes of a whole slice WITHOUT marking anything dirty: the
+    /// caller must call [`Self::mark_dirty`] for every range it changes.
+    /// For hot loops that change many entries of one slice.
+    #[inline]
+    pub fn data_mut_unmarked(&mut self, id: SlotId) -> &mut [u8] {
+        &mut self.slots[id].data
+    }
+
     /// Marks a byte range of a slice dirty.
     pub fn mark_dirty(&mut self, id: SlotId, start: usize, len: usize) {
         if len == 0 {

@@ -612,17 +612,7 @@ impl Inner {
     }
 
     pub(crate) fn validate_l2(&mut self, e: L2Entry, guest: u64) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let bad = if e.is_compressed() {
-            None
-        } else if e.host_offset() & (cs - 1) != 0 {
-            Some("host offset is not cluster aligned")
-        } else if e.host_offset() != 0 && e.host_offset() < cs {
-            Some("host offset points at the header")
-        } else {
-            None
-        };
-        if let Some(why) = bad {
+        if let Some(why) = l2_entry_problem(e, self.geo.cluster_size()) {
             let msg = format!(
                 "{}: L2 entry for guest offset {guest:#x} ({:#x}): {why}",
                 self.name, e.raw
@@ -832,6 +822,20 @@ impl Inner {
             self.unsynced = true;
         }
         Ok(())
+    }
+}
+
+/// What is wrong with an L2 entry's host offset, if anything.
+#[inline]
+pub(crate) fn l2_entry_problem(e: L2Entry, cs: u64) -> Option<&'static str> {
+    if e.is_compressed() {
+        None
+    } else if e.host_offset() & (cs - 1) != 0 {
+        Some("host offset is not cluster aligned")
+    } else if e.host_offset() != 0 && e.host_offset() < cs {
+        Some("host offset points at the header")
+    } else {
+        None
     }
 }
 

@@ -178,32 +178,56 @@ impl Inner {
             let slice = self.l2.slice_size();
             let in_slice = ((slice - pos) / es) as u64;
             let cnt = in_slice.min(n);
-            let mut i = 0usize;
-            while i < cnt as usize {
-                let p = pos + i * es;
-                let d = self.l2.data(id);
-                let old = L2Entry {
-                    raw: be64(d, p),
-                    bitmap: if ext { be64(d, p + 8) } else { 0 },
-                };
-                let (new, unmap) = zero_target(old, ext, may_unmap);
-                if new == old {
-                    self.stats.zero_entries_skipped += 1;
-                    i += 1;
-                    continue;
+            let cs = 1u64 << cb;
+            let mut frees: Vec<L2Entry> = Vec::new();
+            let mut dirty: Vec<(usize, usize)> = Vec::new();
+            let mut skipped = 0u64;
+            let mut bad: Option<(L2Entry, u64)> = None;
+            {
+                // Hot loop: entries already in their target state cost one
+                // compare; changed ones are written in place and their byte
+                // ranges marked dirty afterwards, merged.
+                let d = self.l2.data_mut_unmarked(id);
+                for i in 0..cnt as usize {
+                    let p = pos + i * es;
+                    let old = L2Entry {
+                        raw: be64(d, p),
+                        bitmap: if ext { be64(d, p + 8) } else { 0 },
+                    };
+                    let (new, unmap) = zero_target(old, ext, may_unmap);
+                    if new == old {
+                        skipped += 1;
+                        continue;
+                    }
+                    if crate::image::l2_entry_problem(old, cs).is_some() {
+                        bad = Some((old, offset + ((i as u64) << cb)));
+                        break;
+                    }
+                    put_be64(d, p, new.raw);
+                    if ext {
+                        put_be64(d, p + 8, new.bitmap);
+                    }
+                    match dirty.last_mut() {
+                        Some((s0, l0)) if *s0 + *l0 == p => *l0 += es,
+                        _ => dirty.push((p, es)),
+                    }
+                    if unmap {
+                        frees.push(old);
+                    }
                 }
-                let guest = offset + ((i as u64) << cb);
-                self.validate_l2(old, guest)?;
-                let w = self.l2.data_mut(id, p, es);
-                put_be64(w, 0, new.raw);
-                if ext {
-                    put_be64(w, 8, new.bitmap);
-                }
-                if unmap {
-                    self.free_entry_clusters(old, true);
-                    self.zcache = None;
-                }
-                i += 1;
+            }
+            for (p, l) in dirty {
+                self.l2.mark_dirty(id, p, l);
+            }
+            self.stats.zero_entries_skipped += skipped;
+            if !frees.is_empty() {
+                self.zcache = None;
+            }
+            for old in frees {
+                self.free_entry_clusters(old, true);
+            }
+            if let Some((old, guest)) = bad {
+                return self.validate_l2(old, guest);
             }
             offset += cnt << cb;
             n -= cnt;
