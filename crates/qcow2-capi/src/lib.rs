@@ -371,7 +371,7 @@ unsafe fn check_array_mut<'a, T>(p: *mut T, len: usize) -> Result<&'a mut [T], c
     if p.is_null()
         || len
             .checked_mul(std::mem::size_of::<T>())
-            .map_or(true, |b| b > isize::MAX as usize)
+            .is_none_or(|b| b > isize::MAX as usize)
     {
         return einval();
     }

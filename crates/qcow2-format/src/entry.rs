@@ -226,7 +226,7 @@ impl CompressedDescriptor {
             ));
         }
         let nb_bits = cluster_bits - 8;
-        if self.sectors == 0 || self.sectors - 1 >= (1u64 << nb_bits) {
+        if self.sectors == 0 || self.sectors > (1u64 << nb_bits) {
             return Err(FormatError::invalid(
                 "compressed size",
                 "sector count out of range",

@@ -855,7 +855,7 @@ impl Checker<'_> {
         if nb > MAX_BITMAPS || size > MAX_BITMAP_DIR_SIZE || size == 0 {
             return Err("invalid size".into());
         }
-        if off.checked_add(size).map_or(true, |e| e > self.file_len) {
+        if off.checked_add(size).is_none_or(|e| e > self.file_len) {
             return Err("exceeds the end of the file".into());
         }
         let buf = self
@@ -896,7 +896,7 @@ impl Checker<'_> {
                 .refs
                 .table()
                 .get(block as usize)
-                .map_or(true, |&b| b == 0);
+                .is_none_or(|&b| b == 0);
             if uncovered && imrt.get(i) == 0 {
                 // Stored refcounts are zero here: skip to the next reference.
                 let end = ((block + 1) * epb).min(imrt.len());

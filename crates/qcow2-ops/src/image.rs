@@ -731,7 +731,6 @@ impl Inner {
     /// with a sync if anything was written.
     pub(crate) fn flush_all(&mut self, sync_end: bool) -> Result<()> {
         let name = self.name.clone();
-        let mut wrote = false;
         // 1. Allocations (refcounts, data) before the L2/L1 entries pointing at them.
         if self.l2.is_dirty() || !self.l1_dirty.is_empty() {
             self.prepare_l2_writeback()?;
@@ -742,7 +741,6 @@ impl Inner {
                 .map_err(ioerr("write L2 table", &name))?
             {
                 self.unsynced = true;
-                wrote = true;
                 self.stats.cache_flushes += 1;
             }
             // 3. L1 entries, after the tables they point at are durable.
@@ -758,7 +756,6 @@ impl Inner {
                     self.sync()?;
                 }
                 self.write_l1_dirty()?;
-                wrote = true;
             }
         }
         // 4. Deferred frees, after the L2/L1 changes are durable.
@@ -790,18 +787,15 @@ impl Inner {
             }
             self.punch_on_free.clear();
         }
-        if self.refs.is_dirty() {
-            if self
+        if self.refs.is_dirty()
+            && self
                 .refs
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?
-            {
-                self.unsynced = true;
-                wrote = true;
-                self.stats.cache_flushes += 1;
-            }
+        {
+            self.unsynced = true;
+            self.stats.cache_flushes += 1;
         }
-        let _ = wrote;
         if sync_end && self.unsynced {
             self.sync()?;
         }
