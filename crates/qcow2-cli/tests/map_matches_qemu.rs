@@ -25,13 +25,8 @@ fn case(o: &ImgOpts, backing: &Backing) {
         }
         Backing::Qcow2 | Backing::Chain => {
             qemu_create(dir, "base.qcow2", 8 * cs, o, None);
-            qemu_io_script(
-                dir,
-                "base.qcow2",
-                "qcow2",
-                &fill_script(cs, v3)[..6],
-            )
-            .ok("qemu-io base");
+            qemu_io_script(dir, "base.qcow2", "qcow2", &fill_script(cs, v3)[..6])
+                .ok("qemu-io base");
             let top_backing = if matches!(backing, Backing::Chain) {
                 qemu_create(dir, "mid.qcow2", 12 * cs, o, Some(("base.qcow2", "qcow2")));
                 qemu_io_script(
