@@ -178,6 +178,13 @@ impl Inner {
             let slice = self.l2.slice_size();
             let in_slice = ((slice - pos) / es) as u64;
             let cnt = in_slice.min(n);
+            if !ext && already_zero(&self.l2.data(id)[pos..pos + cnt as usize * es], may_unmap) {
+                // The common rescan case: nothing to change in this slice.
+                self.stats.zero_entries_skipped += cnt;
+                offset += cnt << cb;
+                n -= cnt;
+                continue;
+            }
             let cs = 1u64 << cb;
             let mut frees: Vec<L2Entry> = Vec::new();
             let mut dirty: Vec<(usize, usize)> = Vec::new();
@@ -312,6 +319,19 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Whether every standard L2 entry in `entries` is already a zero cluster
+/// that zeroing would leave alone (zero flag set, not compressed, and no
+/// host cluster when unmapping).
+#[inline]
+fn already_zero(entries: &[u8], may_unmap: bool) -> bool {
+    use qcow2_format::entry::{FLAG_COMPRESSED, OFFSET_MASK};
+    let keep_mask = if may_unmap { OFFSET_MASK } else { 0 };
+    entries.chunks_exact(8).all(|c| {
+        let raw = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        raw & (FLAG_ZERO | FLAG_COMPRESSED | keep_mask) == FLAG_ZERO
+    })
 }
 
 /// Target entry of a whole-cluster zeroing, and whether the old clusters are released.
