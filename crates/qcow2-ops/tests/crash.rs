@@ -1,0 +1,583 @@
+//! Crash safety: power loss at every mutating I/O of a workload, and I/O
+//! errors (EIO, ENOSPC) injected at every one, on images made by qemu-img
+//! and qemu-io. QEMU 10 is the oracle: after any crash `qemu-img check`
+//! finds no corruption (leaks are fine), `check -r leaks` of ours leaves it
+//! clean, flushed data survives, and every unit (cluster, or sector where
+//! data is overwritten in place) reads one of its states between the last
+//! flush and the interrupted request.
+//!
+//! By default crash points are sampled (every point next to a sync plus an
+//! even spread, ~2 minutes in a debug build); `QCOW2_CRASH_FULL=1`
+//! enumerates every crash point and more power-loss subsets.
+
+mod crash_util;
+
+use crash_util::*;
+use qcow2_io::{FaultPlan, FaultStorage};
+use qcow2_ops::*;
+use std::path::Path;
+use std::sync::Arc;
+
+const K: u64 = 1024;
+const M: u64 = 1024 * 1024;
+const U: u32 = REQ_MAY_UNMAP;
+
+fn wl_alloc() -> Workload {
+    // 4 KiB clusters: one L2 table covers 2 MiB, so writes at 2 MiB, 4 MiB and
+    // 6 MiB allocate new L2 tables.
+    Workload {
+        name: "alloc",
+        create: "cluster_size=4096",
+        size: 8 * M,
+        fill: &["write -P 0x11 0 64k", "write -P 0x12 1M 8k"],
+        ops: vec![
+            Op::Write(128 * K, 8 * K, 0x21),
+            Op::Write(2 * M + 4 * K, 12 * K, 0x22),
+            Op::Flush,
+            Op::Write(4 * M + 1000, 3000, 0x23),
+            Op::Write(6 * M - 4 * K, 8 * K, 0x24),
+            Op::Flush,
+            Op::Write(M + 8 * K, 4 * K, 0x25),
+            Op::Write(7 * M, 32 * K, 0x26),
+        ],
+        unit: 4096,
+    }
+}
+
+fn wl_zero() -> Workload {
+    Workload {
+        name: "zero",
+        create: "cluster_size=65536",
+        size: 8 * M,
+        fill: &[
+            "write -P 0x31 0 1M",
+            "write -c -P 0x32 2M 128k",
+            "write -P 0x33 3M 128k",
+            "write -z 3M 64k",
+        ],
+        ops: vec![
+            Op::Zero(0, 128 * K, U),
+            Op::Zero(256 * K, 192 * K, 0),
+            Op::Flush,
+            Op::Zero(2 * M, 64 * K, 0),
+            Op::Zero(2 * M + 64 * K, 64 * K, U),
+            Op::Zero(3 * M, 128 * K, U),
+            Op::Write(4 * M, 128 * K, 0x34),
+            Op::Flush,
+            Op::Zero(256 * K, 64 * K, U),
+            Op::Write(320 * K, 64 * K, 0x35),
+            Op::Zero(5 * M, 64 * K, 0),
+            Op::Zero(6 * M + 512, 1024, U),
+            Op::Write(0, 64 * K, 0x36),
+        ],
+        unit: 65536,
+    }
+}
+
+fn wl_discard() -> Workload {
+    Workload {
+        name: "discard",
+        create: "cluster_size=65536",
+        size: 8 * M,
+        fill: &["write -P 0x41 0 2M", "write -c -P 0x42 4M 256k"],
+        ops: vec![
+            Op::Discard(0, 256 * K),
+            Op::Discard(M, 64 * K),
+            Op::Flush,
+            Op::Write(0, 64 * K, 0x43),
+            Op::Discard(4 * M, 128 * K),
+            Op::Discard(512 * K, 512 * K),
+            Op::Write(6 * M, 128 * K, 0x44),
+            Op::Flush,
+            Op::Discard(6 * M, 64 * K),
+            Op::Write(512 * K, 64 * K, 0x45),
+            Op::Discard(7 * M, 64 * K),
+        ],
+        unit: 65536,
+    }
+}
+
+fn wl_cow() -> Workload {
+    Workload {
+        name: "cow",
+        create: "cluster_size=65536",
+        size: 8 * M,
+        fill: &[
+            "write -c -P 0x51 0 512k",
+            "write -P 0x52 1M 256k",
+            "write -z 2M 128k",
+            "write -P 0x53 3M 64k",
+            "write -z 3M 64k",
+        ],
+        ops: vec![
+            Op::Write(4 * K, 8 * K, 0x61),
+            Op::Write(124 * K, 8 * K, 0x62),
+            Op::Write(2 * M + 512, 1024, 0x63),
+            Op::Flush,
+            Op::Write(3 * M + 4 * K, 4 * K, 0x64),
+            Op::Write(5 * M + 100, 200, 0x65),
+            Op::Write(256 * K, 128 * K, 0x66),
+            Op::Flush,
+            Op::Write(448 * K + 10, 70 * K, 0x67),
+        ],
+        unit: 65536,
+    }
+}
+
+fn wl_inplace() -> Workload {
+    // Overwrites of allocated clusters go in place: only sectors are atomic.
+    Workload {
+        name: "inplace",
+        create: "cluster_size=65536",
+        size: 4 * M,
+        fill: &["write -P 0x71 0 1M"],
+        ops: vec![
+            Op::Write(4 * K, 8 * K, 0x72),
+            Op::Flush,
+            Op::Write(M, 64 * K, 0x73),
+            Op::Write(60 * K, 8 * K, 0x74),
+            Op::Zero(200 * K, 1000, 0),
+            Op::Flush,
+            Op::Write(128 * K, 64 * K, 0x75),
+            Op::Write(2 * M - 512, 1024, 0x76),
+        ],
+        unit: 512,
+    }
+}
+
+fn wl_refcount_growth() -> Workload {
+    // 512-byte clusters with 64-bit refcounts: a refcount block covers 64
+    // clusters and the one-cluster refcount table 4096 clusters (2 MiB of
+    // file). The fill ends just below that, so the workload grows both.
+    Workload {
+        name: "refgrow",
+        create: "cluster_size=512,refcount_bits=64",
+        size: 8 * M,
+        fill: &["write -P 0x81 0 1900k"],
+        ops: vec![
+            Op::Write(2 * M, 64 * K, 0x82),
+            Op::Flush,
+            Op::Write(3 * M, 64 * K, 0x83),
+            Op::Zero(0, 32 * K, U),
+            Op::Flush,
+            Op::Write(4 * M, 32 * K, 0x84),
+            Op::Discard(3 * M, 16 * K),
+        ],
+        unit: 512,
+    }
+}
+
+fn wl_lazy() -> Workload {
+    Workload {
+        name: "lazy",
+        create: "cluster_size=65536,lazy_refcounts=on",
+        size: 8 * M,
+        fill: &["write -P 0x91 0 512k", "write -c -P 0x92 1M 128k"],
+        ops: vec![
+            Op::Write(2 * M, 128 * K, 0x93),
+            Op::Flush,
+            Op::Zero(0, 128 * K, U),
+            Op::Discard(M, 64 * K),
+            Op::Write(3 * M + 512, 1024, 0x94),
+            Op::Flush,
+            Op::Write(0, 64 * K, 0x95),
+            Op::Zero(256 * K, 64 * K, 0),
+        ],
+        unit: 65536,
+    }
+}
+
+fn wl_extended() -> Workload {
+    // Extended L2: 64 KiB clusters of 32 subclusters of 2 KiB.
+    Workload {
+        name: "extl2",
+        create: "cluster_size=65536,extended_l2=on",
+        size: 4 * M,
+        fill: &["write -P 0xa1 0 256k", "write -P 0xa2 1M 6k"],
+        ops: vec![
+            Op::Write(512 * K + 2 * K, 4 * K, 0xa3),
+            Op::Write(M + 10 * K, 2 * K, 0xa4),
+            Op::Flush,
+            Op::Zero(64 * K, 64 * K, U),
+            Op::Zero(128 * K + 2 * K, 4 * K, 0),
+            Op::Discard(192 * K, 64 * K),
+            Op::Write(2 * M + 100, 300, 0xa5),
+        ],
+        unit: 2048,
+    }
+}
+
+fn wl_v2() -> Workload {
+    Workload {
+        name: "v2",
+        create: "cluster_size=65536,compat=0.10",
+        size: 4 * M,
+        fill: &["write -P 0xb1 0 512k"],
+        ops: vec![
+            Op::Zero(0, 128 * K, 0),
+            Op::Write(M, 64 * K, 0xb2),
+            Op::Flush,
+            Op::Discard(128 * K, 64 * K),
+            Op::Write(0, 64 * K, 0xb3),
+        ],
+        unit: 65536,
+    }
+}
+
+fn cluster_of(w: &Workload) -> u64 {
+    w.create
+        .split(',')
+        .find_map(|o| o.strip_prefix("cluster_size="))
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(65536)
+}
+
+/// Everything asserted about one power-loss image. `states` are the guest
+/// contents allowed (last flush .. interrupted request).
+fn verify_crash_image(
+    tag: &str,
+    w: &Workload,
+    scratch: &Path,
+    bytes: &[u8],
+    states: &[Vec<u8>],
+) -> std::result::Result<(), String> {
+    std::fs::write(scratch, bytes).unwrap();
+    let (code, out) = qemu_check(scratch);
+    if code != 0 && code != 3 {
+        let kept = keep_failure(tag, bytes);
+        return Err(format!(
+            "{tag}: qemu-img check exit {code} (image kept at {}):\n{out}",
+            kept.display()
+        ));
+    }
+    // Guest contents through our engine.
+    let img =
+        Image::open(scratch, &OpenOptions::read_only()).map_err(|e| format!("{tag}: open: {e}"))?;
+    let mut got = vec![0u8; w.size as usize];
+    img.read(0, &mut got)
+        .map_err(|e| format!("{tag}: read: {e}"))?;
+    drop(img);
+    if let Some(m) = check_units(&got, states, w.unit) {
+        let kept = keep_failure(tag, bytes);
+        return Err(format!("{tag}: {m} (image kept at {})", kept.display()));
+    }
+    // Flushed (stable) data through qemu-io.
+    if let Some(out) = qemu_io_reads(scratch, &stable_pattern_reads(states, 48)) {
+        let kept = keep_failure(tag, bytes);
+        return Err(format!(
+            "{tag}: qemu-io pattern read failed (image kept at {}):\n{out}",
+            kept.display()
+        ));
+    }
+    // Our leak repair leaves it clean for qemu-img.
+    if code == 3 {
+        let img = Image::open(scratch, &OpenOptions::read_write())
+            .map_err(|e| format!("{tag}: open rw: {e}"))?;
+        let r = img
+            .check(RepairMode::Leaks)
+            .map_err(|e| format!("{tag}: check -r leaks: {e}"))?;
+        drop(img);
+        let (code2, out2) = qemu_check(scratch);
+        if code2 != 0 || r.corruptions != 0 {
+            let kept = keep_failure(tag, bytes);
+            return Err(format!(
+                "{tag}: after our leak repair ({r:?}) qemu-img check exit {code2} (image kept at {}):\n{out2}",
+                kept.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Power loss at every (sampled) mutating I/O of the workload.
+fn crash_enumeration(w: Workload, budget: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, start, guest) = start_image(dir.path(), &w);
+    let cs = cluster_of(&w);
+    let states = model_states(&guest, &w.ops, cs);
+    let (kinds, final_bytes) = dry_run(&w, &path, &start);
+    let scratch = dir.path().join("crash.qcow2");
+    // The undisturbed run is right.
+    verify_crash_image(
+        &format!("{}-nocrash", w.name),
+        &w,
+        &scratch,
+        &final_bytes,
+        &states[states.len() - 1..],
+    )
+    .unwrap();
+    let points = sample_points(&kinds, budget);
+    let full = full_run();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ w.name.len() as u64);
+    let mut seen = std::collections::HashSet::new();
+    let (mut images, mut failures) = (0usize, Vec::new());
+    for &k in &points {
+        let fs = Arc::new(FaultStorage::new(start.clone()));
+        let img = Image::open_with_storage(Box::new(fs.clone()), &path, &rw_opts()).unwrap();
+        fs.set_plan(FaultPlan {
+            fail_at: None,
+            crash_after: Some(k),
+        });
+        let mut lo = 0usize; // state index guaranteed durable
+        let mut hi = w.ops.len(); // last state that may have reached the disk
+        for (i, &op) in w.ops.iter().enumerate() {
+            match exec(&img, op) {
+                Ok(()) => {
+                    if matches!(op, Op::Flush) {
+                        lo = i + 1;
+                    }
+                }
+                Err(e) => {
+                    assert!(
+                        fs.crashed(),
+                        "{}: {op:?} failed without a crash: {e}",
+                        w.name
+                    );
+                    hi = i + 1;
+                    break;
+                }
+            }
+        }
+        drop(img);
+        let allowed = &states[lo..=hi];
+        let n = fs.pending_len();
+        let mut subsets: Vec<Vec<u8>> = vec![
+            fs.after_power_loss(|_| false, |_| None),
+            fs.after_power_loss(|_| true, |_| None),
+        ];
+        // Prefixes of the unsynced writes (all, or a spread of them).
+        let nprefix = if full { n } else { n.min(4) };
+        for j in 1..nprefix.max(1) {
+            let p = if full { j } else { j * n / nprefix };
+            subsets.push(fs.after_power_loss(|i| i < p, |_| None));
+        }
+        // Random subsets, some writes torn at sector boundaries.
+        for _ in 0..if full { 8 } else { 3 } {
+            let keep: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
+            let torn: Vec<Option<usize>> = (0..n)
+                .map(|_| match rng.below(3) {
+                    0 => Some(rng.below(130) as usize),
+                    _ => None,
+                })
+                .collect();
+            subsets.push(fs.after_power_loss(|i| keep[i], |i| torn[i]));
+        }
+        for (s, bytes) in subsets.iter().enumerate() {
+            let h = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                (lo, hi).hash(&mut h);
+                h.finish()
+            };
+            if !seen.insert(h) {
+                continue;
+            }
+            images += 1;
+            let tag = format!("{}-k{k}-s{s}", w.name);
+            if let Err(e) = verify_crash_image(&tag, &w, &scratch, bytes, allowed) {
+                eprintln!("FAIL {e}");
+                failures.push(e);
+            }
+        }
+    }
+    println!(
+        "crash {}: {} mutating I/Os, {} crash points, {} distinct power-loss images checked",
+        w.name,
+        kinds.len(),
+        points.len(),
+        images
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} images failed; first: {}",
+        failures.len(),
+        images,
+        failures[0]
+    );
+}
+
+/// EIO / ENOSPC at every (sampled) mutating I/O of the workload.
+fn error_injection(w: Workload, budget: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, start, guest) = start_image(dir.path(), &w);
+    let cs = cluster_of(&w);
+    let (kinds, _) = dry_run(&w, &path, &start);
+    let total = kinds.len() as u64;
+    let scratch = dir.path().join("err.qcow2");
+    let mut points: Vec<(u64, i32)> = Vec::new();
+    for n in sample_points(&kinds, budget) {
+        let n = n + 1; // fail_at counts from 1
+        if full_run() {
+            points.push((n, libc::EIO));
+            points.push((n, libc::ENOSPC));
+        } else {
+            points.push((n, if n % 2 == 0 { libc::EIO } else { libc::ENOSPC }));
+        }
+    }
+    let mut failures: Vec<String> = Vec::new();
+    let mut fail = |m: String| {
+        eprintln!("FAIL {m}");
+        failures.push(m);
+    };
+    for &(n, errno) in &points {
+        let tag = format!("{}-err{n}-{errno}", w.name);
+        let fs = Arc::new(FaultStorage::new(start.clone()));
+        let img = Image::open_with_storage(Box::new(fs.clone()), &path, &rw_opts()).unwrap();
+        fs.set_plan(FaultPlan {
+            fail_at: Some((n, errno)),
+            crash_after: None,
+        });
+        let mut failed_op: Option<usize> = None;
+        // A final explicit flush, so that no injected error is left to the
+        // silent flush on drop.
+        let mut ops = w.ops.clone();
+        ops.push(Op::Flush);
+        for (i, &op) in ops.iter().enumerate() {
+            let before = fs.ops();
+            let r = exec(&img, op);
+            let after = fs.ops();
+            let hit = before < n && n <= after;
+            match (&r, hit) {
+                (Err(e), true) => {
+                    if e.errno() != -errno {
+                        fail(format!("{tag}: {op:?} failed with {e} (errno {}), want -{errno}", e.errno()));
+                    }
+                    failed_op = Some(i);
+                    // What the disk holds right now must be consistent, with
+                    // or without the writes not yet synced.
+                    for (what, bytes) in [
+                        ("durable", fs.after_power_loss(|_| false, |_| None)),
+                        ("current", fs.current()),
+                    ] {
+                        std::fs::write(&scratch, &bytes).unwrap();
+                        let (code, out) = qemu_check(&scratch);
+                        if code != 0 && code != 3 {
+                            let kept = keep_failure(&format!("{tag}-{what}"), &bytes);
+                            fail(format!("{tag}: right after the error ({what}) qemu-img check exit {code} (kept at {}):\n{out}", kept.display()));
+                        }
+                    }
+                }
+                (Ok(()), true) => fail(format!("{tag}: injected errno swallowed by {op:?}")),
+                (Err(e), false) => fail(format!(
+                    "{tag}: {op:?} failed with {e} though no error was injected in it (failed op so far: {failed_op:?})"
+                )),
+                (Ok(()), false) => {}
+            }
+        }
+        drop(img);
+        if n <= total && failed_op.is_none() && fs.ops() < n {
+            fail(format!(
+                "{tag}: the workload did fewer I/Os than the dry run"
+            ));
+        }
+        // Every unit reads the result with or without the failed request;
+        // everything else (all flushed data among it) is exact.
+        let bytes = fs.current();
+        let want_with = model_states(&guest, &w.ops, cs).pop().unwrap();
+        let want_without = match failed_op {
+            Some(i) => {
+                let ops: Vec<Op> = w
+                    .ops
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, &o)| o)
+                    .collect();
+                model_states(&guest, &ops, cs).pop().unwrap()
+            }
+            None => want_with.clone(),
+        };
+        std::fs::write(&scratch, &bytes).unwrap();
+        let (code, out) = qemu_check(&scratch);
+        if code != 0 && code != 3 {
+            let kept = keep_failure(&tag, &bytes);
+            fail(format!(
+                "{tag}: qemu-img check exit {code} (kept at {}):\n{out}",
+                kept.display()
+            ));
+            continue;
+        }
+        // Reopen and keep using it.
+        let fs2 = Arc::new(FaultStorage::new(bytes.clone()));
+        let img = match Image::open_with_storage(Box::new(fs2.clone()), &path, &rw_opts()) {
+            Ok(i) => i,
+            Err(e) => {
+                fail(format!("{tag}: reopen failed: {e}"));
+                continue;
+            }
+        };
+        let mut got = vec![0u8; w.size as usize];
+        img.read(0, &mut got).unwrap();
+        if let Some(m) = check_units(&got, &[want_with, want_without], w.unit) {
+            let kept = keep_failure(&tag, &bytes);
+            fail(format!(
+                "{tag}: after the error in op {failed_op:?} ({:?}): {m} (kept at {})",
+                failed_op.map(|i| ops[i]),
+                kept.display()
+            ));
+        }
+        let probe = w.size - 3 * cs.max(4096);
+        let r = img
+            .write(probe, &vec![0xee; 5000], 0)
+            .and_then(|_| img.flush());
+        if let Err(e) = r {
+            fail(format!("{tag}: write after reopen failed: {e}"));
+            continue;
+        }
+        let mut b = vec![0u8; 5000];
+        img.read(probe, &mut b).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0xee),
+            "{tag}: read back after reopen"
+        );
+        drop(img);
+        std::fs::write(&scratch, fs2.current()).unwrap();
+        let (code, out) = qemu_check(&scratch);
+        if code != 0 && code != 3 {
+            let kept = keep_failure(&format!("{tag}-reopened"), &fs2.current());
+            fail(format!(
+                "{tag}: after reopen+write qemu-img check exit {code} (kept at {}):\n{out}",
+                kept.display()
+            ));
+        }
+    }
+    println!(
+        "errors {}: {} mutating I/Os, {} injection points checked",
+        w.name,
+        total,
+        points.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} injection points failed; first: {}",
+        failures.len(),
+        points.len(),
+        failures[0]
+    );
+}
+
+macro_rules! crash_tests {
+    ($($name:ident, $err:ident: $wl:expr, $budget:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            crash_enumeration($wl, $budget);
+        }
+        #[test]
+        fn $err() {
+            error_injection($wl, $budget);
+        }
+    )*};
+}
+
+crash_tests! {
+    crash_alloc, errors_alloc: wl_alloc(), 60;
+    crash_zero, errors_zero: wl_zero(), 60;
+    crash_discard, errors_discard: wl_discard(), 60;
+    crash_cow, errors_cow: wl_cow(), 60;
+    crash_inplace, errors_inplace: wl_inplace(), 40;
+    crash_refcount_growth, errors_refcount_growth: wl_refcount_growth(), 60;
+    crash_lazy_refcounts, errors_lazy_refcounts: wl_lazy(), 40;
+    crash_extended_l2, errors_extended_l2: wl_extended(), 40;
+    crash_v2, errors_v2: wl_v2(), 30;
+}
