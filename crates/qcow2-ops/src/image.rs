@@ -810,9 +810,13 @@ impl Inner {
                 put_be64(&mut b, k * 8, self.l1[start as usize + k]);
             }
             let off = self.header.l1_table_offset + start * 8;
-            self.file
-                .write_at(&b, off)
-                .map_err(ioerr("write L1 table", &self.name))?;
+            if let Err(e) = self.file.write_at(&b, off) {
+                // Keep the entries dirty: dropping them would leave the new
+                // L2 tables unreachable on disk for good, even after a later
+                // flush succeeds (their data silently lost on reopen).
+                self.l1_dirty.extend(dirty.iter().copied());
+                return Err(ioerr("write L1 table", &self.name)(e));
+            }
             self.unsynced = true;
         }
         Ok(())
