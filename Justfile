@@ -71,3 +71,22 @@ install prefix=PREFIX:
     sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" crates/qcow2-capi/qcow2.pc.in > "$prefix/lib/pkgconfig/qcow2.pc"
     chmod 0644 "$prefix/lib/pkgconfig/qcow2.pc"
     echo "installed libqcow2 $version under $prefix (PKG_CONFIG_PATH=$prefix/lib/pkgconfig)"
+
+# --- nbdkit plugin (plugins/nbdkit) --------------------------------------------
+
+# Build the nbdkit plugin on libqcow2 (release): `just plugin` links libqcow2.so (rpath), `just plugin static` embeds libqcow2.a
+plugin link="shared":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ -f /usr/include/nbdkit-plugin.h ] || { echo "nbdkit-plugin.h missing: apt-get install -y nbdkit nbdkit-plugin-dev libnbd-bin" >&2; exit 1; }
+    cargo build -p qcow2-capi --release
+    out=target/release/nbdkit-qcow2-plugin.so
+    cflags=(-std=c11 -Wall -Wextra -Wpedantic -Werror -fPIC -shared -O2 -g -I include)
+    case "{{link}}" in
+        shared) cc "${cflags[@]}" plugins/nbdkit/nbdkit-qcow2-plugin.c -o "$out" \
+                    -L target/release -Wl,-rpath,"$PWD/target/release" -lqcow2 ;;
+        static) cc "${cflags[@]}" plugins/nbdkit/nbdkit-qcow2-plugin.c -o "$out" \
+                    target/release/libqcow2.a -Wl,--exclude-libs,ALL -Wl,--gc-sections -lpthread -ldl -lm ;;
+        *) echo "just plugin [shared|static]" >&2; exit 1 ;;
+    esac
+    echo "built $out: nbdkit -U /tmp/qcow2.sock -f $out file=IMAGE [cache=...] [discard=...] [readonly=true]"

@@ -1,0 +1,500 @@
+/*
+ * nbdkit-qcow2-plugin: serves a qcow2 image over NBD with libqcow2.
+ *
+ *   nbdkit ./nbdkit-qcow2-plugin.so [file=]IMAGE [readonly=true]
+ *          [cache=writeback|writethrough|unsafe|none] [discard=unmap|ignore]
+ *          [backing=true|false]
+ *
+ * The image is opened once, in get_ready, and that one handle is shared by
+ * every connection (libqcow2 handles are thread-safe), so the thread model
+ * is PARALLEL and multi-conn is advertised: a flush on any connection makes
+ * the writes of every connection durable. The handle is closed (flushed) in
+ * cleanup, after the last connection is gone.
+ *
+ * Request flags map one to one onto libqcow2's:
+ *   NBDKIT_FLAG_FUA       -> QCOW2_REQ_FUA          (pwrite, zero; trim flushes)
+ *   NBDKIT_FLAG_MAY_TRIM  -> QCOW2_REQ_MAY_UNMAP    (zero)
+ *   NBDKIT_FLAG_FAST_ZERO -> QCOW2_REQ_NO_FALLBACK  (zero; -ENOTSUP -> ENOTSUP)
+ *
+ * Only include/qcow2.h is used from the engine.
+ */
+
+#define _POSIX_C_SOURCE 200809L
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NBDKIT_API_VERSION 2
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+#include <nbdkit-plugin.h>
+
+#include "qcow2.h"
+
+/* Configuration (set by config, read-only afterwards). */
+static char *filename;           /* absolute path, malloc'd */
+static bool readonly_image;      /* readonly=true: open the file read-only */
+static uint32_t cache_flag;      /* QCOW2_OPEN_CACHE_* or 0 (writeback) */
+static const char *cache_name = "writeback";
+static bool discard_unmap = true;
+static bool use_backing = true;
+
+/* The one image handle shared by all connections (set in get_ready). */
+static Qcow2Image *image;
+static uint64_t image_size;
+static uint64_t cluster_size;
+
+/* Every connection gets the address of this as its handle. */
+static int connection_handle;
+
+/* Reports a libqcow2 failure: message naming the image, errno for the client. */
+static void
+report (int ret, const char *what, uint64_t offset, uint64_t count)
+{
+  nbdkit_error ("qcow2: %s: %s at offset %" PRIu64 " length %" PRIu64 ": %s",
+                filename ? filename : "(no image)", what, offset, count,
+                qcow2_strerror (ret));
+  nbdkit_set_error (ret < 0 ? -ret : EIO);
+}
+
+static void
+qcow2_plugin_unload (void)
+{
+  if (image) {
+    /* cleanup was not called (e.g. nbdkit failed before serving). */
+    qcow2_close (image);
+    image = NULL;
+  }
+  free (filename);
+  filename = NULL;
+}
+
+static int
+qcow2_plugin_config (const char *key, const char *value)
+{
+  if (strcmp (key, "file") == 0) {
+    free (filename);
+    filename = nbdkit_realpath (value);
+    if (!filename)
+      return -1;
+  }
+  else if (strcmp (key, "readonly") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    readonly_image = r;
+  }
+  else if (strcmp (key, "cache") == 0) {
+    if (strcmp (value, "writeback") == 0)
+      cache_flag = 0;
+    else if (strcmp (value, "writethrough") == 0)
+      cache_flag = QCOW2_OPEN_CACHE_WRITETHROUGH;
+    else if (strcmp (value, "unsafe") == 0)
+      cache_flag = QCOW2_OPEN_CACHE_UNSAFE;
+    else if (strcmp (value, "none") == 0)
+      cache_flag = QCOW2_OPEN_CACHE_NONE;
+    else {
+      nbdkit_error ("qcow2: cache=%s: expected writeback, writethrough, "
+                    "unsafe or none", value);
+      return -1;
+    }
+    cache_name = cache_flag == 0 ? "writeback"
+      : cache_flag == QCOW2_OPEN_CACHE_WRITETHROUGH ? "writethrough"
+      : cache_flag == QCOW2_OPEN_CACHE_UNSAFE ? "unsafe" : "none";
+  }
+  else if (strcmp (key, "discard") == 0) {
+    if (strcmp (value, "unmap") == 0 || strcmp (value, "on") == 0)
+      discard_unmap = true;
+    else if (strcmp (value, "ignore") == 0 || strcmp (value, "off") == 0)
+      discard_unmap = false;
+    else {
+      nbdkit_error ("qcow2: discard=%s: expected unmap or ignore", value);
+      return -1;
+    }
+  }
+  else if (strcmp (key, "backing") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    use_backing = r;
+  }
+  else {
+    nbdkit_error ("qcow2: unknown parameter '%s'", key);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_config_complete (void)
+{
+  if (!filename) {
+    nbdkit_error ("qcow2: the file=IMAGE parameter is required");
+    return -1;
+  }
+  return 0;
+}
+
+#define qcow2_plugin_config_help \
+  "[file=]<IMAGE>      (required) the qcow2 image to serve\n" \
+  "readonly=true|false open the image read-only (default false)\n" \
+  "cache=writeback|writethrough|unsafe|none (default writeback)\n" \
+  "discard=unmap|ignore (default unmap)\n" \
+  "backing=true|false  open the backing chain (default true)"
+
+/* Opens the image once, before any connection. */
+static int
+qcow2_plugin_get_ready (void)
+{
+  uint32_t flags = cache_flag;
+  int ret;
+
+  if (!readonly_image)
+    flags |= QCOW2_OPEN_RDWR;
+  if (discard_unmap)
+    flags |= QCOW2_OPEN_UNMAP;
+  if (!use_backing)
+    flags |= QCOW2_OPEN_NO_BACKING;
+
+  ret = qcow2_open (filename, flags, &image);
+  if (ret < 0) {
+    nbdkit_error ("qcow2: %s: cannot open (%s%s, cache=%s): %s", filename,
+                  readonly_image ? "read-only" : "read-write",
+                  discard_unmap ? ", discard=unmap" : "", cache_name,
+                  qcow2_strerror (ret));
+    image = NULL;
+    return -1;
+  }
+  ret = qcow2_get_virtual_size (image, &image_size);
+  if (ret == 0)
+    ret = qcow2_get_cluster_size (image, &cluster_size);
+  if (ret < 0) {
+    nbdkit_error ("qcow2: %s: %s", filename, qcow2_strerror (ret));
+    qcow2_close (image);
+    image = NULL;
+    return -1;
+  }
+  if (image_size > INT64_MAX) {
+    nbdkit_error ("qcow2: %s: virtual size %" PRIu64 " too large",
+                  filename, image_size);
+    qcow2_close (image);
+    image = NULL;
+    return -1;
+  }
+  nbdkit_debug ("qcow2: opened %s: size %" PRIu64 ", cluster %" PRIu64
+                ", %s, cache=%s, discard=%s", filename, image_size,
+                cluster_size, readonly_image ? "read-only" : "read-write",
+                cache_name, discard_unmap ? "unmap" : "ignore");
+  return 0;
+}
+
+/* Flushes and closes the shared handle after the last connection. */
+static void
+qcow2_plugin_cleanup (void)
+{
+  if (image) {
+    int ret = qcow2_close (image);
+    image = NULL;
+    if (ret < 0)
+      nbdkit_error ("qcow2: %s: final flush on close failed: %s",
+                    filename, qcow2_strerror (ret));
+  }
+}
+
+static void *
+qcow2_plugin_open (int readonly)
+{
+  (void) readonly;
+  if (!image) {
+    nbdkit_error ("qcow2: %s: image is not open", filename);
+    return NULL;
+  }
+  return &connection_handle;
+}
+
+static void
+qcow2_plugin_close (void *handle)
+{
+  (void) handle;    /* the image is shared; it is closed in cleanup */
+}
+
+static int64_t
+qcow2_plugin_get_size (void *handle)
+{
+  (void) handle;
+  return (int64_t) image_size;
+}
+
+static int
+qcow2_plugin_block_size (void *handle, uint32_t *minimum,
+                         uint32_t *preferred, uint32_t *maximum)
+{
+  (void) handle;
+  *minimum = 1;
+  *preferred = cluster_size >= 512 && cluster_size <= 32 * 1024 * 1024
+    ? (uint32_t) cluster_size : 4096;
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int
+qcow2_plugin_can_write (void *handle)
+{
+  (void) handle;
+  return !readonly_image;
+}
+
+static int
+qcow2_plugin_can_flush (void *handle)
+{
+  (void) handle;
+  return 1;
+}
+
+static int
+qcow2_plugin_can_trim (void *handle)
+{
+  (void) handle;
+  return !readonly_image && discard_unmap;
+}
+
+static int
+qcow2_plugin_can_zero (void *handle)
+{
+  (void) handle;
+  return !readonly_image;
+}
+
+static int
+qcow2_plugin_can_fast_zero (void *handle)
+{
+  (void) handle;
+  return !readonly_image;
+}
+
+static int
+qcow2_plugin_can_fua (void *handle)
+{
+  (void) handle;
+  return NBDKIT_FUA_NATIVE;
+}
+
+static int
+qcow2_plugin_can_extents (void *handle)
+{
+  (void) handle;
+  return 1;
+}
+
+static int
+qcow2_plugin_can_multi_conn (void *handle)
+{
+  (void) handle;
+  return 1;   /* one handle shared by all connections */
+}
+
+static int
+qcow2_plugin_is_rotational (void *handle)
+{
+  (void) handle;
+  return 0;
+}
+
+static int
+qcow2_plugin_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+                    uint32_t flags)
+{
+  int ret;
+
+  (void) handle;
+  (void) flags;
+  ret = qcow2_read (image, offset, buf, count);
+  if (ret < 0) {
+    report (ret, "read", offset, count);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_pwrite (void *handle, const void *buf, uint32_t count,
+                     uint64_t offset, uint32_t flags)
+{
+  uint32_t qflags = (flags & NBDKIT_FLAG_FUA) ? QCOW2_REQ_FUA : 0;
+  int ret;
+
+  (void) handle;
+  ret = qcow2_write (image, offset, buf, count, qflags);
+  if (ret < 0) {
+    report (ret, "write", offset, count);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_flush (void *handle, uint32_t flags)
+{
+  int ret;
+
+  (void) handle;
+  (void) flags;
+  ret = qcow2_flush (image);
+  if (ret < 0) {
+    report (ret, "flush", 0, image_size);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_trim (void *handle, uint32_t count, uint64_t offset,
+                   uint32_t flags)
+{
+  int ret;
+
+  (void) handle;
+  ret = qcow2_discard (image, offset, count);
+  if (ret < 0) {
+    report (ret, "discard", offset, count);
+    return -1;
+  }
+  /* qcow2_discard has no FUA flag: a flush makes the discard durable. */
+  if (flags & NBDKIT_FLAG_FUA) {
+    ret = qcow2_flush (image);
+    if (ret < 0) {
+      report (ret, "flush after discard", offset, count);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+static int
+qcow2_plugin_zero (void *handle, uint32_t count, uint64_t offset,
+                   uint32_t flags)
+{
+  uint32_t qflags = 0;
+  int ret;
+
+  (void) handle;
+  if (flags & NBDKIT_FLAG_MAY_TRIM)
+    qflags |= QCOW2_REQ_MAY_UNMAP;
+  if (flags & NBDKIT_FLAG_FUA)
+    qflags |= QCOW2_REQ_FUA;
+  if (flags & NBDKIT_FLAG_FAST_ZERO)
+    qflags |= QCOW2_REQ_NO_FALLBACK;
+
+  ret = qcow2_write_zeroes (image, offset, count, qflags);
+  if (ret == -ENOTSUP && (flags & NBDKIT_FLAG_FAST_ZERO)) {
+    /* Not an error worth logging: the client asked for a fast zero and
+     * will fall back to writing zeroes itself. */
+    nbdkit_debug ("qcow2: %s: fast zero at %" PRIu64 "+%" PRIu32
+                  " not possible", filename, offset, count);
+    nbdkit_set_error (ENOTSUP);
+    return -1;
+  }
+  if (ret < 0) {
+    report (ret, "write zeroes", offset, count);
+    return -1;
+  }
+  return 0;
+}
+
+/* NBD extent type of a libqcow2 extent. */
+static uint32_t
+extent_type (const Qcow2Extent *e)
+{
+  if (e->flags & QCOW2_EXTENT_DATA)
+    return 0;                                       /* data */
+  if (!(e->flags & QCOW2_EXTENT_ZERO))
+    return 0;                                       /* unknown: data */
+  if (!(e->flags & QCOW2_EXTENT_ALLOCATED))
+    return NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO; /* unallocated hole */
+  return NBDKIT_EXTENT_ZERO;                        /* zero clusters */
+}
+
+#define EXTENTS_BATCH 64
+
+static int
+qcow2_plugin_extents (void *handle, uint32_t count, uint64_t offset,
+                      uint32_t flags, struct nbdkit_extents *extents)
+{
+  Qcow2Extent buf[EXTENTS_BATCH];
+  uint64_t pos = offset, end = offset + count;
+  bool req_one = (flags & NBDKIT_FLAG_REQ_ONE) != 0;
+
+  (void) handle;
+  while (pos < end) {
+    size_t n = 0, i;
+    int ret = qcow2_block_status (image, pos, end - pos, buf,
+                                  req_one ? 1 : EXTENTS_BATCH, &n);
+    if (ret < 0) {
+      report (ret, "block status", pos, end - pos);
+      return -1;
+    }
+    if (n == 0) {
+      nbdkit_error ("qcow2: %s: block status at offset %" PRIu64
+                    " returned no extent", filename, pos);
+      nbdkit_set_error (EIO);
+      return -1;
+    }
+    for (i = 0; i < n; i++) {
+      if (buf[i].start != pos || buf[i].length == 0 ||
+          buf[i].length > end - pos) {
+        nbdkit_error ("qcow2: %s: block status at offset %" PRIu64
+                      " returned extent %" PRIu64 "+%" PRIu64, filename, pos,
+                      buf[i].start, buf[i].length);
+        nbdkit_set_error (EIO);
+        return -1;
+      }
+      if (nbdkit_add_extent (extents, buf[i].start, buf[i].length,
+                             extent_type (&buf[i])) == -1)
+        return -1;
+      pos += buf[i].length;
+    }
+    if (req_one)
+      break;
+  }
+  return 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name              = "qcow2",
+  .longname          = "nbdkit qcow2 plugin (libqcow2)",
+  .version           = "1.0",
+  .description       = "Serves a qcow2 image through libqcow2",
+  .unload            = qcow2_plugin_unload,
+  .config            = qcow2_plugin_config,
+  .config_complete   = qcow2_plugin_config_complete,
+  .config_help       = qcow2_plugin_config_help,
+  .magic_config_key  = "file",
+  .get_ready         = qcow2_plugin_get_ready,
+  .cleanup           = qcow2_plugin_cleanup,
+  .open              = qcow2_plugin_open,
+  .close             = qcow2_plugin_close,
+  .get_size          = qcow2_plugin_get_size,
+  .block_size        = qcow2_plugin_block_size,
+  .can_write         = qcow2_plugin_can_write,
+  .can_flush         = qcow2_plugin_can_flush,
+  .can_trim          = qcow2_plugin_can_trim,
+  .can_zero          = qcow2_plugin_can_zero,
+  .can_fast_zero     = qcow2_plugin_can_fast_zero,
+  .can_fua           = qcow2_plugin_can_fua,
+  .can_extents       = qcow2_plugin_can_extents,
+  .can_multi_conn    = qcow2_plugin_can_multi_conn,
+  .is_rotational     = qcow2_plugin_is_rotational,
+  .pread             = qcow2_plugin_pread,
+  .pwrite            = qcow2_plugin_pwrite,
+  .flush             = qcow2_plugin_flush,
+  .trim              = qcow2_plugin_trim,
+  .zero              = qcow2_plugin_zero,
+  .extents           = qcow2_plugin_extents,
+  .errno_is_preserved = 0,
+};
+
+NBDKIT_REGISTER_PLUGIN (plugin)
