@@ -93,12 +93,14 @@ const WORKLOADS: &[Workload] = &[
         name: "refgrow",
         create: "cluster_size=512,refcount_bits=64",
         size: "8M",
-        fill: &["write -P 0x06 0 1990k"],
+        // The one-cluster refcount table covers 2 MiB of file: the fill
+        // ends just below, the workload grows the table and adds blocks.
+        fill: &["write -P 0x06 0 1900k"],
         cmds: &[
-            "write -P 0x41 2M 16k",
+            "write -P 0x41 2M 64k",
             "write -z -u 0 8k",
             "discard 16k 8k",
-            "write -P 0x42 3M 8k",
+            "write -P 0x42 3M 64k",
         ],
     },
 ];
