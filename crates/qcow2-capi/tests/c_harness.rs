@@ -219,4 +219,7 @@ c_tests! {
     threads_static => ("test_threads", Static),
     threads_asan => ("test_threads", Asan),
     threads_valgrind => ("test_threads", Valgrind),
+    misuse_fuzz_static => ("test_misuse_fuzz", Static),
+    misuse_fuzz_asan => ("test_misuse_fuzz", Asan),
+    misuse_fuzz_valgrind => ("test_misuse_fuzz", Valgrind),
 }
