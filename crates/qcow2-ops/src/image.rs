@@ -12,6 +12,7 @@ use qcow2_io::{FileStorage, OpenMode, Storage};
 use qcow2_refcount::{RefcountError, Refcounts};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Deferred refcount decrements are applied at the latest when this many wait.
@@ -21,6 +22,11 @@ const MAX_PENDING_FREES: usize = 1 << 16;
 /// serialised by one internal lock.
 pub struct Image {
     inner: Mutex<Inner>,
+    /// Mutating requests completed so far.
+    req_gen: AtomicU64,
+    /// `req_gen` as it was when the last successful flush started: every
+    /// request up to it is durable. Lets concurrent flushes share one sync.
+    flushed_gen: AtomicU64,
 }
 
 /// Everything behind the lock.
@@ -40,8 +46,11 @@ pub(crate) struct Inner {
     /// Refcount increments or new-cluster data not yet durable: L2/L1
     /// writes must wait for a sync.
     pub(crate) alloc_unsynced: bool,
-    /// Anything written since the last sync.
+    /// Anything written since the last sync that a flush must make durable.
     pub(crate) unsynced: bool,
+    /// Refcount decrements and hole punches written since the last sync:
+    /// synced at close or with the next sync, never forcing one of their own.
+    pub(crate) tail_unsynced: bool,
     /// Host clusters whose refcount drops once the L2 change is durable.
     pub(crate) pending_frees: Vec<u64>,
     /// Host clusters to punch once freed (discard requests).
@@ -64,6 +73,8 @@ impl Image {
         let inner = Inner::open(path.as_ref(), opts)?;
         Ok(Image {
             inner: Mutex::new(inner),
+            req_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         })
     }
 
@@ -78,6 +89,8 @@ impl Image {
         let inner = Inner::open_storage(storage, path.as_ref(), opts)?;
         Ok(Image {
             inner: Mutex::new(inner),
+            req_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         })
     }
 
@@ -115,7 +128,12 @@ impl Image {
         g.check_writable()?;
         g.check_range(offset, buf.len() as u64)?;
         let r = g.write(offset, buf);
-        g.finish_request(r, flags)
+        self.req_gen.fetch_add(1, Ordering::SeqCst);
+        if g.finish_request(r, flags)? {
+            drop(g);
+            self.flush()?;
+        }
+        Ok(())
     }
     /// Zeroes `len` bytes at `offset` with QEMU's semantics; flags [`REQ_MAY_UNMAP`],
     /// [`REQ_FUA`], [`REQ_NO_FALLBACK`].
@@ -125,7 +143,12 @@ impl Image {
         g.check_writable()?;
         g.check_range(offset, len)?;
         let r = g.write_zeroes(offset, len, flags);
-        g.finish_request(r, flags)
+        self.req_gen.fetch_add(1, Ordering::SeqCst);
+        if g.finish_request(r, flags)? {
+            drop(g);
+            self.flush()?;
+        }
+        Ok(())
     }
     /// Discards whole clusters in the range (partial clusters: no-op).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -133,17 +156,33 @@ impl Image {
         g.check_writable()?;
         g.check_range(offset, len)?;
         let r = g.discard(offset, len);
-        g.finish_request(r, 0)
+        self.req_gen.fetch_add(1, Ordering::SeqCst);
+        if g.finish_request(r, 0)? {
+            drop(g);
+            self.flush()?;
+        }
+        Ok(())
     }
     /// Writes back caches and syncs (per cache mode).
     pub fn flush(&self) -> Result<()> {
+        // Everything completed before this call must become durable.
+        let target = self.req_gen.load(Ordering::SeqCst);
         let mut g = self.lock();
         if g.read_only {
             return Ok(());
         }
+        if self.flushed_gen.load(Ordering::SeqCst) >= target && target > 0 {
+            // A flush that started after our requests completed has finished.
+            return Ok(());
+        }
+        let start = self.req_gen.load(Ordering::SeqCst);
         let r = g.flush_all(true);
-        if let Err(Error::Corrupt(_)) = &r {
-            g.mark_corrupt();
+        match &r {
+            Ok(()) => {
+                self.flushed_gen.fetch_max(start, Ordering::SeqCst);
+            }
+            Err(Error::Corrupt(_)) => g.mark_corrupt(),
+            Err(_) => {}
         }
         r
     }
@@ -164,7 +203,7 @@ impl Image {
         let mut g = self.lock();
         if repair != RepairMode::None {
             g.check_writable()?;
-            g.flush_all(true)?;
+            g.flush_close()?;
         }
         let r = crate::check::check(&mut g, repair)?;
         if repair == RepairMode::All
@@ -193,7 +232,7 @@ impl Image {
         if g.read_only {
             return Ok(());
         }
-        g.flush_all(true)
+        g.flush_close()
     }
 }
 
@@ -201,7 +240,7 @@ impl Drop for Image {
     fn drop(&mut self) {
         let g = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         if !g.read_only {
-            let _ = g.flush_all(true);
+            let _ = g.flush_close();
         }
     }
 }
@@ -319,6 +358,7 @@ impl Inner {
             read_only,
             alloc_unsynced: false,
             unsynced: false,
+            tail_unsynced: false,
             pending_frees: Vec::new(),
             punch_on_free: BTreeSet::new(),
             stats: Stats::default(),
@@ -420,18 +460,22 @@ impl Inner {
 
     /// After a request: flush per cache mode / FUA; on error, keep the
     /// image consistent (nothing half-written is made reachable).
-    fn finish_request(&mut self, r: Result<()>, flags: u32) -> Result<()> {
+    /// After a request: bound deferred work; returns whether the caller must
+    /// flush (writethrough or FUA), which it does after releasing the lock
+    /// so that concurrent flushes can share one sync.
+    fn finish_request(&mut self, r: Result<()>, flags: u32) -> Result<bool> {
         if let Err(Error::Corrupt(_)) = &r {
             // An inconsistency found while running: stop writing, as QEMU does.
             self.mark_corrupt();
         }
         r?;
         if self.opts.cache == CacheMode::Writethrough || flags & REQ_FUA != 0 {
-            self.flush_all(true)?;
-        } else if self.pending_frees.len() > MAX_PENDING_FREES {
+            return Ok(true);
+        }
+        if self.pending_frees.len() > MAX_PENDING_FREES {
             self.flush_all(false)?;
         }
-        Ok(())
+        Ok(false)
     }
 
     // ----- low-level file access with counters -----
@@ -439,6 +483,7 @@ impl Inner {
     pub(crate) fn sync(&mut self) -> Result<()> {
         if self.opts.cache == CacheMode::Unsafe {
             self.unsynced = false;
+            self.tail_unsynced = false;
             if !self.refs.is_dirty() {
                 self.alloc_unsynced = false;
             }
@@ -447,6 +492,7 @@ impl Inner {
         self.file.sync().map_err(ioerr("sync", &self.name))?;
         self.stats.file_syncs += 1;
         self.unsynced = false;
+        self.tail_unsynced = false;
         if !self.refs.is_dirty() {
             self.alloc_unsynced = false;
         }
@@ -782,7 +828,7 @@ impl Inner {
                         .punch_hole(run.0 * cs, run.1 * cs)
                         .map_err(ioerr("punch hole", &name))?;
                     self.stats.holes_punched += 1;
-                    self.unsynced = true;
+                    self.tail_unsynced = true;
                 }
             }
             self.punch_on_free.clear();
@@ -793,10 +839,22 @@ impl Inner {
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?
         {
-            self.unsynced = true;
+            // Only decrements can be waiting here (increments went out before
+            // the L2/L1 writes that needed them): durability is optional, a
+            // crash before the next sync merely leaks the clusters.
+            self.tail_unsynced = true;
             self.stats.cache_flushes += 1;
         }
         if sync_end && self.unsynced {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Flush for close: everything, deferred refcount decrements included, durable.
+    pub(crate) fn flush_close(&mut self) -> Result<()> {
+        self.flush_all(true)?;
+        if self.tail_unsynced {
             self.sync()?;
         }
         Ok(())
