@@ -19,6 +19,15 @@ pub enum Error {
     /// On-disk data failed validation.
     #[error("{0}")]
     Format(#[from] FormatError),
+    /// The header of a named image failed validation.
+    #[error("'{image}': {source}")]
+    BadHeader {
+        /// The image.
+        image: String,
+        /// What is wrong.
+        #[source]
+        source: FormatError,
+    },
     /// A caller argument is wrong (bad flags, range past the end, ...).
     #[error("invalid argument: {0}")]
     Invalid(String),
@@ -26,8 +35,8 @@ pub enum Error {
     #[error("operation not supported: {0}")]
     NotSupported(String),
     /// Write on an image opened read-only (or turned read-only after corruption).
-    #[error("image is read-only")]
-    ReadOnly,
+    #[error("'{0}' is read-only")]
+    ReadOnly(String),
     /// Metadata is inconsistent; the image was marked corrupt.
     #[error("image is corrupt: {0}")]
     Corrupt(String),
@@ -41,13 +50,15 @@ impl Error {
     pub fn errno(&self) -> i32 {
         -match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::Format(FormatError::UnknownIncompatible(_))
-            | Error::Format(FormatError::Unsupported(_))
-            | Error::Format(FormatError::UnsupportedVersion(_)) => libc::ENOTSUP,
-            Error::Format(_) => libc::EINVAL,
+            Error::Format(f) | Error::BadHeader { source: f, .. } => match f {
+                FormatError::UnknownIncompatible(_)
+                | FormatError::Unsupported(_)
+                | FormatError::UnsupportedVersion(_) => libc::ENOTSUP,
+                _ => libc::EINVAL,
+            },
             Error::Invalid(_) => libc::EINVAL,
             Error::NotSupported(_) => libc::ENOTSUP,
-            Error::ReadOnly => libc::EROFS,
+            Error::ReadOnly(_) => libc::EROFS,
             Error::Corrupt(_) => libc::EIO,
             Error::NoSpace(_) => libc::ENOSPC,
         }

@@ -279,7 +279,10 @@ impl Inner {
             qcow2_format::FormatError::Truncated(_) | qcow2_format::FormatError::BadMagic => {
                 Error::Invalid(format!("'{name}' is not a qcow2 image: {e}"))
             }
-            e => Error::Format(e),
+            e => Error::BadHeader {
+                image: name.clone(),
+                source: e,
+            },
         })?;
         if header.crypt_method != 0 {
             return Err(Error::NotSupported(format!(
@@ -443,7 +446,7 @@ impl Inner {
 
     pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly);
+            return Err(Error::ReadOnly(self.name.clone()));
         }
         Ok(())
     }
@@ -541,9 +544,14 @@ impl Inner {
         let cs = self.geo.cluster_size();
         let l1 = self.header.l1_table_offset;
         let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        if table < cs || (table < l1_end && l1 < table + cs) || self.refs.overlaps(table, cs) {
+        let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+        if table < cs
+            || (table < l1_end && l1 < table + cs)
+            || self.refs.overlaps(table, cs)
+            || table.saturating_add(cs) > file_len
+        {
             let msg = format!(
-                "{}: L2 table at {table:#x} overlaps other metadata",
+                "{}: L2 table at {table:#x} overlaps other metadata or lies past the end of the file",
                 self.name
             );
             self.mark_corrupt();

@@ -165,6 +165,18 @@ impl Inner {
         let host = e.host_offset();
         let reuse = !e.is_compressed() && host != 0 && e.copied();
         self.zcache = None;
+        if host != 0 {
+            // A data cluster past the end of the file is not ours to write.
+            let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+            if host.saturating_add(cs) > file_len.saturating_add(cs) {
+                let msg = format!(
+                    "{}: data cluster {host:#x} for guest offset {cg:#x} lies past the end of the file",
+                    self.name
+                );
+                self.mark_corrupt();
+                return Err(Error::Corrupt(msg));
+            }
+        }
         if ext && !e.is_compressed() {
             // Only the touched subclusters are written and marked allocated.
             let sub = self.geo.subcluster_size();

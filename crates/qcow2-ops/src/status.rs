@@ -137,20 +137,11 @@ impl Inner {
                     .len()
                     .map_err(ioerr("stat", &self.name))?
                     .div_ceil(cs);
-                let mut count = 0;
-                let mut c = 0;
-                while c < end && count < threshold {
-                    let name = self.name.clone();
-                    if self
-                        .refs
-                        .get(&*self.file, c)
-                        .map_err(|e| crate::image::refcount_err(&name, e))?
-                        != 0
-                    {
-                        count += 1;
-                    }
-                    c += 1;
-                }
+                let name = self.name.clone();
+                let count = self
+                    .refs
+                    .count_used(&*self.file, end, threshold)
+                    .map_err(|e| crate::image::refcount_err(&name, e))?;
                 count >= threshold
             }
         };

@@ -128,6 +128,26 @@ impl Refcounts {
         false
     }
 
+    /// Counts clusters below `end` with a nonzero refcount, stopping at
+    /// `limit`. Ranges without a refcount block are skipped whole.
+    pub fn count_used(&mut self, storage: &dyn Storage, end: u64, limit: u64) -> Result<u64> {
+        let epb = self.entries_per_block;
+        let mut count = 0;
+        let mut c = 0;
+        while c < end && count < limit {
+            let block = c / epb;
+            if self.table.get(block as usize).copied().unwrap_or(0) == 0 {
+                c = (block + 1) * epb;
+                continue;
+            }
+            if self.get(storage, c)? != 0 {
+                count += 1;
+            }
+            c += 1;
+        }
+        Ok(count)
+    }
+
     /// Cluster size.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
