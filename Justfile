@@ -72,6 +72,34 @@ install prefix=PREFIX:
     chmod 0644 "$prefix/lib/pkgconfig/qcow2.pc"
     echo "installed libqcow2 $version under $prefix (PKG_CONFIG_PATH=$prefix/lib/pkgconfig)"
 
+# --- benchmarks (benches/, scripts/dashboard.py) ------------------------------
+
+# Criterion benchmarks of the core paths (in-memory and file backend); churn per op in target/criterion/churn.json. `just bench skip` runs one area
+bench *args:
+    cargo bench -p qcow2-bench --bench bench -- {{args}}
+
+# ours vs qemu-io, whole process, writeback: target/dashboard/{results.json,index.html} (+ screenshot.png with chromium). `just dashboard --rounds 5`
+dashboard *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for tool in qemu-io qemu-img strace python3 /usr/bin/time; do
+        command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install qemu-utils strace time python3)" >&2; exit 1; }
+    done
+    cargo build --release -q -p qcow2-cli
+    python3 scripts/dashboard.py {{args}}
+    browser="$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)"
+    if [ -n "$browser" ]; then
+        profile="$(mktemp -d)"
+        timeout 60 "$browser" --headless --no-sandbox --disable-gpu --disable-background-networking \
+            --disable-component-update --disable-sync --no-first-run --user-data-dir="$profile" \
+            --screenshot="$PWD/target/dashboard/screenshot.png" --window-size=1280,2000 \
+            "file://$PWD/target/dashboard/index.html" >/dev/null 2>&1 || echo "note: screenshot failed" >&2
+        rm -rf "$profile"
+        [ -f target/dashboard/screenshot.png ] && echo "screenshot: target/dashboard/screenshot.png"
+    else
+        echo "note: chromium not found, no screenshot (apt-get install chromium)" >&2
+    fi
+
 # --- nbdkit plugin (plugins/nbdkit) --------------------------------------------
 
 # Build the nbdkit plugin on libqcow2 (release): `just plugin` links libqcow2.so (rpath), `just plugin static` embeds libqcow2.a
