@@ -10,6 +10,7 @@
 
 use qcow2_io::Storage;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 
 /// Counters of one cache.
@@ -48,6 +49,28 @@ struct Slot {
     last_use: u64,
 }
 
+/// Hasher for slice offsets: they are cluster-aligned and distinct, so one
+/// multiplication spreads them well enough (SipHash costs more than the rest
+/// of a cached lookup).
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type OffsetMap = HashMap<u64, usize, BuildHasherDefault<OffsetHasher>>;
+
 /// A slot handle, valid until the next call that may evict.
 pub type SlotId = usize;
 
@@ -56,7 +79,7 @@ pub struct TableCache {
     cfg: CacheConfig,
     gran_shift: u32,
     slots: Vec<Slot>,
-    index: HashMap<u64, SlotId>,
+    index: OffsetMap,
     clock: u64,
     /// Counters.
     pub stats: CacheStats,
@@ -71,7 +94,7 @@ impl TableCache {
             gran_shift: cfg.granularity.trailing_zeros(),
             cfg,
             slots: Vec::new(),
-            index: HashMap::new(),
+            index: OffsetMap::default(),
             clock: 0,
             stats: CacheStats::default(),
         }

@@ -185,59 +185,80 @@ impl Inner {
                 n -= cnt;
                 continue;
             }
-            let cs = 1u64 << cb;
-            let mut frees: Vec<L2Entry> = Vec::new();
-            let mut dirty: Vec<(usize, usize)> = Vec::new();
-            let mut skipped = 0u64;
-            let mut bad: Option<(L2Entry, u64)> = None;
-            {
-                // Hot loop: entries already in their target state cost one
-                // compare; changed ones are written in place and their byte
-                // ranges marked dirty afterwards, merged.
-                let d = self.l2.data_mut_unmarked(id);
-                for i in 0..cnt as usize {
-                    let p = pos + i * es;
-                    let old = L2Entry {
-                        raw: be64(d, p),
-                        bitmap: if ext { be64(d, p + 8) } else { 0 },
-                    };
-                    let (new, unmap) = zero_target(old, ext, may_unmap);
-                    if new == old {
-                        skipped += 1;
-                        continue;
-                    }
-                    if crate::image::l2_entry_problem(old, cs).is_some() {
-                        bad = Some((old, offset + ((i as u64) << cb)));
-                        break;
-                    }
-                    put_be64(d, p, new.raw);
-                    if ext {
-                        put_be64(d, p + 8, new.bitmap);
-                    }
-                    match dirty.last_mut() {
-                        Some((s0, l0)) if *s0 + *l0 == p => *l0 += es,
-                        _ => dirty.push((p, es)),
-                    }
-                    if unmap {
-                        frees.push(old);
-                    }
-                }
-            }
-            for (p, l) in dirty {
-                self.l2.mark_dirty(id, p, l);
-            }
-            self.stats.zero_entries_skipped += skipped;
-            if !frees.is_empty() {
-                self.zcache = None;
-            }
-            for old in frees {
-                self.free_entry_clusters(old, true);
-            }
-            if let Some((old, guest)) = bad {
-                return self.validate_l2(old, guest);
-            }
+            self.rewrite_slice(id, pos, cnt, offset, |old| {
+                let (new, unmap) = zero_target(old, ext, may_unmap);
+                (new, unmap)
+            })?;
             offset += cnt << cb;
             n -= cnt;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `cnt` consecutive L2 entries of one cached slice (from byte
+    /// `pos`, the first mapping guest `offset`) to `target(old)`, which also
+    /// says whether the old clusters are released. Entries already in their
+    /// target state are left alone (counted in `zero_entries_skipped`);
+    /// changed ones are written in place and their byte ranges marked dirty
+    /// afterwards, merged.
+    fn rewrite_slice(
+        &mut self,
+        id: qcow2_cache::SlotId,
+        pos: usize,
+        cnt: u64,
+        offset: u64,
+        target: impl Fn(L2Entry) -> (L2Entry, bool),
+    ) -> Result<()> {
+        let ext = self.geo.extended_l2;
+        let es = self.geo.l2_entry_size() as usize;
+        let cb = self.geo.cluster_bits;
+        let cs = 1u64 << cb;
+        let mut frees: Vec<L2Entry> = Vec::new();
+        let mut dirty: Vec<(usize, usize)> = Vec::new();
+        let mut skipped = 0u64;
+        let mut bad: Option<(L2Entry, u64)> = None;
+        {
+            let d = self.l2.data_mut_unmarked(id);
+            for i in 0..cnt as usize {
+                let p = pos + i * es;
+                let old = L2Entry {
+                    raw: be64(d, p),
+                    bitmap: if ext { be64(d, p + 8) } else { 0 },
+                };
+                let (new, release) = target(old);
+                if new == old {
+                    skipped += 1;
+                    continue;
+                }
+                if crate::image::l2_entry_problem(old, cs).is_some() {
+                    bad = Some((old, offset + ((i as u64) << cb)));
+                    break;
+                }
+                put_be64(d, p, new.raw);
+                if ext {
+                    put_be64(d, p + 8, new.bitmap);
+                }
+                match dirty.last_mut() {
+                    Some((s0, l0)) if *s0 + *l0 == p => *l0 += es,
+                    _ => dirty.push((p, es)),
+                }
+                if release {
+                    frees.push(old);
+                }
+            }
+        }
+        for (p, l) in dirty {
+            self.l2.mark_dirty(id, p, l);
+        }
+        self.stats.zero_entries_skipped += skipped;
+        if !frees.is_empty() {
+            self.zcache = None;
+        }
+        for old in frees {
+            self.free_entry_clusters(old, true);
+        }
+        if let Some((old, guest)) = bad {
+            return self.validate_l2(old, guest);
         }
         Ok(())
     }
@@ -289,33 +310,31 @@ impl Inner {
                 self.ensure_l2_table(guest)?;
                 continue;
             }
-            let old = self.l2_entry(guest)?;
-            let ty = old.cluster_type(ext);
-            let allocated = old.is_compressed() || old.host_offset() != 0;
-            let mut new = old;
-            if full {
-                new = L2Entry::default();
-            } else if has_backing || allocated {
-                if ext {
-                    new = L2Entry {
-                        raw: 0,
-                        bitmap: L2_BITMAP_ALL_ZERO,
-                    };
-                } else if v3 {
-                    new = L2Entry::standard(FLAG_ZERO);
+            let (id, pos) = self.l2_slot(table, guest)?;
+            let es = self.geo.l2_entry_size() as usize;
+            let in_slice = ((self.l2.slice_size() - pos) / es) as u64;
+            let cnt = in_slice.min((end - guest).div_ceil(cs));
+            self.rewrite_slice(id, pos, cnt, guest, |old| {
+                let allocated = old.is_compressed() || old.host_offset() != 0;
+                let new = if full {
+                    L2Entry::default()
+                } else if has_backing || allocated {
+                    if ext {
+                        L2Entry {
+                            raw: 0,
+                            bitmap: L2_BITMAP_ALL_ZERO,
+                        }
+                    } else if v3 {
+                        L2Entry::standard(FLAG_ZERO)
+                    } else {
+                        L2Entry::default()
+                    }
                 } else {
-                    new = L2Entry::default();
-                }
-            }
-            let _ = ty;
-            if new == old {
-                self.stats.zero_entries_skipped += 1;
-            } else {
-                self.set_l2_entry(table, guest, new)?;
-                self.free_entry_clusters(old, true);
-                self.zcache = None;
-            }
-            guest = (guest / cs + 1) << cb;
+                    old
+                };
+                (new, true)
+            })?;
+            guest += cnt << cb;
         }
         Ok(())
     }
@@ -328,10 +347,25 @@ impl Inner {
 fn already_zero(entries: &[u8], may_unmap: bool) -> bool {
     use qcow2_format::entry::{FLAG_COMPRESSED, OFFSET_MASK};
     let keep_mask = if may_unmap { OFFSET_MASK } else { 0 };
-    entries.chunks_exact(8).all(|c| {
-        let raw = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        raw & (FLAG_ZERO | FLAG_COMPRESSED | keep_mask) == FLAG_ZERO
-    })
+    // Compare in on-disk (big-endian) byte order: mask and expected value are
+    // swapped once, entries never. Blocks of 8 entries fold without branches.
+    let mask = (FLAG_ZERO | FLAG_COMPRESSED | keep_mask).to_be();
+    let want = FLAG_ZERO.to_be();
+    let word = |c: &[u8]| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+    let mut blocks = entries.chunks_exact(64);
+    for b in &mut blocks {
+        let mut acc = 0u64;
+        for c in b.chunks_exact(8) {
+            acc |= (word(c) & mask) ^ want;
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks
+        .remainder()
+        .chunks_exact(8)
+        .all(|c| (word(c) & mask) == want)
 }
 
 /// Target entry of a whole-cluster zeroing, and whether the old clusters are released.
@@ -353,6 +387,25 @@ fn zero_target(old: L2Entry, ext: bool, may_unmap: bool) -> (L2Entry, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn already_zero_scan() {
+        let mk = |v: &[u64]| v.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
+        for n in [1usize, 7, 8, 9, 20] {
+            let mut v = vec![1u64; n];
+            assert!(already_zero(&mk(&v), false), "{n}");
+            assert!(already_zero(&mk(&v), true), "{n}");
+            v[n - 1] = 0x8000_0000_0005_0001; // zero-alloc
+            assert!(already_zero(&mk(&v), false), "{n}");
+            assert!(!already_zero(&mk(&v), true), "{n}");
+            v[n - 1] = 0x8000_0000_0005_0000; // data
+            assert!(!already_zero(&mk(&v), false), "{n}");
+            v[n - 1] = 0x4000_0000_0000_0001; // compressed with bit 0 set
+            assert!(!already_zero(&mk(&v), false), "{n}");
+            v[n - 1] = 0; // unallocated
+            assert!(!already_zero(&mk(&v), false), "{n}");
+        }
+    }
 
     #[test]
     fn target_table() {

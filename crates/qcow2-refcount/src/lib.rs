@@ -372,9 +372,32 @@ impl Refcounts {
         }
         let cs = self.cluster_size();
         let boff = r * cs;
-        self.zero_block_in_cache(storage, boff)?;
         self.table[block as usize] = boff;
         self.blocks.insert(boff);
+        match self.publish_block(storage, block, boff, r) {
+            Ok(synced) => synced,
+            Err(e) => {
+                // The table entry did not reach the file: forget the block, so
+                // nothing is allocated from it that the disk cannot describe.
+                self.table[block as usize] = 0;
+                self.blocks.remove(&boff);
+                self.cache.discard_range(boff, cs);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a new self-describing block and then the table entry for it.
+    /// Outer error: nothing was made reachable; inner error: the entry was
+    /// written but the final sync failed.
+    fn publish_block(
+        &mut self,
+        storage: &dyn Storage,
+        block: u64,
+        boff: u64,
+        r: u64,
+    ) -> Result<Result<()>> {
+        self.zero_block_in_cache(storage, boff)?;
         let (id, i) = self
             .locate(storage, r)?
             .ok_or_else(|| RefcountError::Corrupt("new block not found".into()))?;
@@ -385,8 +408,46 @@ impl Refcounts {
         let mut e = [0u8; 8];
         put_be64(&mut e, 0, boff);
         storage.write_at(&e, self.table_offset + block * 8)?;
+        // Once written, the entry stands even if this sync fails.
+        Ok(storage.sync().map_err(RefcountError::from))
+    }
+
+    /// Fills the new blocks, writes the new table, then switches the header.
+    fn publish_table(
+        &mut self,
+        storage: &dyn Storage,
+        new_offs: &[u64],
+        s: u64,
+        new_clusters: u64,
+        cs: u64,
+    ) -> Result<Result<()>> {
+        for &off in new_offs {
+            self.zero_block_in_cache(storage, off)?;
+        }
+        for c in s..s + new_clusters + new_offs.len() as u64 {
+            match self.locate(storage, c)? {
+                Some((id, i)) => self.set_covered(id, i, 1),
+                None => {
+                    return Err(RefcountError::Corrupt(
+                        "new refcount table not covered".into(),
+                    ))
+                }
+            }
+        }
+        self.cache.flush(storage)?;
+        let mut raw = vec![0u8; (new_clusters * cs) as usize];
+        for (i, &e) in self.table.iter().enumerate() {
+            put_be64(&mut raw, i * 8, e);
+        }
+        storage.write_at(&raw, s * cs)?;
         storage.sync()?;
-        Ok(())
+        // Switch the header over in one write.
+        let mut h = [0u8; 12];
+        put_be64(&mut h, 0, s * cs);
+        put_be32(&mut h, 8, new_clusters as u32);
+        storage.write_at(&h, 48)?;
+        // Once written, the new table stands even if this sync fails.
+        Ok(storage.sync().map_err(RefcountError::from))
     }
 
     fn zero_block_in_cache(&mut self, storage: &dyn Storage, boff: u64) -> Result<()> {
@@ -451,38 +512,22 @@ impl Refcounts {
         }
         let old_table = std::mem::replace(&mut self.table, table);
         let old_loc = (self.table_offset, self.table_clusters);
-        // New blocks start zeroed in the cache.
-        for &b in &blocks {
-            let off = self.table[b as usize];
-            self.zero_block_in_cache(storage, off)?;
-        }
-        let used = s..s + new_clusters + blocks.len() as u64;
-        for c in used.clone() {
-            match self.locate(storage, c)? {
-                Some((id, i)) => self.set_covered(id, i, 1),
-                None => {
-                    self.table = old_table;
-                    return Err(RefcountError::Corrupt(
-                        "new refcount table not covered".into(),
-                    ));
+        let new_offs: Vec<u64> = blocks.iter().map(|&b| self.table[b as usize]).collect();
+        let synced = match self.publish_table(storage, &new_offs, s, new_clusters, cs) {
+            Ok(synced) => synced,
+            Err(e) => {
+                // The header still names the old table: forget the new structures.
+                self.table = old_table;
+                for &o in &new_offs {
+                    self.blocks.remove(&o);
+                    self.cache.discard_range(o, cs);
                 }
+                return Err(e);
             }
-        }
-        self.cache.flush(storage)?;
-        let mut raw = vec![0u8; (new_clusters * cs) as usize];
-        for (i, &e) in self.table.iter().enumerate() {
-            put_be64(&mut raw, i * 8, e);
-        }
-        storage.write_at(&raw, s * cs)?;
-        storage.sync()?;
-        // Switch the header over in one write.
-        let mut h = [0u8; 12];
-        put_be64(&mut h, 0, s * cs);
-        put_be32(&mut h, 8, new_clusters as u32);
-        storage.write_at(&h, 48)?;
-        storage.sync()?;
+        };
         self.table_offset = s * cs;
         self.table_clusters = new_clusters as u32;
+        synced?;
         // Release the old table.
         let first_old = old_loc.0 / cs;
         for c in first_old..first_old + old_loc.1 as u64 {
