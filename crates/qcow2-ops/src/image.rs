@@ -666,7 +666,13 @@ impl Inner {
     }
 
     pub(crate) fn validate_l2(&mut self, e: L2Entry, guest: u64) -> Result<()> {
-        if let Some(why) = l2_entry_problem(e, self.geo.cluster_size()) {
+        let v2_zero = self.header.version < 3 && !e.is_compressed() && e.zero_flag();
+        let problem = if v2_zero {
+            Some("zero cluster entry in a pre-v3 image")
+        } else {
+            l2_entry_problem(e, self.geo.cluster_size())
+        };
+        if let Some(why) = problem {
             let msg = format!(
                 "{}: L2 entry for guest offset {guest:#x} ({:#x}): {why}",
                 self.name, e.raw
