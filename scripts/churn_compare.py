@@ -37,14 +37,9 @@ def scenarios():
 STRACE_RE = re.compile(r'^\d+\s+(\w+)\((\d+)<([^>]*)>(.*)$')
 
 
-def measure(cmd, image):
-    """Runs cmd under strace; returns counters for the image file."""
-    with tempfile.NamedTemporaryFile("r", suffix=".strace", delete=False) as t:
-        trace = t.name
-    subprocess.run(
-        ["strace", "-f", "-y", "-qq", "-o", trace, "-e",
-         "trace=pwrite64,pwritev,pwritev2,fdatasync,fsync,fallocate"] + cmd,
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def count_image_io(trace, image):
+    """Counts pwrite calls/bytes, syncs and fallocates on `image` in an
+    `strace -f -y` log (shared with scripts/dashboard.py)."""
     real = os.path.realpath(image)
     res = {"writes": 0, "bytes": 0, "syncs": 0, "fallocates": 0}
     with open(trace) as f:
@@ -61,6 +56,18 @@ def measure(cmd, image):
                 res["syncs"] += 1
             elif call == "fallocate":
                 res["fallocates"] += 1
+    return res
+
+
+def measure(cmd, image):
+    """Runs cmd under strace; returns counters for the image file."""
+    with tempfile.NamedTemporaryFile("r", suffix=".strace", delete=False) as t:
+        trace = t.name
+    subprocess.run(
+        ["strace", "-f", "-y", "-qq", "-o", trace, "-e",
+         "trace=pwrite64,pwritev,pwritev2,fdatasync,fsync,fallocate"] + cmd,
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = count_image_io(trace, image)
     os.unlink(trace)
     return res
 

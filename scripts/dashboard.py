@@ -37,6 +37,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from churn_compare import count_image_io  # noqa: E402  (shared strace counting)
+
 GIB = 1 << 30
 MIB = 1 << 20
 L2_SPAN = 512 * MIB  # guest bytes per L2 table at 64 KiB clusters
@@ -101,7 +104,6 @@ def bases(size_gib):
 
 # ----------------------------------------------------------------- running
 
-STRACE_RE = re.compile(r'^\d+\s+(\w+)\((\d+)<([^>]*)>(.*)$')
 
 
 def cflags(cmds):
@@ -153,22 +155,9 @@ def traced_run(tool, binary, cmds, image, tmp):
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{tool} under strace failed: {p.stderr[-2000:]}")
-    real = os.path.realpath(image)
-    res = {"writes": 0, "bytes_written": 0, "syncs": 0, "fallocates": 0}
-    with open(trace) as f:
-        for line in f:
-            m = STRACE_RE.match(line)
-            if not m or m.group(3) != real:
-                continue
-            call, rest = m.group(1), m.group(4)
-            if call.startswith("pwrite"):
-                r = re.search(r"= (\d+)$", rest.strip())
-                res["writes"] += 1
-                res["bytes_written"] += int(r.group(1)) if r else 0
-            elif call in ("fdatasync", "fsync"):
-                res["syncs"] += 1
-            elif call == "fallocate":
-                res["fallocates"] += 1
+    counted = count_image_io(trace, image)
+    res = {"writes": counted["writes"], "bytes_written": counted["bytes"],
+           "syncs": counted["syncs"], "fallocates": counted["fallocates"]}
     os.unlink(trace)
     if tool == "qemu":
         l2 = rb = 0

@@ -335,6 +335,22 @@ unsafe fn check_mut<'a, T>(p: *mut T) -> Result<&'a mut T, c_int> {
     unsafe { p.as_mut() }.ok_or(-libc::EINVAL)
 }
 
+/// The shared body of the getters: checks both pointers, then writes
+/// `f(image)` to `out`.
+///
+/// # Safety
+/// `img` must be NULL or an open handle; `out` must be NULL or writable.
+unsafe fn get_into<T>(img: *const Qcow2Image, out: *mut T, f: impl FnOnce(&Image) -> T) -> c_int {
+    ffi_boundary(|| {
+        // SAFETY: `img` is NULL or an open handle (contract above).
+        let img = &unsafe { check_ref(img) }?.inner;
+        // SAFETY: `out` is NULL or writable (contract above).
+        let out = unsafe { check_mut(out) }?;
+        *out = f(img);
+        Ok(())
+    })
+}
+
 /// The NULL check for `(const void *buf, size_t len)` arguments. NULL is
 /// refused even when `len` is 0.
 ///
@@ -771,14 +787,8 @@ pub unsafe extern "C" fn qcow2_block_status(
 /// `img` must be NULL or an open handle; `out` must be NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn qcow2_get_virtual_size(img: *const Qcow2Image, out: *mut u64) -> c_int {
-    ffi_boundary(|| {
-        // SAFETY: `img` is NULL or an open handle (contract above).
-        let img = &unsafe { check_ref(img) }?.inner;
-        // SAFETY: `out` is NULL or writable (contract above).
-        let out = unsafe { check_mut(out) }?;
-        *out = img.virtual_size();
-        Ok(())
-    })
+    // SAFETY: forwarded contract: `img` NULL or open, `out` NULL or writable.
+    unsafe { get_into(img, out, |img| img.virtual_size()) }
 }
 
 /// The cluster size of the image.
@@ -793,14 +803,8 @@ pub unsafe extern "C" fn qcow2_get_virtual_size(img: *const Qcow2Image, out: *mu
 /// `img` must be NULL or an open handle; `out` must be NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn qcow2_get_cluster_size(img: *const Qcow2Image, out: *mut u64) -> c_int {
-    ffi_boundary(|| {
-        // SAFETY: `img` is NULL or an open handle (contract above).
-        let img = &unsafe { check_ref(img) }?.inner;
-        // SAFETY: `out` is NULL or writable (contract above).
-        let out = unsafe { check_mut(out) }?;
-        *out = img.cluster_size();
-        Ok(())
-    })
+    // SAFETY: forwarded contract: `img` NULL or open, `out` NULL or writable.
+    unsafe { get_into(img, out, |img| img.cluster_size()) }
 }
 
 /// The counters since open or the last qcow2_reset_stats.
@@ -815,14 +819,8 @@ pub unsafe extern "C" fn qcow2_get_cluster_size(img: *const Qcow2Image, out: *mu
 /// `img` must be NULL or an open handle; `out` must be NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn qcow2_get_stats(img: *const Qcow2Image, out: *mut Qcow2Stats) -> c_int {
-    ffi_boundary(|| {
-        // SAFETY: `img` is NULL or an open handle (contract above).
-        let img = &unsafe { check_ref(img) }?.inner;
-        // SAFETY: `out` is NULL or writable (contract above).
-        let out = unsafe { check_mut(out) }?;
-        *out = Qcow2Stats::from(img.stats());
-        Ok(())
-    })
+    // SAFETY: forwarded contract: `img` NULL or open, `out` NULL or writable.
+    unsafe { get_into(img, out, |img| Qcow2Stats::from(img.stats())) }
 }
 
 /// Resets every counter to 0.
