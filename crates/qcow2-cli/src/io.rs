@@ -255,16 +255,9 @@ fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         println!("{READ_USAGE}");
         return false;
     }
-    let Some(offset) = cvtnum(&pos[0]) else {
+    let Some((offset, count)) = offset_and_length(&pos, Some("")) else {
         return false;
     };
-    let Some(count) = cvtnum(&pos[1]) else {
-        return false;
-    };
-    if count > MAX_REQ {
-        println!("length cannot exceed {MAX_REQ}, given {}", pos[1]);
-        return false;
-    }
     let p_off = p_off.unwrap_or(0);
     let p_len = p_len.unwrap_or(count.saturating_sub(p_off));
     if pattern.is_some() && (p_off > count || p_len > count - p_off) {
@@ -352,19 +345,11 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         println!("-n requires -z to be specified");
         return false;
     }
-    let Some(offset) = cvtnum(&pos[0]) else {
+    // qemu-io lifts the length limit for -n requests.
+    let limit = (flags & REQ_NO_FALLBACK == 0).then_some(" without -n");
+    let Some((offset, count)) = offset_and_length(&pos, limit) else {
         return false;
     };
-    let Some(count) = cvtnum(&pos[1]) else {
-        return false;
-    };
-    if count > MAX_REQ && flags & REQ_NO_FALLBACK == 0 {
-        println!(
-            "length cannot exceed {MAX_REQ} without -n, given {}",
-            pos[1]
-        );
-        return false;
-    }
     if vmstate || source || (compressed && !zero) {
         // Not provided by the engine's API.
         println!("write failed: {}", strerror(95));
@@ -404,16 +389,9 @@ fn cmd_discard(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         println!("{DISCARD_USAGE}");
         return false;
     }
-    let Some(offset) = cvtnum(&pos[0]) else {
+    let Some((offset, count)) = offset_and_length(&pos, Some("")) else {
         return false;
     };
-    let Some(count) = cvtnum(&pos[1]) else {
-        return false;
-    };
-    if count > MAX_REQ {
-        println!("length cannot exceed {MAX_REQ}, given {}", pos[1]);
-        return false;
-    }
     if !in_bounds(ctx, offset, count) {
         eio("discard");
         return false;
@@ -573,4 +551,19 @@ pub fn run(a: IoArgs) -> Result<u8, Fail> {
         ok = false;
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// Parses the OFF LEN operands with qemu-io's messages. `limit` is `None`
+/// when the request length is unlimited, else the note inserted in the
+/// length-limit message ("" or " without -n").
+fn offset_and_length(pos: &[String], limit: Option<&str>) -> Option<(u64, u64)> {
+    let offset = cvtnum(&pos[0])?;
+    let count = cvtnum(&pos[1])?;
+    if let Some(note) = limit {
+        if count > MAX_REQ {
+            println!("length cannot exceed {MAX_REQ}{note}, given {}", pos[1]);
+            return None;
+        }
+    }
+    Some((offset, count))
 }
