@@ -423,3 +423,107 @@ fn random_sequences_match_qemu() {
         failures.join("\n\n")
     );
 }
+
+/// Images with an internal snapshot: writes, zeroes and discards copy the
+/// shared L2 tables and clusters; the snapshot's content stays intact.
+#[test]
+fn internal_snapshots_match_qemu() {
+    for (opts, prep) in [
+        (
+            "compat=1.1,cluster_size=64k",
+            &[
+                "write -P 0x11 0 1M",
+                "write -c -P 0x22 1M 128k",
+                "write -z 2M 64k",
+            ][..],
+        ),
+        (
+            "compat=1.1,cluster_size=4k,extended_l2=off",
+            &["write -P 0x11 0 300k", "write -z 400k 8k"][..],
+        ),
+        (
+            "compat=1.1,cluster_size=64k,extended_l2=on",
+            &["write -P 0x11 0 256k", "write -P 0x12 300k 4k"][..],
+        ),
+        ("compat=0.10,cluster_size=64k", &["write -P 0x11 0 1M"][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let (c, _, e) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            base.to_str().unwrap(),
+            "8M",
+        ]);
+        assert_eq!(c, 0, "{e}");
+        let mut io = Command::new("qemu-io");
+        for p in prep {
+            io.arg("-c").arg(p);
+        }
+        let (c, _, e) = run(io.arg(&base));
+        assert_eq!(c, 0, "{e}");
+        let (c, _, e) = qemu_img(&["snapshot", "-c", "s1", base.to_str().unwrap()]);
+        assert_eq!(c, 0, "{e}");
+        let snap_raw = dir.path().join("snap.raw");
+        let (c, _, e) = qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            base.to_str().unwrap(),
+            snap_raw.to_str().unwrap(),
+        ]);
+        assert_eq!(c, 0, "{e}");
+        let script = s(&[
+            "write -P 0x33 4k 8k",
+            "write -P 0x34 70k 1k",
+            "write -z 128k 128k",
+            "write -z -u 256k 64k",
+            "discard 512k 128k",
+            "write -P 0x35 1M 4k",
+            "write -P 0x36 6M 64k",
+            "read -P 0x33 4k 8k",
+        ]);
+        let args = script_args(&script);
+        let ours = dir.path().join("ours.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        std::fs::copy(&base, &ours).unwrap();
+        std::fs::copy(&base, &theirs).unwrap();
+        let (qc, qout, qerr) = run(Command::new("qemu-io")
+            .args(["-t", "writeback", "-d", "unmap"])
+            .args(&args)
+            .arg(&theirs));
+        let (oc, oout, oerr) = run(Command::new(QCOW2)
+            .args(["io", "-t", "writeback", "-d", "unmap"])
+            .args(&args)
+            .arg(&ours));
+        assert_eq!(
+            (qc, outcome_lines(&(qout + &qerr))),
+            (oc, outcome_lines(&(oout + &oerr))),
+            "{opts}"
+        );
+        let (c, out, err) =
+            qemu_img(&["compare", theirs.to_str().unwrap(), ours.to_str().unwrap()]);
+        assert_eq!(c, 0, "{opts}: {out}{err}");
+        let (c, out, err) = qemu_img(&["check", ours.to_str().unwrap()]);
+        assert_eq!(c, 0, "{opts}: {out}{err}");
+        // The snapshot still holds what it held.
+        let (c, _, e) = qemu_img(&["snapshot", "-a", "s1", ours.to_str().unwrap()]);
+        assert_eq!(c, 0, "{e}");
+        let (c, out, err) = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            ours.to_str().unwrap(),
+            snap_raw.to_str().unwrap(),
+        ]);
+        assert_eq!(c, 0, "{opts}: snapshot content changed: {out}{err}");
+        let (c, out, err) = qemu_img(&["check", ours.to_str().unwrap()]);
+        assert_eq!(c, 0, "{opts}: after applying the snapshot: {out}{err}");
+    }
+}

@@ -301,12 +301,6 @@ impl Inner {
                 "'{name}' is marked corrupt; repair it with 'qcow2 check -r all' or open it read-only"
             )));
         }
-        if header.nb_snapshots > 0 && opts.writable {
-            // Writes would need COW of shared tables; refuse rather than risk it.
-            return Err(Error::NotSupported(format!(
-                "'{name}': writing to images with internal snapshots is not supported"
-            )));
-        }
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_at(&mut raw, header.l1_table_offset)
             .map_err(ioerr("read L1 table", &name))?;
@@ -689,9 +683,7 @@ impl Inner {
         let cur = self.l2_table(l1_idx)?;
         if cur != 0 {
             if !L1Entry(self.l1[l1_idx]).copied() {
-                return Err(Error::NotSupported(
-                    "shared L2 tables (internal snapshots) are not supported".into(),
-                ));
+                return self.cow_l2_table(l1_idx, cur);
             }
             return Ok(cur);
         }
@@ -721,6 +713,56 @@ impl Inner {
         self.l1[l1_idx] = L1Entry::new(off).0;
         self.l1_dirty.insert(l1_idx);
         Ok(off)
+    }
+
+    /// Copies an L2 table shared with an internal snapshot (L1 entry without
+    /// COPIED) so the active image can change it: the copy references the
+    /// same clusters, the L1 entry moves to it once it is durable, and the
+    /// old table loses one reference after that.
+    fn cow_l2_table(&mut self, l1_idx: usize, old: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let es = self.geo.l2_entry_size() as usize;
+        let name = self.name.clone();
+        // A shared table is never written by us, so the file holds its content.
+        if self
+            .refs
+            .get(&*self.file, old >> cb)
+            .map_err(|err| refcount_err(&name, err))?
+            == 1
+        {
+            // Not actually shared: only the COPIED flag was missing.
+            self.l1[l1_idx] = L1Entry::new(old).0;
+            self.l1_dirty.insert(l1_idx);
+            return Ok(old);
+        }
+        let mut t = vec![0u8; cs as usize];
+        self.file
+            .read_at(&mut t, old)
+            .map_err(ioerr("read L2 table", &name))?;
+        let c = self.alloc_clusters(1)?;
+        let new = c * cs;
+        // Data clusters are counted once per L1 table that reaches them (as
+        // QEMU's snapshots count them), so the copy changes no data refcount.
+        for p in (0..t.len()).step_by(es) {
+            let e = L2Entry::standard(be64(&t, p));
+            if l2_entry_problem(e, cs).is_some() {
+                let guest = (l1_idx as u64 * self.geo.l2_entries() + (p / es) as u64) << cb;
+                self.validate_l2(e, guest)?;
+            }
+        }
+        self.overlap_check(new, cs, "L2 table copy")?;
+        self.file
+            .write_at(&t, new)
+            .map_err(ioerr("write L2 table", &name))?;
+        self.unsynced = true;
+        self.l2.discard_range(new, cs);
+        self.l2_tables.insert(new);
+        self.l1[l1_idx] = L1Entry::new(new).0;
+        self.l1_dirty.insert(l1_idx);
+        // The old table keeps its snapshot reference only.
+        self.pending_frees.push(old >> cb);
+        Ok(new)
     }
 
     /// Stores an L2 entry (marks the slice dirty).

@@ -186,23 +186,30 @@ impl Inner {
             let mut region = vec![0u8; (end - start) as usize];
             let all_normal =
                 (s0..s1).all(|s| e.subcluster_type(true, s as u32) == SubclusterType::Normal);
-            if (start != in_c || end != in_c + n) && !all_normal {
+            let partial = start != in_c || end != in_c + n;
+            if partial && (!all_normal || !reuse) {
                 self.read(cg + start, &mut region)?;
-            } else if start != in_c || end != in_c + n {
+            } else if partial {
                 // All touched subclusters hold data already: write in place.
                 return self.write_data(host + in_c, data);
             }
             region[(in_c - start) as usize..(in_c - start + n) as usize].copy_from_slice(data);
             let (new_host, fresh) = if reuse {
                 (host, false)
-            } else if host == 0 {
-                (self.alloc_clusters(1)? * cs, true)
             } else {
-                return Err(Error::NotSupported(
-                    "writing to shared clusters (internal snapshots) is not supported".into(),
-                ));
+                (self.alloc_clusters(1)? * cs, true)
             };
-            self.write_data(new_host + start, &region)?;
+            if host != 0 && !reuse {
+                // A cluster shared with a snapshot: the copy gets the whole
+                // cluster as it reads now, then the touched subclusters.
+                let mut full = vec![0u8; cs as usize];
+                self.read(cg, &mut full)?;
+                full[start as usize..end as usize].copy_from_slice(&region);
+                self.write_data(new_host, &full)?;
+                self.free_entry_clusters(e, false);
+            } else {
+                self.write_data(new_host + start, &region)?;
+            }
             let mut bitmap = e.bitmap;
             for s in s0..s1 {
                 bitmap |= 1 << s;

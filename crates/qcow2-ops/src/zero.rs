@@ -310,6 +310,8 @@ impl Inner {
                 self.ensure_l2_table(guest)?;
                 continue;
             }
+            // A table shared with a snapshot is copied before it changes.
+            let table = self.ensure_l2_table(guest)?;
             let (id, pos) = self.l2_slot(table, guest)?;
             let es = self.geo.l2_entry_size() as usize;
             let in_slice = ((self.l2.slice_size() - pos) / es) as u64;
