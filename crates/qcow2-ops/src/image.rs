@@ -33,7 +33,7 @@ pub struct Image {
 pub(crate) struct Inner {
     pub(crate) name: String,
     pub(crate) path: PathBuf,
-    pub(crate) file: Box<dyn Storage>,
+    pub(crate) file: std::sync::Arc<dyn Storage>,
     pub(crate) header: Header,
     pub(crate) geo: Geometry,
     pub(crate) l1: Vec<u64>,
@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub(crate) alloc_unsynced: bool,
     /// Anything written since the last sync that a flush must make durable.
     pub(crate) unsynced: bool,
+    /// Times the lock was taken (see [`Image::flush`]).
+    pub(crate) lock_gen: u64,
     /// Refcount decrements and hole punches written since the last sync:
     /// synced at close or with the next sync, never forcing one of their own.
     pub(crate) tail_unsynced: bool,
@@ -100,7 +102,11 @@ impl Image {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Anything done under the lock may write or dirty state: a sync run
+        // outside the lock only settles the flags if nothing happened since.
+        g.lock_gen += 1;
+        g
     }
 
     /// Virtual size in bytes.
@@ -176,15 +182,40 @@ impl Image {
             return Ok(());
         }
         let start = self.req_gen.load(Ordering::SeqCst);
-        let r = g.flush_all(true);
-        match &r {
-            Ok(()) => {
-                self.flushed_gen.fetch_max(start, Ordering::SeqCst);
+        // Write everything back in crash-safe order (ordering syncs included)
+        // under the lock; the final, durability sync runs without it so that
+        // other requests proceed meanwhile and concurrent flushes overlap.
+        if let Err(e) = g.flush_all(false) {
+            if let Error::Corrupt(_) = e {
+                g.mark_corrupt();
             }
-            Err(Error::Corrupt(_)) => g.mark_corrupt(),
-            Err(_) => {}
+            return Err(e);
         }
-        r
+        if !g.unsynced || g.opts.cache == CacheMode::Unsafe {
+            if g.unsynced {
+                g.sync()?;
+            }
+            self.flushed_gen.fetch_max(start, Ordering::SeqCst);
+            return Ok(());
+        }
+        let seen = g.lock_gen;
+        let file = std::sync::Arc::clone(&g.file);
+        let name = g.name.clone();
+        drop(g);
+        let r = file.sync();
+        let mut g = self.lock();
+        r.map_err(ioerr("sync", &name))?;
+        g.stats.file_syncs += 1;
+        if g.lock_gen == seen + 1 {
+            // Nobody took the lock while we synced: every write is durable.
+            g.unsynced = false;
+            g.tail_unsynced = false;
+            if !g.refs.is_dirty() {
+                g.alloc_unsynced = false;
+            }
+        }
+        self.flushed_gen.fetch_max(start, Ordering::SeqCst);
+        Ok(())
     }
     /// Allocation status of `[offset, offset+len)`, merged like `qemu-img map`.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
@@ -343,7 +374,7 @@ impl Inner {
         let mut me = Inner {
             name,
             path: path.to_path_buf(),
-            file,
+            file: std::sync::Arc::from(file),
             header,
             geo,
             l1,
@@ -356,6 +387,7 @@ impl Inner {
             alloc_unsynced: false,
             unsynced: false,
             tail_unsynced: false,
+            lock_gen: 0,
             pending_frees: Vec::new(),
             punch_on_free: BTreeSet::new(),
             stats: Stats::default(),
