@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub(crate) alloc_unsynced: bool,
     /// Anything written since the last sync that a flush must make durable.
     pub(crate) unsynced: bool,
+    /// File length seen by the last fstat (see `within_file`).
+    pub(crate) len_seen: u64,
     /// Times the lock was taken (see [`Image::flush`]).
     pub(crate) lock_gen: u64,
     /// Refcount decrements and hole punches written since the last sync:
@@ -388,6 +390,7 @@ impl Inner {
             unsynced: false,
             tail_unsynced: false,
             lock_gen: 0,
+            len_seen: 0,
             pending_frees: Vec::new(),
             punch_on_free: BTreeSet::new(),
             stats: Stats::default(),
@@ -565,16 +568,25 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether the file extends to `end`. The file never shrinks while it is
+    /// open, so a length seen once answers most calls without an fstat.
+    pub(crate) fn within_file(&mut self, end: u64) -> Result<bool> {
+        if end <= self.len_seen {
+            return Ok(true);
+        }
+        self.len_seen = self.file.len().map_err(ioerr("stat", &self.name))?;
+        Ok(end <= self.len_seen)
+    }
+
     /// An L2 table must not lie on the header, the L1 table or refcount structures.
     fn check_l2_location(&mut self, table: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let l1 = self.header.l1_table_offset;
         let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
         if table < cs
             || (table < l1_end && l1 < table + cs)
             || self.refs.overlaps(table, cs)
-            || table.saturating_add(cs) > file_len
+            || !self.within_file(table.saturating_add(cs))?
         {
             let msg = format!(
                 "{}: L2 table at {table:#x} overlaps other metadata or lies past the end of the file",

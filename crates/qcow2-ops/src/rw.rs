@@ -167,8 +167,7 @@ impl Inner {
         self.zcache = None;
         if host != 0 {
             // A data cluster past the end of the file is not ours to write.
-            let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
-            if host.saturating_add(cs) > file_len.saturating_add(cs) {
+            if !self.within_file(host)? {
                 let msg = format!(
                     "{}: data cluster {host:#x} for guest offset {cg:#x} lies past the end of the file",
                     self.name
