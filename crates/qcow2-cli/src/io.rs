@@ -39,6 +39,16 @@ pub struct IoArgs {
     /// Print the engine counters after the commands (`--stats` or `--stats=json`).
     #[arg(long = "stats", value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "human")]
     stats: Option<OutputFormat>,
+    /// L2 table cache size in bytes (suffixes k/M/G; default 1M).
+    #[arg(long = "l2-cache-size")]
+    l2_cache_size: Option<String>,
+    /// Refcount block cache size in bytes (suffixes k/M/G; default 256k).
+    #[arg(long = "refcount-cache-size")]
+    refcount_cache_size: Option<String>,
+    /// Dirty tracking granularity inside cached tables: 512 to the cluster
+    /// size, a power of two (default 4k).
+    #[arg(long = "dirty-granularity")]
+    dirty_granularity: Option<String>,
     /// A command to run (repeatable); without -c, commands are read from stdin.
     #[arg(short = 'c', long = "cmd", allow_hyphen_values = true, action = clap::ArgAction::Append)]
     cmds: Vec<String>,
@@ -500,10 +510,41 @@ pub fn run(a: IoArgs) -> Result<u8, Fail> {
             .ok_or_else(|| Fail::new(format!("Invalid discard option: {d}")))?,
         None => DiscardMode::Unmap,
     };
+    let size_opt = |v: &Option<String>, name: &str, default: usize| -> Result<usize, Fail> {
+        match v {
+            None => Ok(default),
+            Some(s) => crate::num::parse_size(s)
+                .ok()
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| Fail::new(format!("Invalid {name}: '{s}'"))),
+        }
+    };
+    let dirty_granularity = size_opt(
+        &a.dirty_granularity,
+        "dirty granularity",
+        OpenOptions::DEFAULT_DIRTY_GRANULARITY,
+    )?;
+    if !dirty_granularity.is_power_of_two() || dirty_granularity < 512 {
+        return Err(Fail::new(format!(
+            "Invalid dirty granularity: {dirty_granularity} (a power of two, at least 512)"
+        )));
+    }
     let opts = OpenOptions {
         writable: !a.read_only,
         cache,
         discard,
+        l2_cache_bytes: size_opt(
+            &a.l2_cache_size,
+            "L2 cache size",
+            OpenOptions::DEFAULT_L2_CACHE,
+        )?,
+        refcount_cache_bytes: size_opt(
+            &a.refcount_cache_size,
+            "refcount cache size",
+            OpenOptions::DEFAULT_REFCOUNT_CACHE,
+        )?,
+        dirty_granularity,
         ..OpenOptions::default()
     };
     let img = open_image(&a.file, &opts)
