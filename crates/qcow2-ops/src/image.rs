@@ -62,8 +62,10 @@ pub(crate) struct Inner {
     pub(crate) stats: Stats,
     /// Last decompressed cluster: (L2 entry raw, bytes).
     pub(crate) zcache: Option<(u64, Vec<u8>)>,
-    /// L2 tables allocated since open: their on-disk bytes are zeroes, so
-    /// uncached slices need no read.
+    /// Slices of newly allocated L2 tables that were never cached: on disk
+    /// they read as zeroes, so their first load needs no read. A slice
+    /// leaves the set when it enters the cache (from then on the file holds
+    /// whatever was written back).
     pub(crate) fresh_l2: std::collections::HashSet<u64>,
     /// Whether the image looks metadata-preallocated (decided on first block status).
     pub(crate) metadata_prealloc: Option<bool>,
@@ -666,9 +668,14 @@ impl Inner {
                         .map_err(ioerr("write L2 table", &name))?;
                     self.unsynced = true;
                 }
+                if self.l2.victim_is_dirty() {
+                    // The eviction below writes a slice: it must be synced
+                    // before anything that depends on it (deferred frees, L1).
+                    self.unsynced = true;
+                }
                 let name = self.name.clone();
-                if self.fresh_l2.contains(&table) {
-                    // A new table whose clusters read as zeroes on disk.
+                if self.fresh_l2.remove(&slice_off) {
+                    // A slice of a new table, never cached: zeroes on disk.
                     self.l2
                         .insert_zeroed_clean(&*self.file, slice_off)
                         .map_err(ioerr("write L2 table", &name))?
@@ -749,10 +756,16 @@ impl Inner {
             self.unsynced = true;
         }
         self.l2.discard_range(off, cs);
-        if self.fresh_l2.len() >= 4096 {
+        if self.fresh_l2.len() >= 1 << 16 {
+            // Bound the memory: forgetting only costs reads of zeroes.
             self.fresh_l2.clear();
         }
-        self.fresh_l2.insert(off);
+        let slice = self.l2.slice_size() as u64;
+        self.fresh_l2
+            .extend((0..cs / slice).map(|i| off + i * slice));
+        // The new table's refcount and contents must be durable before the
+        // L1 entry that points at it (flush_all syncs before writing L1).
+        self.unsynced = true;
         self.l2_tables.insert(off);
         self.l1[l1_idx] = L1Entry::new(off).0;
         self.l1_dirty.insert(l1_idx);
@@ -898,9 +911,9 @@ impl Inner {
                         .map_err(|e| refcount_err(&name, e))?;
                     self.unsynced = true;
                 }
-                if self.unsynced {
-                    self.sync()?;
-                }
+                // Always: a refcount block written by cache eviction since the
+                // last sync is not tracked by any flag.
+                self.sync()?;
                 self.write_l1_dirty()?;
             }
         }

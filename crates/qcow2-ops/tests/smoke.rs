@@ -126,3 +126,58 @@ fn l2_on_refcount_table_marks_corrupt_like_qemu() {
         assert!(info.contains("corrupt: true"), "{}: {info}", p.display());
     }
 }
+
+/// More new L2 tables than the cache holds: slices of new tables written
+/// back and evicted must be read back from the file, not assumed zero.
+#[test]
+fn new_tables_survive_eviction() {
+    for l2_cache in [16 << 10, OpenOptions::DEFAULT_L2_CACHE] {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a.qcow2");
+        let b = d.path().join("b.qcow2");
+        for p in [&a, &b] {
+            let (ok, m) = qemu_img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4k",
+                p.to_str().unwrap(),
+                "1G",
+            ]);
+            assert!(ok, "{m}");
+        }
+        let tables = 300u64;
+        let cmds: Vec<String> = (0..tables)
+            .map(|i| format!("write -P 0x5a {}M 4k", i * 2))
+            .collect();
+        let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+        qemu_io(&a, &refs);
+        let opts = OpenOptions {
+            l2_cache_bytes: l2_cache,
+            ..OpenOptions::read_write()
+        };
+        let img = Image::open(&b, &opts).unwrap();
+        for i in 0..tables {
+            img.write(i * (2 << 20), &[0x5a; 4096], 0).unwrap();
+            if i % 7 == 0 {
+                img.flush().unwrap();
+            }
+        }
+        let mut buf = vec![0u8; 4096];
+        for i in 0..tables {
+            img.read(i * (2 << 20), &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|&x| x == 0x5a),
+                "cache {l2_cache}: table {i} lost its data"
+            );
+        }
+        img.write(4096, &[1u8; 512], 0).unwrap();
+        img.close().unwrap();
+        qemu_io(&a, &["write -P 1 4k 512"]);
+        let (ok, m) = qemu_img(&["check", b.to_str().unwrap()]);
+        assert!(ok, "cache {l2_cache}: {m}");
+        let (ok, m) = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+        assert!(ok, "cache {l2_cache}: {m}");
+    }
+}
