@@ -122,7 +122,10 @@ impl Refcounts {
             c += cs;
             if c - (off & !(cs - 1)) > 64 * cs {
                 // Long ranges: test the blocks instead.
-                return self.blocks.iter().any(|&b| b < end && off < b + cs);
+                return self
+                    .blocks
+                    .iter()
+                    .any(|&b| b < end && off < b.saturating_add(cs));
             }
         }
         false
@@ -203,11 +206,11 @@ impl Refcounts {
         let rt_end = self.table_offset + self.table_clusters as u64 * cs;
         if boff & (cs - 1) != 0
             || boff < cs
-            || (boff < rt_end && self.table_offset < boff + cs)
+            || (boff < rt_end && self.table_offset < boff.saturating_add(cs))
             || self
                 .protected
                 .iter()
-                .any(|&(a, b)| boff < b && a < boff + cs)
+                .any(|&(a, b)| boff < b && a < boff.saturating_add(cs))
         {
             return Err(RefcountError::Corrupt(format!(
                 "refcount block {block} offset {boff:#x} is invalid"
