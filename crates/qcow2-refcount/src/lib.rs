@@ -542,3 +542,100 @@ impl Refcounts {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcow2_format::be32;
+    use qcow2_io::MemStorage;
+
+    const CS: u64 = 512;
+
+    /// A minimal layout with 512-byte clusters: header (0), refcount table
+    /// (cluster 1, one cluster = 64 entries), first refcount block (cluster 2).
+    fn setup(order: u32) -> (MemStorage, Refcounts) {
+        let st = MemStorage::from_bytes(vec![0; 3 * CS as usize]);
+        let mut e = [0u8; 8];
+        put_be64(&mut e, 0, 2 * CS);
+        st.write_at(&e, CS).unwrap();
+        let mut h = [0u8; 12];
+        put_be64(&mut h, 0, CS);
+        put_be32(&mut h, 8, 1);
+        st.write_at(&h, 48).unwrap();
+        let mut r = Refcounts::load(&st, 9, order, CS, 1, 4096, 512).unwrap();
+        for c in 0..3 {
+            r.set(&st, c, 1, 0..0).unwrap();
+        }
+        (st, r)
+    }
+
+    #[test]
+    fn alloc_is_contiguous_and_reuses_freed() {
+        let (st, mut r) = setup(4);
+        assert_eq!(r.alloc(&st, 1).unwrap(), 3);
+        assert_eq!(r.alloc(&st, 4).unwrap(), 4);
+        assert_eq!(r.get(&st, 7).unwrap(), 1);
+        r.update(&st, 5, -1).unwrap();
+        assert_eq!(r.take_freed(), vec![5]);
+        assert_eq!(r.alloc(&st, 1).unwrap(), 5, "freed cluster reused");
+        assert_eq!(r.alloc(&st, 2).unwrap(), 8, "a run skips single holes");
+        assert!(r.update(&st, 100, -1).is_err(), "below zero is corruption");
+        r.flush(&st).unwrap();
+        // 16-bit big-endian entries in the block at cluster 2.
+        let mut b = [0u8; 20];
+        st.read_at(&mut b, 2 * CS).unwrap();
+        assert_eq!(
+            &b[..20],
+            &[0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+        );
+    }
+
+    #[test]
+    fn overflow_of_narrow_refcounts_is_refused() {
+        let (st, mut r) = setup(0);
+        assert_eq!(r.max_refcount(), 1);
+        assert!(matches!(
+            r.update(&st, 1, 1),
+            Err(RefcountError::NoSpace(_))
+        ));
+    }
+
+    #[test]
+    fn growth_adds_blocks_and_moves_the_table() {
+        // 64-bit refcounts: one 512-byte block describes 64 clusters and the
+        // one-cluster table 64 blocks (4096 clusters).
+        let (st, mut r) = setup(6);
+        let n = 5000;
+        for _ in 0..n {
+            r.alloc(&st, 1).unwrap();
+        }
+        r.flush(&st).unwrap();
+        let (toff, tclusters) = r.table_location();
+        assert!(tclusters > 1, "the table grew");
+        assert_ne!(toff, CS, "and moved");
+        // The header points at the new table.
+        let mut h = [0u8; 12];
+        st.read_at(&mut h, 48).unwrap();
+        assert_eq!(be64(&h, 0), toff);
+        assert_eq!(be32(&h, 8), tclusters);
+        // Every block is described by itself or another block, and the old
+        // table cluster was released.
+        let blocks: Vec<u64> = r.table().iter().copied().filter(|&b| b != 0).collect();
+        for &b in &blocks {
+            assert_eq!(r.get(&st, b / CS).unwrap(), 1, "block at {b:#x}");
+        }
+        // The old table's cluster was released and handed out again.
+        assert_eq!(r.get(&st, 1).unwrap(), 1, "old table cluster reused");
+        for c in toff / CS..toff / CS + tclusters as u64 {
+            assert_eq!(r.get(&st, c).unwrap(), 1, "table cluster {c}");
+        }
+        // A fresh load from the file sees the same counts.
+        let mut again = Refcounts::load(&st, 9, 6, toff, tclusters, 4096, 512).unwrap();
+        let mut used = 0;
+        for c in 0..(n + 2000) {
+            used += again.get(&st, c).unwrap();
+        }
+        // header + blocks + table + allocations: nothing leaked, nothing lost.
+        assert_eq!(used, 1 + blocks.len() as u64 + tclusters as u64 + n);
+    }
+}
