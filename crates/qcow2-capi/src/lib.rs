@@ -764,7 +764,7 @@ pub unsafe extern "C" fn qcow2_block_status(
         let map = if len == 0 {
             Vec::new()
         } else {
-            img.block_status(offset, len).map_err(errno_of)?
+            img.block_status_limit(offset, len, max).map_err(errno_of)?
         };
         let n = map.len().min(max);
         for (slot, e) in out.iter_mut().zip(&map) {

@@ -298,7 +298,7 @@ impl Checker<'_> {
                 }
             }
         }
-        self.inner.unsynced = true;
+        self.inner.set_unsynced();
         self.inner.sync()
     }
 

@@ -50,8 +50,8 @@ pub(crate) struct Inner {
     pub(crate) unsynced: bool,
     /// File length seen by the last fstat (see `within_file`).
     pub(crate) len_seen: u64,
-    /// Times the lock was taken (see [`Image::flush`]).
-    pub(crate) lock_gen: u64,
+    /// Bumped whenever one of the unsynced flags is set (see [`Image::flush`]).
+    pub(crate) dirty_gen: u64,
     /// Refcount decrements and hole punches written since the last sync:
     /// synced at close or with the next sync, never forcing one of their own.
     pub(crate) tail_unsynced: bool,
@@ -106,11 +106,7 @@ impl Image {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        // Anything done under the lock may write or dirty state: a sync run
-        // outside the lock only settles the flags if nothing happened since.
-        g.lock_gen += 1;
-        g
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Virtual size in bytes.
@@ -202,7 +198,7 @@ impl Image {
             self.flushed_gen.fetch_max(start, Ordering::SeqCst);
             return Ok(());
         }
-        let seen = g.lock_gen;
+        let seen = g.dirty_gen;
         let file = std::sync::Arc::clone(&g.file);
         let name = g.name.clone();
         drop(g);
@@ -210,8 +206,8 @@ impl Image {
         let mut g = self.lock();
         r.map_err(ioerr("sync", &name))?;
         g.stats.file_syncs += 1;
-        if g.lock_gen == seen + 1 {
-            // Nobody took the lock while we synced: every write is durable.
+        if g.dirty_gen == seen {
+            // Nothing was written or dirtied while we synced: all is durable.
             g.unsynced = false;
             g.tail_unsynced = false;
             if !g.refs.is_dirty() {
@@ -226,6 +222,13 @@ impl Image {
         let mut g = self.lock();
         g.check_range(offset, len)?;
         g.map_range(offset, len)
+    }
+    /// At most `max` extents of `[offset, offset+len)` from its start (the
+    /// walk stops once they are known); continue from the end of the last.
+    pub fn block_status_limit(&self, offset: u64, len: u64, max: usize) -> Result<Vec<MapEntry>> {
+        let mut g = self.lock();
+        g.check_range(offset, len)?;
+        g.map_range_limit(offset, len, max)
     }
     /// The whole map, equal to `qemu-img map --output=json`.
     pub fn map(&self) -> Result<Vec<MapEntry>> {
@@ -391,7 +394,7 @@ impl Inner {
             alloc_unsynced: false,
             unsynced: false,
             tail_unsynced: false,
-            lock_gen: 0,
+            dirty_gen: 0,
             len_seen: 0,
             pending_frees: Vec::new(),
             punch_on_free: BTreeSet::new(),
@@ -539,8 +542,26 @@ impl Inner {
             .write_at(buf, host)
             .map_err(ioerr("write data", &self.name))?;
         self.stats.data_bytes_written += buf.len() as u64;
-        self.unsynced = true;
+        self.set_unsynced();
         Ok(())
+    }
+
+    /// Something was written that a flush must make durable.
+    pub(crate) fn set_unsynced(&mut self) {
+        self.unsynced = true;
+        self.dirty_gen += 1;
+    }
+
+    /// L2/L1 entries now depend on refcounts or data not yet durable.
+    pub(crate) fn set_alloc_unsynced(&mut self) {
+        self.alloc_unsynced = true;
+        self.dirty_gen += 1;
+    }
+
+    /// Refcount decrements or hole punches were written.
+    pub(crate) fn set_tail_unsynced(&mut self) {
+        self.tail_unsynced = true;
+        self.dirty_gen += 1;
     }
 
     /// Refuses writes that would land on the header, L1 table or refcount table.
@@ -666,12 +687,12 @@ impl Inner {
                     self.l2
                         .flush(&*self.file)
                         .map_err(ioerr("write L2 table", &name))?;
-                    self.unsynced = true;
+                    self.set_unsynced();
                 }
                 if self.l2.victim_is_dirty() {
                     // The eviction below writes a slice: it must be synced
                     // before anything that depends on it (deferred frees, L1).
-                    self.unsynced = true;
+                    self.set_unsynced();
                 }
                 let name = self.name.clone();
                 if self.fresh_l2.remove(&slice_off) {
@@ -753,7 +774,7 @@ impl Inner {
             self.file
                 .write_at(&zeros, off)
                 .map_err(ioerr("clear L2 table", &self.name))?;
-            self.unsynced = true;
+            self.set_unsynced();
         }
         self.l2.discard_range(off, cs);
         if self.fresh_l2.len() >= 1 << 16 {
@@ -765,7 +786,7 @@ impl Inner {
             .extend((0..cs / slice).map(|i| off + i * slice));
         // The new table's refcount and contents must be durable before the
         // L1 entry that points at it (flush_all syncs before writing L1).
-        self.unsynced = true;
+        self.set_unsynced();
         self.l2_tables.insert(off);
         self.l1[l1_idx] = L1Entry::new(off).0;
         self.l1_dirty.insert(l1_idx);
@@ -812,7 +833,7 @@ impl Inner {
         self.file
             .write_at(&t, new)
             .map_err(ioerr("write L2 table", &name))?;
-        self.unsynced = true;
+        self.set_unsynced();
         self.l2.discard_range(new, cs);
         self.l2_tables.insert(new);
         self.l1[l1_idx] = L1Entry::new(new).0;
@@ -877,8 +898,8 @@ impl Inner {
             self.refs
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?;
-            self.unsynced = true;
-            self.alloc_unsynced = true;
+            self.set_unsynced();
+            self.set_alloc_unsynced();
         }
         if self.alloc_unsynced {
             self.sync()?;
@@ -899,7 +920,7 @@ impl Inner {
                 .flush(&*self.file)
                 .map_err(ioerr("write L2 table", &name))?
             {
-                self.unsynced = true;
+                self.set_unsynced();
                 self.stats.cache_flushes += 1;
             }
             // 3. L1 entries, after the tables they point at are durable.
@@ -909,7 +930,7 @@ impl Inner {
                     self.refs
                         .flush(&*self.file)
                         .map_err(|e| refcount_err(&name, e))?;
-                    self.unsynced = true;
+                    self.set_unsynced();
                 }
                 // Always: a refcount block written by cache eviction since the
                 // last sync is not tracked by any flag.
@@ -941,7 +962,7 @@ impl Inner {
                         .punch_hole(run.0 * cs, run.1 * cs)
                         .map_err(ioerr("punch hole", &name))?;
                     self.stats.holes_punched += 1;
-                    self.tail_unsynced = true;
+                    self.set_tail_unsynced();
                 }
             }
             self.punch_on_free.clear();
@@ -955,7 +976,7 @@ impl Inner {
             // Only decrements can be waiting here (increments went out before
             // the L2/L1 writes that needed them): durability is optional, a
             // crash before the next sync merely leaks the clusters.
-            self.tail_unsynced = true;
+            self.set_tail_unsynced();
             self.stats.cache_flushes += 1;
         }
         if sync_end && self.unsynced {
@@ -988,7 +1009,7 @@ impl Inner {
                 self.l1_dirty.extend(dirty.iter().copied());
                 return Err(ioerr("write L1 table", &self.name)(e));
             }
-            self.unsynced = true;
+            self.set_unsynced();
         }
         Ok(())
     }

@@ -218,7 +218,7 @@ impl Inner {
             let new = L2Entry { raw, bitmap };
             if new != e {
                 if fresh || bitmap != e.bitmap {
-                    self.alloc_unsynced = true;
+                    self.set_alloc_unsynced();
                 }
                 self.set_l2_entry(table, cg, new)?;
             }
@@ -251,7 +251,7 @@ impl Inner {
             raw,
             bitmap: if ext { 0xffff_ffff } else { 0 },
         };
-        self.alloc_unsynced = true;
+        self.set_alloc_unsynced();
         self.set_l2_entry(table, cg, new)?;
         if !reuse {
             self.free_entry_clusters(e, false);

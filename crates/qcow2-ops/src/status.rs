@@ -35,8 +35,21 @@ pub(crate) fn push_merged(out: &mut Vec<MapEntry>, e: MapEntry) {
 impl Inner {
     /// Status of `[offset, offset+len)`, merged.
     pub(crate) fn map_range(&mut self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+        self.map_range_limit(offset, len, usize::MAX)
+    }
+
+    /// The first `limit` extents of `[offset, offset+len)`, merged; stops
+    /// walking the tables once they are known.
+    pub(crate) fn map_range_limit(
+        &mut self,
+        offset: u64,
+        len: u64,
+        limit: usize,
+    ) -> Result<Vec<MapEntry>> {
         let mut out = Vec::new();
-        self.status_into(offset, len, 0, &mut out)?;
+        self.status_into(offset, len, 0, limit, &mut out)?;
+        // Entries before the last are complete (a later one has started).
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -45,16 +58,17 @@ impl Inner {
         offset: u64,
         len: u64,
         depth: u32,
+        limit: usize,
         out: &mut Vec<MapEntry>,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let mut pos = offset;
-        while pos < end {
+        while pos < end && out.len() <= limit {
             let l1_idx = self.geo.l1_index(pos) as usize;
             if self.l2_table(l1_idx)? == 0 {
                 let tend = ((l1_idx as u64 + 1) * self.geo.l2_coverage()).min(end);
-                self.unallocated_into(pos, tend - pos, None, depth, out)?;
+                self.unallocated_into(pos, tend - pos, None, depth, limit, out)?;
                 pos = tend;
                 continue;
             }
@@ -97,11 +111,11 @@ impl Inner {
                         ..base
                     },
                     SubclusterType::UnallocatedAlloc => {
-                        self.unallocated_into(cg + s, l, Some(host), depth, out)?;
+                        self.unallocated_into(cg + s, l, Some(host), depth, limit, out)?;
                         continue;
                     }
                     SubclusterType::UnallocatedPlain => {
-                        self.unallocated_into(cg + s, l, None, depth, out)?;
+                        self.unallocated_into(cg + s, l, None, depth, limit, out)?;
                         continue;
                     }
                     SubclusterType::Invalid => {
@@ -156,6 +170,7 @@ impl Inner {
         len: u64,
         host: Option<u64>,
         depth: u32,
+        limit: usize,
         out: &mut Vec<MapEntry>,
     ) -> Result<()> {
         let zero_here = |start: u64, length: u64, out: &mut Vec<MapEntry>| {
@@ -181,7 +196,9 @@ impl Inner {
         let inside = bsize.saturating_sub(offset).min(len);
         if inside > 0 {
             match bk {
-                Backing::Qcow2(inner) => inner.status_into(offset, inside, depth + 1, out)?,
+                Backing::Qcow2(inner) => {
+                    inner.status_into(offset, inside, depth + 1, limit, out)?
+                }
                 Backing::Raw { file, .. } => raw_status(file, offset, inside, depth + 1, out)?,
             }
         }

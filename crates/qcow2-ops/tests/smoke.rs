@@ -181,3 +181,33 @@ fn new_tables_survive_eviction() {
         assert!(ok, "cache {l2_cache}: {m}");
     }
 }
+
+/// A limited block status is exactly the prefix of the full map.
+#[test]
+fn block_status_limit_is_a_prefix_of_the_map() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.qcow2");
+    let (ok, m) = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        p.to_str().unwrap(),
+        "64M",
+    ]);
+    assert!(ok, "{m}");
+    let cmds: Vec<String> = (0..40)
+        .map(|i| format!("write -P 1 {}k 4k", i * 36))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    qemu_io(&p, &refs);
+    qemu_io(&p, &["write -z 1M 8k", "write -z 1040k 4k"]);
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let full = img.map().unwrap();
+    assert!(full.len() > 40, "{}", full.len());
+    for max in [0, 1, 2, 7, 40, full.len(), full.len() + 5] {
+        let part = img.block_status_limit(0, img.virtual_size(), max).unwrap();
+        assert_eq!(part[..], full[..max.min(full.len())], "max {max}");
+    }
+}
