@@ -65,7 +65,6 @@ const WRITE_USAGE: &str =
     "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset";
 const DISCARD_USAGE: &str =
     "discard [-Cq] off len -- discards a number of bytes at a specified offset";
-const FLUSH_USAGE: &str = "flush -- flush all in-core file state to disk";
 
 struct Ctx {
     img: Image,
@@ -462,16 +461,13 @@ fn run_line(ctx: &Ctx, line: &str) -> bool {
         "read" => cmd_read(ctx, name, args),
         "write" => cmd_write(ctx, name, args),
         "discard" => cmd_discard(ctx, name, args),
-        _ => {
-            let _ = FLUSH_USAGE;
-            match ctx.img.flush() {
-                Ok(()) => true,
-                Err(e) => {
-                    failed("flush", &e);
-                    false
-                }
+        _ => match ctx.img.flush() {
+            Ok(()) => true,
+            Err(e) => {
+                failed("flush", &e);
+                false
             }
-        }
+        },
     }
 }
 

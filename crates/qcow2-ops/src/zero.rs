@@ -11,7 +11,7 @@
 use crate::error::{Error, Result};
 use crate::image::Inner;
 use crate::types::*;
-use qcow2_format::entry::{ClusterType, L2Entry, SubclusterType, FLAG_ZERO, L2_BITMAP_ALL_ZERO};
+use qcow2_format::entry::{L2Entry, SubclusterType, FLAG_ZERO, L2_BITMAP_ALL_ZERO};
 use qcow2_format::{be64, put_be64};
 
 fn enotsup(what: &str) -> Error {
@@ -382,7 +382,6 @@ fn zero_target(old: L2Entry, ext: bool, may_unmap: bool) -> (L2Entry, bool) {
     } else {
         new.raw |= FLAG_ZERO;
     }
-    let _ = ClusterType::Normal;
     (new, unmap)
 }
 
