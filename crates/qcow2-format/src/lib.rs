@@ -6,10 +6,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bitmap;
 pub mod entry;
 pub mod error;
 pub mod header;
 pub mod refcount;
+pub mod snapshot;
 
 pub use entry::{
     ClusterType, CompressedDescriptor, L1Entry, L2Entry, SubclusterType, L2_BITMAP_ALL_ZERO,

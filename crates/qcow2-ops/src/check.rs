@@ -24,7 +24,7 @@ use crate::types::{CheckReport, RepairMode};
 use qcow2_format::entry::{FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO, L1_RESERVED, OFFSET_MASK};
 use qcow2_format::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use qcow2_format::refcount::{max_refcount, REFTABLE_OFFSET_MASK};
-use qcow2_format::{be32, be64, put_be64, CompressedDescriptor};
+use qcow2_format::{be32, be64, bitmap, put_be64, snapshot, CompressedDescriptor};
 
 /// Reserved bits of a standard L2 descriptor, as QEMU checks them (also for
 /// extended L2, whose bit 0 QEMU does not look at).
@@ -39,19 +39,8 @@ const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 /// QEMU does) only when that grows the file by at most this much; otherwise
 /// the refcount structures are rebuilt.
 const MAX_REFBLOCK_EXTEND: u64 = 1 << 30;
-/// Snapshot limits (QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE).
-const MAX_SNAPSHOTS: u32 = 65536;
-const MAX_SNAPSHOTS_SIZE: u64 = 64 << 20;
 /// Largest L1 table QEMU accepts (QCOW_MAX_L1_SIZE).
 const MAX_L1_BYTES: u64 = 32 << 20;
-/// Bitmap limits (QCOW2_MAX_BITMAPS, a generous directory bound, BME_MAX_TABLE_SIZE).
-const MAX_BITMAPS: u32 = 65535;
-const MAX_BITMAP_DIR_SIZE: u64 = 64 << 20;
-const MAX_BITMAP_TABLE_ENTRIES: u64 = 0x800_0000;
-/// Bitmap table entry fields.
-const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const BME_RESERVED: u64 = 0xff00_0000_0000_01fe;
-const BME_ALL_ONES: u64 = 1;
 
 /// Checks (and with `repair` fixes) the image, returning what qemu-img would
 /// report: after a repair that fixed anything, the counts of a second pass
@@ -734,53 +723,36 @@ impl Checker<'_> {
         base: u64,
         n: u32,
     ) -> std::result::Result<(Vec<Snapshot>, u64), String> {
-        if n > MAX_SNAPSHOTS {
+        if n > snapshot::MAX_SNAPSHOTS {
             return Err(format!("too many snapshots ({n})"));
         }
         if base & (self.cs - 1) != 0 {
             return Err(format!("table offset {base:#x} is not cluster aligned"));
         }
-        let end_limit = base
-            .checked_add(MAX_SNAPSHOTS_SIZE)
-            .ok_or("table offset too large")?;
         // Read the table in one go, bounded by the file and the size limit.
-        let avail = self.file_len.saturating_sub(base).min(MAX_SNAPSHOTS_SIZE);
+        let avail = self
+            .file_len
+            .saturating_sub(base)
+            .min(snapshot::MAX_SNAPSHOTS_SIZE);
         let buf = self
             .read(base, avail, "read snapshot table")
             .map_err(|e| e.to_string())?;
-        let mut off = 0usize;
-        let mut out = Vec::new();
-        let field = |off: usize, len: usize| -> std::result::Result<&[u8], String> {
-            off.checked_add(len)
-                .and_then(|e| buf.get(off..e))
-                .ok_or_else(|| "snapshot table exceeds the end of the file".to_string())
-        };
-        for _ in 0..n {
-            let h = field(off, 40)?;
-            let l1_offset = be64(h, 0);
-            let l1_size = be32(h, 8) as u64;
-            let id_len = u16::from_be_bytes([h[12], h[13]]) as usize;
-            let name_len = u16::from_be_bytes([h[14], h[15]]) as usize;
-            let extra = be32(h, 36) as usize;
-            let mut p = off + 40;
-            field(p, extra)?;
-            p += extra;
-            let id = String::from_utf8_lossy(field(p, id_len)?).into_owned();
-            p += id_len;
-            let name = String::from_utf8_lossy(field(p, name_len)?).into_owned();
-            p += name_len;
-            off = p.div_ceil(8) * 8;
-            if base + off as u64 > end_limit {
-                return Err("snapshot table too large".into());
+        let (entries, len) = snapshot::parse_table(&buf, n, false).map_err(|e| match e {
+            qcow2_format::FormatError::Truncated(_) => {
+                "snapshot table exceeds the end of the file".to_string()
             }
-            out.push(Snapshot {
-                l1_offset,
-                l1_size,
-                id,
-                name,
-            });
-        }
-        Ok((out, off as u64))
+            e => e.to_string(),
+        })?;
+        let out = entries
+            .into_iter()
+            .map(|e| Snapshot {
+                l1_offset: e.l1_table_offset,
+                l1_size: e.l1_size as u64,
+                id: String::from_utf8_lossy(&e.id).into_owned(),
+                name: String::from_utf8_lossy(&e.name).into_owned(),
+            })
+            .collect();
+        Ok((out, len))
     }
 
     /// QEMU's qcow2_check_bitmaps_refcounts.
@@ -815,7 +787,7 @@ impl Checker<'_> {
         for (t_off, t_size) in tables {
             self.inc(imrt, t_off, t_size * 8);
             let ok = t_off & (self.cs - 1) == 0
-                && t_size <= MAX_BITMAP_TABLE_ENTRIES
+                && t_size <= bitmap::MAX_TABLE_ENTRIES
                 && t_off
                     .checked_add(t_size * 8)
                     .is_some_and(|e| e <= self.file_len);
@@ -829,9 +801,9 @@ impl Checker<'_> {
             let raw = self.read(t_off, t_size * 8, "read bitmap table")?;
             for k in 0..t_size as usize {
                 let e = be64(&raw, k * 8);
-                let off = e & BME_OFFSET_MASK;
-                let bad = e & BME_RESERVED != 0
-                    || (off != 0 && (e & BME_ALL_ONES != 0 || off & (self.cs - 1) != 0));
+                let off = e & bitmap::BTE_OFFSET_MASK;
+                let bad = e & bitmap::BTE_RESERVED != 0
+                    || (off != 0 && (e & bitmap::BTE_ALL_ONES != 0 || off & (self.cs - 1) != 0));
                 if bad {
                     self.res.corruptions += 1;
                     continue;
@@ -852,7 +824,7 @@ impl Checker<'_> {
         off: u64,
         size: u64,
     ) -> std::result::Result<Vec<(u64, u64)>, String> {
-        if nb > MAX_BITMAPS || size > MAX_BITMAP_DIR_SIZE || size == 0 {
+        if nb > bitmap::MAX_BITMAPS || size > bitmap::MAX_DIRECTORY_SIZE || size == 0 {
             return Err("invalid size".into());
         }
         if off.checked_add(size).is_none_or(|e| e > self.file_len) {
@@ -861,25 +833,11 @@ impl Checker<'_> {
         let buf = self
             .read(off, size, "read bitmap directory")
             .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        let mut p = 0usize;
-        for _ in 0..nb {
-            let h = buf.get(p..p + 24).ok_or("truncated")?;
-            let t_off = be64(h, 0);
-            let t_size = be32(h, 8) as u64;
-            let name_len = u16::from_be_bytes([h[18], h[19]]) as usize;
-            let extra = be32(h, 20) as usize;
-            let end = (p + 24)
-                .checked_add(extra)
-                .and_then(|x| x.checked_add(name_len))
-                .ok_or("truncated")?;
-            if end > buf.len() {
-                return Err("truncated".into());
-            }
-            p = end.div_ceil(8) * 8;
-            out.push((t_off, t_size));
-        }
-        Ok(out)
+        let entries = bitmap::parse_directory(&buf, nb).map_err(|e| e.to_string())?;
+        Ok(entries
+            .iter()
+            .map(|e| (e.table_offset, e.table_size as u64))
+            .collect())
     }
 
     // ----- comparison and repair -----
