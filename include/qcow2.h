@@ -362,7 +362,7 @@ int qcow2_write(struct Qcow2Image *img,
                 uint32_t flags);
 
 /**
- * Zeroes a guest range with QEMU's write-zeroes semantics (see DESIGN.md):
+ * Zeroes a guest range with QEMU's write-zeroes semantics (see docs/DESIGN.md):
  * whole clusters get the zero flag (or are unmapped), untouched when already
  * in the target state.
  *

@@ -240,7 +240,7 @@ mod abi_checks {
     const _: () = assert!(QCOW2_REQ_NO_FALLBACK == qcow2_ops::REQ_NO_FALLBACK);
     const _: () = assert!(WRITE_ZEROES_FLAGS == qcow2_ops::REQ_KNOWN);
     // Same size as the engine's Stats; the set of names is checked by the
-    // destructuring in `From<qcow2_ops::Stats>`, the C order (DESIGN.md's) by
+    // destructuring in `From<qcow2_ops::Stats>`, the C order (docs/DESIGN.md) by
     // tests/header.rs.
     const _: () =
         assert!(std::mem::size_of::<Qcow2Stats>() == std::mem::size_of::<qcow2_ops::Stats>());
@@ -648,7 +648,7 @@ pub unsafe extern "C" fn qcow2_write(
     })
 }
 
-/// Zeroes a guest range with QEMU's write-zeroes semantics (see DESIGN.md):
+/// Zeroes a guest range with QEMU's write-zeroes semantics (see docs/DESIGN.md):
 /// whole clusters get the zero flag (or are unmapped), untouched when already
 /// in the target state.
 ///

@@ -138,18 +138,19 @@ fn check_output(name: &str, variant: Variant, ok: bool, out: &str, err: &str) {
 
 fn run_c_test(name: &str, variant: Variant) {
     let Some(cc) = cc() else {
-        eprintln!("note: no C compiler (cc/gcc/$CC); C harness skipped");
+        qcow2_testutil::skip(name, "no C compiler (cc/gcc/$CC)");
         return;
     };
     if common::which("qemu-img", &[]).is_none() || common::which("qemu-io", &[]).is_none() {
-        eprintln!(
-            "note: qemu-img/qemu-io not found; C harness skipped (apt-get install qemu-utils)"
+        qcow2_testutil::skip(
+            name,
+            "qemu-img/qemu-io not installed (apt-get install qemu-utils)",
         );
         return;
     }
     let valgrind = common::which("valgrind", &[]);
     if variant == Variant::Valgrind && valgrind.is_none() {
-        eprintln!("note: valgrind not found; {name} under valgrind skipped");
+        qcow2_testutil::skip(&format!("{name} (valgrind)"), "valgrind not installed");
         return;
     }
     let lib = match variant {
@@ -167,9 +168,9 @@ fn run_c_test(name: &str, variant: Variant) {
     std::fs::create_dir_all(&bin_dir).unwrap();
     std::fs::create_dir_all(&scratch).unwrap();
     if variant == Variant::Asan && !asan_works(&cc, &bin_dir) {
-        eprintln!(
-            "note: {} cannot build/run sanitizer programs here; {name} (asan) skipped",
-            cc.display()
+        qcow2_testutil::skip(
+            &format!("{name} (asan)"),
+            &format!("{} cannot build/run sanitizer programs here", cc.display()),
         );
         return;
     }

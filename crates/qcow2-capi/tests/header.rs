@@ -17,15 +17,21 @@ fn header_matches_cbindgen() {
         .into_iter()
         .collect::<Vec<_>>();
     let Some(cbindgen) = common::which("cbindgen", &home_bin) else {
-        eprintln!("note: cbindgen not found; header drift check skipped (cargo install cbindgen --version {PINNED})");
+        qcow2_testutil::skip(
+            "header drift check",
+            &format!("cbindgen not installed (cargo install cbindgen --version {PINNED} --locked)"),
+        );
         return;
     };
     let (ok, version, _) = common::run(Command::new(&cbindgen).arg("--version"));
     if !ok || !version.contains(PINNED) {
-        eprintln!(
-            "note: {} is `{}`, not cbindgen {PINNED}; header drift check skipped",
-            cbindgen.display(),
-            version.trim()
+        qcow2_testutil::skip(
+            "header drift check",
+            &format!(
+                "{} is `{}`, not cbindgen {PINNED}",
+                cbindgen.display(),
+                version.trim()
+            ),
         );
         return;
     }
@@ -72,7 +78,7 @@ fn header_has_contract_names() {
     ] {
         assert!(header.contains(name), "include/qcow2.h lacks `{name}`");
     }
-    // Qcow2Stats lists the DESIGN.md counters in order.
+    // Qcow2Stats lists the docs/DESIGN.md counters in order.
     let start = header
         .find("typedef struct Qcow2Stats {")
         .expect("Qcow2Stats");

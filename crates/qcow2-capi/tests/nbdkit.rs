@@ -80,7 +80,7 @@ macro_rules! need_tools {
         match tools(&[$($extra),*]) {
             Ok(cc) => cc,
             Err(note) => {
-                eprintln!("note: {note}; nbdkit plugin test skipped");
+                qcow2_testutil::skip("nbdkit plugin test", &note);
                 return;
             }
         }
@@ -825,6 +825,8 @@ fn map_over_nbd_matches_engine() {
             expected_classes,
             "qemu-nbd's map vs the plugin's\n{out}"
         );
+    } else {
+        qcow2_testutil::skip("map over NBD vs qemu-nbd", "qemu-nbd not installed");
     }
     eprintln!(
         "map over NBD: {} extents agree (nbdinfo, qemu-img map)",

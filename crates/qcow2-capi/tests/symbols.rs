@@ -53,7 +53,7 @@ fn header_set() -> BTreeSet<String> {
 #[test]
 fn shared_library_exports_exactly_the_header() {
     if common::which("nm", &[]).is_none() {
-        eprintln!("note: nm not found; symbol check skipped");
+        qcow2_testutil::skip("symbol check", "nm not installed (binutils)");
         return;
     }
     let lib = common::shared_lib();
@@ -83,7 +83,7 @@ fn shared_library_exports_exactly_the_header() {
 #[test]
 fn static_library_defines_the_header() {
     if common::which("nm", &[]).is_none() {
-        eprintln!("note: nm not found; symbol check skipped");
+        qcow2_testutil::skip("symbol check", "nm not installed (binutils)");
         return;
     }
     let lib = common::static_lib();

@@ -31,7 +31,7 @@ fn strace_usable() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        println!("NOTE: strace missing or unable to trace here: kill tests skipped");
+        qcow2_testutil::skip("kill tests", "strace not installed or unable to trace here");
     }
     ok
 }

@@ -642,7 +642,7 @@ fn names_image(msg: &str, path: &Path) -> bool {
 #[test]
 fn hostile_images() {
     if !have("qemu-img") || !have("qemu-io") {
-        eprintln!("note: qemu-img/qemu-io not found; hostile image test skipped");
+        qcow2_testutil::skip("hostile_images", "qemu-img/qemu-io not installed");
         return;
     }
     let t0 = Instant::now();

@@ -80,18 +80,7 @@ pub fn static_lib() -> PathBuf {
     lib_dir().join("libqcow2.a")
 }
 
-/// Finds a program on PATH (or one of `extra` absolute candidates).
-pub fn which(name: &str, extra: &[PathBuf]) -> Option<PathBuf> {
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    extra.iter().find(|p| p.is_file()).cloned()
-}
+pub use qcow2_testutil::which;
 
 /// Runs a command, returning (success, stdout, stderr).
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
