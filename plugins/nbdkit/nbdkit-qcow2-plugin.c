@@ -1,14 +1,19 @@
 /*
  * nbdkit-qcow2-plugin: serves a qcow2 image over NBD with libqcow2.
  *
- *   nbdkit ./nbdkit-qcow2-plugin.so [file=]IMAGE [readonly=true]
+ *   nbdkit [-r] ./nbdkit-qcow2-plugin.so [file=]IMAGE [readonly[=true]]
  *          [cache=writeback|writethrough|unsafe|none] [discard=unmap|ignore]
  *          [backing=true|false]
  *
- * The image is opened once, in get_ready, and that one handle is shared by
- * every connection (libqcow2 handles are thread-safe), so the thread model
- * is PARALLEL and multi-conn is advertised: a flush on any connection makes
- * the writes of every connection durable. The handle is closed (flushed) in
+ * The image is checked in get_ready (opened read-only and closed again, so
+ * a bad image stops nbdkit before it serves) and opened for serving by the
+ * first connection, because only then does nbdkit tell the plugin whether
+ * the export is read-only (nbdkit -r): a read-only export, or readonly=true,
+ * opens the image read-only and never writes it (no repair of an image
+ * left dirty, no bitmap marks). That one handle is shared by every
+ * connection (libqcow2 handles are thread-safe), so the thread model is
+ * PARALLEL and multi-conn is advertised: a flush on any connection makes the
+ * writes of every connection durable. The handle is closed (flushed) in
  * cleanup, after the last connection is gone.
  *
  * Request flags map one to one onto libqcow2's:
@@ -23,6 +28,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -43,8 +49,10 @@ static const char *cache_name = "writeback";
 static bool discard_unmap = true;
 static bool use_backing = true;
 
-/* The one image handle shared by all connections (set in get_ready). */
+/* The one image handle shared by all connections (set by the first open). */
 static Qcow2Image *image;
+static bool image_writable;      /* the handle was opened read-write */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t image_size;
 static uint64_t cluster_size;
 
@@ -83,7 +91,8 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
   }
   else if (strcmp (key, "readonly") == 0) {
-    int r = nbdkit_parse_bool (value);
+    /* "readonly=" (no value) means true, like a bare flag. */
+    int r = value[0] == '\0' ? 1 : nbdkit_parse_bool (value);
     if (r == -1)
       return -1;
     readonly_image = r;
@@ -141,54 +150,66 @@ qcow2_plugin_config_complete (void)
 
 #define qcow2_plugin_config_help \
   "[file=]<IMAGE>      (required) the qcow2 image to serve\n" \
-  "readonly=true|false open the image read-only (default false)\n" \
+  "readonly[=true|false] open the image read-only (default false; nbdkit -r\n" \
+  "                    also opens it read-only)\n" \
   "cache=writeback|writethrough|unsafe|none (default writeback)\n" \
   "discard=unmap|ignore (default unmap)\n" \
   "backing=true|false  open the backing chain (default true)"
 
-/* Opens the image once, before any connection. */
+/* Opens the image with `writable`; on success sets *out and the geometry. */
 static int
-qcow2_plugin_get_ready (void)
+open_image (bool writable, Qcow2Image **out)
 {
   uint32_t flags = cache_flag;
+  Qcow2Image *img = NULL;
   int ret;
 
-  if (!readonly_image)
+  if (writable)
     flags |= QCOW2_OPEN_RDWR;
   if (discard_unmap)
     flags |= QCOW2_OPEN_UNMAP;
   if (!use_backing)
     flags |= QCOW2_OPEN_NO_BACKING;
 
-  ret = qcow2_open (filename, flags, &image);
+  ret = qcow2_open (filename, flags, &img);
   if (ret < 0) {
     nbdkit_error ("qcow2: %s: cannot open (%s%s, cache=%s): %s", filename,
-                  readonly_image ? "read-only" : "read-write",
+                  writable ? "read-write" : "read-only",
                   discard_unmap ? ", discard=unmap" : "", cache_name,
                   qcow2_strerror (ret));
-    image = NULL;
     return -1;
   }
-  ret = qcow2_get_virtual_size (image, &image_size);
+  ret = qcow2_get_virtual_size (img, &image_size);
   if (ret == 0)
-    ret = qcow2_get_cluster_size (image, &cluster_size);
+    ret = qcow2_get_cluster_size (img, &cluster_size);
   if (ret < 0) {
     nbdkit_error ("qcow2: %s: %s", filename, qcow2_strerror (ret));
-    qcow2_close (image);
-    image = NULL;
+    qcow2_close (img);
     return -1;
   }
   if (image_size > INT64_MAX) {
     nbdkit_error ("qcow2: %s: virtual size %" PRIu64 " too large",
                   filename, image_size);
-    qcow2_close (image);
-    image = NULL;
+    qcow2_close (img);
     return -1;
   }
   nbdkit_debug ("qcow2: opened %s: size %" PRIu64 ", cluster %" PRIu64
                 ", %s, cache=%s, discard=%s", filename, image_size,
-                cluster_size, readonly_image ? "read-only" : "read-write",
+                cluster_size, writable ? "read-write" : "read-only",
                 cache_name, discard_unmap ? "unmap" : "ignore");
+  *out = img;
+  return 0;
+}
+
+/* Checks the image opens before any connection (read-only: writes nothing). */
+static int
+qcow2_plugin_get_ready (void)
+{
+  Qcow2Image *probe = NULL;
+
+  if (open_image (false, &probe) == -1)
+    return -1;
+  qcow2_close (probe);
   return 0;
 }
 
@@ -205,15 +226,26 @@ qcow2_plugin_cleanup (void)
   }
 }
 
+/* The first connection opens the shared handle: read-only when the export
+ * is (nbdkit -r) or readonly=true was given. */
 static void *
 qcow2_plugin_open (int readonly)
 {
-  (void) readonly;
+  bool ok = true;
+
+  pthread_mutex_lock (&open_lock);
   if (!image) {
-    nbdkit_error ("qcow2: %s: image is not open", filename);
-    return NULL;
+    bool writable = !readonly_image && !readonly;
+    Qcow2Image *img = NULL;
+    if (open_image (writable, &img) == -1)
+      ok = false;
+    else {
+      image_writable = writable;
+      image = img;
+    }
   }
-  return &connection_handle;
+  pthread_mutex_unlock (&open_lock);
+  return ok ? &connection_handle : NULL;
 }
 
 static void
@@ -245,7 +277,7 @@ static int
 qcow2_plugin_can_write (void *handle)
 {
   (void) handle;
-  return !readonly_image;
+  return image_writable;
 }
 
 static int
@@ -259,21 +291,21 @@ static int
 qcow2_plugin_can_trim (void *handle)
 {
   (void) handle;
-  return !readonly_image && discard_unmap;
+  return image_writable && discard_unmap;
 }
 
 static int
 qcow2_plugin_can_zero (void *handle)
 {
   (void) handle;
-  return !readonly_image;
+  return image_writable;
 }
 
 static int
 qcow2_plugin_can_fast_zero (void *handle)
 {
   (void) handle;
-  return !readonly_image;
+  return image_writable;
 }
 
 static int

@@ -165,6 +165,17 @@ impl Server {
 
     /// nbdkit with the plugin serving `image`, plus plugin parameters.
     fn nbdkit(plugin: &Path, image: &Path, params: &[&str], dir: &Path) -> Server {
+        Server::nbdkit_with(&[], plugin, image, params, dir)
+    }
+
+    /// As [`Server::nbdkit`], with nbdkit options (e.g. `-r`) before the plugin.
+    fn nbdkit_with(
+        nbdkit_opts: &[&str],
+        plugin: &Path,
+        image: &Path,
+        params: &[&str],
+        dir: &Path,
+    ) -> Server {
         let sock = dir.join("nbdkit.sock");
         let pidfile = dir.join("nbdkit.pid");
         let _ = std::fs::remove_file(&pidfile);
@@ -177,6 +188,7 @@ impl Server {
             .arg("-P")
             .arg(&pidfile)
             .args(["-f", "--exit-with-parent"])
+            .args(nbdkit_opts)
             .arg(plugin)
             .arg(format!("file={}", image.display()))
             .args(params);
@@ -832,6 +844,75 @@ fn map_over_nbd_matches_engine() {
         "map over NBD: {} extents agree (nbdinfo, qemu-img map)",
         expected_types.len()
     );
+}
+
+// --- read-only exports never write the image -----------------------------------
+
+/// A lazy-refcount image left dirty by a killed qemu-io: the read-write open
+/// would repair it (a write). `nbdkit -r`, `readonly=true` and a bare
+/// `readonly=` must open it read-only, serve its data and leave every byte of
+/// the file as it was.
+#[test]
+fn read_only_export_never_writes() {
+    let cc = need_tools!("nbdinfo");
+    let tmp = common::ScratchDir::new("nbdkit-ro");
+    let dir = tmp.path();
+    let plugin = build_plugin(&cc, dir);
+    let image = dir.join("dirty.qcow2");
+    qemu_img_create(&image, "16M", "lazy_refcounts=on");
+    // sigraise 9 kills qemu-io before it can clear the dirty bit.
+    let _ = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 128k",
+            "-c",
+            "sigraise 9",
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let info = run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(&image),
+    );
+    assert!(
+        info.contains("\"dirty-flag\": true"),
+        "qemu-io did not leave the image dirty:\n{info}"
+    );
+    let before = std::fs::read(&image).unwrap();
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&["-r"], &[]),
+        (&[], &["readonly=true"]),
+        (&[], &["readonly="]),
+    ];
+    for (opts, params) in cases {
+        let mut server = Server::nbdkit_with(opts, &plugin, &image, params, dir);
+        let out = qemu_io_nbd(
+            &server,
+            &[
+                "read -P 0x5a 0 128k".to_string(),
+                "read -P 0 128k 64k".to_string(),
+            ],
+        );
+        assert!(
+            !out.contains("failed"),
+            "{opts:?} {params:?}: reads:\n{out}"
+        );
+        let out = qemu_io_nbd(&server, &["write -P 1 0 4096".to_string()]);
+        assert!(
+            out.contains("failed") || out.contains("Permission denied"),
+            "{opts:?} {params:?}: write on a read-only export succeeded: {out}"
+        );
+        server.stop_clean();
+        let after = std::fs::read(&image).unwrap();
+        assert!(
+            before == after,
+            "{opts:?} {params:?}: the read-only export changed the image file"
+        );
+    }
 }
 
 // --- several clients at once ----------------------------------------------------
