@@ -3,20 +3,27 @@
 //! [`Storage`] is positional I/O on one file: read, write, sync, punch a
 //! hole, length. [`FileStorage`] implements it on `libc` (pread, pwrite,
 //! fdatasync, fallocate); [`MemStorage`] keeps the bytes in memory for unit
-//! tests; [`CountingStorage`] counts calls of any backend;
-//! [`FaultStorage`] injects errors and simulates power loss.
+//! tests and benchmarks. Test support, only with the `test-support`
+//! feature (tests and benches enable it; the library never does):
+//! `CountingStorage` counts calls of any backend, `FaultStorage` injects
+//! errors and simulates power loss.
 #![warn(missing_docs)]
 
+#[cfg(any(test, feature = "test-support"))]
+mod counting;
+#[cfg(any(test, feature = "test-support"))]
 mod fault;
 mod file;
 mod mem;
 
+#[cfg(any(test, feature = "test-support"))]
+pub use counting::{CountingStorage, IoCounts};
+#[cfg(any(test, feature = "test-support"))]
 pub use fault::{FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenMode};
 pub use mem::MemStorage;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Positional I/O on one image file. All methods take `&self`; backends
 /// are safe to share between threads.
@@ -115,101 +122,5 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
-    }
-}
-
-/// Call counts of a [`CountingStorage`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct IoCounts {
-    /// read_at calls.
-    pub reads: u64,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// write_at calls.
-    pub writes: u64,
-    /// Bytes written.
-    pub bytes_written: u64,
-    /// sync calls.
-    pub syncs: u64,
-    /// punch_hole calls.
-    pub punches: u64,
-}
-
-/// Wraps a backend and counts every call.
-pub struct CountingStorage<S> {
-    inner: S,
-    reads: AtomicU64,
-    bytes_read: AtomicU64,
-    writes: AtomicU64,
-    bytes_written: AtomicU64,
-    syncs: AtomicU64,
-    punches: AtomicU64,
-}
-
-impl<S: Storage> CountingStorage<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        CountingStorage {
-            inner,
-            reads: AtomicU64::new(0),
-            bytes_read: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            bytes_written: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
-            punches: AtomicU64::new(0),
-        }
-    }
-    /// Counts so far.
-    pub fn counts(&self) -> IoCounts {
-        IoCounts {
-            reads: self.reads.load(Ordering::Relaxed),
-            bytes_read: self.bytes_read.load(Ordering::Relaxed),
-            writes: self.writes.load(Ordering::Relaxed),
-            bytes_written: self.bytes_written.load(Ordering::Relaxed),
-            syncs: self.syncs.load(Ordering::Relaxed),
-            punches: self.punches.load(Ordering::Relaxed),
-        }
-    }
-    /// The wrapped backend.
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: Storage> Storage for CountingStorage<S> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.bytes_read
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.bytes_written
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        self.inner.sync()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
-        self.punches.fetch_add(1, Ordering::Relaxed);
-        self.inner.punch_hole(offset, len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        self.inner.next_data(offset)
-    }
-    fn next_hole(&self, offset: u64) -> io::Result<u64> {
-        self.inner.next_hole(offset)
-    }
-    fn allocated_size(&self) -> io::Result<Option<u64>> {
-        self.inner.allocated_size()
     }
 }
