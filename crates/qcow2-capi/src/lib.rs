@@ -5,12 +5,12 @@
 //!
 //! - Every function returns `int`: `0` on success, a negative errno on failure.
 //!   The mapping from engine errors to errno values is done once, in
-//!   [`errno_of`].
+//!   `errno_of`.
 //! - Out-parameters are written only on success.
-//! - Every function body runs inside [`ffi_boundary`]: a Rust panic becomes
+//! - Every function body runs inside `ffi_boundary`: a Rust panic becomes
 //!   `-EIO` and never unwinds into C.
-//! - Every pointer argument goes through [`check_ref`] / [`check_mut`] /
-//!   [`check_slice`] / [`check_slice_mut`] / [`check_cstr`], the only places
+//! - Every pointer argument goes through `check_ref` / `check_mut` /
+//!   `check_slice` / `check_slice_mut` / `check_cstr`, the only places
 //!   that turn a raw pointer into a reference; NULL becomes `-EINVAL`.
 //! - A `Qcow2Image` is `Send + Sync`: one handle may be used by several
 //!   threads at once (requests are serialised inside the engine), except that
