@@ -54,7 +54,7 @@ ctest:
     cargo build -p qcow2-capi --release
     QCOW2_LIB_DIR="$PWD/target/release" cargo test -p qcow2-capi --release --test c_harness --test symbols -- --nocapture
 
-# Install libqcow2.so, libqcow2.a, qcow2.h and qcow2.pc under PREFIX (just install PREFIX=/opt/qcow2)
+# Install libqcow2.so.X.Y.Z (+ .so.X and .so links), libqcow2.a, qcow2.h and qcow2.pc under PREFIX (just install PREFIX=/opt/qcow2)
 install prefix=PREFIX:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -65,7 +65,10 @@ install prefix=PREFIX:
     cargo build -p qcow2-capi --release
     version="$(cargo pkgid -p qcow2-capi | sed -e 's/.*[#@]//')"
     install -d "$prefix/lib/pkgconfig" "$prefix/include"
-    install -m 0755 target/release/libqcow2.so "$prefix/lib/libqcow2.so"
+    major="${version%%.*}"
+    install -m 0755 target/release/libqcow2.so "$prefix/lib/libqcow2.so.$version"
+    ln -sfn "libqcow2.so.$version" "$prefix/lib/libqcow2.so.$major"
+    ln -sfn "libqcow2.so.$major" "$prefix/lib/libqcow2.so"
     install -m 0644 target/release/libqcow2.a "$prefix/lib/libqcow2.a"
     install -m 0644 include/qcow2.h "$prefix/include/qcow2.h"
     sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" crates/qcow2-capi/qcow2.pc.in > "$prefix/lib/pkgconfig/qcow2.pc"
@@ -108,6 +111,7 @@ plugin link="shared":
     set -euo pipefail
     [ -f /usr/include/nbdkit-plugin.h ] || { echo "nbdkit-plugin.h missing: apt-get install -y nbdkit nbdkit-plugin-dev libnbd-bin" >&2; exit 1; }
     cargo build -p qcow2-capi --release
+    ln -sfn libqcow2.so target/release/libqcow2.so.0   # the SONAME
     out=target/release/nbdkit-qcow2-plugin.so
     cflags=(-std=c11 -Wall -Wextra -Wpedantic -Werror -fPIC -shared -O2 -g -I include)
     case "{{link}}" in

@@ -35,6 +35,22 @@
 #include <stdint.h>
 
 /**
+ * Major version of the library; the shared object's SONAME is `libqcow2.so.<major>`.
+ * Kept equal to the crate version by a test.
+ */
+#define QCOW2_VERSION_MAJOR 0
+
+/**
+ * Minor version of the library (new functions, compatible changes).
+ */
+#define QCOW2_VERSION_MINOR 1
+
+/**
+ * Patch version of the library.
+ */
+#define QCOW2_VERSION_PATCH 0
+
+/**
  * Open flag: open read-write (without it the image is read-only and writes fail with -EROFS).
  */
 #define QCOW2_OPEN_RDWR 1

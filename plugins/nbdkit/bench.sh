@@ -28,6 +28,8 @@ work="$work/bench"; mkdir -p "$work"
 
 if [ -z "${PLUGIN:-}" ]; then
   (cd "$root" && cargo build -q -p qcow2-capi --release)
+  # The library's SONAME is libqcow2.so.0: cargo writes only libqcow2.so.
+  ln -sfn libqcow2.so "$root/target/release/libqcow2.so.0"
   PLUGIN="$work/nbdkit-qcow2-plugin.so"
   cc -std=c11 -Wall -Wextra -Wpedantic -Werror -fPIC -shared -O2 -I "$root/include" \
      "$root/plugins/nbdkit/nbdkit-qcow2-plugin.c" -o "$PLUGIN" \

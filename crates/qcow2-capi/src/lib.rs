@@ -27,6 +27,14 @@ use std::path::Path;
 // Constants (literal values: cbindgen copies them into the header)
 // ---------------------------------------------------------------------------
 
+/// Major version of the library; the shared object's SONAME is `libqcow2.so.<major>`.
+/// Kept equal to the crate version by a test.
+pub const QCOW2_VERSION_MAJOR: u32 = 0;
+/// Minor version of the library (new functions, compatible changes).
+pub const QCOW2_VERSION_MINOR: u32 = 1;
+/// Patch version of the library.
+pub const QCOW2_VERSION_PATCH: u32 = 0;
+
 /// Open flag: open read-write (without it the image is read-only and writes fail with -EROFS).
 pub const QCOW2_OPEN_RDWR: u32 = 0x1;
 /// Open flag: discard mode `unmap` (without it: `ignore`, discard is a no-op

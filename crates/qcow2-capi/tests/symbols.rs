@@ -96,3 +96,53 @@ fn static_library_defines_the_header() {
         .collect();
     assert_eq!(defined, header_set());
 }
+
+/// The ABI of `libqcow2.so.<major>`: every symbol in `symbols.txt` stays
+/// exported. Removing one needs a new major version (and SONAME); adding one
+/// is a conscious change of that list.
+#[test]
+fn exported_set_is_the_recorded_abi() {
+    let recorded: BTreeSet<String> =
+        std::fs::read_to_string(common::workspace_root().join("crates/qcow2-capi/symbols.txt"))
+            .unwrap()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
+    let header = header_set();
+    let removed: Vec<_> = recorded.difference(&header).collect();
+    let added: Vec<_> = header.difference(&recorded).collect();
+    assert!(
+        removed.is_empty(),
+        "symbols of the recorded ABI gone from qcow2.h (needs a new major version): {removed:?}"
+    );
+    assert!(
+        added.is_empty(),
+        "new functions in qcow2.h: add them to crates/qcow2-capi/symbols.txt: {added:?}"
+    );
+}
+
+/// `readelf -d` shows SONAME libqcow2.so.<major>, and the header's version
+/// macros are the crate's version.
+#[test]
+fn soname_and_version_macros() {
+    let header = std::fs::read_to_string(common::workspace_root().join("include/qcow2.h")).unwrap();
+    for (name, want) in [
+        ("QCOW2_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
+        ("QCOW2_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR")),
+        ("QCOW2_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
+    ] {
+        let line = format!("#define {name} {want}");
+        assert!(header.contains(&line), "qcow2.h lacks `{line}`");
+    }
+    if common::which("readelf", &[]).is_none() {
+        qcow2_testutil::skip("SONAME check", "readelf not installed (binutils)");
+        return;
+    }
+    let lib = common::shared_lib();
+    let (ok, out, err) = common::run(Command::new("readelf").arg("-d").arg(&lib));
+    assert!(ok, "readelf -d {}: {err}", lib.display());
+    let want = format!("Library soname: [{}]", common::soname());
+    assert!(out.contains(&want), "no `{want}` in readelf -d:\n{out}");
+}

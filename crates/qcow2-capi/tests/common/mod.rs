@@ -27,18 +27,39 @@ pub fn workspace_root() -> PathBuf {
 pub fn lib_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("QCOW2_LIB_DIR") {
         let d = PathBuf::from(d);
-        return if d.is_absolute() {
+        let d = if d.is_absolute() {
             d
         } else {
             workspace_root().join(d)
         };
+        soname_link(&d);
+        return d;
     }
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("target/<profile>/deps");
-    if deps.join("libqcow2.so").is_file() && deps.join("libqcow2.a").is_file() {
-        return deps.to_path_buf();
+    let dir = if deps.join("libqcow2.so").is_file() && deps.join("libqcow2.a").is_file() {
+        deps.to_path_buf()
+    } else {
+        deps.parent().expect("target/<profile>").to_path_buf()
+    };
+    soname_link(&dir);
+    dir
+}
+
+/// The SONAME of the shared library (`libqcow2.so.<major>`).
+pub fn soname() -> String {
+    format!("libqcow2.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))
+}
+
+/// Programs linked with `-lqcow2` need `libqcow2.so.<major>` at run time
+/// (the SONAME): cargo only writes `libqcow2.so`, so add the link next to
+/// it, as `just install` does.
+pub fn soname_link(dir: &Path) {
+    let link = dir.join(soname());
+    if dir.join("libqcow2.so").is_file() && std::fs::symlink_metadata(&link).is_err() {
+        // Several tests may race here; the loser finds the link made.
+        let _ = std::os::unix::fs::symlink("libqcow2.so", &link);
     }
-    deps.parent().expect("target/<profile>").to_path_buf()
 }
 
 /// A fresh scratch directory under the system temporary directory (removed
