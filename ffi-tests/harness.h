@@ -45,16 +45,31 @@ static char h_dir[4096];
             H_FAIL("%s", #cond);                                                                   \
     } while (0)
 
-/* A call returning a qcow2 status code, compared with the expected one. */
+/* A useful last-error message after a failed call that returned `rc`: the
+ * thread's qcow2_last_errno() is `rc` and qcow2_last_error() names the
+ * function ("qcow2_...: ") and says more than the errno text. */
+static inline int h_useful_error(int rc) {
+    const char *m = qcow2_last_error();
+    return m != NULL && qcow2_last_errno() == rc && strncmp(m, "qcow2_", 6) == 0 &&
+           strchr(m, ':') != NULL && strlen(m) > strlen(strchr(m, ':')) &&
+           strlen(strchr(m, ':') + 1) > 2;
+}
+
+/* A call returning a qcow2 status code, compared with the expected one. An
+ * expected failure must also leave a useful message (h_useful_error). */
 #define CHECK_RC(expr, want)                                                                       \
     do {                                                                                           \
         int h_rc_ = (expr);                                                                        \
         int h_want_ = (want);                                                                      \
-        if (h_rc_ == h_want_)                                                                      \
-            H_PASS();                                                                              \
+        if (h_rc_ != h_want_)                                                                      \
+            H_FAIL("%s returned %d (%s), expected %d (%s); last error: %s", #expr, h_rc_,          \
+                   qcow2_strerror(h_rc_), h_want_, qcow2_strerror(h_want_),                         \
+                   h_rc_ < 0 ? qcow2_last_error() : "-");                                          \
+        else if (h_rc_ < 0 && !h_useful_error(h_rc_))                                              \
+            H_FAIL("%s failed as expected but left no useful message: errno %d, \"%s\"", #expr,     \
+                   qcow2_last_errno(), qcow2_last_error());                                        \
         else                                                                                       \
-            H_FAIL("%s returned %d (%s), expected %d (%s)", #expr, h_rc_, qcow2_strerror(h_rc_),   \
-                   h_want_, qcow2_strerror(h_want_));                                              \
+            H_PASS();                                                                              \
     } while (0)
 
 /* Two unsigned 64-bit values, compared with `op`. */

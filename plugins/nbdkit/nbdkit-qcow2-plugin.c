@@ -59,13 +59,13 @@ static uint64_t cluster_size;
 /* Every connection gets the address of this as its handle. */
 static int connection_handle;
 
-/* Reports a libqcow2 failure: message naming the image, errno for the client. */
+/* Reports a libqcow2 failure: libqcow2's message for this thread's failed
+ * call (it names the image and the problem), errno for the client. */
 static void
 report (int ret, const char *what, uint64_t offset, uint64_t count)
 {
-  nbdkit_error ("qcow2: %s: %s at offset %" PRIu64 " length %" PRIu64 ": %s",
-                filename ? filename : "(no image)", what, offset, count,
-                qcow2_strerror (ret));
+  nbdkit_error ("qcow2: %s at offset %" PRIu64 " length %" PRIu64 ": %s (%s)",
+                what, offset, count, qcow2_last_error (), qcow2_strerror (ret));
   nbdkit_set_error (ret < 0 ? -ret : EIO);
 }
 
@@ -176,14 +176,14 @@ open_image (bool writable, Qcow2Image **out)
     nbdkit_error ("qcow2: %s: cannot open (%s%s, cache=%s): %s", filename,
                   writable ? "read-write" : "read-only",
                   discard_unmap ? ", discard=unmap" : "", cache_name,
-                  qcow2_strerror (ret));
+                  qcow2_last_error ());
     return -1;
   }
   ret = qcow2_get_virtual_size (img, &image_size);
   if (ret == 0)
     ret = qcow2_get_cluster_size (img, &cluster_size);
   if (ret < 0) {
-    nbdkit_error ("qcow2: %s: %s", filename, qcow2_strerror (ret));
+    nbdkit_error ("qcow2: %s: %s", filename, qcow2_last_error ());
     qcow2_close (img);
     return -1;
   }
@@ -222,7 +222,7 @@ qcow2_plugin_cleanup (void)
     image = NULL;
     if (ret < 0)
       nbdkit_error ("qcow2: %s: final flush on close failed: %s",
-                    filename, qcow2_strerror (ret));
+                    filename, qcow2_last_error ());
   }
 }
 

@@ -223,4 +223,7 @@ c_tests! {
     misuse_fuzz_static => ("test_misuse_fuzz", Static),
     misuse_fuzz_asan => ("test_misuse_fuzz", Asan),
     misuse_fuzz_valgrind => ("test_misuse_fuzz", Valgrind),
+    errors_static => ("test_errors", Static),
+    errors_asan => ("test_errors", Asan),
+    errors_valgrind => ("test_errors", Valgrind),
 }

@@ -1157,7 +1157,7 @@ fn options_and_errors() {
         (vec![format!("file={}", missing.display())], "missing.qcow2"),
         (
             vec![format!("file={}", not_qcow2.display())],
-            "garbage.qcow2",
+            "is not a qcow2 image",
         ),
     ];
     for (params, expect) in cases {
@@ -1223,5 +1223,10 @@ fn options_and_errors() {
     assert!(
         log.contains("img.qcow2") && log.contains("read at offset"),
         "the server log does not name the image and the request:\n{log}"
+    );
+    // The engine's own message (qcow2_last_error), not only the errno text.
+    assert!(
+        log.contains("qcow2_read: ") && log.contains("not cluster aligned"),
+        "the server log lacks libqcow2's message:\n{log}"
     );
 }

@@ -1,0 +1,55 @@
+//! The constants of the C interface (literal values: cbindgen copies them
+//! into the header).
+
+/// Major version of the library; the shared object's SONAME is `libqcow2.so.<major>`.
+/// Kept equal to the crate version by a test.
+pub const QCOW2_VERSION_MAJOR: u32 = 0;
+/// Minor version of the library (new functions, compatible changes).
+pub const QCOW2_VERSION_MINOR: u32 = 1;
+/// Patch version of the library.
+pub const QCOW2_VERSION_PATCH: u32 = 0;
+
+/// Open flag: open read-write (without it the image is read-only and writes fail with -EROFS).
+pub const QCOW2_OPEN_RDWR: u32 = 0x1;
+/// Open flag: discard mode `unmap` (without it: `ignore`, discard is a no-op
+/// and QCOW2_REQ_MAY_UNMAP is cleared from every write-zeroes request).
+pub const QCOW2_OPEN_UNMAP: u32 = 0x2;
+/// Open flag: do not open the backing chain (unallocated clusters read as zeroes).
+pub const QCOW2_OPEN_NO_BACKING: u32 = 0x4;
+/// Open flag: cache mode `writethrough` (every request is followed by a flush).
+/// At most one QCOW2_OPEN_CACHE_* flag may be given; none means `writeback`.
+pub const QCOW2_OPEN_CACHE_WRITETHROUGH: u32 = 0x10;
+/// Open flag: cache mode `unsafe` (flushes write back caches but never sync).
+pub const QCOW2_OPEN_CACHE_UNSAFE: u32 = 0x20;
+/// Open flag: cache mode `none` (O_DIRECT on the image file, writeback otherwise).
+pub const QCOW2_OPEN_CACHE_NONE: u32 = 0x40;
+/// Every open flag known; other bits make qcow2_open fail with -EINVAL.
+pub const QCOW2_OPEN_KNOWN: u32 = QCOW2_OPEN_RDWR
+    | QCOW2_OPEN_UNMAP
+    | QCOW2_OPEN_NO_BACKING
+    | QCOW2_OPEN_CACHE_WRITETHROUGH
+    | QCOW2_OPEN_CACHE_UNSAFE
+    | QCOW2_OPEN_CACHE_NONE;
+
+/// Request flag (write-zeroes): the zeroed range may be deallocated (QEMU's BDRV_REQ_MAY_UNMAP).
+pub const QCOW2_REQ_MAY_UNMAP: u32 = 0x4;
+/// Request flag (write, write-zeroes): the data is durable when the call returns (BDRV_REQ_FUA).
+pub const QCOW2_REQ_FUA: u32 = 0x10;
+/// Request flag (write-zeroes): fail with -ENOTSUP rather than write zero data (BDRV_REQ_NO_FALLBACK).
+pub const QCOW2_REQ_NO_FALLBACK: u32 = 0x100;
+
+/// Compression type for Qcow2CreateOptions.compression_type: zlib (the default).
+pub const QCOW2_COMPRESSION_ZLIB: u32 = 0;
+/// Compression type for Qcow2CreateOptions.compression_type: zstd (v3 only).
+pub const QCOW2_COMPRESSION_ZSTD: u32 = 1;
+
+/// Extent flag: allocated in some layer of the chain (reads do not fall off the chain).
+pub const QCOW2_EXTENT_ALLOCATED: u32 = 0x1;
+/// Extent flag: the extent reads as zeroes.
+pub const QCOW2_EXTENT_ZERO: u32 = 0x2;
+/// Extent flag: the extent has data (not zero-only).
+pub const QCOW2_EXTENT_DATA: u32 = 0x4;
+/// Extent flag: compressed clusters.
+pub const QCOW2_EXTENT_COMPRESSED: u32 = 0x8;
+/// Extent flag: Qcow2Extent.host_offset is valid.
+pub const QCOW2_EXTENT_OFFSET_VALID: u32 = 0x10;
