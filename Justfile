@@ -81,6 +81,10 @@ install prefix=PREFIX:
 bench *args:
     cargo bench -p qcow2-bench --bench bench -- {{args}}
 
+# The data path over NBD: fio's nbd engine against the plugin and qemu-nbd (O_DIRECT and writeback) + raw ceiling. `just fio-nbd --runtime 3`
+fio-nbd *args:
+    python3 scripts/fio_nbd.py {{args}}
+
 # ours vs qemu-io, whole process, writeback: target/dashboard/{results.json,index.html} (+ screenshot.png with chromium). `just dashboard --rounds 5`
 dashboard *args:
     #!/usr/bin/env bash

@@ -344,6 +344,150 @@ def targets(results, micro):
     return out
 
 
+# ----------------------------------------------------------------- data path, history
+
+def run_fio(args):
+    """scripts/fio_nbd.py: fio's nbd engine against the plugin and qemu-nbd (O_DIRECT and
+    writeback) plus fio on a raw file; None when its tools are missing."""
+    for tool in ("fio", "nbdkit", "qemu-nbd", "cc"):
+        if not shutil.which(tool):
+            print(f"note: {tool} not found: data path section skipped", file=sys.stderr)
+            return None
+    out = os.path.join(args.out, "fio.json")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fio_nbd.py"),
+           "--runtime", str(args.fio_runtime), "--json", out]
+    if args.tmpdir:
+        cmd += ["--workdir", tempfile.mkdtemp(dir=args.tmpdir)]
+    r = subprocess.run(cmd, text=True, capture_output=True)
+    if r.returncode != 0:
+        print(f"note: fio_nbd.py failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    with open(out) as f:
+        return json.load(f)
+
+
+FIO_GOALS = {  # workload: (mode, minimum ratio ours / qemu-nbd)
+    "randread-4k-d32": ("direct", 1.2), "randwrite-4k-d32": ("direct", 1.2),
+    "randrw-4k-d32": ("direct", 1.2), "seqread-1m-d8": ("direct", 1.0),
+}
+
+
+def fio_targets(fio):
+    out = []
+    if not fio:
+        return out
+    for name, (mode, goal) in FIO_GOALS.items():
+        v = fio["ratios"].get(name, {}).get(mode)
+        if v is not None:
+            out.append({"target": f"{name} over NBD, O_DIRECT", "goal": f"≥ {goal}× qemu-nbd",
+                        "measured": f"{v:.2f}×", "met": v >= goal})
+    for name, r in fio["ratios"].items():
+        v = r.get("writeback")
+        if v is not None and name.endswith("d32"):
+            out.append({"target": f"{name} over NBD, writeback", "goal": "≥ 1.5× qemu-nbd",
+                        "measured": f"{v:.2f}×", "met": v >= 1.5})
+    return out
+
+
+def headline(data):
+    """The ratios whose trend the page plots (ours / QEMU: higher is better)."""
+    h = {}
+    for r in data.get("workloads", []):
+        if r["name"] in ("alloc", "rescan", "rescan_unmap"):
+            h[f"{r['name']} speed-up"] = round(r["speedup"], 2)
+        ob, qb = r["ours"].get("bytes_written"), r["qemu"].get("bytes_written")
+        if r["name"] == "alloc" and ob:
+            h["alloc bytes (qemu / ours)"] = round(qb / ob, 2)
+    for name, rr in ((data.get("fio") or {}).get("ratios") or {}).items():
+        for mode, v in rr.items():
+            if v is not None:
+                h[f"{name} {mode} (× qemu-nbd)"] = v
+    return h
+
+
+def append_history(out_dir, data):
+    path = os.path.join(out_dir, "results-history.json")
+    hist = load_history(out_dir)
+    hist.append({"date": data["machine"]["date"], "git": data["machine"]["git"],
+                 "load": data["machine"].get("load_before"), "ratios": headline(data)})
+    with open(path, "w") as f:
+        json.dump(hist, f, indent=1)
+
+
+def load_history(out_dir):
+    try:
+        with open(os.path.join(out_dir, "results-history.json")) as f:
+            h = json.load(f)
+        return h if isinstance(h, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def trend_chart(title, points):
+    """A small line chart of one ratio over the dashboard runs (oldest left)."""
+    w, h, pad = 360, 120, 28
+    vals = [v for _, v in points]
+    top = max(vals + [1.0]) * 1.1
+    n = len(points)
+    xs = [pad + (w - 2 * pad) * (i / (n - 1) if n > 1 else 0.5) for i in range(n)]
+    ys = [h - pad - (h - 2 * pad) * v / top for v in vals]
+    one = h - pad - (h - 2 * pad) * 1.0 / top
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" viewBox="0 0 {w} {h}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="0" y="14" class="ct">{html.escape(title)}</text>',
+             f'<line x1="{pad}" y1="{one:.1f}" x2="{w - pad}" y2="{one:.1f}" stroke="#c77d1a" '
+             f'stroke-dasharray="4 3"/><text x="{w - pad + 2}" y="{one + 4:.1f}" class="val">1×</text>']
+    if n > 1:
+        parts.append('<polyline fill="none" stroke="#2b6cb0" stroke-width="2" points="' +
+                     " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys)) + '"/>')
+    for (label, v), x, y in zip(points, xs, ys):
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" class="ours"><title>{html.escape(label)}: '
+                     f'{v}</title></circle>')
+    parts.append(f'<text x="{xs[-1]:.1f}" y="{ys[-1] - 6:.1f}" class="val" text-anchor="middle">'
+                 f'{vals[-1]}×</text></svg>')
+    return f'<figure>{"".join(parts)}</figure>'
+
+
+def render_fio(fio):
+    e = html.escape
+    out = ["<h2>Data path over NBD (fio, <code>scripts/fio_nbd.py</code>)</h2>",
+           f'<p class="small">fio {e(str(fio.get("runtime")))} s per workload, nbd engine, one connection, '
+           f'{e(str(fio.get("size")))} image made with <code>preallocation=full</code>; O_DIRECT: plugin '
+           f'<code>cache=none</code> vs <code>qemu-nbd --cache=none --aio={e(str(fio.get("qemu_aio")))}</code>; '
+           "writeback: page cache on both; ceiling: fio io_uring O_DIRECT on a raw file. "
+           "IOPS (sequential read: MiB/s).</p>",
+           "<div class=wrap><table><tr><th class=l>workload</th><th>ours O_DIRECT</th><th>qemu-nbd O_DIRECT</th>"
+           "<th>ratio</th><th>ours writeback</th><th>qemu-nbd writeback</th><th>ratio</th>"
+           "<th>raw file ceiling</th></tr>"]
+    for name, r in fio["results"].items():
+        unit = "mib_s" if name.startswith("seq") else "iops"
+        rd = fio["ratios"][name]
+        out.append(f"<tr><td class=l>{e(name)}</td><td>{fmt_n(r['ours-direct'][unit])}</td>"
+                   f"<td>{fmt_n(r['qemu-nbd-direct'][unit])}</td><td><b>{rd['direct']}×</b></td>"
+                   f"<td>{fmt_n(r['ours-writeback'][unit])}</td><td>{fmt_n(r['qemu-nbd-writeback'][unit])}</td>"
+                   f"<td><b>{rd['writeback']}×</b></td><td>{fmt_n(r['raw-io_uring-direct'][unit])}</td></tr>")
+    out.append("</table></div>")
+    return out
+
+
+def render_history(hist):
+    if not hist:
+        return []
+    keys = []
+    for h in hist:
+        for k in h["ratios"]:
+            if k not in keys:
+                keys.append(k)
+    out = [f"<h2>Trend of the headline ratios ({len(hist)} dashboard runs, "
+           "<code>results-history.json</code>)</h2><div class=charts>"]
+    for k in keys:
+        pts = [(f'{h["date"]} {h["git"]}', h["ratios"][k]) for h in hist if k in h["ratios"]]
+        if pts:
+            out.append(trend_chart(k, pts))
+    out.append("</div>")
+    return out
+
+
 # ----------------------------------------------------------------- HTML
 
 def fmt_s(v):
@@ -491,6 +635,9 @@ def render(data):
             out.append(f"<tr><td class=l>{e(r['name'])}</td>" + "".join(
                 f"<td>{fmt_n(r['ours']['stats'].get(k))}</td>" for k in keys) + "</tr>")
         out.append("</table></div>")
+    if data.get("fio"):
+        out.extend(render_fio(data["fio"]))
+    out.extend(render_history(data.get("history", [])))
     if micro:
         out.append("<h2>Criterion micro-benchmarks (<code>cargo bench -p qcow2-bench</code>)</h2>"
                    "<div class=wrap><table><tr><th class=l>bench</th><th>time / op (mean)</th><th>entries / op</th>"
@@ -525,6 +672,9 @@ def main():
     ap.add_argument("--tmpdir", help="where the scratch images go (default: system temp dir)")
     ap.add_argument("--render-only", action="store_true", help="re-render index.html from results.json")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--no-fio", action="store_true",
+                    help="skip the data path over NBD (scripts/fio_nbd.py, about 3 minutes)")
+    ap.add_argument("--fio-runtime", type=int, default=6, help="seconds per fio workload (default 6)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rpath = os.path.join(args.out, "results.json")
@@ -542,11 +692,15 @@ def main():
         results = run_all(args)
         micro = load_criterion(args.criterion)
         machine = dict(machine_info(), load_before=load_before, load_after=loadavg())
+        fio = None if args.no_fio else run_fio(args)
         data = {"machine": machine, "rounds": args.rounds, "size_gib": args.size_gib,
-                "workloads": results, "criterion": micro, "targets": targets(results, micro),
+                "workloads": results, "criterion": micro, "fio": fio,
+                "targets": targets(results, micro) + fio_targets(fio),
                 "duration_s": round(time.perf_counter() - t0, 1)}
         with open(rpath, "w") as f:
             json.dump(data, f, indent=1)
+        append_history(args.out, data)
+    data["history"] = load_history(args.out)
     with open(os.path.join(args.out, "index.html"), "w") as f:
         f.write(render(data))
     for t in data["targets"]:

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""The data path over NBD: fio's nbd engine against nbdkit + the qcow2 plugin
+and against qemu-nbd, on copies of one fully allocated image, in one run.
+Both servers are measured with O_DIRECT (plugin cache=none; qemu-nbd
+--cache=none --aio=io_uring) and in writeback; fio with io_uring and O_DIRECT
+on a raw file of the same size is the ceiling.
+
+    python3 scripts/fio_nbd.py                     # table + target/fio-nbd/results.json
+    python3 scripts/fio_nbd.py --runtime 3 --size 1G --json out.json
+    PLUGIN=/path/plugin.so python3 scripts/fio_nbd.py
+
+Workloads (one connection, one fio job each): 4 KiB random read / write /
+50-50 at depth 32, 1 MiB sequential read at depth 8, 4 KiB random read at
+depth 1. A benchmark, not a test: it prints figures and writes JSON; the
+targets (issue notes, README) are judged from its output.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKLOADS = [
+    # name, fio rw, block size, depth, extra fio args
+    ("randread-4k-d32", "randread", "4k", 32, []),
+    ("randwrite-4k-d32", "randwrite", "4k", 32, []),
+    ("randrw-4k-d32", "randrw", "4k", 32, ["--rwmixread=50"]),
+    ("seqread-1m-d8", "read", "1m", 8, []),
+    ("randread-4k-d1", "randread", "4k", 1, []),
+]
+
+
+def need(*tools):
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        sys.exit(
+            "missing: %s (apt-get install -y fio nbdkit nbdkit-plugin-dev libnbd-bin qemu-utils gcc)"
+            % " ".join(missing)
+        )
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
+
+
+def build_plugin(work):
+    if os.environ.get("PLUGIN"):
+        return os.environ["PLUGIN"]
+    run(["cargo", "build", "-q", "--release", "-p", "qcow2-capi"], cwd=ROOT)
+    rel = os.path.join(ROOT, "target", "release")
+    link = os.path.join(rel, "libqcow2.so.0")  # the SONAME; cargo writes libqcow2.so
+    if not os.path.lexists(link):
+        os.symlink("libqcow2.so", link)
+    out = os.path.join(work, "nbdkit-qcow2-plugin.so")
+    run(
+        ["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I", os.path.join(ROOT, "include"),
+         os.path.join(ROOT, "plugins", "nbdkit", "nbdkit-qcow2-plugin.c"), "-o", out,
+         "-L", rel, "-Wl,-rpath," + rel, "-lqcow2"]
+    )
+    return out
+
+
+class Server:
+    def __init__(self, kind, image, mode, plugin, work):
+        self.sock = os.path.join(work, "nbd.sock")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.log = open(os.path.join(work, "server.log"), "w")
+        if kind == "ours":
+            cache = "none" if mode == "direct" else "writeback"
+            cmd = ["nbdkit", "-U", self.sock, "-f", "--exit-with-parent", plugin,
+                   "file=" + image, "cache=" + cache, "discard=unmap"]
+        else:
+            cmd = ["qemu-nbd", "-k", self.sock, "-f", "qcow2", "-t", "-e", "0",
+                   "--discard=unmap"]
+            if mode == "direct":
+                cmd += ["--cache=none", "--aio=" + qemu_aio()]
+            else:
+                cmd += ["--cache=writeback"]
+            cmd.append(image)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        for _ in range(500):
+            if os.path.exists(self.sock):
+                break
+            if self.proc.poll() is not None:
+                sys.exit("%s exited early; see %s" % (cmd[0], self.log.name))
+            time.sleep(0.02)
+        time.sleep(0.2)
+        self.uri = "nbd+unix:///?socket=" + self.sock
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+_AIO = None
+
+
+def qemu_aio():
+    """io_uring when this qemu-nbd has it, else native."""
+    global _AIO
+    if _AIO is None:
+        with tempfile.TemporaryDirectory() as d:
+            img = os.path.join(d, "p.raw")
+            with open(img, "wb") as f:
+                f.truncate(1 << 20)
+            sock = os.path.join(d, "s")
+            p = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "raw", "--cache=none",
+                                  "--aio=io_uring", img],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(100):
+                if os.path.exists(sock) or p.poll() is not None:
+                    break
+                time.sleep(0.02)
+            ok = p.poll() is None
+            p.kill()
+            p.wait()
+            _AIO = "io_uring" if ok else "native"
+    return _AIO
+
+
+def fio(target_args, rw, bs, depth, extra, runtime, size):
+    cmd = ["fio", "--name=job", "--rw=" + rw, "--bs=" + bs, "--iodepth=%d" % depth,
+           "--runtime=%d" % runtime, "--time_based", "--size=" + size,
+           "--numjobs=1", "--output-format=json", "--randrepeat=0"] + extra + target_args
+    out = run(cmd).stdout
+    j = json.loads(out[out.index("{"):])
+    job = j["jobs"][0]
+    iops = job["read"]["iops"] + job["write"]["iops"]
+    mibs = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / (1 << 20)
+    return {"iops": round(iops), "mib_s": round(mibs, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=int, default=6, help="seconds per workload (default 6)")
+    ap.add_argument("--size", default="2G", help="image size (default 2G)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "target", "fio-nbd", "results.json"))
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, on /var/tmp)")
+    args = ap.parse_args()
+    need("fio", "nbdkit", "qemu-nbd", "qemu-img", "cc")
+
+    work = args.workdir or tempfile.mkdtemp(prefix="fio-nbd-", dir="/var/tmp")
+    try:
+        plugin = build_plugin(work)
+        base = os.path.join(work, "base.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", base, args.size])
+        raw = os.path.join(work, "ceiling.raw")
+        run(["qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", raw, args.size])
+
+        results = {}
+        configs = [("ours", "direct"), ("qemu-nbd", "direct"), ("ours", "writeback"), ("qemu-nbd", "writeback")]
+        for kind, mode in configs:
+            img = os.path.join(work, "img.qcow2")
+            shutil.copyfile(base, img)
+            srv = Server(kind, img, mode, plugin, work)
+            try:
+                for name, rw, bs, depth, extra in WORKLOADS:
+                    r = fio(["--ioengine=nbd", "--uri=" + srv.uri], rw, bs, depth, extra,
+                            args.runtime, args.size)
+                    results.setdefault(name, {})["%s-%s" % (kind, mode)] = r
+                    print("%-18s %-20s %9d IOPS %9.1f MiB/s" % (name, kind + " " + mode, r["iops"], r["mib_s"]),
+                          flush=True)
+            finally:
+                srv.stop()
+            run(["qemu-img", "check", "-q", img])
+        for name, rw, bs, depth, extra in WORKLOADS:
+            r = fio(["--ioengine=io_uring", "--direct=1", "--filename=" + raw], rw, bs, depth,
+                    extra, args.runtime, args.size)
+            results[name]["raw-io_uring-direct"] = r
+            print("%-18s %-20s %9d IOPS %9.1f MiB/s" % (name, "raw file", r["iops"], r["mib_s"]), flush=True)
+
+        ratios = {}
+        for name in results:
+            for mode in ("direct", "writeback"):
+                q = results[name]["qemu-nbd-" + mode]["iops"]
+                o = results[name]["ours-" + mode]["iops"]
+                ratios.setdefault(name, {})[mode] = round(o / q, 2) if q else None
+
+        print()
+        print("%-18s %12s %12s %7s %12s %12s %7s %12s" % (
+            "workload", "ours direct", "qemu direct", "ratio", "ours wb", "qemu wb", "ratio", "raw ceiling"))
+        for name, *_ in WORKLOADS:
+            r = results[name]
+            unit = "mib_s" if name.startswith("seq") else "iops"
+            print("%-18s %12s %12s %6.2fx %12s %12s %6.2fx %12s" % (
+                name, r["ours-direct"][unit], r["qemu-nbd-direct"][unit], ratios[name]["direct"] or 0,
+                r["ours-writeback"][unit], r["qemu-nbd-writeback"][unit], ratios[name]["writeback"] or 0,
+                r["raw-io_uring-direct"][unit]))
+        print("(IOPS; seqread in MiB/s; %s image, %d s per workload, %d CPUs, fio %s, qemu-nbd --aio=%s)" % (
+            args.size, args.runtime, os.cpu_count(), run(["fio", "--version"]).stdout.strip(), qemu_aio()))
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "size": args.size, "runtime": args.runtime, "qemu_aio": qemu_aio(),
+                       "results": results, "ratios": ratios}, f, indent=1)
+        print("wrote", args.json)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
