@@ -3,7 +3,10 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod compare;
+mod convert;
 mod create;
+mod disk;
 mod info;
 mod io;
 mod map;
@@ -48,6 +51,10 @@ enum Cmd {
     Check(check::CheckArgs),
     /// Run qemu-io commands on an image (like `qemu-io`).
     Io(io::IoArgs),
+    /// Copy images into a new or existing qcow2/raw image (like `qemu-img convert`).
+    Convert(convert::ConvertArgs),
+    /// Compare the contents of two images (like `qemu-img compare`).
+    Compare(compare::CompareArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -148,6 +155,8 @@ fn main() -> ExitCode {
         Cmd::Create(a) => create::run(a),
         Cmd::Check(a) => check::run(a),
         Cmd::Io(a) => io::run(a),
+        Cmd::Convert(a) => convert::run(a),
+        Cmd::Compare(a) => compare::run(a),
     });
     let result = match result {
         Ok(r) => r,
