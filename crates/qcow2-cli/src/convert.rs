@@ -92,7 +92,7 @@ struct CreateCmd {
 
 /// Where converted data goes.
 enum Target {
-    Qcow2(Image),
+    Qcow2(Box<Image>),
     Raw(FileStorage),
 }
 
@@ -228,7 +228,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
                     img.virtual_size()
                 )));
             }
-            Target::Qcow2(img)
+            Target::Qcow2(Box::new(img))
         }
         _ => {
             let f = FileStorage::open(dst, OpenMode::READ_WRITE).map_err(|e| {

@@ -27,7 +27,7 @@ pub const DATA: Status = Status {
 /// A qcow2 image or a raw file.
 pub enum Disk {
     /// Through the engine.
-    Qcow2(Image),
+    Qcow2(Box<Image>),
     /// A plain file: guest offset == file offset.
     Raw {
         /// The file.
@@ -64,7 +64,7 @@ impl Disk {
             None => probe(path)?.to_string(),
         };
         match fmt.as_str() {
-            "qcow2" => Ok(Disk::Qcow2(open_image(path, opts)?)),
+            "qcow2" => Ok(Disk::Qcow2(Box::new(open_image(path, opts)?))),
             "raw" => {
                 let mode = if opts.writable {
                     OpenMode::READ_WRITE
