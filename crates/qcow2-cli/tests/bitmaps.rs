@@ -462,3 +462,32 @@ fn unvouched_bitmaps_extension_dropped() {
     )
     .ok("qemu-img compare");
 }
+
+/// A bitmap QEMU refuses to load (reserved flag set) makes the read-write
+/// open fail, as qemu-io's does, with a message naming the image and the
+/// bitmap; nothing is written. Read-only opens still work.
+#[test]
+fn invalid_bitmap_refused_on_read_write_open() {
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]).ok("create");
+    qemu_img(dir, &["bitmap", "--add", "a.qcow2", "b0"]).ok("bitmap --add");
+    let path = p(dir, "a.qcow2");
+    let mut f = std::fs::read(&path).unwrap();
+    let x = bitmaps_ext(&f).expect("bitmaps extension");
+    let e = be64(&f, x + 16) as usize;
+    let flags = be32(&f, e + 12) | 0x80;
+    f[e + 12..e + 16].copy_from_slice(&flags.to_be_bytes());
+    std::fs::write(&path, &f).unwrap();
+    let q = qemu_io(dir, &["-c", "write 0 4k", "a.qcow2"]);
+    assert_ne!(q.code, 0, "qemu-io opened it:\n{}", q.stdout);
+    let o = ours(dir, &["io", "-c", "write 0 4k", "a.qcow2"]);
+    assert_ne!(o.code, 0, "qcow2 io opened it:\n{}", o.stdout);
+    assert!(
+        o.stderr.contains("a.qcow2") && o.stderr.contains("b0"),
+        "error names neither image nor bitmap: {}",
+        o.stderr
+    );
+    assert!(f == std::fs::read(&path).unwrap(), "the file was changed");
+    ours(dir, &["info", "a.qcow2"]).ok("qcow2 info (read-only)");
+}
