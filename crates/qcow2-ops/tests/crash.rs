@@ -819,9 +819,7 @@ fn crash_bitmap_store() {
             for ((b, w), s0) in bms.iter().zip(&want).zip(&start_bms) {
                 let ok = if !s0.auto {
                     !b.in_use && b.bits == s0.bits
-                } else if b.in_use {
-                    true
-                } else if b.bits == *w {
+                } else if b.in_use || b.bits == *w {
                     true
                 } else {
                     let g = guest.get_or_insert_with(|| read_guest(bytes));
