@@ -240,6 +240,38 @@ pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>, FormatErr
     Ok(out)
 }
 
+/// Byte position of each entry in the encoded directory of `entries`.
+pub fn entry_positions(entries: &[BitmapEntry]) -> Vec<usize> {
+    let mut p = 0usize;
+    entries
+        .iter()
+        .map(|e| {
+            let at = p;
+            p += e.encoded_len();
+            at
+        })
+        .collect()
+}
+
+/// Byte offset of the flags field within a directory entry.
+pub const ENTRY_FLAGS_POS: usize = 12;
+
+/// What is wrong with a bitmap table entry (QEMU's check_table_entry):
+/// reserved bits set, or a data cluster offset that is misaligned or comes
+/// with the all-ones flag. `None` when it is valid.
+pub fn table_entry_problem(entry: u64, cluster_size: u64) -> Option<&'static str> {
+    let off = entry & BTE_OFFSET_MASK;
+    if entry & BTE_RESERVED != 0 {
+        Some("reserved bits set")
+    } else if off != 0 && entry & BTE_ALL_ONES != 0 {
+        Some("all-ones flag with a data cluster")
+    } else if off & (cluster_size - 1) != 0 {
+        Some("data cluster offset not cluster aligned")
+    } else {
+        None
+    }
+}
+
 /// Encodes a whole directory.
 pub fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -276,6 +308,27 @@ mod tests {
         assert!(parse_directory(&d[..40], 2).is_err());
         // Directory size must match the entries exactly.
         assert!(parse_directory(&d, 1).is_err());
+    }
+
+    #[test]
+    fn positions_and_table_entries() {
+        let mut b = entry();
+        b.name = b"a-longer-name".to_vec();
+        let v = vec![entry(), b, entry()];
+        let d = encode_directory(&v);
+        let pos = entry_positions(&v);
+        assert_eq!(pos, vec![0, 32, 72]);
+        for (e, &p) in v.iter().zip(&pos) {
+            assert_eq!(be32(&d, p + ENTRY_FLAGS_POS), e.flags);
+        }
+        let cs = 65536;
+        assert_eq!(table_entry_problem(0, cs), None);
+        assert_eq!(table_entry_problem(BTE_ALL_ONES, cs), None);
+        assert_eq!(table_entry_problem(0x30000, cs), None);
+        assert!(table_entry_problem(0x30000 | BTE_ALL_ONES, cs).is_some());
+        assert!(table_entry_problem(0x30200, cs).is_some());
+        assert!(table_entry_problem(1 << 1, cs).is_some());
+        assert!(table_entry_problem(1 << 60, cs).is_some());
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub(crate) struct Inner {
     pub(crate) metadata_prealloc: Option<bool>,
     /// Host offsets of the L2 tables the L1 table references (overlap checks).
     pub(crate) l2_tables: std::collections::HashSet<u64>,
+    /// Persistent dirty bitmaps maintained while open.
+    pub(crate) bitmaps: crate::bitmaps::Bitmaps,
 }
 
 impl Image {
@@ -133,6 +135,7 @@ impl Image {
         g.check_flags(flags, REQ_FUA)?;
         g.check_writable()?;
         g.check_range(offset, buf.len() as u64)?;
+        g.mark_bitmaps(offset, buf.len() as u64);
         let r = g.write(offset, buf);
         self.req_gen.fetch_add(1, Ordering::SeqCst);
         if g.finish_request(r, flags)? {
@@ -148,6 +151,7 @@ impl Image {
         g.check_flags(flags, REQ_KNOWN)?;
         g.check_writable()?;
         g.check_range(offset, len)?;
+        g.mark_bitmaps(offset, len);
         let r = g.write_zeroes(offset, len, flags);
         self.req_gen.fetch_add(1, Ordering::SeqCst);
         if g.finish_request(r, flags)? {
@@ -161,6 +165,10 @@ impl Image {
         let mut g = self.lock();
         g.check_writable()?;
         g.check_range(offset, len)?;
+        if g.opts.discard != DiscardMode::Ignore {
+            // As QEMU: a discard ignored by the open options changes nothing.
+            g.mark_bitmaps(offset, len);
+        }
         let r = g.discard(offset, len);
         self.req_gen.fetch_add(1, Ordering::SeqCst);
         if g.finish_request(r, 0)? {
@@ -270,7 +278,8 @@ impl Image {
         if g.read_only {
             return Ok(());
         }
-        g.flush_close()
+        g.flush_close()?;
+        g.store_bitmaps()
     }
 }
 
@@ -279,6 +288,7 @@ impl Drop for Image {
         let g = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         if !g.read_only {
             let _ = g.flush_close();
+            let _ = g.store_bitmaps();
         }
     }
 }
@@ -403,6 +413,7 @@ impl Inner {
             fresh_l2: Default::default(),
             metadata_prealloc: None,
             l2_tables: Default::default(),
+            bitmaps: Default::default(),
         };
         me.l2_tables = me
             .l1
@@ -424,6 +435,7 @@ impl Inner {
             }
             me.set_incompat_bit(header::INCOMPAT_DIRTY, false)?;
         }
+        me.open_bitmaps()?;
         // Lazy-refcount images are written with exact refcounts, a valid
         // state of such an image: the dirty bit is never set by this engine.
         Ok(me)

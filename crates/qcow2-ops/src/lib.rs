@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod backing;
+mod bitmaps;
 mod check;
 mod create;
 mod error;

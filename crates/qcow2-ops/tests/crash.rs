@@ -581,3 +581,269 @@ crash_tests! {
     crash_extended_l2, errors_extended_l2: wl_extended(), 40;
     crash_v2, errors_v2: wl_v2(), 30;
 }
+
+// ----- persistent dirty bitmaps -----
+
+/// One bitmap as stored: name, flags, granularity bits and its bits (as
+/// many bytes as the disk needs; all-ones table entries expanded).
+#[derive(Debug, Clone, PartialEq)]
+struct StoredBitmap {
+    name: String,
+    in_use: bool,
+    auto: bool,
+    granularity_bits: u8,
+    bits: Vec<u8>,
+}
+
+/// The bitmaps of an image file's bytes, read as QEMU would (None when the
+/// autoclear bit does not vouch for them).
+fn stored_bitmaps(bytes: &[u8]) -> Option<Vec<StoredBitmap>> {
+    use qcow2_ops::format::bitmap;
+    use qcow2_ops::format::header::{Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+    let h = Header::parse(bytes, bytes.len() as u64).expect("header");
+    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        return None;
+    }
+    let ext = bitmap::BitmapsExt::parse(h.extension(EXT_BITMAPS)?).expect("bitmaps extension");
+    let d = ext.directory_offset as usize;
+    let dir = &bytes[d..d + ext.directory_size as usize];
+    let cs = h.cluster_size() as usize;
+    let entries = bitmap::parse_directory(dir, ext.nb_bitmaps).expect("bitmap directory");
+    Some(
+        entries
+            .iter()
+            .map(|e| {
+                let nbytes = (h.size.div_ceil(e.granularity())).div_ceil(8) as usize;
+                let mut data = vec![0u8; e.table_size as usize * cs];
+                for i in 0..e.table_size as usize {
+                    let t = qcow2_ops::format::be64(bytes, e.table_offset as usize + i * 8);
+                    let off = (t & bitmap::BTE_OFFSET_MASK) as usize;
+                    let chunk = &mut data[i * cs..(i + 1) * cs];
+                    if off != 0 {
+                        chunk.copy_from_slice(&bytes[off..off + cs]);
+                    } else if t & bitmap::BTE_ALL_ONES != 0 {
+                        chunk.fill(0xff);
+                    }
+                }
+                data.truncate(nbytes);
+                // Bits past the disk end do not count.
+                let nbits = h.size.div_ceil(e.granularity());
+                if nbits % 8 != 0 {
+                    if let Some(last) = data.last_mut() {
+                        *last &= (1u8 << (nbits % 8)) - 1;
+                    }
+                }
+                StoredBitmap {
+                    name: String::from_utf8_lossy(&e.name).into_owned(),
+                    in_use: e.in_use(),
+                    auto: e.auto(),
+                    granularity_bits: e.granularity_bits,
+                    bits: data,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Sets the bits the ops dirty (each op's whole range, at the bitmap's
+/// granularity, as QEMU's block layer does).
+fn model_bits(start: &StoredBitmap, ops: &[Op], size: u64) -> Vec<u8> {
+    let mut b = start.bits.clone();
+    let g = start.granularity_bits as u32;
+    let nbits = size.div_ceil(1 << g);
+    for op in ops {
+        let Some((o, l)) = op.range() else { continue };
+        if l == 0 {
+            continue;
+        }
+        for bit in (o >> g)..(((o + l - 1) >> g) + 1).min(nbits) {
+            b[(bit / 8) as usize] |= 1 << (bit % 8);
+        }
+    }
+    b
+}
+
+/// Power loss at every mutating I/O from open to close (the bitmap store at
+/// close included) of an image with enabled and disabled bitmaps: every
+/// power-loss image is clean for `qemu-img check` (leaks allowed), the
+/// disabled bitmap never changes, and each enabled bitmap is either marked
+/// in use (inconsistent) or correct: holding every bit the requests set, or
+/// unchanged while the guest content is unchanged too.
+#[test]
+fn crash_bitmap_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bm.qcow2");
+    let ps = path.to_str().unwrap();
+    let size = 32 * M;
+    for args in [
+        vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            ps,
+            "32M",
+        ],
+        vec!["bitmap", "--add", "-g", "512", ps, "fine"],
+        vec!["bitmap", "--add", "-g", "65536", ps, "coarse"],
+        vec!["bitmap", "--add", "-g", "4096", ps, "frozen"],
+    ] {
+        let (c, m) = run("qemu-img", &args);
+        assert_eq!(c, 0, "{m}");
+    }
+    let (c, m) = run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x11 1M 64k",
+            "-c",
+            "write -P 0x12 15M 8k",
+            ps,
+        ],
+    );
+    assert!(c == 0 && !m.contains("failed"), "{m}");
+    let (c, m) = run("qemu-img", &["bitmap", "--disable", ps, "frozen"]);
+    assert_eq!(c, 0, "{m}");
+    let start = std::fs::read(&path).unwrap();
+    let start_bms = stored_bitmaps(&start).expect("start bitmaps");
+    assert_eq!(start_bms.len(), 3);
+    // The fine bitmap's data spans two clusters (16 MiB each): the first
+    // has data already, the second gets its first cluster at close.
+    let ops = vec![
+        Op::Write(100 * K, 8 * K, 0x21),
+        Op::Write(M + 512, 1000, 0x22),
+        Op::Zero(20 * M, 64 * K, U),
+        Op::Flush,
+        Op::Discard(17 * M, M),
+        Op::Zero(5 * M + 100, 3000, 0),
+        Op::Write(24 * M - 4 * K, 8 * K, 0x23),
+    ];
+    let want: Vec<Vec<u8>> = start_bms
+        .iter()
+        .map(|b| {
+            if b.auto {
+                model_bits(b, &ops, size)
+            } else {
+                b.bits.clone()
+            }
+        })
+        .collect();
+    let read_guest = |bytes: &[u8]| -> Vec<u8> {
+        let img = Image::open_with_storage(
+            Box::new(FaultStorage::new(bytes.to_vec())),
+            &path,
+            &OpenOptions::read_only(),
+        )
+        .expect("open read-only");
+        let mut g = vec![0u8; size as usize];
+        img.read(0, &mut g).expect("read");
+        g
+    };
+    let start_guest = read_guest(&start);
+    let run_all = |fs: &Arc<FaultStorage>| {
+        if let Ok(img) = Image::open_with_storage(Box::new(fs.clone()), &path, &rw_opts()) {
+            for &op in &ops {
+                if exec(&img, op).is_err() {
+                    break;
+                }
+            }
+            let _ = img.close();
+        }
+    };
+    // Undisturbed: every enabled bitmap stored, clean, with the model's bits.
+    let fs = Arc::new(FaultStorage::new(start.clone()));
+    fs.set_plan(FaultPlan::default());
+    run_all(&fs);
+    let total = fs.ops();
+    let done = stored_bitmaps(&fs.current()).expect("bitmaps after close");
+    for (b, w) in done.iter().zip(&want) {
+        assert!(!b.in_use, "{} still in use after close", b.name);
+        assert!(
+            b.bits == *w,
+            "{}: stored bits differ from the model",
+            b.name
+        );
+    }
+    let scratch = dir.path().join("crash.qcow2");
+    let mut rng = Rng(0x5eed_b175);
+    let mut failures = Vec::new();
+    let mut images = 0;
+    for k in 0..total {
+        let fs = Arc::new(FaultStorage::new(start.clone()));
+        fs.set_plan(FaultPlan {
+            fail_at: None,
+            crash_after: Some(k),
+        });
+        run_all(&fs);
+        let n = fs.pending_len();
+        let mut subsets = vec![
+            fs.after_power_loss(|_| false, |_| None),
+            fs.after_power_loss(|_| true, |_| None),
+        ];
+        if n <= 6 {
+            // Few unsynced writes: every subset of them.
+            for mask in 1..(1u32 << n) - 1 {
+                subsets.push(fs.after_power_loss(|i| mask & (1 << i) != 0, |_| None));
+            }
+        }
+        for _ in 0..3 {
+            let keep: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
+            let torn: Vec<Option<usize>> = (0..n)
+                .map(|_| match rng.below(3) {
+                    0 => Some(rng.below(10) as usize),
+                    _ => None,
+                })
+                .collect();
+            subsets.push(fs.after_power_loss(|i| keep[i], |i| torn[i]));
+        }
+        for (s, bytes) in subsets.iter().enumerate() {
+            images += 1;
+            let tag = format!("bitmaps-k{k}-s{s}");
+            std::fs::write(&scratch, bytes).unwrap();
+            let (code, out) = qemu_check(&scratch);
+            if code != 0 && code != 3 {
+                let kept = keep_failure(&tag, bytes);
+                failures.push(format!(
+                    "{tag}: qemu-img check exit {code} (kept at {}):\n{out}",
+                    kept.display()
+                ));
+                continue;
+            }
+            let Some(bms) = stored_bitmaps(bytes) else {
+                failures.push(format!("{tag}: the bitmaps autoclear bit was lost"));
+                continue;
+            };
+            let mut guest: Option<Vec<u8>> = None;
+            for ((b, w), s0) in bms.iter().zip(&want).zip(&start_bms) {
+                let ok = if !s0.auto {
+                    !b.in_use && b.bits == s0.bits
+                } else if b.in_use || b.bits == *w {
+                    true
+                } else {
+                    let g = guest.get_or_insert_with(|| read_guest(bytes));
+                    b.bits == s0.bits && *g == start_guest
+                };
+                if !ok {
+                    let kept = keep_failure(&tag, bytes);
+                    failures.push(format!(
+                        "{tag}: bitmap {} is neither in use nor correct (in_use {}, kept at {})",
+                        b.name,
+                        b.in_use,
+                        kept.display()
+                    ));
+                }
+            }
+        }
+    }
+    println!(
+        "crash bitmaps: {total} mutating I/Os from open to close, {images} power-loss images checked"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures; first: {}",
+        failures.len(),
+        failures[0]
+    );
+}
