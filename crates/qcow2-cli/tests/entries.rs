@@ -337,7 +337,9 @@ fn unaligned_entries_met_by_discard_and_zeroing_match_qemu() {
         let mut failures = Vec::new();
         for c in cmds {
             for extra in [&[][..], &["-t", "writeback"][..]] {
-                if let Some(f) = differential(d, &img, extra, &[c.clone()], Some(0x10000)) {
+                if let Some(f) =
+                    differential(d, &img, extra, std::slice::from_ref(&c), Some(0x10000))
+                {
                     failures.push(f);
                 }
             }
@@ -463,7 +465,7 @@ fn discard_over_unaligned_refcount_block_fails_at_the_discard() {
                 "theirs.qcow2",
                 false,
                 extra,
-                &[cmd.clone()],
+                std::slice::from_ref(&cmd),
                 Some(g),
             );
             copy(d, &img, "ours.qcow2");
