@@ -168,21 +168,34 @@ impl L2Entry {
                 (false, false) => SubclusterType::UnallocatedPlain,
             };
         }
+        if self.bitmap_invalid() {
+            // One bad subcluster makes the whole entry invalid.
+            return SubclusterType::Invalid;
+        }
         let alloc = (self.bitmap >> sc) & 1 != 0;
         let zero = (self.bitmap >> (32 + sc)) & 1 != 0;
-        if off != 0 {
-            match (alloc, zero) {
-                (true, true) => SubclusterType::Invalid,
-                (false, true) => SubclusterType::ZeroAlloc,
-                (true, false) => SubclusterType::Normal,
-                (false, false) => SubclusterType::UnallocatedAlloc,
-            }
+        match (zero, alloc, off != 0) {
+            (true, _, true) => SubclusterType::ZeroAlloc,
+            (true, _, false) => SubclusterType::ZeroPlain,
+            (false, true, _) => SubclusterType::Normal,
+            (false, false, true) => SubclusterType::UnallocatedAlloc,
+            (false, false, false) => SubclusterType::UnallocatedPlain,
+        }
+    }
+    /// Whether the subcluster bitmap of an extended entry breaks the spec:
+    /// a subcluster both allocated and zero, or an allocated subcluster in
+    /// an entry without a host offset. Such an entry is invalid as a whole
+    /// (every subcluster reads as [`SubclusterType::Invalid`]). Compressed
+    /// entries have no subclusters: always false for them.
+    pub fn bitmap_invalid(self) -> bool {
+        if self.is_compressed() {
+            return false;
+        }
+        let alloc = self.bitmap & 0xffff_ffff;
+        if self.raw & OFFSET_MASK != 0 {
+            alloc & (self.bitmap >> 32) != 0
         } else {
-            match (alloc, zero) {
-                (true, _) => SubclusterType::Invalid,
-                (false, true) => SubclusterType::ZeroPlain,
-                (false, false) => SubclusterType::UnallocatedPlain,
-            }
+            alloc != 0
         }
     }
     /// Compressed descriptor (only meaningful when `is_compressed`).
@@ -308,6 +321,10 @@ mod tests {
             bitmap: (1 << 32) | 1,
         };
         assert_eq!(both.subcluster_type(true, 0), SubclusterType::Invalid);
+        // The whole entry is invalid, not only the bad subcluster.
+        assert_eq!(both.subcluster_type(true, 1), SubclusterType::Invalid);
+        assert!(both.bitmap_invalid());
+        assert!(!e.bitmap_invalid());
         let plain = L2Entry {
             raw: 0,
             bitmap: L2_BITMAP_ALL_ZERO,
@@ -316,6 +333,20 @@ mod tests {
         assert_eq!(plain.subcluster_type(true, 31), SubclusterType::ZeroPlain);
         let bad = L2Entry { raw: 0, bitmap: 1 };
         assert_eq!(bad.subcluster_type(true, 0), SubclusterType::Invalid);
+        assert_eq!(bad.subcluster_type(true, 5), SubclusterType::Invalid);
+        // Offset 0 with the COPIED flag is still "no host offset".
+        let copied = L2Entry {
+            raw: FLAG_COPIED,
+            bitmap: 1 << 31,
+        };
+        assert!(copied.bitmap_invalid());
+        // Compressed entries have no subcluster bitmap to check.
+        let comp = L2Entry {
+            raw: FLAG_COMPRESSED | 0x1000,
+            bitmap: u64::MAX,
+        };
+        assert!(!comp.bitmap_invalid());
+        assert_eq!(comp.subcluster_type(true, 0), SubclusterType::Compressed);
     }
 
     #[test]

@@ -722,8 +722,17 @@ impl Inner {
         Ok((id, (byte % slice) as usize))
     }
 
-    /// Reads the L2 entry for `guest` (unallocated when there is no L2 table).
+    /// Reads and validates the L2 entry for `guest` (unallocated when there
+    /// is no L2 table): an invalid entry marks the image corrupt and fails.
     pub(crate) fn l2_entry(&mut self, guest: u64) -> Result<L2Entry> {
+        let e = self.l2_entry_unchecked(guest)?;
+        self.validate_l2(e, guest)?;
+        Ok(e)
+    }
+
+    /// Reads the L2 entry for `guest` without judging it (for the paths that
+    /// rewrite entries whatever they hold, as QEMU's zeroing does).
+    pub(crate) fn l2_entry_unchecked(&mut self, guest: u64) -> Result<L2Entry> {
         let l1_idx = self.geo.l1_index(guest) as usize;
         let table = self.l2_table(l1_idx)?;
         if table == 0 {
@@ -739,7 +748,6 @@ impl Inner {
                 0
             },
         };
-        self.validate_l2(e, guest)?;
         Ok(e)
     }
 
@@ -747,14 +755,23 @@ impl Inner {
         let v2_zero = self.header.version < 3 && !e.is_compressed() && e.zero_flag();
         let problem = if v2_zero {
             Some("zero cluster entry in a pre-v3 image")
+        } else if self.geo.extended_l2 && e.bitmap_invalid() {
+            Some("invalid subcluster allocation bitmap")
         } else {
             l2_entry_problem(e, self.geo.cluster_size())
         };
         if let Some(why) = problem {
-            let msg = format!(
-                "{}: L2 entry for guest offset {guest:#x} ({:#x}): {why}",
-                self.name, e.raw
-            );
+            let msg = if self.geo.extended_l2 {
+                format!(
+                    "{}: L2 entry for guest offset {guest:#x} ({:#x}, bitmap {:#x}): {why}",
+                    self.name, e.raw, e.bitmap
+                )
+            } else {
+                format!(
+                    "{}: L2 entry for guest offset {guest:#x} ({:#x}): {why}",
+                    self.name, e.raw
+                )
+            };
             self.mark_corrupt();
             return Err(Error::Corrupt(msg));
         }
@@ -882,7 +899,27 @@ impl Inner {
         Ok(c)
     }
 
-    /// Queues the release of the host clusters an L2 entry referenced; the
+    /// [`releasable`] for this image; a corrupt refcount block marks it corrupt.
+    pub(crate) fn can_free(&mut self, e: L2Entry) -> Result<bool> {
+        let cb = self.geo.cluster_bits;
+        match releasable(&mut self.refs, &*self.file, cb, e) {
+            Ok(ok) => Ok(ok),
+            Err(err) => Err(self.refcount_failure(err)),
+        }
+    }
+
+    /// The error for a refcount lookup that failed; marks the image corrupt
+    /// when the refcount structures are.
+    pub(crate) fn refcount_failure(&mut self, err: RefcountError) -> Error {
+        let err = refcount_err(&self.name, err);
+        if let Error::Corrupt(_) = err {
+            self.mark_corrupt();
+        }
+        err
+    }
+
+    /// Queues the release of the host clusters an L2 entry referenced (only
+    /// when [`Inner::can_free`] said so, before the entry changed); the
     /// refcount drops only after the L2 change is durable.
     pub(crate) fn free_entry_clusters(&mut self, e: L2Entry, punch: bool) {
         let cb = self.geo.cluster_bits;
@@ -1025,6 +1062,39 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Whether the refcounts of the host clusters `e` references may drop once
+/// no entry references them, judged before the entry changes (so that a
+/// failure leaves it as it was). As QEMU: clusters of an entry whose offset
+/// is not cluster aligned, or whose refcount is already 0, are left alone
+/// (`Ok(false)`: at worst a leak; the request goes on), while a refcount
+/// block covering them that is itself invalid fails the request (`Err`).
+pub(crate) fn releasable(
+    refs: &mut Refcounts,
+    file: &dyn Storage,
+    cluster_bits: u32,
+    e: L2Entry,
+) -> std::result::Result<bool, RefcountError> {
+    let (first, last) = if e.is_compressed() {
+        let d = e.compressed(cluster_bits);
+        (
+            d.first_cluster(cluster_bits) >> cluster_bits,
+            d.last_cluster(cluster_bits) >> cluster_bits,
+        )
+    } else {
+        let off = e.host_offset();
+        if off == 0 || off & ((1u64 << cluster_bits) - 1) != 0 {
+            return Ok(false);
+        }
+        (off >> cluster_bits, off >> cluster_bits)
+    };
+    for c in first..=last {
+        if refs.get(file, c)? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// What is wrong with an L2 entry's host offset, if anything.

@@ -148,7 +148,8 @@ impl Inner {
         let sub = self.geo.subcluster_size();
         let cs = self.geo.cluster_size();
         let table = self.ensure_l2_table(offset)?;
-        let e = self.l2_entry(offset)?;
+        // As QEMU, the bitmap is updated whatever the entry holds.
+        let e = self.l2_entry_unchecked(offset)?;
         if e.is_compressed() {
             return Err(enotsup("partial zeroing of a compressed cluster"));
         }
@@ -212,11 +213,10 @@ impl Inner {
         let ext = self.geo.extended_l2;
         let es = self.geo.l2_entry_size() as usize;
         let cb = self.geo.cluster_bits;
-        let cs = 1u64 << cb;
         let mut frees: Vec<L2Entry> = Vec::new();
         let mut dirty: Vec<(usize, usize)> = Vec::new();
         let mut skipped = 0u64;
-        let mut bad: Option<(L2Entry, u64)> = None;
+        let mut failed: Option<(qcow2_refcount::RefcountError, u64)> = None;
         {
             let d = self.l2.data_mut_unmarked(id);
             for i in 0..cnt as usize {
@@ -230,10 +230,18 @@ impl Inner {
                     skipped += 1;
                     continue;
                 }
-                if crate::image::l2_entry_problem(old, cs).is_some() {
-                    bad = Some((old, offset + ((i as u64) << cb)));
-                    break;
-                }
+                // Entries are rewritten whatever they hold, as QEMU does;
+                // only the release of their clusters is judged, before the
+                // entry changes: a refcount block that cannot take the
+                // decrement fails the request here, not the flush.
+                let release = release
+                    && match crate::image::releasable(&mut self.refs, &*self.file, cb, old) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            failed = Some((e, offset + ((i as u64) << cb)));
+                            break;
+                        }
+                    };
                 put_be64(d, p, new.raw);
                 if ext {
                     put_be64(d, p + 8, new.bitmap);
@@ -257,8 +265,13 @@ impl Inner {
         for old in frees {
             self.free_entry_clusters(old, true);
         }
-        if let Some((old, guest)) = bad {
-            return self.validate_l2(old, guest);
+        if let Some((e, guest)) = failed {
+            return Err(match self.refcount_failure(e) {
+                Error::Corrupt(m) => Error::Corrupt(format!(
+                    "{m} (releasing the cluster of guest offset {guest:#x})"
+                )),
+                other => other,
+            });
         }
         Ok(())
     }
