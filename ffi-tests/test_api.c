@@ -83,8 +83,9 @@ static void test_open_errors(void) {
 
     /* Every known flag combination with one cache mode opens. */
     const uint32_t modes[] = {0, QCOW2_OPEN_CACHE_WRITETHROUGH, QCOW2_OPEN_CACHE_UNSAFE,
-                              QCOW2_OPEN_CACHE_NONE};
-    for (size_t i = 0; i < 4; i++) {
+                              QCOW2_OPEN_CACHE_NONE,
+                              QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH};
+    for (size_t i = 0; i < 5; i++) {
         img = NULL;
         CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP | modes[i], &img), 0);
         CHECK(img != NULL);

@@ -295,7 +295,7 @@ impl Inner {
             path,
             OpenMode {
                 writable: opts.writable,
-                direct: opts.cache == CacheMode::None,
+                direct: opts.cache.direct(),
                 create: false,
             },
         )
@@ -506,7 +506,7 @@ impl Inner {
             self.mark_corrupt();
         }
         r?;
-        if self.opts.cache == CacheMode::Writethrough || flags & REQ_FUA != 0 {
+        if self.opts.cache.writethrough() || flags & REQ_FUA != 0 {
             return Ok(true);
         }
         if self.pending_frees.len() > MAX_PENDING_FREES {

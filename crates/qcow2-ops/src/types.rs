@@ -23,6 +23,9 @@ pub enum CacheMode {
     Unsafe,
     /// O_DIRECT on the image file; writeback semantics otherwise.
     None,
+    /// O_DIRECT on the image file and writethrough semantics: every request
+    /// is durable before it returns (qemu's `directsync`).
+    DirectSync,
 }
 
 impl CacheMode {
@@ -33,9 +36,20 @@ impl CacheMode {
             "writethrough" => CacheMode::Writethrough,
             "unsafe" => CacheMode::Unsafe,
             "none" | "off" => CacheMode::None,
-            "directsync" => CacheMode::None,
+            "directsync" => CacheMode::DirectSync,
             _ => return None,
         })
+    }
+
+    /// Whether the image file is opened with O_DIRECT (`none`, `directsync`).
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+
+    /// Whether every request is made durable before it returns
+    /// (`writethrough`, `directsync`).
+    pub fn writethrough(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
     }
 }
 
