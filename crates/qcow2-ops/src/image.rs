@@ -71,6 +71,11 @@ pub(crate) struct Inner {
     pub(crate) metadata_prealloc: Option<bool>,
     /// Host offsets of the L2 tables the L1 table references (overlap checks).
     pub(crate) l2_tables: std::collections::HashSet<u64>,
+    /// errno of a failed sync of the image file. What reached the disk is
+    /// unknown from then on (the kernel may have dropped the dirty pages), so
+    /// every later sync fails with it instead of succeeding over lost data,
+    /// as QEMU's file driver does (also like it: not with O_DIRECT).
+    pub(crate) sync_failed: Option<i32>,
 }
 
 impl Image {
@@ -177,6 +182,7 @@ impl Image {
         if g.read_only {
             return Ok(());
         }
+        g.check_sync_failed()?;
         if self.flushed_gen.load(Ordering::SeqCst) >= target && target > 0 {
             // A flush that started after our requests completed has finished.
             return Ok(());
@@ -200,12 +206,13 @@ impl Image {
         }
         let seen = g.dirty_gen;
         let file = std::sync::Arc::clone(&g.file);
-        let name = g.name.clone();
         drop(g);
         let r = file.sync();
         let mut g = self.lock();
-        r.map_err(ioerr("sync", &name))?;
         g.stats.file_syncs += 1;
+        g.note_sync(r)?;
+        // A concurrent sync may have failed meanwhile: ours then proves nothing.
+        g.check_sync_failed()?;
         if g.dirty_gen == seen {
             // Nothing was written or dirtied while we synced: all is durable.
             g.unsynced = false;
@@ -403,6 +410,7 @@ impl Inner {
             fresh_l2: Default::default(),
             metadata_prealloc: None,
             l2_tables: Default::default(),
+            sync_failed: None,
         };
         me.l2_tables = me
             .l1
@@ -526,8 +534,10 @@ impl Inner {
             }
             return Ok(());
         }
-        self.file.sync().map_err(ioerr("sync", &self.name))?;
+        self.check_sync_failed()?;
+        let r = self.file.sync();
         self.stats.file_syncs += 1;
+        self.note_sync(r)?;
         self.unsynced = false;
         self.tail_unsynced = false;
         if !self.refs.is_dirty() {
@@ -645,8 +655,35 @@ impl Inner {
             .write_at(&b, 72)
             .map_err(ioerr("write header", &self.name))?;
         self.header.incompatible_features = v;
-        self.file.sync().map_err(ioerr("sync", &self.name))?;
+        self.check_sync_failed()?;
+        let r = self.file.sync();
         self.stats.file_syncs += 1;
+        self.note_sync(r)
+    }
+
+    /// Fails once a sync has failed (see `sync_failed`).
+    pub(crate) fn check_sync_failed(&self) -> Result<()> {
+        match self.sync_failed {
+            Some(errno) => Err(Error::io(
+                format!(
+                    "{}: sync: an earlier sync failed, what reached the disk is unknown",
+                    self.name
+                ),
+                std::io::Error::from_raw_os_error(errno),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the result of a sync of the image file; a failure is sticky
+    /// unless the file is opened with O_DIRECT (no page cache to lose).
+    pub(crate) fn note_sync(&mut self, r: std::io::Result<()>) -> Result<()> {
+        if let Err(e) = r {
+            if !self.opts.cache.direct() && self.sync_failed.is_none() {
+                self.sync_failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            return Err(ioerr("sync", &self.name)(e));
+        }
         Ok(())
     }
 
