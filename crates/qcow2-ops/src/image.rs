@@ -451,10 +451,12 @@ impl Inner {
             dirty: h.is_dirty(),
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format(),
-            full_backing_file: h
-                .backing_file
-                .as_ref()
-                .map(|b| crate::backing::resolve(&self.path, b).display().to_string()),
+            full_backing_file: h.backing_file.as_ref().map(|b| {
+                use std::os::unix::ffi::OsStringExt;
+                crate::backing::resolve(&self.path, b)
+                    .into_os_string()
+                    .into_vec()
+            }),
             data_file: h.data_file(),
             file_length: self.file.len().unwrap_or(0),
             snapshots: h.nb_snapshots,

@@ -250,12 +250,13 @@ pub struct ImageInfo {
     pub corrupt: bool,
     /// Dirty bit.
     pub dirty: bool,
-    /// Backing file name as stored.
-    pub backing_file: Option<String>,
+    /// Backing file name as stored: bytes, not necessarily UTF-8 (up to the
+    /// first NUL; `None` also when the header gives an empty name).
+    pub backing_file: Option<Vec<u8>>,
     /// Backing file format.
     pub backing_format: Option<String>,
-    /// Backing file path as resolved (relative to the image's directory).
-    pub full_backing_file: Option<String>,
+    /// Backing file path as resolved (relative to the image's directory), bytes.
+    pub full_backing_file: Option<Vec<u8>>,
     /// External data file name.
     pub data_file: Option<String>,
     /// Image file length.
