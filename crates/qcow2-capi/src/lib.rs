@@ -711,7 +711,10 @@ pub unsafe extern "C" fn qcow2_discard(img: *mut Qcow2Image, offset: u64, len: u
 }
 
 /// Writes back cached metadata and syncs the file (per cache mode). A flush
-/// with nothing dirty issues no sync.
+/// with nothing dirty issues no sync. Once a sync of the file has failed,
+/// what reached the disk is unknown: every later flush (and every FUA or
+/// writethrough request) on the handle fails with that sync's errno, as in
+/// QEMU (not with QCOW2_OPEN_CACHE_NONE, where no page cache is involved).
 ///
 /// Parameters:
 /// - `img`: the image.
