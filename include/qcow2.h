@@ -162,7 +162,7 @@ typedef struct Qcow2CreateOptions {
     bool lazy_refcounts;
     /**
      * Backing file name, stored as given (relative names are relative to the
-     * image's directory); NULL for none. Must be valid UTF-8.
+     * image's directory); NULL for none. Bytes: need not be UTF-8.
      */
     const char *backing_file;
     /**
@@ -273,9 +273,10 @@ extern "C" {
  * - `size`: virtual size in bytes.
  * - `opts`: creation options, or NULL for the defaults.
  *
- * Returns 0 on success; -EINVAL for a NULL `path`, a bad option or non-UTF-8
- * backing names; -ENOTSUP for an unsupported combination; other negative
- * errno values from the file system (-ENOENT, -EACCES, -ENOSPC, ...).
+ * Returns 0 on success; -EINVAL for a NULL `path`, a bad option or a
+ * non-UTF-8 backing format name; -ENOTSUP for an unsupported combination;
+ * other negative errno values from the file system (-ENOENT, -EACCES,
+ * -ENOSPC, ...).
  *
  * # Safety
  * `path` must be NULL or a NUL-terminated string. `opts` must be NULL or

@@ -111,7 +111,7 @@ pub struct Qcow2CreateOptions {
     /// Lazy refcounts; v3 only.
     pub lazy_refcounts: bool,
     /// Backing file name, stored as given (relative names are relative to the
-    /// image's directory); NULL for none. Must be valid UTF-8.
+    /// image's directory); NULL for none. Bytes: need not be UTF-8.
     pub backing_file: *const c_char,
     /// Backing file format ("qcow2", "raw"); NULL for none (probed on open).
     pub backing_format: *const c_char,
@@ -426,6 +426,19 @@ unsafe fn opt_utf8(p: *const c_char) -> Result<Option<String>, c_int> {
     }
 }
 
+/// A NULL or NUL-terminated string as bytes (file names need not be UTF-8).
+///
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string.
+unsafe fn opt_bytes(p: *const c_char) -> Result<Option<Vec<u8>>, c_int> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded from the caller.
+    let s = unsafe { check_cstr(p) }?;
+    Ok(Some(s.to_bytes().to_vec()))
+}
+
 /// Checks that `[offset, offset + len)` lies inside the image.
 fn check_range(img: &Image, offset: u64, len: u64) -> Result<(), c_int> {
     match offset.checked_add(len) {
@@ -454,9 +467,10 @@ fn check_flags(flags: u32, known: u32) -> Result<(), c_int> {
 /// - `size`: virtual size in bytes.
 /// - `opts`: creation options, or NULL for the defaults.
 ///
-/// Returns 0 on success; -EINVAL for a NULL `path`, a bad option or non-UTF-8
-/// backing names; -ENOTSUP for an unsupported combination; other negative
-/// errno values from the file system (-ENOENT, -EACCES, -ENOSPC, ...).
+/// Returns 0 on success; -EINVAL for a NULL `path`, a bad option or a
+/// non-UTF-8 backing format name; -ENOTSUP for an unsupported combination;
+/// other negative errno values from the file system (-ENOENT, -EACCES,
+/// -ENOSPC, ...).
 ///
 /// # Safety
 /// `path` must be NULL or a NUL-terminated string. `opts` must be NULL or
@@ -494,7 +508,7 @@ pub unsafe extern "C" fn qcow2_create(
                 _ => return einval(),
             };
             // SAFETY: each string field is NULL or NUL-terminated (contract above).
-            o.backing_file = unsafe { opt_utf8(c.backing_file) }?;
+            o.backing_file = unsafe { opt_bytes(c.backing_file) }?;
             // SAFETY: as above.
             o.backing_format = unsafe { opt_utf8(c.backing_format) }?;
         }

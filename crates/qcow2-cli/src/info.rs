@@ -66,7 +66,7 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
     let full_backing = info
         .backing_file
         .as_ref()
-        .map(|b| resolve_backing_bytes(fname, b));
+        .map(|b| resolve_backing(fname, b));
     match a.output {
         OutputFormat::Json => {
             let child = J::O(vec![
@@ -168,24 +168,14 @@ pub fn print_bytes(parts: &[&[u8]]) {
     }
 }
 
-/// [`resolve_backing`] on bytes: file names need not be UTF-8.
-pub fn resolve_backing_bytes(image: &[u8], backing: &[u8]) -> Vec<u8> {
+/// How qemu names a relative backing file: relative to the image's
+/// directory. Bytes: file names need not be UTF-8.
+pub fn resolve_backing(image: &[u8], backing: &[u8]) -> Vec<u8> {
     if backing.starts_with(b"/") {
         return backing.to_vec();
     }
     match image.iter().rposition(|&c| c == b'/') {
         Some(i) => [&image[..=i], backing].concat(),
         None => backing.to_vec(),
-    }
-}
-
-/// How qemu names a relative backing file: relative to the image's directory.
-pub fn resolve_backing(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') {
-        return backing.to_string();
-    }
-    match image.rfind('/') {
-        Some(i) => format!("{}{}", &image[..=i], backing),
-        None => backing.to_string(),
     }
 }

@@ -1,6 +1,6 @@
 //! `qcow2 map`.
 
-use crate::info::{print_bytes, resolve_backing_bytes};
+use crate::info::{print_bytes, resolve_backing};
 use crate::{check_format, error_text, open_image, Fail, OutputFormat};
 use clap::Args;
 use qcow2_ops::{MapEntry, OpenOptions};
@@ -74,7 +74,7 @@ fn chain_names(file: &[u8], max_depth: u32) -> Vec<Vec<u8>> {
         let info = img.info();
         let Some(b) = info.backing_file else { break };
         is_qcow2 = info.backing_format.as_deref() != Some("raw");
-        cur = resolve_backing_bytes(&cur, &b);
+        cur = resolve_backing(&cur, &b);
         names.push(cur.clone());
     }
     names

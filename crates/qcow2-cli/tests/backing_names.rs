@@ -24,10 +24,16 @@ fn patch_backing_name(path: &Path, name: &[u8]) {
     b[off..off + old.max(name.len())].fill(0);
     b[off..off + name.len()].copy_from_slice(name);
     b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
-    // A file length of whole sectors: qemu-img reports the file length
-    // rounded up to 512 bytes (a difference unrelated to names).
-    b.resize(b.len().div_ceil(512) * 512, 0);
     std::fs::write(path, b).unwrap();
+    pad_to_sector(path);
+}
+
+/// A file length of whole sectors: qemu-img reports the file length rounded
+/// up to 512 bytes (a difference unrelated to names, left alone here).
+fn pad_to_sector(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(len.div_ceil(512) * 512).unwrap();
 }
 
 /// stdout and exit code of `prog args`, raw bytes.
@@ -91,6 +97,7 @@ fn backing_names_are_bytes() {
         (b"b\xc0\x80.qcow2", 0x44),
         ("b\u{e4}se-\u{1f600}.qcow2".as_bytes(), 0x55),
         (b"b\xed\xa0\x80\xef\xbf\xbe.qcow2", 0x66),
+        (b"b,c\xff.qcow2", 0x77),
     ];
     for (i, (name, pat)) in bases.iter().enumerate() {
         let tmp = format!("tmp{i}.qcow2");
@@ -134,6 +141,64 @@ fn backing_names_are_bytes() {
             &["map"],
         ] {
             check(both(dir, args, &top, &what));
+        }
+    }
+    // qcow2 create stores such names byte for byte and prints them as
+    // qemu-img does, from -b and from -o backing_file= (commas doubled).
+    for (i, (name, _)) in bases.iter().enumerate() {
+        let mut opt = b"backing_file=".to_vec();
+        opt.extend(
+            name.split(|&c| c == b',')
+                .collect::<Vec<_>>()
+                .join(&b",,"[..]),
+        );
+        let forms: [Vec<&OsStr>; 2] = [
+            vec![OsStr::new("-b"), OsStr::from_bytes(name)],
+            vec![OsStr::new("-o"), OsStr::from_bytes(&opt)],
+        ];
+        for (j, form) in forms.iter().enumerate() {
+            let what = format!("create {form:?}");
+            let (qn, on) = (format!("cq{i}-{j}.qcow2"), format!("co{i}-{j}.qcow2"));
+            let mut qa: Vec<&OsStr> = ["create", "-f", "qcow2", "-F", "qcow2"]
+                .iter()
+                .map(OsStr::new)
+                .collect();
+            qa.extend_from_slice(form);
+            let mut oa = qa.clone();
+            qa.push(OsStr::new(&qn));
+            oa.push(OsStr::new(&on));
+            let q = raw(dir, "qemu-img", &qa);
+            let o = raw(dir, qcow2_bin(), &oa);
+            let o_out = String::from_utf8_lossy(&o.1).replace(&on, &qn);
+            if q.0 != 0 || o.0 != q.0 || o_out != String::from_utf8_lossy(&q.1) || {
+                // Compared as bytes too (the lossy strings hide which bytes).
+                let ob = o.1.split(|&c| c == b'\'').nth(2).map(<[u8]>::to_vec);
+                ob != q.1.split(|&c| c == b'\'').nth(2).map(<[u8]>::to_vec)
+            } {
+                check(Err(format!(
+                    "{what}: qemu-img (exit {}) {:?}\nqcow2 (exit {}) {:?}",
+                    q.0,
+                    String::from_utf8_lossy(&q.1),
+                    o.0,
+                    String::from_utf8_lossy(&o.1)
+                )));
+                continue;
+            }
+            let name_of = |f: &str| {
+                let b = std::fs::read(dir.join(f)).unwrap();
+                let off = u64::from_be_bytes(b[8..16].try_into().unwrap()) as usize;
+                let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+                b[off..off + len].to_vec()
+            };
+            if name_of(&qn) != *name || name_of(&on) != *name {
+                check(Err(format!(
+                    "{what}: stored names: qemu-img {:?} qcow2 {:?}",
+                    name_of(&qn),
+                    name_of(&on)
+                )));
+            }
+            pad_to_sector(&dir.join(&qn));
+            check(both(dir, &["info", "--output=json"], &qn, &what));
         }
     }
     // An embedded NUL ends the name; size 0 (offset set) or a name starting

@@ -166,7 +166,7 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         compression_type: if o.zstd { 1 } else { 0 },
         extra: vec![0; 7],
         extensions,
-        backing_file: o.backing_file.clone().map(String::into_bytes),
+        backing_file: o.backing_file.clone(),
     };
     let first = match h.serialize() {
         Ok(b) => b,

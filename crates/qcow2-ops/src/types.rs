@@ -152,8 +152,9 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// zstd instead of zlib for compressed clusters.
     pub zstd: bool,
-    /// Backing file name, stored as given.
-    pub backing_file: Option<String>,
+    /// Backing file name, stored as given: bytes, need not be UTF-8
+    /// (relative names are relative to the image's directory).
+    pub backing_file: Option<Vec<u8>>,
     /// Backing file format (`qcow2`, `raw`).
     pub backing_format: Option<String>,
     /// Do not check that the backing file opens (qemu-img's `-u`).
