@@ -71,11 +71,12 @@ pub(crate) struct Inner {
     pub(crate) metadata_prealloc: Option<bool>,
     /// Host offsets of the L2 tables the L1 table references (overlap checks).
     pub(crate) l2_tables: std::collections::HashSet<u64>,
-    /// errno of a failed sync of the image file. What reached the disk is
+    /// errno of a failed sync of the image file (0: none), kept by the
+    /// [`qcow2_io::StickySync`] wrapping `file`. What reached the disk is
     /// unknown from then on (the kernel may have dropped the dirty pages), so
     /// every later sync fails with it instead of succeeding over lost data,
     /// as QEMU's file driver does (also like it: not with O_DIRECT).
-    pub(crate) sync_failed: Option<i32>,
+    pub(crate) sync_failed: std::sync::Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl Image {
@@ -385,10 +386,14 @@ impl Inner {
         } else {
             None
         };
+        // Every sync of the file, including those of the refcount layer
+        // and of check, goes through the sticky failure state.
+        let file = qcow2_io::StickySync::new(file, !opts.cache.direct());
+        let sync_failed = file.failed_errno();
         let mut me = Inner {
             name,
             path: path.to_path_buf(),
-            file: std::sync::Arc::from(file),
+            file: std::sync::Arc::new(file),
             header,
             geo,
             l1,
@@ -410,7 +415,7 @@ impl Inner {
             fresh_l2: Default::default(),
             metadata_prealloc: None,
             l2_tables: Default::default(),
-            sync_failed: None,
+            sync_failed,
         };
         me.l2_tables = me
             .l1
@@ -665,28 +670,22 @@ impl Inner {
 
     /// Fails once a sync has failed (see `sync_failed`).
     pub(crate) fn check_sync_failed(&self) -> Result<()> {
-        match self.sync_failed {
-            Some(errno) => Err(Error::io(
+        match self.sync_failed.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            errno => Err(Error::io(
                 format!(
                     "{}: sync: an earlier sync failed, what reached the disk is unknown",
                     self.name
                 ),
                 std::io::Error::from_raw_os_error(errno),
             )),
-            None => Ok(()),
         }
     }
 
-    /// Takes the result of a sync of the image file; a failure is sticky
-    /// unless the file is opened with O_DIRECT (no page cache to lose).
-    pub(crate) fn note_sync(&mut self, r: std::io::Result<()>) -> Result<()> {
-        if let Err(e) = r {
-            if !self.opts.cache.direct() && self.sync_failed.is_none() {
-                self.sync_failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
-            }
-            return Err(ioerr("sync", &self.name)(e));
-        }
-        Ok(())
+    /// Takes the result of a sync of the image file (the failure state is
+    /// kept by the file's `StickySync`).
+    pub(crate) fn note_sync(&self, r: std::io::Result<()>) -> Result<()> {
+        r.map_err(ioerr("sync", &self.name))
     }
 
     // ----- L1 / L2 access -----
