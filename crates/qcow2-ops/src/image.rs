@@ -180,10 +180,12 @@ impl Image {
         // Everything completed before this call must become durable.
         let target = self.req_gen.load(Ordering::SeqCst);
         let mut g = self.lock();
+        // First: a read-only image (possibly one turned read-only after a
+        // corruption) must not hide a failed sync either.
+        g.check_sync_failed()?;
         if g.read_only {
             return Ok(());
         }
-        g.check_sync_failed()?;
         if self.flushed_gen.load(Ordering::SeqCst) >= target && target > 0 {
             // A flush that started after our requests completed has finished.
             return Ok(());
@@ -275,6 +277,7 @@ impl Image {
     /// Flushes and closes.
     pub fn close(self) -> Result<()> {
         let mut g = self.lock();
+        g.check_sync_failed()?;
         if g.read_only {
             return Ok(());
         }
