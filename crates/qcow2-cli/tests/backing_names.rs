@@ -46,9 +46,9 @@ fn raw(dir: &Path, prog: &str, args: &[&OsStr]) -> (i32, Vec<u8>) {
     (o.status.code().unwrap_or(-1), o.stdout)
 }
 
-fn both(dir: &Path, args: &[&str], file: &str, what: &str) -> Result<(), String> {
+fn both(dir: &Path, args: &[&str], file: impl AsRef<OsStr>, what: &str) -> Result<(), String> {
     let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    a.push(OsStr::new(file));
+    a.push(file.as_ref());
     let q = raw(dir, "qemu-img", &a);
     let mut oa: Vec<&OsStr> = vec![OsStr::new(args[0])];
     oa.extend_from_slice(&a[1..]);
@@ -200,6 +200,17 @@ fn backing_names_are_bytes() {
             pad_to_sector(&dir.join(&qn));
             check(both(dir, &["info", "--output=json"], &qn, &what));
         }
+    }
+    // Image names that are not UTF-8 are printed as QEMU prints them too.
+    let odd = OsStr::from_bytes(b"img\xed\xa0\x80\xf8\x88\x80\x80\x80\xff.qcow2");
+    std::fs::copy(dir.join("top1.qcow2"), dir.join(odd)).unwrap();
+    for args in [
+        &["info", "--output=json"][..],
+        &["info"],
+        &["check", "--output=json"],
+        &["map"],
+    ] {
+        check(both(dir, args, odd, "non-UTF-8 image name"));
     }
     // An embedded NUL ends the name; size 0 (offset set) or a name starting
     // with NUL means no backing file at all.
