@@ -169,6 +169,7 @@ fn cache_modes_match_qemu_io() {
         "cache modes",
     ) || !tool_or_skip("stdbuf", &["--version"], "cache modes")
         || !tool_or_skip("qemu-io", &["--version"], "cache modes")
+        || !tool_or_skip("qemu-img", &["--version"], "cache modes")
     {
         return;
     }

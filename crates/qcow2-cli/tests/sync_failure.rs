@@ -49,6 +49,7 @@ fn writethrough_writes_fail_after_a_failed_sync() {
         &["-f", "-qq", "-o", "/dev/null", "true"],
         "sync failure",
     ) || !tool_or_skip("qemu-io", &["--version"], "sync failure")
+        || !tool_or_skip("qemu-img", &["--version"], "sync failure")
     {
         return;
     }
@@ -107,7 +108,9 @@ fn flushes_fail_after_a_failed_sync() {
         "strace",
         &["-f", "-qq", "-o", "/dev/null", "true"],
         "sync failure",
-    ) {
+    ) || !tool_or_skip("qemu-io", &["--version"], "sync failure")
+        || !tool_or_skip("qemu-img", &["--version"], "sync failure")
+    {
         return;
     }
     let d = tmpdir();
