@@ -83,8 +83,9 @@ static void test_open_errors(void) {
 
     /* Every known flag combination with one cache mode opens. */
     const uint32_t modes[] = {0, QCOW2_OPEN_CACHE_WRITETHROUGH, QCOW2_OPEN_CACHE_UNSAFE,
-                              QCOW2_OPEN_CACHE_NONE};
-    for (size_t i = 0; i < 4; i++) {
+                              QCOW2_OPEN_CACHE_NONE,
+                              QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH};
+    for (size_t i = 0; i < 5; i++) {
         img = NULL;
         CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP | modes[i], &img), 0);
         CHECK(img != NULL);
@@ -249,6 +250,22 @@ static void test_backing(void) {
     free(buf);
     CHECK(h_qemu_check(top));
     CHECK(h_qemu_check(base));
+
+    /* Backing file names are bytes: not necessarily UTF-8. */
+    char odd[4200], top2[4200];
+    h_path(odd, sizeof odd, "base\xff\xfe.qcow2");
+    h_path(top2, sizeof top2, "top2.qcow2");
+    CHECK(h_sh("cp '%s' '%s'", base, odd) == 0);
+    o.backing_file = "base\xff\xfe.qcow2";
+    CHECK_RC(qcow2_create(top2, 4 * MiB, &o), 0);
+    CHECK(info_has(top2, "\"backing-filename\": \"base\\\\uFFFD\\\\uFFFD.qcow2\""));
+    img = NULL;
+    CHECK_RC(qcow2_open(top2, 0, &img), 0);
+    uint8_t b2[4096];
+    CHECK_RC(qcow2_read(img, 0, b2, sizeof b2), 0);
+    CHECK(h_all(b2, sizeof b2, 0x11));
+    CHECK_RC(qcow2_close(img), 0);
+    CHECK(h_qemu_check(top2));
 }
 
 static void test_read_write(void) {

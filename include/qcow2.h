@@ -70,8 +70,10 @@
 #define QCOW2_OPEN_NO_BACKING 4
 
 /**
- * Open flag: cache mode `writethrough` (every request is followed by a flush).
- * At most one QCOW2_OPEN_CACHE_* flag may be given; none means `writeback`.
+ * Open flag: cache mode `writethrough` (every request is durable before it returns).
+ * No QCOW2_OPEN_CACHE_* flag means `writeback`; the only combination allowed
+ * is QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH, qemu's `directsync`
+ * (O_DIRECT on the image file and every request durable before it returns).
  */
 #define QCOW2_OPEN_CACHE_WRITETHROUGH 16
 
@@ -82,6 +84,7 @@
 
 /**
  * Open flag: cache mode `none` (O_DIRECT on the image file, writeback otherwise).
+ * With QCOW2_OPEN_CACHE_WRITETHROUGH: `directsync`.
  */
 #define QCOW2_OPEN_CACHE_NONE 64
 
@@ -178,7 +181,7 @@ typedef struct Qcow2CreateOptions {
     bool lazy_refcounts;
     /**
      * Backing file name, stored as given (relative names are relative to the
-     * image's directory); NULL for none. Must be valid UTF-8.
+     * image's directory); NULL for none. Bytes: need not be UTF-8.
      */
     const char *backing_file;
     /**
@@ -331,9 +334,10 @@ const char *qcow2_strerror(int err);
  * - `size`: virtual size in bytes.
  * - `opts`: creation options, or NULL for the defaults.
  *
- * Returns 0 on success; -EINVAL for a NULL `path`, a bad option or non-UTF-8
- * backing names; -ENOTSUP for an unsupported combination; other negative
- * errno values from the file system (-ENOENT, -EACCES, -ENOSPC, ...).
+ * Returns 0 on success; -EINVAL for a NULL `path`, a bad option or a
+ * non-UTF-8 backing format name; -ENOTSUP for an unsupported combination;
+ * other negative errno values from the file system (-ENOENT, -EACCES,
+ * -ENOSPC, ...).
  *
  * # Safety
  * `path` must be NULL or a NUL-terminated string. `opts` must be NULL or
@@ -350,13 +354,14 @@ int qcow2_create(const char *path, uint64_t size, const struct Qcow2CreateOption
  * - `flags`: QCOW2_OPEN_* bits: QCOW2_OPEN_RDWR (else read-only),
  *   QCOW2_OPEN_UNMAP (else discard mode ignore), QCOW2_OPEN_NO_BACKING, and at
  *   most one of QCOW2_OPEN_CACHE_WRITETHROUGH, QCOW2_OPEN_CACHE_UNSAFE,
- *   QCOW2_OPEN_CACHE_NONE (none: writeback).
+ *   QCOW2_OPEN_CACHE_NONE (none: writeback), or
+ *   QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH for `directsync`.
  * - `out`: receives the new handle on success.
  *
  * Returns 0 on success; -EINVAL for NULL arguments, unknown flag bits or two
- * cache modes; -ENOENT if the file does not exist; -ENOTSUP for unsupported
- * features; -EINVAL or -EIO for a damaged image; other negative errno values
- * from the file system.
+ * cache modes (other than directsync); -ENOENT if the file does not exist;
+ * -ENOTSUP for unsupported features; -EINVAL or -EIO for a damaged image;
+ * other negative errno values from the file system.
  *
  * # Safety
  * `path` must be NULL or a NUL-terminated string; `out` must be NULL or valid
@@ -461,7 +466,10 @@ int qcow2_discard(struct Qcow2Image *img, uint64_t offset, uint64_t len);
 
 /**
  * Writes back cached metadata and syncs the file (per cache mode). A flush
- * with nothing dirty issues no sync.
+ * with nothing dirty issues no sync. Once a sync of the file has failed,
+ * what reached the disk is unknown: every later flush (and every FUA or
+ * writethrough request) on the handle fails with that sync's errno, as in
+ * QEMU (not with QCOW2_OPEN_CACHE_NONE, where no page cache is involved).
  *
  * Parameters:
  * - `img`: the image.

@@ -16,12 +16,15 @@ pub const QCOW2_OPEN_RDWR: u32 = 0x1;
 pub const QCOW2_OPEN_UNMAP: u32 = 0x2;
 /// Open flag: do not open the backing chain (unallocated clusters read as zeroes).
 pub const QCOW2_OPEN_NO_BACKING: u32 = 0x4;
-/// Open flag: cache mode `writethrough` (every request is followed by a flush).
-/// At most one QCOW2_OPEN_CACHE_* flag may be given; none means `writeback`.
+/// Open flag: cache mode `writethrough` (every request is durable before it returns).
+/// No QCOW2_OPEN_CACHE_* flag means `writeback`; the only combination allowed
+/// is QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH, qemu's `directsync`
+/// (O_DIRECT on the image file and every request durable before it returns).
 pub const QCOW2_OPEN_CACHE_WRITETHROUGH: u32 = 0x10;
 /// Open flag: cache mode `unsafe` (flushes write back caches but never sync).
 pub const QCOW2_OPEN_CACHE_UNSAFE: u32 = 0x20;
 /// Open flag: cache mode `none` (O_DIRECT on the image file, writeback otherwise).
+/// With QCOW2_OPEN_CACHE_WRITETHROUGH: `directsync`.
 pub const QCOW2_OPEN_CACHE_NONE: u32 = 0x40;
 /// Every open flag known; other bits make qcow2_open fail with -EINVAL.
 pub const QCOW2_OPEN_KNOWN: u32 = QCOW2_OPEN_RDWR

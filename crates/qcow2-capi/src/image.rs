@@ -38,9 +38,10 @@ unsafe fn get_into<T>(
 /// - `size`: virtual size in bytes.
 /// - `opts`: creation options, or NULL for the defaults.
 ///
-/// Returns 0 on success; -EINVAL for a NULL `path`, a bad option or non-UTF-8
-/// backing names; -ENOTSUP for an unsupported combination; other negative
-/// errno values from the file system (-ENOENT, -EACCES, -ENOSPC, ...).
+/// Returns 0 on success; -EINVAL for a NULL `path`, a bad option or a
+/// non-UTF-8 backing format name; -ENOTSUP for an unsupported combination;
+/// other negative errno values from the file system (-ENOENT, -EACCES,
+/// -ENOSPC, ...).
 ///
 /// # Safety
 /// `path` must be NULL or a NUL-terminated string. `opts` must be NULL or
@@ -82,7 +83,7 @@ pub unsafe extern "C" fn qcow2_create(
                 }
             };
             // SAFETY: each string field is NULL or NUL-terminated (contract above).
-            o.backing_file = unsafe { opt_utf8(c.backing_file, "opts->backing_file") }?;
+            o.backing_file = unsafe { opt_bytes(c.backing_file, "opts->backing_file") }?;
             // SAFETY: as above.
             o.backing_format = unsafe { opt_utf8(c.backing_format, "opts->backing_format") }?;
         }
@@ -98,13 +99,14 @@ pub unsafe extern "C" fn qcow2_create(
 /// - `flags`: QCOW2_OPEN_* bits: QCOW2_OPEN_RDWR (else read-only),
 ///   QCOW2_OPEN_UNMAP (else discard mode ignore), QCOW2_OPEN_NO_BACKING, and at
 ///   most one of QCOW2_OPEN_CACHE_WRITETHROUGH, QCOW2_OPEN_CACHE_UNSAFE,
-///   QCOW2_OPEN_CACHE_NONE (none: writeback).
+///   QCOW2_OPEN_CACHE_NONE (none: writeback), or
+///   QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH for `directsync`.
 /// - `out`: receives the new handle on success.
 ///
 /// Returns 0 on success; -EINVAL for NULL arguments, unknown flag bits or two
-/// cache modes; -ENOENT if the file does not exist; -ENOTSUP for unsupported
-/// features; -EINVAL or -EIO for a damaged image; other negative errno values
-/// from the file system.
+/// cache modes (other than directsync); -ENOENT if the file does not exist;
+/// -ENOTSUP for unsupported features; -EINVAL or -EIO for a damaged image;
+/// other negative errno values from the file system.
 ///
 /// # Safety
 /// `path` must be NULL or a NUL-terminated string; `out` must be NULL or valid
@@ -134,7 +136,14 @@ pub unsafe extern "C" fn qcow2_open(
             QCOW2_OPEN_CACHE_WRITETHROUGH => CacheMode::Writethrough,
             QCOW2_OPEN_CACHE_UNSAFE => CacheMode::Unsafe,
             QCOW2_OPEN_CACHE_NONE => CacheMode::None,
-            _ => return invalid("more than one QCOW2_OPEN_CACHE_* flag"),
+            x if x == QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH => {
+                CacheMode::DirectSync
+            }
+            _ => {
+                return invalid(
+                    "more than one QCOW2_OPEN_CACHE_* flag (only NONE|WRITETHROUGH, directsync, combine)",
+                )
+            }
         };
         let opts = OpenOptions {
             writable: flags & QCOW2_OPEN_RDWR != 0,
@@ -294,7 +303,10 @@ pub unsafe extern "C" fn qcow2_discard(img: *mut Qcow2Image, offset: u64, len: u
 }
 
 /// Writes back cached metadata and syncs the file (per cache mode). A flush
-/// with nothing dirty issues no sync.
+/// with nothing dirty issues no sync. Once a sync of the file has failed,
+/// what reached the disk is unknown: every later flush (and every FUA or
+/// writethrough request) on the handle fails with that sync's errno, as in
+/// QEMU (not with QCOW2_OPEN_CACHE_NONE, where no page cache is involved).
 ///
 /// Parameters:
 /// - `img`: the image.

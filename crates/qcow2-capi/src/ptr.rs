@@ -115,3 +115,16 @@ pub(crate) unsafe fn opt_utf8(p: *const c_char, name: &str) -> Result<Option<Str
         Err(_) => invalid(format!("{name} is not valid UTF-8")),
     }
 }
+
+/// A NULL or NUL-terminated string as bytes (file names need not be UTF-8).
+///
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string.
+pub(crate) unsafe fn opt_bytes(p: *const c_char, name: &str) -> Result<Option<Vec<u8>>, FfiError> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded from the caller.
+    let s = unsafe { check_cstr(p, name) }?;
+    Ok(Some(s.to_bytes().to_vec()))
+}

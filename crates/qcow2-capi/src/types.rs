@@ -32,7 +32,7 @@ pub struct Qcow2CreateOptions {
     /// Lazy refcounts; v3 only.
     pub lazy_refcounts: bool,
     /// Backing file name, stored as given (relative names are relative to the
-    /// image's directory); NULL for none. Must be valid UTF-8.
+    /// image's directory); NULL for none. Bytes: need not be UTF-8.
     pub backing_file: *const c_char,
     /// Backing file format ("qcow2", "raw"); NULL for none (probed on open).
     pub backing_format: *const c_char,

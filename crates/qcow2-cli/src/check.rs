@@ -34,7 +34,7 @@ pub struct CheckArgs {
     file: PathBuf,
 }
 
-fn json(r: &CheckReport, filename: &str) -> String {
+fn json(r: &CheckReport, filename: &[u8]) -> String {
     // Keys appear only when non-zero, except check-errors, filename, format;
     // the order is the one qemu-img prints.
     let mut o: Vec<(&'static str, J)> = Vec::new();
@@ -52,7 +52,7 @@ fn json(r: &CheckReport, filename: &str) -> String {
     opt(&mut o, "leaks", r.leaks);
     opt(&mut o, "leaks-fixed", r.leaks_fixed);
     opt(&mut o, "allocated-clusters", r.allocated_clusters);
-    o.push(("filename", J::S(filename.to_string())));
+    o.push(("filename", J::R(filename.to_vec())));
     o.push(("format", J::S("qcow2".into())));
     opt(&mut o, "fragmented-clusters", r.fragmented_clusters);
     pretty(&J::O(o))
@@ -146,7 +146,13 @@ pub fn run(a: CheckArgs) -> Result<u8, Fail> {
     }
     let close = img.close();
     match a.output {
-        OutputFormat::Json => println!("{}", json(&report, &filename)),
+        OutputFormat::Json => println!(
+            "{}",
+            json(
+                &report,
+                std::os::unix::ffi::OsStrExt::as_bytes(a.file.as_os_str())
+            )
+        ),
         OutputFormat::Human => {
             if !a.quiet || report.corruptions > 0 || report.leaks > 0 || report.check_errors > 0 {
                 print!("{}", human(&report));

@@ -260,8 +260,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
     // too: zero ranges there need no write (QEMU's post-backing zero).
     let backing_end = match &a.backing {
         Some(b) => {
-            let p = crate::info::resolve_backing(&dst.to_string_lossy(), b);
-            Disk::open(Path::new(&p), a.backing_fmt.as_deref(), &sopts)?.size()
+            use std::os::unix::ffi::OsStrExt;
+            let p = crate::info::resolve_backing(dst.as_os_str().as_bytes(), b.as_bytes());
+            let p = Path::new(std::ffi::OsStr::from_bytes(&p));
+            Disk::open(p, a.backing_fmt.as_deref(), &sopts)?.size()
         }
         None => 0,
     };

@@ -1,10 +1,12 @@
 //! `qcow2 create`.
 
-use crate::info::resolve_backing;
+use crate::info::{print_bytes, resolve_backing};
 use crate::num::parse_size;
 use crate::{error_text, strerror, Fail};
 use clap::Args;
 use qcow2_ops::{CreateOptions, Image, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 /// Arguments of `qcow2 create`.
@@ -15,10 +17,10 @@ pub struct CreateArgs {
     format: String,
     /// Creation options, comma separated, as qemu-img's `-o` (may be repeated).
     #[arg(short = 'o', action = clap::ArgAction::Append)]
-    options: Vec<String>,
-    /// Backing file (stored as given; relative names are relative to the image).
+    options: Vec<OsString>,
+    /// Backing file (stored as given, bytes; relative names are relative to the image).
     #[arg(short = 'b')]
-    backing: Option<String>,
+    backing: Option<OsString>,
     /// Backing file format (qcow2 or raw).
     #[arg(short = 'F')]
     backing_format: Option<String>,
@@ -34,16 +36,17 @@ pub struct CreateArgs {
     size: Option<String>,
 }
 
-/// Splits a qemu option string at commas (`,,` is a literal comma).
-fn split_opts(s: &str) -> Vec<String> {
+/// Splits a qemu option string at commas (`,,` is a literal comma). Bytes:
+/// a backing file name need not be UTF-8.
+fn split_opts(s: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
+    let mut cur = Vec::new();
+    let mut bytes = s.iter().copied().peekable();
+    while let Some(c) = bytes.next() {
+        if c == b',' {
+            if bytes.peek() == Some(&b',') {
+                bytes.next();
+                cur.push(b',');
             } else {
                 out.push(std::mem::take(&mut cur));
             }
@@ -82,13 +85,21 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     let mut lazy_s: Option<String> = None;
     let mut comp_s: Option<String> = None;
     let mut size_opt: Option<String> = None;
-    let mut backing = a.backing.clone();
+    let mut backing = a.backing.clone().map(OsString::into_vec);
     let mut backing_fmt = a.backing_format.clone();
-    for o in a.options.iter().flat_map(|s| split_opts(s)) {
-        let (k, v) = match o.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (o.clone(), "on".to_string()),
+    for o in a.options.iter().flat_map(|s| split_opts(s.as_bytes())) {
+        let (k, raw) = match o.iter().position(|&c| c == b'=') {
+            Some(i) => (
+                String::from_utf8_lossy(&o[..i]).into_owned(),
+                o[i + 1..].to_vec(),
+            ),
+            None => (String::from_utf8_lossy(&o).into_owned(), b"on".to_vec()),
         };
+        if k == "backing_file" {
+            backing = Some(raw);
+            continue;
+        }
+        let v = String::from_utf8_lossy(&raw).into_owned();
         match k.as_str() {
             "cluster_size" => cluster_size_s = Some(v),
             "compat" => compat_s = Some(v),
@@ -97,7 +108,6 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             "lazy_refcounts" => lazy_s = Some(v),
             "compression_type" => comp_s = Some(v),
             "size" => size_opt = Some(v),
-            "backing_file" => backing = Some(v),
             "backing_fmt" => backing_fmt = Some(v),
             "preallocation" if v == "off" => {}
             "help" => {
@@ -137,11 +147,13 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     // Backing file: check it can be opened (unless -u) and find its size.
     let mut backing_size: Option<u64> = None;
     if let Some(b) = &backing {
-        let resolved = resolve_backing(&file, b);
+        let resolved_bytes = resolve_backing(a.file.as_os_str().as_bytes(), b);
+        let resolved_path = PathBuf::from(OsStr::from_bytes(&resolved_bytes));
+        let resolved = String::from_utf8_lossy(&resolved_bytes).into_owned();
         let fmt = match &backing_fmt {
             Some(f) => f.clone(),
             None => {
-                let detected = detect_format(&resolved);
+                let detected = detect_format(&resolved_path);
                 if let Some(d) = detected {
                     eprintln!("Detected format of {d}.");
                 }
@@ -157,14 +169,16 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         }
         if !a.unsafe_backing {
             let sz = match fmt.as_str() {
-                "raw" => std::fs::metadata(&resolved).map(|m| m.len()).map_err(|e| {
-                    format!(
-                        "Could not open '{resolved}': {}",
-                        strerror(e.raw_os_error().unwrap_or(5))
-                    )
-                }),
+                "raw" => std::fs::metadata(&resolved_path)
+                    .map(|m| m.len())
+                    .map_err(|e| {
+                        format!(
+                            "Could not open '{resolved}': {}",
+                            strerror(e.raw_os_error().unwrap_or(5))
+                        )
+                    }),
                 _ => {
-                    if let Err(e) = std::fs::metadata(&resolved) {
+                    if let Err(e) = std::fs::metadata(&resolved_path) {
                         Err(format!(
                             "Could not open '{resolved}': {}",
                             strerror(e.raw_os_error().unwrap_or(5))
@@ -174,7 +188,7 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
                             open_backing: false,
                             ..OpenOptions::read_only()
                         };
-                        Image::open(&resolved, &opts)
+                        Image::open(&resolved_path, &opts)
                             .map(|img| img.virtual_size())
                             .map_err(|e| format!("Could not open '{resolved}': {}", error_text(&e)))
                     }
@@ -229,10 +243,12 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         opts.lazy_refcounts = parse_bool("lazy_refcounts", v, &file)?;
     }
     let mut line = format!(
-        "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+        "', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
         cluster_size_s
             .as_deref()
-            .map(|s| parse_size(s).map(|v| v.to_string()).unwrap_or_else(|_| s.to_string()))
+            .map(|s| parse_size(s)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| s.to_string()))
             .unwrap_or_else(|| "65536".into()),
         ext_l2_s.as_deref().unwrap_or("off"),
         comp_s.as_deref().unwrap_or("zlib"),
@@ -240,19 +256,30 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     if let Some(c) = &compat_s {
         line.push_str(&format!(" compat={c}"));
     }
-    if let Some(b) = &backing {
-        line.push_str(&format!(" backing_file={b}"));
-    }
+    // The backing file name is printed as its bytes.
+    let mut tail = String::new();
     if let Some(f) = &backing_fmt {
-        line.push_str(&format!(" backing_fmt={f}"));
+        tail.push_str(&format!(" backing_fmt={f}"));
     }
-    line.push_str(&format!(
-        " lazy_refcounts={} refcount_bits={}",
+    tail.push_str(&format!(
+        " lazy_refcounts={} refcount_bits={}\n",
         lazy_s.as_deref().unwrap_or("off"),
         refcount_s.as_deref().unwrap_or("16")
     ));
     if !a.quiet {
-        println!("{line}");
+        let fname = a.file.as_os_str().as_bytes();
+        match &backing {
+            Some(b) => print_bytes(&[
+                b"Formatting '",
+                fname,
+                line.as_bytes(),
+                b" backing_file=",
+                // Option syntax, as qemu-img prints it: commas doubled.
+                &b.split(|&c| c == b',').collect::<Vec<_>>().join(&b",,"[..]),
+                tail.as_bytes(),
+            ]),
+            None => print_bytes(&[b"Formatting '", fname, line.as_bytes(), tail.as_bytes()]),
+        }
     }
 
     // Validate the options like qemu's qcow2 driver.
@@ -337,7 +364,7 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
 }
 
 /// "qcow2" when the file starts with the qcow2 magic, else "raw"; None when unreadable.
-fn detect_format(path: &str) -> Option<&'static str> {
+fn detect_format(path: &std::path::Path) -> Option<&'static str> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut magic = [0u8; 4];

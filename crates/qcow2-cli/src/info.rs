@@ -5,6 +5,8 @@ use crate::qjson::{pretty, J};
 use crate::{check_format, open_image, Fail, OutputFormat};
 use clap::Args;
 use qcow2_ops::{ImageInfo, OpenOptions};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -57,19 +59,20 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
         .map_err(|e| Fail::new(format!("Could not stat '{}': {e}", a.file.display())))?;
     let actual = meta.blocks() * 512;
     let file_len = meta.len();
-    let filename = a.file.to_string_lossy().into_owned();
+    // File names are bytes (not necessarily UTF-8), printed as such.
+    let fname = a.file.as_os_str().as_bytes();
     // qemu shows the name the backing file is opened by: relative names are
     // taken relative to the image's directory, exactly as written.
     let full_backing = info
         .backing_file
         .as_ref()
-        .map(|b| resolve_backing(&filename, b));
+        .map(|b| resolve_backing(fname, b));
     match a.output {
         OutputFormat::Json => {
             let child = J::O(vec![
                 ("children", J::A(vec![])),
                 ("virtual-size", J::U(file_len)),
-                ("filename", J::S(filename.clone())),
+                ("filename", J::R(fname.to_vec())),
                 ("format", J::S("file".into())),
                 ("actual-size", J::U(actual)),
                 (
@@ -89,7 +92,7 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
                 top.push(("backing-filename-format", J::S(f.clone())));
             }
             top.push(("virtual-size", J::U(info.virtual_size)));
-            top.push(("filename", J::S(filename.clone())));
+            top.push(("filename", J::R(fname.to_vec())));
             top.push(("cluster-size", J::U(info.cluster_size)));
             top.push(("format", J::S("qcow2".into())));
             top.push(("actual-size", J::U(actual)));
@@ -101,14 +104,14 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
                 ]),
             ));
             if let (Some(b), Some(fb)) = (&info.backing_file, &full_backing) {
-                top.push(("full-backing-filename", J::S(fb.clone())));
-                top.push(("backing-filename", J::S(b.clone())));
+                top.push(("full-backing-filename", J::R(fb.clone())));
+                top.push(("backing-filename", J::R(b.clone())));
             }
             top.push(("dirty-flag", J::B(info.dirty)));
             println!("{}", pretty(&J::O(top)));
         }
         OutputFormat::Human => {
-            println!("image: {filename}");
+            print_bytes(&[b"image: ", fname, b"\n"]);
             println!("file format: qcow2");
             println!(
                 "virtual size: {} ({} bytes)",
@@ -122,9 +125,9 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
             }
             if let (Some(b), Some(fb)) = (&info.backing_file, &full_backing) {
                 if b == fb {
-                    println!("backing file: {b}");
+                    print_bytes(&[b"backing file: ", b, b"\n"]);
                 } else {
-                    println!("backing file: {b} (actual path: {fb})");
+                    print_bytes(&[b"backing file: ", b, b" (actual path: ", fb, b")\n"]);
                 }
                 if let Some(f) = &info.backing_format {
                     println!("backing file format: {f}");
@@ -144,7 +147,7 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
                 println!("    data file: {d}");
             }
             println!("Child node '/file':");
-            println!("    filename: {filename}");
+            print_bytes(&[b"    filename: ", fname, b"\n"]);
             println!("    protocol type: file");
             println!(
                 "    file length: {} ({} bytes)",
@@ -157,13 +160,22 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
     Ok(0)
 }
 
-/// How qemu names a relative backing file: relative to the image's directory.
-pub fn resolve_backing(image: &str, backing: &str) -> String {
-    if backing.starts_with('/') {
-        return backing.to_string();
+/// Writes byte strings to stdout (file names need not be UTF-8).
+pub fn print_bytes(parts: &[&[u8]]) {
+    let mut o = std::io::stdout().lock();
+    for p in parts {
+        let _ = o.write_all(p);
     }
-    match image.rfind('/') {
-        Some(i) => format!("{}{}", &image[..=i], backing),
-        None => backing.to_string(),
+}
+
+/// How qemu names a relative backing file: relative to the image's
+/// directory. Bytes: file names need not be UTF-8.
+pub fn resolve_backing(image: &[u8], backing: &[u8]) -> Vec<u8> {
+    if backing.starts_with(b"/") {
+        return backing.to_vec();
+    }
+    match image.iter().rposition(|&c| c == b'/') {
+        Some(i) => [&image[..=i], backing].concat(),
+        None => backing.to_vec(),
     }
 }

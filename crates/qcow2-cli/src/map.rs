@@ -1,9 +1,11 @@
 //! `qcow2 map`.
 
-use crate::info::resolve_backing;
+use crate::info::{print_bytes, resolve_backing};
 use crate::{check_format, error_text, open_image, Fail, OutputFormat};
 use clap::Args;
 use qcow2_ops::{MapEntry, OpenOptions};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 /// Arguments of `qcow2 map`.
@@ -56,17 +58,17 @@ pub fn json_map(entries: &[MapEntry]) -> String {
     format!("[{}]\n", body.join(",\n"))
 }
 
-/// File names of the backing chain, index = depth.
-fn chain_names(file: &str, max_depth: u32) -> Vec<String> {
-    let mut names = vec![file.to_string()];
-    let mut cur = file.to_string();
+/// File names of the backing chain (bytes, need not be UTF-8), index = depth.
+fn chain_names(file: &[u8], max_depth: u32) -> Vec<Vec<u8>> {
+    let mut names = vec![file.to_vec()];
+    let mut cur = file.to_vec();
     let mut is_qcow2 = true;
     while (names.len() as u32) <= max_depth && is_qcow2 {
         let opts = OpenOptions {
             open_backing: false,
             ..OpenOptions::read_only()
         };
-        let Ok(img) = qcow2_ops::Image::open(&cur, &opts) else {
+        let Ok(img) = qcow2_ops::Image::open(OsStr::from_bytes(&cur), &opts) else {
             break;
         };
         let info = img.info();
@@ -93,9 +95,8 @@ pub fn run(a: MapArgs) -> Result<u8, Fail> {
     match a.output {
         OutputFormat::Json => print!("{}", json_map(&entries)),
         OutputFormat::Human => {
-            let filename = a.file.to_string_lossy().into_owned();
             let max_depth = entries.iter().map(|e| e.depth).max().unwrap_or(0);
-            let names = chain_names(&filename, max_depth);
+            let names = chain_names(a.file.as_os_str().as_bytes(), max_depth);
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for e in &entries {
                 if e.data && e.offset.is_none() {
@@ -104,16 +105,14 @@ pub fn run(a: MapArgs) -> Result<u8, Fail> {
                     ));
                 }
                 if e.data && !e.zero {
-                    println!(
-                        "{:<16}{:<16}{:<16}{}",
+                    let cols = format!(
+                        "{:<16}{:<16}{:<16}",
                         hex(e.start),
                         hex(e.length),
                         hex(e.offset.unwrap_or(0)),
-                        names
-                            .get(e.depth as usize)
-                            .map(String::as_str)
-                            .unwrap_or("")
                     );
+                    let name = names.get(e.depth as usize).map(Vec::as_slice);
+                    print_bytes(&[cols.as_bytes(), name.unwrap_or(b""), b"\n"]);
                 }
             }
         }

@@ -136,8 +136,11 @@ pub struct Header {
     pub extra: Vec<u8>,
     /// Header extensions in file order, unknown ones included.
     pub extensions: Vec<Extension>,
-    /// Backing file name, when there is one.
-    pub backing_file: Option<String>,
+    /// Backing file name, when there is one: bytes, as QEMU reads them (the
+    /// `backing_file_size` bytes at `backing_file_offset`, ending at the
+    /// first NUL; an empty name means no backing file). File names need not
+    /// be UTF-8.
+    pub backing_file: Option<Vec<u8>>,
 }
 
 fn invalid(field: &'static str, detail: impl Into<String>) -> FormatError {
@@ -281,8 +284,10 @@ impl Header {
                     "backing file name lies outside the first cluster",
                 ));
             }
-            let name = &buf[start as usize..end as usize];
-            h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+            let name = trim_nul(&buf[start as usize..end as usize]);
+            if !name.is_empty() {
+                h.backing_file = Some(name.to_vec());
+            }
         }
         h.validate_layout(file_len)?;
         Ok(h)
@@ -488,7 +493,7 @@ impl Header {
             if name.len() > MAX_BACKING_NAME as usize {
                 return Err(invalid("backing_file", "name longer than 1023 bytes"));
             }
-            buf[pos..pos + name.len()].copy_from_slice(name.as_bytes());
+            buf[pos..pos + name.len()].copy_from_slice(&name);
             self.backing_file_offset = pos as u64;
             self.backing_file_size = name.len() as u32;
         } else {

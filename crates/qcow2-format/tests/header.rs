@@ -60,9 +60,45 @@ fn backing_name_and_format() {
         .success());
     let b = make("compat=1.1", &["-b", base.to_str().unwrap(), "-F", "qcow2"]);
     let h = parse(&b).unwrap();
-    assert_eq!(h.backing_file.as_deref(), base.to_str());
+    assert_eq!(h.backing_file.as_deref(), base.to_str().map(str::as_bytes));
     assert_eq!(h.backing_format().as_deref(), Some("qcow2"));
     assert!(h.extension(EXT_BACKING_FORMAT).is_some());
+}
+
+/// Replaces the backing file name bytes (and its size) of an image header.
+fn patch_backing_name(b: &mut [u8], name: &[u8]) {
+    let off = u64::from_be_bytes(b[8..16].try_into().unwrap()) as usize;
+    let old = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+    b[off..off + old.max(name.len())].fill(0);
+    b[off..off + name.len()].copy_from_slice(name);
+    b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+}
+
+#[test]
+fn backing_names_are_bytes_as_qemu_reads_them() {
+    let b = make("compat=1.1", &["-b", "base.qcow2", "-F", "qcow2", "-u"]);
+    // Not UTF-8: kept byte for byte.
+    let mut x = b.clone();
+    patch_backing_name(&mut x, b"base\xff\xfe.qcow2");
+    assert_eq!(
+        parse(&x).unwrap().backing_file.as_deref(),
+        Some(&b"base\xff\xfe.qcow2"[..])
+    );
+    // An embedded NUL ends the name.
+    let mut x = b.clone();
+    patch_backing_name(&mut x, b"base.qcow2\0junk");
+    assert_eq!(
+        parse(&x).unwrap().backing_file.as_deref(),
+        Some(&b"base.qcow2"[..])
+    );
+    // Size 0 with the offset set, or a name starting with NUL: no backing file.
+    for name in [&b""[..], b"\0base.qcow2"] {
+        let mut x = b.clone();
+        patch_backing_name(&mut x, name);
+        let h = parse(&x).unwrap();
+        assert_ne!(h.backing_file_offset, 0);
+        assert_eq!(h.backing_file, None, "{name:?}");
+    }
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! tests and benchmarks. Test support, only with the `test-support`
 //! feature (tests and benches enable it; the library never does):
 //! `CountingStorage` counts calls of any backend, `FaultStorage` injects
-//! errors and simulates power loss.
+//! errors and simulates power loss. [`StickySync`] keeps a failed sync
+//! failed.
 #![warn(missing_docs)]
 
 #[cfg(any(test, feature = "test-support"))]
@@ -24,6 +25,7 @@ pub use file::{FileStorage, OpenMode};
 pub use mem::MemStorage;
 
 use std::io;
+use std::sync::atomic::Ordering;
 
 /// Positional I/O on one image file. All methods take `&self`; backends
 /// are safe to share between threads.
@@ -122,5 +124,104 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
+    }
+}
+
+/// Keeps a failed sync failed. After fdatasync fails, the kernel may already
+/// have marked the dirty pages clean (Linux does), so a retried sync would
+/// return 0 over lost data: every later `sync` fails with the errno of the
+/// first failure and is not issued at all, as in QEMU's file driver. Off for
+/// O_DIRECT files (no page cache involved), as in QEMU.
+pub struct StickySync<S> {
+    inner: S,
+    enabled: bool,
+    failed: std::sync::Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl<S: Storage> StickySync<S> {
+    /// Wraps `inner`; with `enabled` false, failures are passed on only.
+    pub fn new(inner: S, enabled: bool) -> Self {
+        StickySync {
+            inner,
+            enabled,
+            failed: Default::default(),
+        }
+    }
+    /// Shared view of the state: the errno of the failed sync, 0 while none failed.
+    pub fn failed_errno(&self) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
+        std::sync::Arc::clone(&self.failed)
+    }
+}
+
+impl<S: Storage> Storage for StickySync<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        let errno = self.failed.load(Ordering::SeqCst);
+        if errno != 0 {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let r = self.inner.sync();
+        if let Err(e) = &r {
+            if self.enabled {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                let _ = self
+                    .failed
+                    .compare_exchange(0, errno, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        }
+        r
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.next_hole(offset)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
+}
+
+#[cfg(test)]
+mod sticky_tests {
+    use super::*;
+
+    #[test]
+    fn failed_sync_stays_failed() {
+        let f = std::sync::Arc::new(FaultStorage::new(vec![0; 512]));
+        f.set_plan(FaultPlan {
+            fail_at: Some((2, libc::ENOSPC)),
+            crash_after: None,
+        });
+        let s = StickySync::new(std::sync::Arc::clone(&f), true);
+        s.write_at(b"x", 0).unwrap();
+        assert_eq!(s.sync().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(s.failed_errno().load(Ordering::SeqCst), libc::ENOSPC);
+        // The inner storage would sync now; the wrapper does not even ask it.
+        assert_eq!(s.sync().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(f.ops(), 2);
+        // Without stickiness (O_DIRECT) the retry goes through.
+        let g = FaultStorage::new(vec![0; 512]);
+        g.set_plan(FaultPlan {
+            fail_at: Some((1, libc::EIO)),
+            crash_after: None,
+        });
+        let d = StickySync::new(g, false);
+        assert!(d.sync().is_err());
+        d.sync().unwrap();
     }
 }

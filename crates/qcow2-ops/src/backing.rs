@@ -4,6 +4,8 @@ use crate::error::{Error, Result};
 use crate::image::{ioerr, Inner};
 use crate::types::OpenOptions;
 use qcow2_io::{FileStorage, OpenMode, Storage};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// Deepest backing chain accepted.
@@ -18,8 +20,9 @@ pub(crate) enum Backing {
 }
 
 /// Backing file path relative to the directory of the image that names it.
-pub(crate) fn resolve(image: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
+/// The name is bytes, as stored in the image (need not be UTF-8).
+pub(crate) fn resolve(image: &Path, name: &[u8]) -> PathBuf {
+    let p = Path::new(OsStr::from_bytes(name));
     if p.is_absolute() {
         return p.to_path_buf();
     }
@@ -34,7 +37,7 @@ thread_local! {
 }
 
 impl Backing {
-    pub(crate) fn open(image: &Path, name: &str, format: Option<&str>) -> Result<Backing> {
+    pub(crate) fn open(image: &Path, name: &[u8], format: Option<&str>) -> Result<Backing> {
         let path = resolve(image, name);
         let shown = path.display().to_string();
         let file = FileStorage::open(&path, OpenMode::READ_ONLY)

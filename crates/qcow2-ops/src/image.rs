@@ -73,6 +73,12 @@ pub(crate) struct Inner {
     pub(crate) l2_tables: std::collections::HashSet<u64>,
     /// Persistent dirty bitmaps maintained while open.
     pub(crate) bitmaps: crate::bitmaps::Bitmaps,
+    /// errno of a failed sync of the image file (0: none), kept by the
+    /// [`qcow2_io::StickySync`] wrapping `file`. What reached the disk is
+    /// unknown from then on (the kernel may have dropped the dirty pages), so
+    /// every later sync fails with it instead of succeeding over lost data,
+    /// as QEMU's file driver does (also like it: not with O_DIRECT).
+    pub(crate) sync_failed: std::sync::Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl Image {
@@ -182,6 +188,9 @@ impl Image {
         // Everything completed before this call must become durable.
         let target = self.req_gen.load(Ordering::SeqCst);
         let mut g = self.lock();
+        // First: a read-only image (possibly one turned read-only after a
+        // corruption) must not hide a failed sync either.
+        g.check_sync_failed()?;
         if g.read_only {
             return Ok(());
         }
@@ -208,12 +217,13 @@ impl Image {
         }
         let seen = g.dirty_gen;
         let file = std::sync::Arc::clone(&g.file);
-        let name = g.name.clone();
         drop(g);
         let r = file.sync();
         let mut g = self.lock();
-        r.map_err(ioerr("sync", &name))?;
         g.stats.file_syncs += 1;
+        g.note_sync(r)?;
+        // A concurrent sync may have failed meanwhile: ours then proves nothing.
+        g.check_sync_failed()?;
         if g.dirty_gen == seen {
             // Nothing was written or dirtied while we synced: all is durable.
             g.unsynced = false;
@@ -275,6 +285,7 @@ impl Image {
     /// Flushes and closes.
     pub fn close(self) -> Result<()> {
         let mut g = self.lock();
+        g.check_sync_failed()?;
         if g.read_only {
             return Ok(());
         }
@@ -305,7 +316,7 @@ impl Inner {
             path,
             OpenMode {
                 writable: opts.writable,
-                direct: opts.cache == CacheMode::None,
+                direct: opts.cache.direct(),
                 create: false,
             },
         )
@@ -388,10 +399,14 @@ impl Inner {
         } else {
             None
         };
+        // Every sync of the file, including those of the refcount layer
+        // and of check, goes through the sticky failure state.
+        let file = qcow2_io::StickySync::new(file, !opts.cache.direct());
+        let sync_failed = file.failed_errno();
         let mut me = Inner {
             name,
             path: path.to_path_buf(),
-            file: std::sync::Arc::from(file),
+            file: std::sync::Arc::new(file),
             header,
             geo,
             l1,
@@ -414,6 +429,7 @@ impl Inner {
             metadata_prealloc: None,
             l2_tables: Default::default(),
             bitmaps: Default::default(),
+            sync_failed,
         };
         me.l2_tables = me
             .l1
@@ -455,10 +471,12 @@ impl Inner {
             dirty: h.is_dirty(),
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format(),
-            full_backing_file: h
-                .backing_file
-                .as_ref()
-                .map(|b| crate::backing::resolve(&self.path, b).display().to_string()),
+            full_backing_file: h.backing_file.as_ref().map(|b| {
+                use std::os::unix::ffi::OsStringExt;
+                crate::backing::resolve(&self.path, b)
+                    .into_os_string()
+                    .into_vec()
+            }),
             data_file: h.data_file(),
             file_length: self.file.len().unwrap_or(0),
             snapshots: h.nb_snapshots,
@@ -518,7 +536,7 @@ impl Inner {
             self.mark_corrupt();
         }
         r?;
-        if self.opts.cache == CacheMode::Writethrough || flags & REQ_FUA != 0 {
+        if self.opts.cache.writethrough() || flags & REQ_FUA != 0 {
             return Ok(true);
         }
         if self.pending_frees.len() > MAX_PENDING_FREES {
@@ -538,8 +556,10 @@ impl Inner {
             }
             return Ok(());
         }
-        self.file.sync().map_err(ioerr("sync", &self.name))?;
+        self.check_sync_failed()?;
+        let r = self.file.sync();
         self.stats.file_syncs += 1;
+        self.note_sync(r)?;
         self.unsynced = false;
         self.tail_unsynced = false;
         if !self.refs.is_dirty() {
@@ -657,9 +677,30 @@ impl Inner {
             .write_at(&b, 72)
             .map_err(ioerr("write header", &self.name))?;
         self.header.incompatible_features = v;
-        self.file.sync().map_err(ioerr("sync", &self.name))?;
+        self.check_sync_failed()?;
+        let r = self.file.sync();
         self.stats.file_syncs += 1;
-        Ok(())
+        self.note_sync(r)
+    }
+
+    /// Fails once a sync has failed (see `sync_failed`).
+    pub(crate) fn check_sync_failed(&self) -> Result<()> {
+        match self.sync_failed.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            errno => Err(Error::io(
+                format!(
+                    "{}: sync: an earlier sync failed, what reached the disk is unknown",
+                    self.name
+                ),
+                std::io::Error::from_raw_os_error(errno),
+            )),
+        }
+    }
+
+    /// Takes the result of a sync of the image file (the failure state is
+    /// kept by the file's `StickySync`).
+    pub(crate) fn note_sync(&self, r: std::io::Result<()>) -> Result<()> {
+        r.map_err(ioerr("sync", &self.name))
     }
 
     // ----- L1 / L2 access -----

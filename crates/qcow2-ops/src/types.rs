@@ -23,6 +23,9 @@ pub enum CacheMode {
     Unsafe,
     /// O_DIRECT on the image file; writeback semantics otherwise.
     None,
+    /// O_DIRECT on the image file and writethrough semantics: every request
+    /// is durable before it returns (qemu's `directsync`).
+    DirectSync,
 }
 
 impl CacheMode {
@@ -33,9 +36,20 @@ impl CacheMode {
             "writethrough" => CacheMode::Writethrough,
             "unsafe" => CacheMode::Unsafe,
             "none" | "off" => CacheMode::None,
-            "directsync" => CacheMode::None,
+            "directsync" => CacheMode::DirectSync,
             _ => return None,
         })
+    }
+
+    /// Whether the image file is opened with O_DIRECT (`none`, `directsync`).
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+
+    /// Whether every request is made durable before it returns
+    /// (`writethrough`, `directsync`).
+    pub fn writethrough(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
     }
 }
 
@@ -138,8 +152,9 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// zstd instead of zlib for compressed clusters.
     pub zstd: bool,
-    /// Backing file name, stored as given.
-    pub backing_file: Option<String>,
+    /// Backing file name, stored as given: bytes, need not be UTF-8
+    /// (relative names are relative to the image's directory).
+    pub backing_file: Option<Vec<u8>>,
     /// Backing file format (`qcow2`, `raw`).
     pub backing_format: Option<String>,
     /// Do not check that the backing file opens (qemu-img's `-u`).
@@ -236,12 +251,13 @@ pub struct ImageInfo {
     pub corrupt: bool,
     /// Dirty bit.
     pub dirty: bool,
-    /// Backing file name as stored.
-    pub backing_file: Option<String>,
+    /// Backing file name as stored: bytes, not necessarily UTF-8 (up to the
+    /// first NUL; `None` also when the header gives an empty name).
+    pub backing_file: Option<Vec<u8>>,
     /// Backing file format.
     pub backing_format: Option<String>,
-    /// Backing file path as resolved (relative to the image's directory).
-    pub full_backing_file: Option<String>,
+    /// Backing file path as resolved (relative to the image's directory), bytes.
+    pub full_backing_file: Option<Vec<u8>>,
     /// External data file name.
     pub data_file: Option<String>,
     /// Image file length.

@@ -520,3 +520,23 @@ pub fn workers() -> usize {
         .unwrap_or(2)
         .clamp(1, 4)
 }
+
+/// Whether `tool probe...` runs successfully (e.g. `strace -o /dev/null
+/// true`: installed and able to trace here). When it does not: panics under
+/// CI (environment variable CI set), else prints "skipped: <tool> not
+/// installed" for `what` and returns false.
+pub fn tool_or_skip(tool: &str, probe: &[&str], what: &str) -> bool {
+    let ok = Command::new(tool)
+        .args(probe)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what}: {tool} is not installed or does not work here (required under CI)"
+        );
+        println!("skipped: {tool} not installed ({what})");
+    }
+    ok
+}
