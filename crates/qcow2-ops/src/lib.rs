@@ -21,4 +21,5 @@ pub use error::{Error, Result};
 pub use image::Image;
 pub use qcow2_format as format;
 pub use qcow2_io as io;
+pub use bitmaps::{BitmapInfo, BitmapOp};
 pub use types::*;
