@@ -24,6 +24,7 @@
 //!   `qcow2_close` must not race with any other call on the same handle.
 #![warn(missing_docs)]
 
+mod bitmaps;
 mod consts;
 mod error;
 mod image;
@@ -31,6 +32,7 @@ mod panic;
 mod ptr;
 mod types;
 
+pub use bitmaps::*;
 pub use consts::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;
