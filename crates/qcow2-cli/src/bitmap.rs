@@ -92,9 +92,7 @@ pub fn run(a: BitmapArgs) -> Result<u8, Fail> {
                         return Err(range_fail())
                     }
                     Err(SizeError::Invalid) => {
-                        return Err(Fail::new(format!(
-                            "Invalid granularity specified: '{v}'."
-                        )))
+                        return Err(Fail::new(format!("Invalid granularity specified: '{v}'.")))
                     }
                 };
             }

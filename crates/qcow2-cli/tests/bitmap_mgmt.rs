@@ -13,8 +13,11 @@ use common::*;
 use std::path::Path;
 
 fn nbd_tools() -> bool {
-    qcow2_testutil::require("bitmap management", &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"])
-        .is_some()
+    qcow2_testutil::require(
+        "bitmap management",
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+    )
+    .is_some()
 }
 
 /// The dirty map of bitmap `bm` as qemu-nbd exports it.
@@ -23,7 +26,9 @@ fn nbd_map(dir: &Path, img: &str, bm: &str) -> String {
     run_in(
         dir,
         "nbdinfo",
-        &[&ctx, "--", "[", "qemu-nbd", "-r", "-B", bm, "-f", "qcow2", img, "]"],
+        &[
+            &ctx, "--", "[", "qemu-nbd", "-r", "-B", bm, "-f", "qcow2", img, "]",
+        ],
     )
     .ok(&format!("nbdinfo map of {bm} in {img}"))
     .stdout
@@ -46,7 +51,10 @@ fn norm(s: &str) -> String {
             .unwrap_or(line);
         let mut l = l.replace("'img.qcow2'", "'NODE'");
         while let Some(i) = l.find("'#block") {
-            let j = l[i + 1..].find('\'').map(|j| i + 1 + j).unwrap_or(l.len() - 1);
+            let j = l[i + 1..]
+                .find('\'')
+                .map(|j| i + 1 + j)
+                .unwrap_or(l.len() - 1);
             l.replace_range(i..=j, "'NODE'");
         }
         out.push_str(&l);
@@ -78,7 +86,11 @@ fn differential(what: &str, cs: u64, size: u64, compat: &str, steps: &[Step]) {
     for d in [q.path(), o.path()] {
         let opt = format!("cluster_size={cs},compat={compat}");
         let sz = size.to_string();
-        qemu_img(d, &["create", "-q", "-f", "qcow2", "-o", &opt, "img.qcow2", &sz]).ok("create");
+        qemu_img(
+            d,
+            &["create", "-q", "-f", "qcow2", "-o", &opt, "img.qcow2", &sz],
+        )
+        .ok("create");
         qemu_img(d, &["create", "-q", "-f", "qcow2", "src.qcow2", "64M"]).ok("create src");
         qemu_img(d, &["bitmap", "--add", "-g", "4k", "src.qcow2", "s"]).ok("src bitmap");
         qemu_io(d, &["-c", "write 0 8k", "-c", "write 3M 1M", "src.qcow2"]).ok("src io");
@@ -120,12 +132,18 @@ fn differential(what: &str, cs: u64, size: u64, compat: &str, steps: &[Step]) {
             }
         }
     }
-    let (iq, io) = (info_bitmaps(q.path(), "img.qcow2"), info_bitmaps(o.path(), "img.qcow2"));
+    let (iq, io) = (
+        info_bitmaps(q.path(), "img.qcow2"),
+        info_bitmaps(o.path(), "img.qcow2"),
+    );
     assert_eq!(io, iq, "{what}: qemu-img info bitmaps");
     if let Some(list) = iq.as_array() {
         for b in list {
             let name = b["name"].as_str().expect("name");
-            if b["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "in-use")) {
+            if b["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "in-use"))
+            {
                 continue; // inconsistent: qemu-nbd refuses to export it
             }
             assert_eq!(
@@ -255,7 +273,10 @@ fn version_2_and_size_mismatch() {
         65536,
         32 << 20,
         "1.1",
-        &[Bm(&["--add"], "b"), Bm(&["--merge", "s", "-b", "src.qcow2"], "b")],
+        &[
+            Bm(&["--add"], "b"),
+            Bm(&["--merge", "s", "-b", "src.qcow2"], "b"),
+        ],
     );
 }
 

@@ -459,7 +459,6 @@ impl Inner {
     }
 }
 
-
 // ----- management: add, remove, clear, enable, disable, merge -----
 
 /// A persistent dirty bitmap of an image, as listed by [`Image::bitmaps`].
@@ -585,8 +584,7 @@ impl Inner {
         if self.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
             return Ok((0, 0, Vec::new()));
         }
-        let ext =
-            BitmapsExt::parse(&data).map_err(|e| self.bitmap_err(format!("bitmaps: {e}")))?;
+        let ext = BitmapsExt::parse(&data).map_err(|e| self.bitmap_err(format!("bitmaps: {e}")))?;
         let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
         if ext.directory_offset & (self.geo.cluster_size() - 1) != 0
             || ext
@@ -813,9 +811,21 @@ impl Inner {
             _ => {}
         }
         // 2. Bits set since open go to disk (in-use flags cleared), so the
-        //    directory read now is the whole truth.
-        self.store_bitmaps()?;
-        let (dir_off, dir_size, entries) = self.read_directory()?;
+        //    directory read now is the whole truth. Without such bits the
+        //    maintained bitmaps' data on disk is already current: the new
+        //    directory simply holds them not in use (step 3 marks them again).
+        let live: Vec<usize> = if self.bitmaps.live.iter().any(|l| !l.set.is_empty()) {
+            self.store_bitmaps()?;
+            Vec::new()
+        } else {
+            self.bitmaps.live.iter().map(|l| l.idx).collect()
+        };
+        let (dir_off, dir_size, mut entries) = self.read_directory()?;
+        for i in live {
+            if let Some(e) = entries.get_mut(i) {
+                e.flags &= !bitmap::FLAG_IN_USE;
+            }
+        }
         let idx = entries.iter().position(|e| e.name == name.as_bytes());
         let src = match (op, source) {
             (BitmapOp::Merge { source: sname }, None) => {

@@ -17,9 +17,9 @@ mod status;
 mod types;
 mod zero;
 
+pub use bitmaps::{BitmapInfo, BitmapOp};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use qcow2_format as format;
 pub use qcow2_io as io;
-pub use bitmaps::{BitmapInfo, BitmapOp};
 pub use types::*;
