@@ -295,6 +295,9 @@ extern "C" {
  * bad granularity or name, a v2 image; -EROFS on a read-only image; other
  * negative errno values if the file fails.
  *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
  * # Safety
  * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
  */
@@ -306,6 +309,9 @@ int qcow2_bitmap_add(struct Qcow2Image *img, const char *name, uint64_t granular
  *
  * Returns 0 on success; -EINVAL for NULL pointers or an unknown name;
  * -EROFS on a read-only image; other negative errno values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
  *
  * # Safety
  * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
@@ -319,6 +325,9 @@ int qcow2_bitmap_remove(struct Qcow2Image *img, const char *name);
  * inconsistent bitmap; -EROFS on a read-only image; other negative errno
  * values if the file fails.
  *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
  * # Safety
  * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
  */
@@ -331,6 +340,9 @@ int qcow2_bitmap_clear(struct Qcow2Image *img, const char *name);
  * Returns 0 on success; -EINVAL for NULL pointers, an unknown name or an
  * inconsistent bitmap; -EROFS on a read-only image; other negative errno
  * values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
  *
  * # Safety
  * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
@@ -346,6 +358,11 @@ int qcow2_bitmap_set_enabled(struct Qcow2Image *img, const char *name, bool enab
  * Returns 0 on success; -EINVAL for NULL pointers, unknown names,
  * inconsistent bitmaps or different virtual sizes; -EROFS on a read-only
  * image; other negative errno values if a file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` and
+ * `source_img` (they are serialised; the source is read before `img` is
+ * locked, so two opposite merges cannot deadlock), not with `qcow2_close` of
+ * either.
  *
  * # Safety
  * `img` must be NULL or an open handle; `name` and `source` NULL or

@@ -68,6 +68,9 @@ unsafe fn run(
 /// bad granularity or name, a v2 image; -EROFS on a read-only image; other
 /// negative errno values if the file fails.
 ///
+/// Thread safety: may run concurrently with other calls on `img` (they are
+/// serialised), not with `qcow2_close(img)`.
+///
 /// # Safety
 /// `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
 #[no_mangle]
@@ -96,6 +99,9 @@ pub unsafe extern "C" fn qcow2_bitmap_add(
 /// Returns 0 on success; -EINVAL for NULL pointers or an unknown name;
 /// -EROFS on a read-only image; other negative errno values if the file fails.
 ///
+/// Thread safety: may run concurrently with other calls on `img` (they are
+/// serialised), not with `qcow2_close(img)`.
+///
 /// # Safety
 /// `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
 #[no_mangle]
@@ -117,6 +123,9 @@ pub unsafe extern "C" fn qcow2_bitmap_remove(img: *mut Qcow2Image, name: *const 
 /// Returns 0 on success; -EINVAL for NULL pointers, an unknown name or an
 /// inconsistent bitmap; -EROFS on a read-only image; other negative errno
 /// values if the file fails.
+///
+/// Thread safety: may run concurrently with other calls on `img` (they are
+/// serialised), not with `qcow2_close(img)`.
 ///
 /// # Safety
 /// `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
@@ -140,6 +149,9 @@ pub unsafe extern "C" fn qcow2_bitmap_clear(img: *mut Qcow2Image, name: *const c
 /// Returns 0 on success; -EINVAL for NULL pointers, an unknown name or an
 /// inconsistent bitmap; -EROFS on a read-only image; other negative errno
 /// values if the file fails.
+///
+/// Thread safety: may run concurrently with other calls on `img` (they are
+/// serialised), not with `qcow2_close(img)`.
 ///
 /// # Safety
 /// `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
@@ -168,6 +180,11 @@ pub unsafe extern "C" fn qcow2_bitmap_set_enabled(
 /// Returns 0 on success; -EINVAL for NULL pointers, unknown names,
 /// inconsistent bitmaps or different virtual sizes; -EROFS on a read-only
 /// image; other negative errno values if a file fails.
+///
+/// Thread safety: may run concurrently with other calls on `img` and
+/// `source_img` (they are serialised; the source is read before `img` is
+/// locked, so two opposite merges cannot deadlock), not with `qcow2_close` of
+/// either.
 ///
 /// # Safety
 /// `img` must be NULL or an open handle; `name` and `source` NULL or

@@ -4,7 +4,8 @@
 //! Modules: `consts` (flag and version values), `types` (the opaque handle
 //! and the `#[repr(C)]` structs), `panic` (the panic boundary), `ptr` (NULL
 //! and length checks), `error` (errno values, the thread's last error
-//! message, `qcow2_strerror`), `image` (the exported functions).
+//! message, `qcow2_strerror`), `image` (the exported functions), `bitmaps`
+//! (persistent dirty bitmap management).
 //!
 //! Conventions, shared by every exported function:
 //!

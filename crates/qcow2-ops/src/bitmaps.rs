@@ -1090,6 +1090,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn merge_into_other_granularities() {
+        // Source at 512 bytes per bit, 8 KiB disk: bits 3 and 9 dirty.
+        let src = [0b0000_1000u8, 0b0000_0010];
+        // Into 4 KiB per bit: bytes 1536..2048 and 4608..5120 -> bits 0, 1.
+        let mut dst = [0u8; 1];
+        merge_into(&mut dst, 12, &src, 9, 8192);
+        assert_eq!(dst[0], 0b11);
+        // Coarse into fine: 4 KiB bit 1 -> 512-byte bits 8..16.
+        let mut fine = [0u8; 2];
+        merge_into(&mut fine, 9, &[0b10], 12, 8192);
+        assert_eq!(fine, [0, 0xff]);
+        // The last coarse bit covers only what the disk has (5000 bytes).
+        let mut fine = [0u8; 2];
+        merge_into(&mut fine, 9, &[0b10], 12, 5000);
+        assert_eq!(fine, [0, 0b0000_0011]);
+        // Same granularity: OR of bytes.
+        let mut d = [0b01u8];
+        merge_into(&mut d, 9, &[0b10], 9, 4096);
+        assert_eq!(d[0], 0b11);
+    }
+
+    #[test]
     fn set_bits_ranges() {
         let mut b = vec![0u8; 8];
         set_bits(&mut b, 3, 5);
