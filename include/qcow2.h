@@ -285,6 +285,98 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Adds an empty persistent bitmap (like `qemu-img bitmap --add`).
+ *
+ * Parameters:
+ * - `img`: the image, opened writable.
+ * - `name`: the new bitmap's name (NUL-terminated UTF-8, 1 to 1023 bytes).
+ * - `granularity`: bytes per bit, a power of two from 512 to 2 GiB; 0 for
+ *   QEMU's default (the cluster size clamped to 4 KiB..64 KiB).
+ * - `enabled`: whether it records writes from now on.
+ *
+ * Returns 0 on success; -EINVAL for NULL pointers, a name already used, a
+ * bad granularity or name, a v2 image; -EROFS on a read-only image; other
+ * negative errno values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
+ */
+int qcow2_bitmap_add(struct Qcow2Image *img, const char *name, uint64_t granularity, bool enabled);
+
+/**
+ * Removes a bitmap and frees its clusters (like `qemu-img bitmap
+ * --remove`); inconsistent (in-use) bitmaps may be removed too.
+ *
+ * Returns 0 on success; -EINVAL for NULL pointers or an unknown name;
+ * -EROFS on a read-only image; other negative errno values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
+ */
+int qcow2_bitmap_remove(struct Qcow2Image *img, const char *name);
+
+/**
+ * Clears every bit of a bitmap (like `qemu-img bitmap --clear`).
+ *
+ * Returns 0 on success; -EINVAL for NULL pointers, an unknown name or an
+ * inconsistent bitmap; -EROFS on a read-only image; other negative errno
+ * values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
+ */
+int qcow2_bitmap_clear(struct Qcow2Image *img, const char *name);
+
+/**
+ * Enables (records writes) or disables a bitmap (like `qemu-img bitmap
+ * --enable` / `--disable`).
+ *
+ * Returns 0 on success; -EINVAL for NULL pointers, an unknown name or an
+ * inconsistent bitmap; -EROFS on a read-only image; other negative errno
+ * values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
+ */
+int qcow2_bitmap_set_enabled(struct Qcow2Image *img, const char *name, bool enabled);
+
+/**
+ * ORs bitmap `source` into bitmap `name` (like `qemu-img bitmap --merge
+ * SOURCE [-b SOURCE_FILE]`); granularities may differ. The source comes
+ * from `source_img` when it is not NULL (opened read-only or writable,
+ * same virtual size), else from `img`.
+ *
+ * Returns 0 on success; -EINVAL for NULL pointers, unknown names,
+ * inconsistent bitmaps or different virtual sizes; -EROFS on a read-only
+ * image; other negative errno values if a file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` and
+ * `source_img` (they are serialised; the source is read before `img` is
+ * locked, so two opposite merges cannot deadlock), not with `qcow2_close` of
+ * either.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` and `source` NULL or
+ * NUL-terminated; `source_img` NULL or an open handle.
+ */
+int qcow2_bitmap_merge(struct Qcow2Image *img,
+                       const char *name,
+                       const char *source,
+                       const struct Qcow2Image *source_img);
+
+/**
  * The message of the last failed call on the calling thread.
  *
  * Every qcow2_* function that returns a negative errno also records a

@@ -4,7 +4,8 @@
 //! Modules: `consts` (flag and version values), `types` (the opaque handle
 //! and the `#[repr(C)]` structs), `panic` (the panic boundary), `ptr` (NULL
 //! and length checks), `error` (errno values, the thread's last error
-//! message, `qcow2_strerror`), `image` (the exported functions).
+//! message, `qcow2_strerror`), `image` (the exported functions), `bitmaps`
+//! (persistent dirty bitmap management).
 //!
 //! Conventions, shared by every exported function:
 //!
@@ -24,6 +25,7 @@
 //!   `qcow2_close` must not race with any other call on the same handle.
 #![warn(missing_docs)]
 
+mod bitmaps;
 mod consts;
 mod error;
 mod image;
@@ -31,6 +33,7 @@ mod panic;
 mod ptr;
 mod types;
 
+pub use bitmaps::*;
 pub use consts::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;

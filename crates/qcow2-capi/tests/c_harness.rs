@@ -226,4 +226,7 @@ c_tests! {
     errors_static => ("test_errors", Static),
     errors_asan => ("test_errors", Asan),
     errors_valgrind => ("test_errors", Valgrind),
+    bitmaps_static => ("test_bitmaps", Static),
+    bitmaps_asan => ("test_bitmaps", Asan),
+    bitmaps_valgrind => ("test_bitmaps", Valgrind),
 }

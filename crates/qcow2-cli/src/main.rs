@@ -2,6 +2,7 @@
 //! qemu-img / qemu-io compatible syntax and output.
 #![forbid(unsafe_code)]
 
+mod bitmap;
 mod check;
 mod compare;
 mod convert;
@@ -55,6 +56,8 @@ enum Cmd {
     Convert(convert::ConvertArgs),
     /// Compare the contents of two images (like `qemu-img compare`).
     Compare(compare::CompareArgs),
+    /// Manage persistent dirty bitmaps (like `qemu-img bitmap`).
+    Bitmap(bitmap::BitmapArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::Io(a) => io::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Compare(a) => compare::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
     });
     let result = match result {
         Ok(r) => r,

@@ -17,6 +17,7 @@ mod status;
 mod types;
 mod zero;
 
+pub use bitmaps::{BitmapInfo, BitmapOp};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use qcow2_format as format;
