@@ -598,6 +598,26 @@ mod tests {
     }
 
     #[test]
+    fn find_free_changes_nothing() {
+        let (st, mut r) = setup(4);
+        r.alloc(&st, 3).unwrap();
+        r.update(&st, 4, -1).unwrap();
+        assert_eq!(r.find_free(&st, 1).unwrap(), 4);
+        assert_eq!(
+            r.find_free(&st, 2).unwrap(),
+            6,
+            "a run of two skips the hole"
+        );
+        assert_eq!(r.get(&st, 4).unwrap(), 0, "nothing allocated");
+        assert_eq!(r.get(&st, 6).unwrap(), 0, "nothing allocated");
+        assert_eq!(
+            r.alloc(&st, 1).unwrap(),
+            4,
+            "alloc takes what find_free named"
+        );
+    }
+
+    #[test]
     fn overflow_of_narrow_refcounts_is_refused() {
         let (st, mut r) = setup(0);
         assert_eq!(r.max_refcount(), 1);
