@@ -865,8 +865,9 @@ impl Inner {
 
     /// Allocates `n` contiguous host clusters (refcount 1). Returns the first index.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        // Refcount slices only ever hold increments (decrements wait in
-        // pending_frees), so evicting them needs no ordering.
+        // Refcount slices only ever hold increments and decrements whose
+        // L2/L1 change is durable (the others wait in pending_frees), so
+        // evicting them needs no ordering.
         let name = self.name.clone();
         self.reclaim_pending_frees(n)?;
         let c = self
