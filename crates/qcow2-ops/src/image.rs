@@ -59,6 +59,11 @@ pub(crate) struct Inner {
     pub(crate) pending_frees: Vec<u64>,
     /// Host clusters to punch once freed (discard requests).
     pub(crate) punch_on_free: BTreeSet<u64>,
+    /// How many `pending_frees` are known to free no cluster when applied
+    /// (shared clusters; see `reclaim_pending_frees`).
+    pub(crate) frees_checked: usize,
+    /// How many `pending_frees` were queued by requests that completed.
+    pub(crate) frees_settled: usize,
     pub(crate) stats: Stats,
     /// Last decompressed cluster: (L2 entry raw, bytes).
     pub(crate) zcache: Option<(u64, Vec<u8>)>,
@@ -423,6 +428,8 @@ impl Inner {
             len_seen: 0,
             pending_frees: Vec::new(),
             punch_on_free: BTreeSet::new(),
+            frees_checked: 0,
+            frees_settled: 0,
             stats: Stats::default(),
             zcache: None,
             fresh_l2: Default::default(),
@@ -536,6 +543,7 @@ impl Inner {
             self.mark_corrupt();
         }
         r?;
+        self.frees_settled = self.pending_frees.len();
         if self.opts.cache.writethrough() || flags & REQ_FUA != 0 {
             return Ok(true);
         }
@@ -927,9 +935,11 @@ impl Inner {
 
     /// Allocates `n` contiguous host clusters (refcount 1). Returns the first index.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        // Refcount slices only ever hold increments (decrements wait in
-        // pending_frees), so evicting them needs no ordering.
+        // Refcount slices only ever hold increments and decrements whose
+        // L2/L1 change is durable (the others wait in pending_frees), so
+        // evicting them needs no ordering.
         let name = self.name.clone();
+        self.reclaim_pending_frees(n)?;
         let c = self
             .refs
             .alloc(&*self.file, n)
@@ -957,6 +967,74 @@ impl Inner {
             self.mark_corrupt();
         }
         err
+    }
+
+    /// Makes clusters freed in this session available to an allocation of
+    /// `n` clusters that would otherwise have to extend the file.
+    ///
+    /// A freed cluster stays in `pending_frees` (refcount unchanged) until
+    /// the L2/L1 change that dropped it is durable, so `Refcounts::alloc`
+    /// cannot hand it out, and allocations go to the end of the file. When
+    /// one would, and applying the pending frees would free a cluster, this
+    /// runs `flush_all`: it writes the L2/L1 changes, syncs, and only then
+    /// lowers the refcounts (and punches the holes), so the allocation that
+    /// follows may take a freed cluster.
+    ///
+    /// Why reuse is then safe: the old owner's L2/L1 change is durable
+    /// before the cluster's refcount drops, so no crash can bring back an
+    /// entry pointing at it. The new owner's L2 entry is written only after
+    /// the refcount increase is durable (`prepare_l2_writeback`), as for any
+    /// allocation. On disk the cluster is therefore referenced by at most
+    /// one L2/L1 entry at any time, with a refcount of at least one whenever
+    /// it is referenced: a crash leaks it at worst. Holes are punched in
+    /// `flush_all` before the cluster is handed out again, never after.
+    ///
+    /// Cost: one flush (its syncs are the ones the ordering rules need
+    /// before the refcounts may drop), and only when an allocation would
+    /// grow the file while an earlier request left a cluster to free:
+    /// workloads that never free are unaffected, allocations that fit in
+    /// free space inside the file never force it, and a request never
+    /// forces it for clusters it freed itself (a long rewrite of compressed
+    /// clusters would otherwise flush once per cluster; QEMU, too, reuses
+    /// at request granularity).
+    fn reclaim_pending_frees(&mut self, n: u64) -> Result<()> {
+        let settled = self.frees_settled.min(self.pending_frees.len());
+        if self.frees_checked >= settled {
+            return Ok(());
+        }
+        let name = self.name.clone();
+        let cs = self.geo.cluster_size();
+        let c = self
+            .refs
+            .find_free(&*self.file, n)
+            .map_err(|e| refcount_err(&name, e))?;
+        if self.within_file(c.saturating_add(n).saturating_mul(cs))? {
+            return Ok(());
+        }
+        // Only worth a sync if a refcount would reach zero. Entries shared
+        // with a snapshot (or several compressed clusters in one host
+        // cluster) just lose a reference: remember how far the list was
+        // found to hold only those, so that each entry is looked at once.
+        let mut frees = false;
+        while self.frees_checked < settled {
+            let c = self.pending_frees[self.frees_checked];
+            let r = self
+                .refs
+                .get(&*self.file, c)
+                .map_err(|e| refcount_err(&name, e))?;
+            if r <= 1 {
+                frees = true;
+                break;
+            }
+            self.frees_checked += 1;
+        }
+        if frees {
+            // The decrements may stay cached: the allocations that follow
+            // change the same refcount blocks, written once before the new
+            // L2 entries.
+            self.flush_all_then(false, false)?;
+        }
+        Ok(())
     }
 
     /// Queues the release of the host clusters an L2 entry referenced (only
@@ -1000,6 +1078,13 @@ impl Inner {
     /// Writes back everything in crash-safe order; with `sync_end`, ends
     /// with a sync if anything was written.
     pub(crate) fn flush_all(&mut self, sync_end: bool) -> Result<()> {
+        self.flush_all_then(sync_end, true)
+    }
+
+    /// [`Inner::flush_all`]; without `write_decrements` the refcount
+    /// decrements it applies stay in the cache (written with the next
+    /// refcount writeback, as their durability is optional).
+    fn flush_all_then(&mut self, sync_end: bool, write_decrements: bool) -> Result<()> {
         let name = self.name.clone();
         // 1. Allocations (refcounts, data) before the L2/L1 entries pointing at them.
         if self.l2.is_dirty() || !self.l1_dirty.is_empty() {
@@ -1034,6 +1119,8 @@ impl Inner {
                 self.sync()?;
             }
             let frees = std::mem::take(&mut self.pending_frees);
+            self.frees_checked = 0;
+            self.frees_settled = 0;
             for c in frees {
                 self.refs
                     .update(&*self.file, c, -1)
@@ -1057,7 +1144,8 @@ impl Inner {
             }
             self.punch_on_free.clear();
         }
-        if self.refs.is_dirty()
+        if write_decrements
+            && self.refs.is_dirty()
             && self
                 .refs
                 .flush(&*self.file)

@@ -224,6 +224,62 @@ fn wl_v2() -> Workload {
     }
 }
 
+fn wl_reuse() -> Workload {
+    // Clusters freed in the session are taken again by later requests of
+    // the same session (no flush in between): the freeing L2 change must be
+    // durable before the refcount drops and before the hole is punched, and
+    // no hole may be punched into a cluster once it was reused.
+    Workload {
+        name: "reuse",
+        create: "cluster_size=65536",
+        size: 8 * M,
+        fill: &["write -P 0xc1 0 1M", "write -c -P 0xc2 2M 256k"],
+        ops: vec![
+            Op::Discard(0, 256 * K),
+            Op::Write(4 * M, 128 * K, 0xc3),
+            Op::Zero(512 * K, 128 * K, U),
+            Op::Write(4 * M + 512 * K, 64 * K + 512, 0xc4),
+            Op::Discard(4 * M, 64 * K),
+            Op::Write(5 * M + 100, 1000, 0xc5),
+            Op::Flush,
+            Op::Write(2 * M, 64 * K, 0xc6),
+            Op::Discard(2 * M + 64 * K, 192 * K),
+            Op::Write(6 * M, 192 * K, 0xc7),
+            Op::Discard(5 * M, 64 * K),
+            Op::Write(0, 64 * K, 0xc8),
+            Op::Write(7 * M + 4 * K, 8 * K, 0xc9),
+        ],
+        unit: 65536,
+    }
+}
+
+fn wl_reuse_l2() -> Workload {
+    // 4 KiB clusters (an L2 table per 2 MiB): freed data clusters become new
+    // L2 tables and data clusters of other tables in the same session.
+    Workload {
+        name: "reuse_l2",
+        create: "cluster_size=4096",
+        size: 16 * M,
+        fill: &["write -P 0xd1 0 256k"],
+        ops: vec![
+            Op::Discard(0, 64 * K),
+            Op::Write(2 * M, 16 * K, 0xd2),
+            Op::Write(4 * M + 4 * K, 8 * K, 0xd3),
+            Op::Zero(64 * K, 32 * K, U),
+            Op::Write(6 * M + 2 * K, 4 * K, 0xd4),
+            Op::Discard(2 * M, 8 * K),
+            Op::Write(8 * M, 24 * K, 0xd5),
+            Op::Flush,
+            Op::Discard(128 * K, 64 * K),
+            Op::Write(10 * M, 4 * K, 0xd6),
+            Op::Write(12 * M, 40 * K, 0xd7),
+            Op::Discard(8 * M, 24 * K),
+            Op::Write(14 * M, 16 * K, 0xd8),
+        ],
+        unit: 4096,
+    }
+}
+
 fn cluster_of(w: &Workload) -> u64 {
     w.create
         .split(',')
@@ -608,6 +664,8 @@ crash_tests! {
     crash_lazy_refcounts, errors_lazy_refcounts: wl_lazy(), 40;
     crash_extended_l2, errors_extended_l2: wl_extended(), 40;
     crash_v2, errors_v2: wl_v2(), 30;
+    crash_reuse, errors_reuse: wl_reuse(), 60;
+    crash_reuse_l2, errors_reuse_l2: wl_reuse_l2(), 60;
 }
 
 // ----- persistent dirty bitmaps -----

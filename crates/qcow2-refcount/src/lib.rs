@@ -311,6 +311,25 @@ impl Refcounts {
     /// refcount to one. Returns the first cluster index. `min` is the lowest
     /// cluster index allowed (the header cluster is never free).
     pub fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
+        let start = self.find_free(storage, n)?;
+        if start
+            .checked_add(n)
+            .is_none_or(|e| e > (1u64 << (56 - self.cluster_bits)))
+        {
+            return Err(RefcountError::NoSpace("host offsets exhausted".into()));
+        }
+        for k in 0..n {
+            self.set(storage, start + k, 1, start..start + n)?;
+        }
+        if self.free_hint == start {
+            self.free_hint = start + n;
+        }
+        Ok(start)
+    }
+
+    /// The first cluster of the lowest run of `n` free clusters, changing
+    /// nothing on disk: where [`Refcounts::alloc`] would allocate now.
+    pub fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
         let mut start = self.free_hint.max(1);
         'search: loop {
             for k in 0..n {
@@ -324,18 +343,6 @@ impl Refcounts {
                 }
             }
             break;
-        }
-        if start
-            .checked_add(n)
-            .is_none_or(|e| e > (1u64 << (56 - self.cluster_bits)))
-        {
-            return Err(RefcountError::NoSpace("host offsets exhausted".into()));
-        }
-        for k in 0..n {
-            self.set(storage, start + k, 1, start..start + n)?;
-        }
-        if self.free_hint == start {
-            self.free_hint = start + n;
         }
         Ok(start)
     }
@@ -587,6 +594,26 @@ mod tests {
         assert_eq!(
             &b[..20],
             &[0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+        );
+    }
+
+    #[test]
+    fn find_free_changes_nothing() {
+        let (st, mut r) = setup(4);
+        r.alloc(&st, 3).unwrap();
+        r.update(&st, 4, -1).unwrap();
+        assert_eq!(r.find_free(&st, 1).unwrap(), 4);
+        assert_eq!(
+            r.find_free(&st, 2).unwrap(),
+            6,
+            "a run of two skips the hole"
+        );
+        assert_eq!(r.get(&st, 4).unwrap(), 0, "nothing allocated");
+        assert_eq!(r.get(&st, 6).unwrap(), 0, "nothing allocated");
+        assert_eq!(
+            r.alloc(&st, 1).unwrap(),
+            4,
+            "alloc takes what find_free named"
         );
     }
 
