@@ -9,7 +9,9 @@ under a second, for comparing the check's counts with QEMU's.
     python3 fuzz/make-regress.py [OUT_DIR]
 
 The images are committed; rerun only to change them (and the tests in
-crates/qcow2-cli/tests/bounded.rs that name them).
+crates/qcow2-cli/tests/bounded.rs and crates/qcow2-ops/tests/bounded.rs
+that name them). The `fuzz-*` files beside them are inputs the fuzzer
+found (slow or out of memory), copied as they were.
 """
 import os
 import struct
