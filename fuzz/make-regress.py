@@ -11,7 +11,13 @@ under a second, for comparing the check's counts with QEMU's.
 The images are committed; rerun only to change them (and the tests in
 crates/qcow2-cli/tests/bounded.rs and crates/qcow2-ops/tests/bounded.rs
 that name them). The `fuzz-*` files beside them are inputs the fuzzer
-found (slow or out of memory), copied as they were.
+found (slow or out of memory), copied as they were. `cmp-bitmaps` starts
+from an image made by QEMU, so it is made separately:
+
+    qemu-img create -f qcow2 -o cluster_size=4096 B 64M
+    qemu-img bitmap --add -g 512 B b0
+    qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 32M 4k' -c 'write -P 3 60M 4k' B
+    python3 fuzz/make-regress.py --bitmap-copies B 300   # 300 bitmaps, one table
 """
 import os
 import struct
@@ -126,7 +132,39 @@ IMAGES = {
     'cmp-refblocks-far': refblocks_far(12, 8),
 }
 
+def bitmap_copies(path, n):
+    """Rewrites the bitmap directory of the qcow2 image at `path` (4 KiB
+    clusters) as `n` bitmaps that all share the first bitmap's table; the
+    new directory goes at the end of the file."""
+    b = bytearray(open(path, 'rb').read())
+    p = struct.unpack('>I', b[100:104])[0]
+    ext_at = None
+    while True:
+        t, length = struct.unpack('>II', b[p:p + 8])
+        if t == 0:
+            break
+        if t == 0x23852875:
+            ext_at = p
+        p += 8 + ((length + 7) & ~7)
+    _, _, _, doff = struct.unpack('>IIQQ', b[ext_at + 8:ext_at + 32])
+    toff, tsize, flags, typ, gran, _, _ = struct.unpack('>QIIBBHI', b[doff:doff + 24])
+    entries = bytearray()
+    for i in range(n):
+        name = b'b%d' % i
+        e = struct.pack('>QIIBBHI', toff, tsize, flags, typ, gran, len(name), 0) + name
+        entries += e + b'\0' * ((-len(e)) % 8)
+    cs = 4096
+    at = (len(b) + cs - 1) // cs * cs
+    b += b'\0' * (at - len(b)) + entries
+    b += b'\0' * ((-len(b)) % cs)
+    struct.pack_into('>IIQQ', b, ext_at + 8, n, 0, len(entries), at)
+    open(path, 'wb').write(b)
+
+
 if __name__ == '__main__':
+    if len(sys.argv) == 4 and sys.argv[1] == '--bitmap-copies':
+        bitmap_copies(sys.argv[2], int(sys.argv[3]))
+        sys.exit(0)
     here = os.path.dirname(os.path.abspath(__file__))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, 'regress', 'image_ops')
     os.makedirs(out, exist_ok=True)
