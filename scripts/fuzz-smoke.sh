@@ -6,6 +6,14 @@
 #   FUZZ_LENIENT=1 bash scripts/fuzz-smoke.sh   # image_ops: writes far past EOF
 #                                               # fail with EFBIG instead of crashing
 #
+# Each target first runs its committed regression inputs (fuzz/regress/<target>,
+# made by fuzz/make-regress.py and added from fuzz findings), then fuzzes. Both
+# run under an RSS limit well below libFuzzer's 4 GiB default (FUZZ_RSS_MB,
+# default 512; a single allocation above it also fails) and a per-input time
+# limit (FUZZ_TIMEOUT seconds, default 25): an input whose tables claim
+# gigabytes must not make any command use them. ASan's quarantine of freed
+# memory is kept small so that it does not count against that limit.
+#
 # Works on a stable toolchain: cargo-fuzz needs nightly-only rustc flags
 # (-Zsanitizer=address ...), which RUSTC_BOOTSTRAP=1 unlocks. Installs
 # cargo-fuzz if missing (set FUZZ_NO_INSTALL=1 to fail instead). The seed
@@ -16,6 +24,9 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root/fuzz"
 secs="${FUZZ_SECONDS:-20}"
+rss_mb="${FUZZ_RSS_MB:-512}"
+timeout="${FUZZ_TIMEOUT:-25}"
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}quarantine_size_mb=32"
 targets=("$@")
 ((${#targets[@]})) || targets=(image_ops codecs)
 export RUSTC_BOOTSTRAP=1
@@ -34,25 +45,42 @@ if [[ ! -d corpus/image_ops ]]; then
     bash ./make-corpus.sh
 fi
 
+limits=(-rss_limit_mb="$rss_mb" -timeout="$timeout")
+
 status=0
-for t in "${targets[@]}"; do
-    mkdir -p "corpus/$t"
-    echo "=== fuzz-smoke: $t for ${secs}s"
+# run_fuzz NAME TARGET ARGS...: runs cargo fuzz, prints the interesting lines.
+run_fuzz() {
+    local what="$1" t="$2"
+    shift 2
+    local log rc
     log="$(mktemp)"
     set +e
-    cargo fuzz run "$t" "corpus/$t" -- \
-        -max_total_time="$secs" -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 \
-        >"$log" 2>&1
+    cargo fuzz run "$t" "$@" >"$log" 2>&1
     rc=$?
     set -e
     # cargo-fuzz prints the crashing input with {:?}: drop such huge lines.
-    awk 'length($0) < 2000' "$log" | grep -E '^(#[0-9]+ +(INITED|DONE)|stat::|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written|Failing input|	artifacts/|Reproduce|	cargo fuzz)|panicked at|assertion' || true
+    awk 'length($0) < 2000' "$log" | grep -E '^(#[0-9]+ +(INITED|DONE)|stat::|==[0-9]+==|SUMMARY|thread .* panicked|artifact_prefix|Test unit written|Failing input|	artifacts/|Reproduce|	cargo fuzz|Executed )|panicked at|assertion|out-of-memory|Slowest unit|timeout' || true
     if ((rc != 0)); then
-        echo "=== fuzz-smoke: $t FAILED (exit $rc); full log: $log" >&2
+        echo "=== fuzz-smoke: $what FAILED (exit $rc); full log: $log" >&2
         status=1
     else
-        echo "=== fuzz-smoke: $t ok"
+        echo "=== fuzz-smoke: $what ok"
         rm -f "$log"
     fi
+}
+for t in "${targets[@]}"; do
+    mkdir -p "corpus/$t"
+    seeds=()
+    if [[ -d "regress/$t" ]]; then
+        # Listing the files (not the directory) runs each once and writes nothing.
+        mapfile -t inputs < <(find "regress/$t" -type f | sort)
+        echo "=== fuzz-smoke: $t regression inputs (${#inputs[@]})"
+        run_fuzz "$t regression inputs" "$t" "${inputs[@]}" -- "${limits[@]}"
+        seeds=("regress/$t")
+    fi
+    echo "=== fuzz-smoke: $t for ${secs}s"
+    # New inputs go to the first directory (corpus/), never to regress/.
+    run_fuzz "$t" "$t" "corpus/$t" "${seeds[@]}" -- \
+        -max_total_time="$secs" "${limits[@]}" -print_final_stats=1
 done
 exit $status

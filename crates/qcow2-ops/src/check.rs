@@ -39,8 +39,41 @@ const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 /// QEMU does) only when that grows the file by at most this much; otherwise
 /// the refcount structures are rebuilt.
 const MAX_REFBLOCK_EXTEND: u64 = 1 << 30;
+/// ... and only while all such blocks together keep the file within this
+/// much of its length at the start of the check (QEMU has no such limit):
+/// the in-memory refcount table and the walk follow the file's length.
+const MAX_REFBLOCK_EXTEND_TOTAL: u64 = 8 << 30;
 /// Largest L1 table QEMU accepts (QCOW_MAX_L1_SIZE).
 const MAX_L1_BYTES: u64 = 32 << 20;
+/// Messages kept in a report (per pass); past this they are only counted,
+/// so a hostile image cannot make the report as large as its claims.
+const MAX_MESSAGES: usize = 10_000;
+
+/// Formats and records a check message only while the report has room for
+/// it (the formatting itself is skipped past the cap).
+macro_rules! note {
+    ($c:expr, $($arg:tt)*) => {
+        if $c.has_room() {
+            let m = format!($($arg)*);
+            $c.msg(m);
+        } else {
+            $c.dropped += 1;
+        }
+    };
+}
+
+/// [`note!`] for a message that `n` references would each print.
+macro_rules! note_n {
+    ($c:expr, $n:expr, $($arg:tt)*) => {
+        let mut left: u64 = $n;
+        while left > 0 && $c.has_room() {
+            let m = format!($($arg)*);
+            $c.msg(m);
+            left -= 1;
+        }
+        $c.dropped += left;
+    };
+}
 
 /// Checks (and with `repair` fixes) the image, returning what qemu-img would
 /// report: after a repair that fixed anything, the counts of a second pass
@@ -96,13 +129,19 @@ fn run(inner: &mut Inner, fix: RepairMode) -> Result<CheckReport> {
         cb,
         cs,
         file_len,
+        start_len: file_len,
         rebuild: false,
         hard_rebuild: false,
         wrote: false,
         extra_metadata: Vec::new(),
+        dropped: 0,
     };
     let r = c.run_inner(&mut imrt);
     let finish = c.finish();
+    if c.dropped > 0 {
+        let m = format!("({} more messages not shown)", c.dropped);
+        c.res.messages.push(m);
+    }
     r?;
     finish?;
     Ok(c.res)
@@ -186,6 +225,8 @@ struct Checker<'a> {
     cs: u64,
     /// Current length of the image file.
     file_len: u64,
+    /// Length of the image file when the check started.
+    start_len: u64,
     /// QEMU would rebuild the refcount structure.
     rebuild: bool,
     /// ... for a reason that setting refcounts cannot fix.
@@ -194,6 +235,8 @@ struct Checker<'a> {
     wrote: bool,
     /// Byte ranges of snapshot tables and L1 tables, for the overlap check.
     extra_metadata: Vec<(u64, u64)>,
+    /// Messages past [`MAX_MESSAGES`], counted but not kept.
+    dropped: u64,
 }
 
 /// The cluster types as QEMU's qcow2_get_cluster_type sees them.
@@ -229,7 +272,15 @@ fn errno_text(e: &Error) -> String {
 
 impl Checker<'_> {
     fn msg(&mut self, m: String) {
-        self.res.messages.push(m);
+        if self.has_room() {
+            self.res.messages.push(m);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.res.messages.len() < MAX_MESSAGES
     }
 
     fn run_inner(&mut self, imrt: &mut Imrt) -> Result<()> {
@@ -295,15 +346,21 @@ impl Checker<'_> {
 
     /// QEMU's qcow2_inc_refcounts_imrt.
     fn inc(&mut self, imrt: &mut Imrt, offset: u64, size: u64) {
-        if size == 0 {
+        self.inc_n(imrt, offset, size, 1);
+    }
+
+    /// `n` references to `[offset, offset + size)` at once: what `n` calls
+    /// of [`Self::inc`] would count, in one pass over the clusters.
+    fn inc_n(&mut self, imrt: &mut Imrt, offset: u64, size: u64, n: u64) {
+        if size == 0 || n == 0 {
             return;
         }
         // The last cluster may be partly past the end of the file.
         if offset as u128 + size as u128 >= self.file_len as u128 + self.cs as u128 {
-            self.msg(format!(
+            note_n!(self, n,
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}"
-            ));
-            self.res.corruptions += 1;
+            );
+            self.res.corruptions += n;
             return;
         }
         let first = offset >> self.cb;
@@ -314,18 +371,20 @@ impl Checker<'_> {
             return;
         }
         for k in first..=last {
-            let v = imrt.get(k);
-            if v >= imrt.max {
-                self.msg(format!(
-                    "ERROR: overflow cluster offset=0x{:x}",
-                    k << self.cb
-                ));
-                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into());
-                self.res.corruptions += 1;
-                continue;
-            }
-            imrt.set(k, v + 1);
+            self.add_count(imrt, k, n);
         }
+    }
+
+    /// Adds `n` references to cluster `k` (inside `imrt`); each one past
+    /// the largest refcount is an overflow corruption, as QEMU counts them.
+    fn add_count(&mut self, imrt: &mut Imrt, k: u64, n: u64) {
+        let v = imrt.get(k);
+        let room = imrt.max - v.min(imrt.max);
+        if n > room {
+            note_n!(self, n - room, "ERROR: overflow cluster offset=0x{:x}\nUse qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing", k << self.cb);
+            self.res.corruptions += n - room;
+        }
+        imrt.set(k, v + n.min(room));
     }
 
     fn read(&self, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
@@ -335,6 +394,14 @@ impl Checker<'_> {
             .read_at(&mut b, off)
             .map_err(ioerr(what, &self.inner.name))?;
         Ok(b)
+    }
+
+    /// Reads a table of `len` bytes at `off`, only as far as the file goes
+    /// (and down to whole `unit`s): past the end a table reads as zeros,
+    /// which reference nothing, so memory follows the file, not the claim.
+    fn read_in_file(&self, off: u64, len: u64, unit: u64, what: &str) -> Result<Vec<u8>> {
+        let avail = self.file_len.saturating_sub(off).min(len);
+        self.read(off, avail - avail % unit, what)
     }
 
     /// QEMU's calculate_refcounts.
@@ -347,7 +414,7 @@ impl Checker<'_> {
             self.inner.header.l1_table_offset,
             self.inner.header.l1_size as u64,
         );
-        self.check_l1(imrt, l1_off, l1_size, true, fix, true)?;
+        self.check_l1(imrt, l1_off, l1_size, fix)?;
         // Snapshots.
         let (snaps, snap_size) = self.read_snapshots();
         let sn_off = self.inner.header.snapshots_offset;
@@ -359,25 +426,29 @@ impl Checker<'_> {
                 self.extra_metadata.push((s.l1_offset, s.l1_size * 8));
             }
         }
+        let mut tables = Vec::new();
         for s in snaps {
             if s.l1_offset & (self.cs - 1) != 0 {
-                self.msg(format!(
+                note!(self,
                     "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     s.id, s.name, s.l1_offset
-                ));
+                );
                 self.res.corruptions += 1;
                 continue;
             }
             if s.l1_size > MAX_L1_BYTES / 8 {
-                self.msg(format!(
+                note!(self,
                     "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
                     s.id, s.name, s.l1_size
-                ));
+                );
                 self.res.corruptions += 1;
                 continue;
             }
-            self.check_l1(imrt, s.l1_offset, s.l1_size, false, fix, false)?;
+            if s.l1_size > 0 {
+                tables.push((s.l1_offset, s.l1_size * 8));
+            }
         }
+        self.check_snapshot_l1s(imrt, tables, fix)?;
         self.inc(imrt, sn_off, snap_size);
         // Refcount table.
         let (rt_off, rt_clusters) = self.inner.refs.table_location();
@@ -388,22 +459,20 @@ impl Checker<'_> {
         self.check_refblocks(imrt, fix)
     }
 
-    /// QEMU's check_refcounts_l1.
+    /// QEMU's check_refcounts_l1 for the active L1 table.
     fn check_l1(
         &mut self,
         imrt: &mut Imrt,
         l1_off: u64,
         l1_size: u64,
-        frag: bool,
         fix: RepairMode,
-        active: bool,
     ) -> Result<()> {
         if l1_size == 0 {
             return Ok(());
         }
         let bytes = l1_size * 8;
         self.inc(imrt, l1_off, bytes);
-        let raw = match self.read(l1_off, bytes, "read L1 table") {
+        let raw = match self.read_in_file(l1_off, bytes, 8, "read L1 table") {
             Ok(r) => r,
             Err(e) => {
                 self.msg("ERROR: I/O error in check_refcounts_l1".into());
@@ -411,31 +480,146 @@ impl Checker<'_> {
                 return Err(e);
             }
         };
-        for i in 0..l1_size as usize {
-            let e = be64(&raw, i * 8);
-            if e == 0 {
+        let entries = (0..raw.len() / 8).map(|i| be64(&raw, i * 8));
+        self.check_l1_entries(imrt, tally(entries, 1), true, fix, true)
+    }
+
+    /// QEMU's check_refcounts_l1 for every snapshot's L1 table (`(offset,
+    /// bytes)`, cluster aligned), all at once: each L1 range and each L1
+    /// entry value is visited once, weighted by how often the tables repeat
+    /// it, so that many snapshots sharing (or overlapping in) one table
+    /// cost what the table costs, and the counts stay those of QEMU's walk.
+    fn check_snapshot_l1s(
+        &mut self,
+        imrt: &mut Imrt,
+        tables: Vec<(u64, u64)>,
+        fix: RepairMode,
+    ) -> Result<()> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        self.inc_ranges(imrt, &tables);
+        let entries = match self.tally_tables(&tables, "read L1 table") {
+            Ok(e) => e,
+            Err(e) => {
+                self.msg("ERROR: I/O error in check_refcounts_l1".into());
+                self.res.check_errors += 1;
+                return Err(e);
+            }
+        };
+        self.check_l1_entries(imrt, entries, false, fix, false)
+    }
+
+    /// [`Self::inc`] for each of the byte ranges, in one pass over the
+    /// clusters however many ranges overlap (a difference array over the
+    /// clusters they start and end in).
+    fn inc_ranges(&mut self, imrt: &mut Imrt, ranges: &[(u64, u64)]) {
+        let mut diff: std::collections::BTreeMap<u64, i64> = Default::default();
+        let limit = self.file_len as u128 + self.cs as u128;
+        for &(off, bytes) in ranges {
+            if bytes == 0 {
                 continue;
             }
+            if off as u128 + bytes as u128 >= limit {
+                // Past the end of the file: counted as inc counts it.
+                self.inc(imrt, off, bytes);
+                continue;
+            }
+            *diff.entry(off >> self.cb).or_default() += 1;
+            *diff.entry(((off + bytes - 1) >> self.cb) + 1).or_default() -= 1;
+        }
+        let (mut depth, mut at) = (0i64, 0u64);
+        for (&c, &d) in &diff {
+            if depth > 0 {
+                if c > imrt.len() && !imrt.grow(c) {
+                    self.res.check_errors += 1;
+                    self.msg("ERROR: not enough memory for the in-memory refcount table".into());
+                    return;
+                }
+                for k in at..c {
+                    self.add_count(imrt, k, depth as u64);
+                }
+            }
+            depth += d;
+            at = c;
+        }
+    }
+
+    /// The distinct nonzero 64-bit entries of the tables at the byte ranges
+    /// (8-byte aligned), each with the number of times the tables hold it,
+    /// reading every byte of the file under them once: a byte range covered
+    /// by several tables counts once per table. What lies past the end of
+    /// the file reads as zeros and is skipped.
+    fn tally_tables(&self, ranges: &[(u64, u64)], what: &str) -> Result<Vec<(u64, u64)>> {
+        let mut ev: std::collections::BTreeMap<u64, i64> = Default::default();
+        for &(off, bytes) in ranges {
+            let end = off.saturating_add(bytes).min(self.file_len & !7);
+            if off < end {
+                *ev.entry(off).or_default() += 1;
+                *ev.entry(end).or_default() -= 1;
+            }
+        }
+        let mut counts: Vec<(u64, u64)> = Vec::new();
+        let mut index: std::collections::HashMap<u64, usize> = Default::default();
+        let (mut depth, mut at) = (0i64, 0u64);
+        for (&pos, &d) in &ev {
+            let mut p = at;
+            while depth > 0 && p < pos {
+                let len = (pos - p).min(1 << 20);
+                let raw = self.read(p, len, what)?;
+                for i in 0..raw.len() / 8 {
+                    add_tally(&mut counts, &mut index, be64(&raw, i * 8), depth as u64);
+                }
+                p += len;
+            }
+            depth += d;
+            at = pos;
+        }
+        Ok(counts)
+    }
+
+    /// The per-entry part of QEMU's check_refcounts_l1, for distinct entry
+    /// values with the number of times they occur. Each L2 table is walked
+    /// once, weighted by all the entries that point at it.
+    fn check_l1_entries(
+        &mut self,
+        imrt: &mut Imrt,
+        entries: Vec<(u64, u64)>,
+        frag: bool,
+        fix: RepairMode,
+        active: bool,
+    ) -> Result<()> {
+        let mut l2_weight: std::collections::HashMap<u64, u64> = Default::default();
+        for &(e, n) in &entries {
+            *l2_weight.entry(e & OFFSET_MASK).or_default() += n;
+        }
+        for (e, n) in entries {
             if e & L1_RESERVED != 0 {
-                self.msg(format!(
+                note_n!(
+                    self,
+                    n,
                     "ERROR found L1 entry with reserved bits set: {e:x}"
-                ));
-                self.res.corruptions += 1;
+                );
+                self.res.corruptions += n;
             }
             let l2 = e & OFFSET_MASK;
-            self.inc(imrt, l2, self.cs);
+            self.inc_n(imrt, l2, self.cs, n);
             if l2 & (self.cs - 1) != 0 {
-                self.msg(format!(
+                note_n!(
+                    self,
+                    n,
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
-                self.res.corruptions += 1;
+                );
+                self.res.corruptions += n;
             }
-            self.check_l2(imrt, l2, frag, fix, active)?;
+            if let Some(w) = l2_weight.remove(&l2) {
+                self.check_l2(imrt, l2, frag, fix, active, w)?;
+            }
         }
         Ok(())
     }
 
-    /// QEMU's check_refcounts_l2.
+    /// QEMU's check_refcounts_l2, for `n` references to the table.
     fn check_l2(
         &mut self,
         imrt: &mut Imrt,
@@ -443,11 +627,13 @@ impl Checker<'_> {
         frag: bool,
         fix: RepairMode,
         active: bool,
+        n: u64,
     ) -> Result<()> {
         let ext = self.inner.geo.extended_l2;
         let es = self.inner.geo.l2_entry_size() as usize;
         let cs = self.cs;
-        let mut tbl = match self.read(l2_off, cs, "read L2 table") {
+        // Entries past the end of the file are zero: unallocated, no effect.
+        let mut tbl = match self.read_in_file(l2_off, cs, es as u64, "read L2 table") {
             Ok(t) => t,
             Err(e) => {
                 self.msg("ERROR: I/O error in check_refcounts_l2".into());
@@ -456,53 +642,49 @@ impl Checker<'_> {
             }
         };
         let mut next_contiguous = 0u64;
-        let n = cs as usize / es;
-        for i in 0..n {
+        let fr = if frag { n } else { 0 };
+        for i in 0..tbl.len() / es {
             let mut raw = be64(&tbl, i * es);
             let bitmap = if ext { be64(&tbl, i * es + 8) } else { 0 };
             let ty = qtype(raw, ext);
+            let mut bad = 0u64;
             if ty != QType::Compressed && raw & L2_STD_RESERVED != 0 {
-                self.msg(format!(
-                    "ERROR found l2 entry with reserved bits set: {raw:x}"
-                ));
-                self.res.corruptions += 1;
+                note!(self, "ERROR found l2 entry with reserved bits set: {raw:x}");
+                bad += 1;
             }
             match ty {
                 QType::Compressed => {
                     let desc_mask = (1u64 << CompressedDescriptor::shift(self.cb)) - 1;
                     if raw & FLAG_COPIED != 0 {
-                        self.msg(format!(
+                        note!(self,
                             "ERROR: coffset=0x{:x}: copied flag must never be set for compressed clusters",
                             raw & desc_mask
-                        ));
+                        );
                         raw &= !FLAG_COPIED;
-                        self.res.corruptions += 1;
+                        bad += 1;
                     }
                     if bitmap != 0 {
-                        self.msg(format!(
+                        note!(self,
                             "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"
-                        ));
-                        self.res.corruptions += 1;
+                        );
+                        self.res.corruptions += (bad + 1) * n;
                         continue;
                     }
                     let d = CompressedDescriptor::decode(raw, self.cb);
-                    self.inc(imrt, d.offset, d.byte_len());
-                    if frag {
-                        self.res.allocated_clusters += 1;
-                        self.res.compressed_clusters += 1;
-                        self.res.fragmented_clusters += 1;
-                    }
+                    self.inc_n(imrt, d.offset, d.byte_len(), n);
+                    self.res.allocated_clusters += fr;
+                    self.res.compressed_clusters += fr;
+                    self.res.fragmented_clusters += fr;
                 }
                 QType::ZeroAlloc | QType::Normal => {
                     let offset = raw & OFFSET_MASK;
                     if (bitmap >> 32) & bitmap != 0 {
-                        self.res.corruptions += 1;
-                        self.msg(format!(
+                        bad += 1;
+                        note!(self,
                             "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
-                        ));
+                        );
                     }
                     if offset & (cs - 1) != 0 {
-                        self.res.corruptions += 1;
                         let contains_data = if ext {
                             bitmap & BITMAP_ALL_ALLOC != 0
                         } else {
@@ -510,40 +692,49 @@ impl Checker<'_> {
                         };
                         if !contains_data {
                             let repair = fix == RepairMode::All;
-                            self.msg(format!(
+                            note!(self,
                                 "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                                 if repair { "Repairing" } else { "ERROR" }
-                            ));
-                            if repair && self.fix_l2_entry_by_zero(l2_off, &mut tbl, i, active)? {
-                                // The entry no longer references the cluster.
-                                continue;
+                            );
+                            if repair {
+                                self.res.corruptions += 1;
+                                if self.fix_l2_entry_by_zero(l2_off, &mut tbl, i, active)? {
+                                    // The entry no longer references the
+                                    // cluster: the other references see it
+                                    // fixed.
+                                    self.res.corruptions += bad;
+                                    continue;
+                                }
+                                self.res.corruptions -= 1;
                             }
                         } else {
-                            self.msg(format!(
+                            note!(self,
                                 "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                            ));
+                            );
                         }
+                        bad += 1;
                     }
                     if frag {
-                        self.res.allocated_clusters += 1;
+                        self.res.allocated_clusters += fr;
                         if next_contiguous != 0 && offset != next_contiguous {
-                            self.res.fragmented_clusters += 1;
+                            self.res.fragmented_clusters += fr;
                         }
                         next_contiguous = offset + cs;
                     }
-                    self.inc(imrt, offset, cs);
+                    self.inc_n(imrt, offset, cs, n);
                 }
                 QType::ZeroPlain => {}
                 QType::Unallocated => {
                     if bitmap & BITMAP_ALL_ALLOC != 0 {
-                        self.res.corruptions += 1;
-                        self.msg(
+                        bad += 1;
+                        note!(
+                            self,
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
-                                .into(),
                         );
                     }
                 }
             }
+            self.res.corruptions += bad * n;
         }
         Ok(())
     }
@@ -601,7 +792,7 @@ impl Checker<'_> {
                 Ok(true)
             }
             Err(e) => {
-                self.msg(format!("ERROR: Failed to overwrite L2 table entry: {e}"));
+                note!(self, "ERROR: Failed to overwrite L2 table entry: {e}");
                 self.res.check_errors += 1;
                 Ok(false)
             }
@@ -615,18 +806,16 @@ impl Checker<'_> {
             let offset = e & REFTABLE_OFFSET_MASK;
             let cluster = offset >> self.cb;
             if e & !REFTABLE_OFFSET_MASK != 0 {
-                self.msg(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
+                note!(self, "ERROR refcount table entry {i} has reserved bits set");
                 self.res.corruptions += 1;
                 self.rebuild = true;
                 self.hard_rebuild = true;
                 continue;
             }
             if offset & (self.cs - 1) != 0 {
-                self.msg(format!(
+                note!(self,
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
+                );
                 self.res.corruptions += 1;
                 self.rebuild = true;
                 self.hard_rebuild = true;
@@ -635,16 +824,19 @@ impl Checker<'_> {
             if cluster >= imrt.len() {
                 self.res.corruptions += 1;
                 let repair = fix == RepairMode::All;
-                self.msg(format!(
+                note!(
+                    self,
                     "{} refcount block {i} is outside image",
                     if repair { "Repairing" } else { "ERROR" }
-                ));
+                );
                 if repair {
                     // Make the file cover the block, as QEMU does.
                     let r = match offset.checked_add(self.cs) {
                         Some(end)
                             if end / self.cs > MAX_CHECK_CLUSTERS
-                                || end.saturating_sub(self.file_len) > MAX_REFBLOCK_EXTEND =>
+                                || end.saturating_sub(self.file_len) > MAX_REFBLOCK_EXTEND
+                                || end.saturating_sub(self.start_len)
+                                    > MAX_REFBLOCK_EXTEND_TOTAL =>
                         {
                             Err("File too large".to_string())
                         }
@@ -678,7 +870,7 @@ impl Checker<'_> {
                         Err(m) => {
                             self.rebuild = true;
                             self.hard_rebuild = true;
-                            self.msg(format!("ERROR could not resize image: {m}"));
+                            note!(self, "ERROR could not resize image: {m}");
                         }
                     }
                 }
@@ -688,7 +880,7 @@ impl Checker<'_> {
                 self.inc(imrt, offset, self.cs);
                 let v = imrt.get(cluster);
                 if v != 1 {
-                    self.msg(format!("ERROR refcount block {i} refcount={v}"));
+                    note!(self, "ERROR refcount block {i} refcount={v}");
                     self.res.corruptions += 1;
                     self.rebuild = true;
                     self.hard_rebuild = true;
@@ -711,7 +903,7 @@ impl Checker<'_> {
         match self.parse_snapshots(base, n) {
             Ok(v) => v,
             Err(m) => {
-                self.msg(format!("ERROR snapshot table: {m}"));
+                note!(self, "ERROR snapshot table: {m}");
                 self.res.corruptions += 1;
                 (Vec::new(), 0)
             }
@@ -779,39 +971,46 @@ impl Checker<'_> {
         let tables = match self.parse_bitmap_dir(nb, dir_off, dir_size) {
             Ok(t) => t,
             Err(m) => {
-                self.msg(format!("ERROR bitmap directory: {m}"));
+                note!(self, "ERROR bitmap directory: {m}");
                 self.res.corruptions += 1;
                 return Ok(());
             }
         };
-        for (t_off, t_size) in tables {
-            self.inc(imrt, t_off, t_size * 8);
-            let ok = t_off & (self.cs - 1) == 0
+        // As QEMU: the tables up to the first invalid one are counted, and
+        // those before it walked. Tables that repeat (or overlap) are read
+        // once, their entries weighted by the number of tables holding them.
+        let valid = |&(t_off, t_size): &(u64, u64)| {
+            t_off & (self.cs - 1) == 0
                 && t_size <= bitmap::MAX_TABLE_ENTRIES
                 && t_off
                     .checked_add(t_size * 8)
-                    .is_some_and(|e| e <= self.file_len);
-            if !ok {
-                self.msg(format!(
-                    "ERROR bitmap table at {t_off:#x} ({t_size} entries) is invalid"
-                ));
-                self.res.corruptions += 1;
-                break;
+                    .is_some_and(|e| e <= self.file_len)
+        };
+        let stop = tables.iter().position(|t| !valid(t));
+        let counted: Vec<(u64, u64)> = tables[..stop.map_or(tables.len(), |i| i + 1)]
+            .iter()
+            .map(|&(o, n)| (o, n.saturating_mul(8)))
+            .collect();
+        self.inc_ranges(imrt, &counted);
+        if let Some(i) = stop {
+            let (t_off, t_size) = tables[i];
+            note!(
+                self,
+                "ERROR bitmap table at {t_off:#x} ({t_size} entries) is invalid"
+            );
+            self.res.corruptions += 1;
+        }
+        let walked = &counted[..stop.unwrap_or(counted.len())];
+        for (e, n) in self.tally_tables(walked, "read bitmap table")? {
+            let off = e & bitmap::BTE_OFFSET_MASK;
+            let bad = e & bitmap::BTE_RESERVED != 0
+                || (off != 0 && (e & bitmap::BTE_ALL_ONES != 0 || off & (self.cs - 1) != 0));
+            if bad {
+                self.res.corruptions += n;
+                continue;
             }
-            let raw = self.read(t_off, t_size * 8, "read bitmap table")?;
-            for k in 0..t_size as usize {
-                let e = be64(&raw, k * 8);
-                let off = e & bitmap::BTE_OFFSET_MASK;
-                let bad = e & bitmap::BTE_RESERVED != 0
-                    || (off != 0 && (e & bitmap::BTE_ALL_ONES != 0 || off & (self.cs - 1) != 0));
-                if bad {
-                    self.res.corruptions += 1;
-                    continue;
-                }
-                if off == 0 {
-                    continue;
-                }
-                self.inc(imrt, off, self.cs);
+            if off != 0 {
+                self.inc_n(imrt, off, self.cs, n);
             }
         }
         Ok(())
@@ -867,7 +1066,7 @@ impl Checker<'_> {
             let stored = match self.inner.refs.get(&*self.inner.file, i) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.msg(format!("Can't get refcount for cluster {i}: {e}"));
+                    note!(self, "Can't get refcount for cluster {i}: {e}");
                     self.res.check_errors += 1;
                     i += 1;
                     continue;
@@ -887,7 +1086,8 @@ impl Checker<'_> {
                 } else {
                     fix == RepairMode::All && !self.hard_rebuild
                 };
-                self.msg(format!(
+                note!(
+                    self,
                     "{} cluster {i} refcount={stored} reference={expected}",
                     if fixable {
                         "Repairing"
@@ -896,7 +1096,7 @@ impl Checker<'_> {
                     } else {
                         "ERROR"
                     }
-                ));
+                );
                 let fixed = fixable && self.set_refcount(imrt, i, expected);
                 if fixed {
                     if leak {
@@ -952,10 +1152,11 @@ impl Checker<'_> {
             Ok(()) => true,
             Err(e) => {
                 let e = refcount_err(&self.inner.name, e);
-                self.msg(format!(
+                note!(
+                    self,
                     "ERROR could not set the refcount of cluster {cluster}: {}",
                     errno_text(&e)
-                ));
+                );
                 false
             }
         }
@@ -1137,6 +1338,11 @@ impl Checker<'_> {
         let ext = self.inner.geo.extended_l2;
         let es = self.inner.geo.l2_entry_size() as usize;
         let cb = self.cb;
+        // Each L2 table is read once, however many L1 entries point at it.
+        let mut refs: std::collections::HashMap<u64, u64> = Default::default();
+        for &e in &self.inner.l1 {
+            *refs.entry(e & OFFSET_MASK).or_default() += 1;
+        }
         for i in 0..self.inner.l1.len() {
             let l1e = self.inner.l1[i];
             let l2_off = l1e & OFFSET_MASK;
@@ -1148,10 +1354,11 @@ impl Checker<'_> {
             };
             if (rc == 1) != (l1e & FLAG_COPIED != 0) {
                 self.res.corruptions += 1;
-                self.msg(format!(
+                note!(
+                    self,
                     "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}",
                     if repair { "Repairing" } else { "ERROR" }
-                ));
+                );
                 if repair {
                     let new = if rc == 1 {
                         l1e | FLAG_COPIED
@@ -1171,19 +1378,19 @@ impl Checker<'_> {
                     self.res.corruptions_fixed += 1;
                 }
             }
-            let mut tbl = match self.read(l2_off, self.cs, "read L2 table") {
+            let Some(weight) = refs.remove(&l2_off) else {
+                continue;
+            };
+            let mut tbl = match self.read_in_file(l2_off, self.cs, es as u64, "read L2 table") {
                 Ok(t) => t,
                 Err(e) => {
-                    self.msg(format!(
-                        "ERROR: Could not read L2 table: {}",
-                        errno_text(&e)
-                    ));
+                    note!(self, "ERROR: Could not read L2 table: {}", errno_text(&e));
                     self.res.check_errors += 1;
                     return Err(e);
                 }
             };
             let mut dirty = 0u64;
-            for j in 0..self.cs as usize / es {
+            for j in 0..tbl.len() / es {
                 let raw = be64(&tbl, j * es);
                 let data = raw & OFFSET_MASK;
                 let ty = qtype(raw, ext);
@@ -1194,11 +1401,13 @@ impl Checker<'_> {
                     continue;
                 };
                 if (rc == 1) != (raw & FLAG_COPIED != 0) {
-                    self.res.corruptions += 1;
-                    self.msg(format!(
+                    // Repaired at the first reference; else each counts.
+                    self.res.corruptions += if repair { 1 } else { weight };
+                    note!(
+                        self,
                         "{} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}",
                         if repair { "Repairing" } else { "ERROR" }
-                    ));
+                    );
                     if repair {
                         let new = if rc == 1 {
                             raw | FLAG_COPIED
@@ -1225,7 +1434,7 @@ impl Checker<'_> {
                 let w = self.inner.file.write_at(&tbl, l2_off);
                 self.inner.l2.discard_range(l2_off, self.cs);
                 if let Err(e) = w {
-                    self.msg(format!("ERROR: Could not write L2 table: {e}"));
+                    note!(self, "ERROR: Could not write L2 table: {e}");
                     self.res.check_errors += 1;
                     return Err(Error::io(format!("{}: write L2 table", self.inner.name), e));
                 }
@@ -1278,6 +1487,35 @@ impl Checker<'_> {
             return true;
         }
         false
+    }
+}
+
+/// Distinct nonzero values of `entries` with how often each occurs (times
+/// `n`), in the order of their first occurrence.
+fn tally(entries: impl Iterator<Item = u64>, n: u64) -> Vec<(u64, u64)> {
+    let mut counts = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for e in entries {
+        add_tally(&mut counts, &mut index, e, n);
+    }
+    counts
+}
+
+fn add_tally(
+    counts: &mut Vec<(u64, u64)>,
+    index: &mut std::collections::HashMap<u64, usize>,
+    e: u64,
+    n: u64,
+) {
+    if e == 0 {
+        return;
+    }
+    match index.entry(e) {
+        std::collections::hash_map::Entry::Occupied(o) => counts[*o.get()].1 += n,
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(counts.len());
+            counts.push((e, n));
+        }
     }
 }
 

@@ -61,73 +61,120 @@ impl Inner {
         limit: usize,
         out: &mut Vec<MapEntry>,
     ) -> Result<()> {
-        let cs = self.geo.cluster_size();
         let end = offset + len;
+        let cov = self.geo.l2_coverage();
+        // Extents of each whole L2 table already walked (and the guest
+        // offset it was walked at): L1 entries that share a table repeat
+        // them instead of walking it again, so the walk follows the tables
+        // the file holds, not how often the L1 table claims them. Without a
+        // backing file nothing in them depends on the guest offset.
+        let mut seen: std::collections::HashMap<u64, (u64, Vec<MapEntry>)> = Default::default();
         let mut pos = offset;
         while pos < end && out.len() <= limit {
             let l1_idx = self.geo.l1_index(pos) as usize;
-            if self.l2_table(l1_idx)? == 0 {
-                let tend = ((l1_idx as u64 + 1) * self.geo.l2_coverage()).min(end);
+            let table = self.l2_table(l1_idx)?;
+            if table == 0 {
+                let tend = ((l1_idx as u64 + 1) * cov).min(end);
                 self.unallocated_into(pos, tend - pos, None, depth, limit, out)?;
                 pos = tend;
                 continue;
             }
-            let in_c = pos & (cs - 1);
-            let n = (cs - in_c).min(end - pos);
-            let e = self.l2_entry(pos)?;
-            let cg = pos - in_c;
-            for (t, s, l) in self.segments(e, in_c, n) {
-                let host = e.host_offset() + s;
-                let base = MapEntry {
-                    start: cg + s,
-                    length: l,
-                    depth,
-                    present: true,
-                    zero: false,
-                    data: false,
-                    compressed: false,
-                    offset: None,
-                };
-                let m = match t {
-                    SubclusterType::Normal if self.is_metadata_preallocated()? => {
-                        // As QEMU: ask the file where it really holds data.
-                        host_status(&*self.file, base, host, out)?;
-                        continue;
-                    }
-                    SubclusterType::Normal => MapEntry {
-                        data: true,
-                        offset: Some(host),
-                        ..base
-                    },
-                    SubclusterType::ZeroAlloc => MapEntry {
-                        zero: true,
-                        offset: Some(host),
-                        ..base
-                    },
-                    SubclusterType::ZeroPlain => MapEntry { zero: true, ..base },
-                    SubclusterType::Compressed => MapEntry {
-                        data: true,
-                        compressed: true,
-                        ..base
-                    },
-                    SubclusterType::UnallocatedAlloc => {
-                        self.unallocated_into(cg + s, l, Some(host), depth, limit, out)?;
-                        continue;
-                    }
-                    SubclusterType::UnallocatedPlain => {
-                        self.unallocated_into(cg + s, l, None, depth, limit, out)?;
-                        continue;
-                    }
-                    SubclusterType::Invalid => {
-                        // Reads fail on it; report as data so callers do not skip it.
-                        MapEntry { data: true, ..base }
-                    }
-                };
-                push_merged(out, m);
+            let whole = self.backing.is_none() && pos % cov == 0 && end - pos >= cov;
+            if !whole {
+                pos += self.cluster_into(pos, end, depth, limit, out)?;
+                continue;
             }
-            pos += n;
+            if let Some((base, extents)) = seen.get(&table) {
+                for e in extents {
+                    push_merged(
+                        out,
+                        MapEntry {
+                            start: e.start - base + pos,
+                            ..*e
+                        },
+                    );
+                }
+            } else {
+                let mut extents = Vec::new();
+                let mut p = pos;
+                while p < pos + cov {
+                    p += self.cluster_into(p, pos + cov, depth, usize::MAX, &mut extents)?;
+                }
+                for e in &extents {
+                    push_merged(out, *e);
+                }
+                seen.insert(table, (pos, extents));
+            }
+            pos += cov;
         }
         Ok(())
+    }
+
+    /// Status of the part of `[pos, end)` in the cluster at `pos`, whose L2
+    /// table is allocated; returns the bytes covered.
+    fn cluster_into(
+        &mut self,
+        pos: u64,
+        end: u64,
+        depth: u32,
+        limit: usize,
+        out: &mut Vec<MapEntry>,
+    ) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let in_c = pos & (cs - 1);
+        let n = (cs - in_c).min(end - pos);
+        let e = self.l2_entry(pos)?;
+        let cg = pos - in_c;
+        for (t, s, l) in self.segments(e, in_c, n) {
+            let host = e.host_offset() + s;
+            let base = MapEntry {
+                start: cg + s,
+                length: l,
+                depth,
+                present: true,
+                zero: false,
+                data: false,
+                compressed: false,
+                offset: None,
+            };
+            let m = match t {
+                SubclusterType::Normal if self.is_metadata_preallocated()? => {
+                    // As QEMU: ask the file where it really holds data.
+                    host_status(&*self.file, base, host, out)?;
+                    continue;
+                }
+                SubclusterType::Normal => MapEntry {
+                    data: true,
+                    offset: Some(host),
+                    ..base
+                },
+                SubclusterType::ZeroAlloc => MapEntry {
+                    zero: true,
+                    offset: Some(host),
+                    ..base
+                },
+                SubclusterType::ZeroPlain => MapEntry { zero: true, ..base },
+                SubclusterType::Compressed => MapEntry {
+                    data: true,
+                    compressed: true,
+                    ..base
+                },
+                SubclusterType::UnallocatedAlloc => {
+                    self.unallocated_into(cg + s, l, Some(host), depth, limit, out)?;
+                    continue;
+                }
+                SubclusterType::UnallocatedPlain => {
+                    self.unallocated_into(cg + s, l, None, depth, limit, out)?;
+                    continue;
+                }
+                SubclusterType::Invalid => {
+                    // Reads fail on it; report as data so callers do not skip it.
+                    MapEntry { data: true, ..base }
+                }
+            };
+            push_merged(out, m);
+        }
+        Ok(n)
     }
 
     /// QEMU's heuristic: clusters with a refcount outnumber the clusters the
