@@ -11,6 +11,7 @@ mod check;
 mod create;
 mod error;
 mod image;
+mod meta;
 mod rw;
 mod status;
 mod types;
