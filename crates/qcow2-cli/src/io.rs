@@ -196,6 +196,10 @@ fn report(verb: &str, done: u64, offset: u64, secs: f64, machine: bool) {
 }
 
 fn failed(cmd: &str, e: &Error) {
+    if let Error::Corrupt(m) = e {
+        // What QEMU reports on stderr when it marks an image corrupt.
+        eprintln!("qcow2: {m}");
+    }
     println!("{cmd} failed: {}", strerror(e.errno()));
 }
 

@@ -103,12 +103,6 @@ fn set_bits(buf: &mut [u8], s: usize, e: usize) {
 }
 
 impl Inner {
-    /// Placeholder of the metadata overlap registry's refresh.
-    // replaced by the overlap registry on merge
-    pub(crate) fn refresh_bitmap_ranges(&mut self) -> Result<()> {
-        Ok(())
-    }
-
     fn bitmap_err(&self, what: impl std::fmt::Display) -> Error {
         Error::Corrupt(format!("'{}': {what}", self.name))
     }

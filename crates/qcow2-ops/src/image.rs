@@ -3,6 +3,7 @@
 
 use crate::backing::Backing;
 use crate::error::{Error, Result};
+use crate::meta::{Kind, MetaRanges};
 use crate::types::*;
 use qcow2_cache::{CacheConfig, SlotId, TableCache};
 use qcow2_format::entry::{L1Entry, L2Entry};
@@ -84,6 +85,9 @@ pub(crate) struct Inner {
     /// every later sync fails with it instead of succeeding over lost data,
     /// as QEMU's file driver does (also like it: not with O_DIRECT).
     pub(crate) sync_failed: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    /// Other metadata ranges for the overlap checks (header, L1, snapshot
+    /// and bitmap structures); refcount structures live in `refs`.
+    pub(crate) meta: MetaRanges,
 }
 
 impl Image {
@@ -266,7 +270,10 @@ impl Image {
             g.check_writable()?;
             g.flush_close()?;
         }
-        let r = crate::check::check(&mut g, repair)?;
+        let r = crate::check::check(&mut g, repair);
+        // A repair may have reloaded the refcount structures.
+        g.protect_in_refcounts();
+        let r = r?;
         if repair == RepairMode::All
             && g.header.is_corrupt()
             && r.corruptions == 0
@@ -437,6 +444,7 @@ impl Inner {
             l2_tables: Default::default(),
             bitmaps: Default::default(),
             sync_failed,
+            meta: MetaRanges::default(),
         };
         me.l2_tables = me
             .l1
@@ -444,9 +452,20 @@ impl Inner {
             .map(|&e| L1Entry(e).l2_offset())
             .filter(|&o| o != 0)
             .collect();
-        let l1_end = me.header.l1_table_offset + (me.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        me.refs
-            .set_protected(vec![(0, cs), (me.header.l1_table_offset, l1_end)]);
+        let l1 = me.header.l1_table_offset;
+        me.meta.replace(
+            0,
+            [
+                (0..cs, Kind::Header),
+                (
+                    l1..l1.saturating_add(me.l1.len() as u64 * 8),
+                    Kind::ActiveL1,
+                ),
+            ],
+        );
+        me.protect_in_refcounts();
+        me.refresh_snapshot_ranges()?;
+        me.refresh_bitmap_ranges()?;
         if !me.read_only && me.header.is_dirty() {
             // Lazy refcounts were not written back: rebuild them, as QEMU does.
             let r = crate::check::check(&mut me, RepairMode::All)?;
@@ -457,6 +476,8 @@ impl Inner {
                 )));
             }
             me.set_incompat_bit(header::INCOMPAT_DIRTY, false)?;
+            // The repair reloaded the refcount structures.
+            me.protect_in_refcounts();
         }
         me.open_bitmaps()?;
         // Lazy-refcount images are written with exact refcounts, a valid
@@ -604,30 +625,147 @@ impl Inner {
         self.dirty_gen += 1;
     }
 
-    /// Refuses writes that would land on the header, L1 table or refcount table.
+    /// Refuses writes that would land on metadata (QEMU's default overlap
+    /// check: header, active L1 and L2 tables, refcount table and blocks,
+    /// snapshot table, snapshot L1 tables, bitmap directory; bitmap tables
+    /// too): marks the image corrupt and fails with [`Error::Corrupt`].
+    #[inline]
     pub(crate) fn overlap_check(&mut self, host: u64, len: u64, what: &str) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let end = host.saturating_add(len);
-        let overlaps = |a: u64, b: u64| host < b && a < end;
-        let l1 = self.header.l1_table_offset;
-        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        let l2_hit = {
-            let mut c = host & !(cs - 1);
-            let mut hit = false;
-            while c < end && !hit {
-                hit = self.l2_tables.contains(&c);
-                c += cs;
+        self.overlap_check_ign(host, len, 0, what)
+    }
+
+    /// [`Inner::overlap_check`] ignoring the kinds in `ign` (a mask of
+    /// [`Kind`] bits), so that a structure may be written over itself.
+    pub(crate) fn overlap_check_ign(
+        &mut self,
+        host: u64,
+        len: u64,
+        ign: u32,
+        what: &str,
+    ) -> Result<()> {
+        let hit = self.overlap_mask(host, len, ign);
+        match Kind::first_of(hit) {
+            None => Ok(()),
+            Some(k) => {
+                let msg = format!(
+                    "{}: {}: {what} write at {host:#x} ({len} bytes)",
+                    self.name,
+                    overlap_message(k.name())
+                );
+                self.mark_corrupt();
+                Err(Error::Corrupt(msg))
             }
-            hit
-        };
-        if overlaps(0, cs) || overlaps(l1, l1_end) || self.refs.overlaps(host, len) || l2_hit {
-            let msg = format!(
-                "{}: refusing {what} write at {host:#x} ({len} bytes): overlaps image metadata",
-                self.name
-            );
-            self.mark_corrupt();
-            return Err(Error::Corrupt(msg));
         }
+    }
+
+    /// The kinds of metadata (bits of [`Kind`]) not in `ign` that share a
+    /// cluster with `[host, host+len)`.
+    #[inline]
+    pub(crate) fn overlap_mask(&self, host: u64, len: u64, ign: u32) -> u32 {
+        let cs = self.geo.cluster_size();
+        let mut hit = clash_mask(&self.meta, &self.l2_tables, cs, host, len) & !ign;
+        let start = host & !(cs - 1);
+        let end = host.saturating_add(len).saturating_add(cs - 1) & !(cs - 1);
+        if ign & Kind::RefcountTable.bit() == 0 && self.refs.overlaps_table(start, end - start) {
+            hit |= Kind::RefcountTable.bit();
+        }
+        if ign & Kind::RefcountBlock.bit() == 0 && self.refs.overlaps_block(start, end - start) {
+            hit |= Kind::RefcountBlock.bit();
+        }
+        hit
+    }
+
+    /// Gives the refcount layer the header and active L1 ranges, against
+    /// which it validates refcount block offsets.
+    pub(crate) fn protect_in_refcounts(&mut self) {
+        let cs = self.geo.cluster_size();
+        let l1 = self.header.l1_table_offset;
+        let l1_end = l1.saturating_add((self.l1.len() as u64 * 8).div_ceil(cs) * cs);
+        self.refs.set_protected(vec![(0, cs), (l1, l1_end)]);
+    }
+
+    /// Reads the snapshot table and registers it and every snapshot's L1
+    /// table for the overlap checks. A table that cannot be parsed protects
+    /// its fixed-size part only (`check` reports it).
+    pub(crate) fn refresh_snapshot_ranges(&mut self) -> Result<()> {
+        use qcow2_format::snapshot;
+        let n = self.header.nb_snapshots;
+        let base = self.header.snapshots_offset;
+        let mut new: Vec<(std::ops::Range<u64>, Kind)> = Vec::new();
+        if n > 0 {
+            let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+            let avail = file_len
+                .saturating_sub(base)
+                .min(snapshot::MAX_SNAPSHOTS_SIZE);
+            // Read what the entries need, growing the buffer while truncated.
+            let mut want = (n as u64 * 64).clamp(4096, 1 << 20).min(avail);
+            let parsed = loop {
+                let mut buf = vec![0u8; want as usize];
+                self.file
+                    .read_at(&mut buf, base)
+                    .map_err(ioerr("read snapshot table", &self.name))?;
+                match snapshot::parse_table(&buf, n, false) {
+                    Err(qcow2_format::FormatError::Truncated(_)) if want < avail => {
+                        want = (want * 4).min(avail);
+                    }
+                    r => break r.ok(),
+                }
+            };
+            match parsed {
+                Some((entries, len)) => {
+                    new.push((base..base.saturating_add(len), Kind::SnapshotTable));
+                    new.extend(entries.iter().map(|e| {
+                        let o = e.l1_table_offset;
+                        (o..o.saturating_add(e.l1_size as u64 * 8), Kind::InactiveL1)
+                    }));
+                }
+                None => {
+                    let len =
+                        (n as u64 * snapshot::FIXED_LEN as u64).min(snapshot::MAX_SNAPSHOTS_SIZE);
+                    new.push((base..base.saturating_add(len), Kind::SnapshotTable))
+                }
+            }
+        }
+        self.meta
+            .replace(Kind::SnapshotTable.bit() | Kind::InactiveL1.bit(), new);
+        Ok(())
+    }
+
+    /// Re-reads the bitmaps extension (from `self.header`) and the bitmap
+    /// directory (from the file) and replaces the bitmap directory and bitmap
+    /// table ranges of the overlap checks. Like QEMU, only while the bitmaps
+    /// autoclear bit vouches for the extension. A directory that cannot be
+    /// read or parsed protects the directory range only.
+    pub(crate) fn refresh_bitmap_ranges(&mut self) -> crate::error::Result<()> {
+        use qcow2_format::bitmap;
+        let mut new: Vec<(std::ops::Range<u64>, Kind)> = Vec::new();
+        let ext = (self.header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0)
+            .then(|| self.header.extension(header::EXT_BITMAPS))
+            .flatten()
+            .and_then(|d| bitmap::BitmapsExt::parse(d).ok());
+        if let Some(ext) = ext {
+            let off = ext.directory_offset;
+            let end = off.saturating_add(ext.directory_size);
+            new.push((off..end, Kind::BitmapDirectory));
+            let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+            if end <= file_len {
+                let mut buf = vec![0u8; ext.directory_size as usize];
+                self.file
+                    .read_at(&mut buf, off)
+                    .map_err(ioerr("read bitmap directory", &self.name))?;
+                if let Ok(entries) = bitmap::parse_directory(&buf, ext.nb_bitmaps) {
+                    new.extend(entries.iter().map(|e| {
+                        let o = e.table_offset;
+                        (
+                            o..o.saturating_add(e.table_size as u64 * 8),
+                            Kind::BitmapTable,
+                        )
+                    }));
+                }
+            }
+        }
+        self.meta
+            .replace(Kind::BitmapDirectory.bit() | Kind::BitmapTable.bit(), new);
         Ok(())
     }
 
@@ -641,20 +779,16 @@ impl Inner {
         Ok(end <= self.len_seen)
     }
 
-    /// An L2 table must not lie on the header, the L1 table or refcount structures.
+    /// An L2 table must lie within the file and on no other metadata.
     fn check_l2_location(&mut self, table: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let l1 = self.header.l1_table_offset;
-        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        if table < cs
-            || (table < l1_end && l1 < table + cs)
-            || self.refs.overlaps(table, cs)
-            || !self.within_file(table.saturating_add(cs))?
-        {
-            let msg = format!(
-                "{}: L2 table at {table:#x} overlaps other metadata or lies past the end of the file",
-                self.name
-            );
+        let hit = Kind::first_of(self.overlap_mask(table, cs, Kind::ActiveL2.bit()));
+        if hit.is_some() || table < cs || !self.within_file(table.saturating_add(cs))? {
+            let why = match hit {
+                Some(k) => format!("overlaps the {}", k.name()),
+                None => "lies past the end of the file".into(),
+            };
+            let msg = format!("{}: L2 table at {table:#x} {why}", self.name);
             self.mark_corrupt();
             return Err(Error::Corrupt(msg));
         }
@@ -938,21 +1072,32 @@ impl Inner {
         // Refcount slices only ever hold increments and decrements whose
         // L2/L1 change is durable (the others wait in pending_frees), so
         // evicting them needs no ordering.
-        let name = self.name.clone();
         self.reclaim_pending_frees(n)?;
-        let c = self
-            .refs
-            .alloc(&*self.file, n)
-            .map_err(|e| refcount_err(&name, e))?;
-        // Guard against handing out metadata clusters (corrupt refcounts).
+        // Metadata whose refcount was lost looks free: the refcount layer
+        // refuses to hand it out or to put a new refcount block or table on
+        // it (nothing written), and the image is marked corrupt.
         let cs = self.geo.cluster_size();
-        self.overlap_check(c * cs, n * cs, "allocation")?;
-        Ok(c)
+        let (meta, l2_tables) = (&self.meta, &self.l2_tables);
+        let guard = |off: u64, len: u64| {
+            Kind::first_of(clash_mask(meta, l2_tables, cs, off, len)).map(Kind::name)
+        };
+        let r = self.refs.alloc_guarded(&*self.file, n, &guard);
+        r.map_err(|e| {
+            let overlap = matches!(e, RefcountError::Overlap { .. });
+            let e = refcount_err(&self.name, e);
+            if overlap {
+                self.mark_corrupt();
+            }
+            e
+        })
     }
 
     /// [`releasable`] for this image; a corrupt refcount block marks it corrupt.
     pub(crate) fn can_free(&mut self, e: L2Entry) -> Result<bool> {
         let cb = self.geo.cluster_bits;
+        if points_into_metadata(&self.meta, &self.l2_tables, &self.refs, cb, e) {
+            return Ok(false);
+        }
         match releasable(&mut self.refs, &*self.file, cb, e) {
             Ok(ok) => Ok(ok),
             Err(err) => Err(self.refcount_failure(err)),
@@ -1255,8 +1400,64 @@ pub(crate) fn runs(it: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
     out
 }
 
+/// The kinds of metadata (bits of [`Kind`]) other than refcount structures
+/// that share a cluster with `[host, host+len)`: ranges of `meta` and the
+/// active L2 tables.
+#[inline]
+pub(crate) fn clash_mask(
+    meta: &MetaRanges,
+    l2_tables: &std::collections::HashSet<u64>,
+    cs: u64,
+    host: u64,
+    len: u64,
+) -> u32 {
+    let start = host & !(cs - 1);
+    let end = host.saturating_add(len).saturating_add(cs - 1) & !(cs - 1);
+    let mut hit = meta.overlapping(start, end);
+    let l2_hit = if (end - start) / cs > l2_tables.len() as u64 {
+        // Long ranges: test the tables instead of every cluster.
+        l2_tables.iter().any(|&t| start <= t && t < end)
+    } else {
+        (start..end)
+            .step_by(cs as usize)
+            .any(|c| l2_tables.contains(&c))
+    };
+    if l2_hit {
+        hit |= Kind::ActiveL2.bit();
+    }
+    hit
+}
+
+/// Whether the clusters an L2 entry references overlap metadata (a damaged
+/// image). Such an entry must not free them: the refcount belongs to the
+/// structure, and a hole punched there would destroy it; the cluster leaks
+/// instead (QEMU would free it).
+pub(crate) fn points_into_metadata(
+    meta: &MetaRanges,
+    l2_tables: &std::collections::HashSet<u64>,
+    refs: &Refcounts,
+    cb: u32,
+    e: L2Entry,
+) -> bool {
+    let cs = 1u64 << cb;
+    let (first, len) = if e.is_compressed() {
+        let d = e.compressed(cb);
+        let first = d.first_cluster(cb);
+        (first, d.last_cluster(cb) + cs - first)
+    } else {
+        (e.host_offset(), cs)
+    };
+    first != 0 && (clash_mask(meta, l2_tables, cs, first, len) != 0 || refs.overlaps(first, len))
+}
+
+/// QEMU's wording of an overlap, which callers and tests look for.
+pub(crate) fn overlap_message(what: &str) -> String {
+    format!("Preventing invalid write on metadata (overlaps with {what})")
+}
+
 pub(crate) fn refcount_err(name: &str, e: RefcountError) -> Error {
     match e {
+        e @ RefcountError::Overlap { .. } => Error::Corrupt(format!("{name}: {e}")),
         RefcountError::Io(io) => Error::io(format!("{name}: refcount update"), io),
         RefcountError::Corrupt(m) => Error::Corrupt(format!("{name}: {m}")),
         RefcountError::NoSpace(m) => Error::NoSpace(format!("{name}: {m}")),

@@ -12,6 +12,7 @@ mod check;
 mod create;
 mod error;
 mod image;
+mod meta;
 mod rw;
 mod status;
 mod types;

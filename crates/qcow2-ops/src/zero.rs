@@ -235,6 +235,13 @@ impl Inner {
                 // entry changes: a refcount block that cannot take the
                 // decrement fails the request here, not the flush.
                 let release = release
+                    && !crate::image::points_into_metadata(
+                        &self.meta,
+                        &self.l2_tables,
+                        &self.refs,
+                        cb,
+                        old,
+                    )
                     && match crate::image::releasable(&mut self.refs, &*self.file, cb, old) {
                         Ok(r) => r,
                         Err(e) => {

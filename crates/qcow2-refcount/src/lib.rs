@@ -33,6 +33,43 @@ pub enum RefcountError {
     /// Out of room (refcount overflow, table limit).
     #[error("{0}")]
     NoSpace(String),
+    /// A cluster about to be handed out, or to receive a new refcount block
+    /// or table, holds other metadata (its refcount was lost). Nothing was
+    /// written; the caller should mark the image corrupt.
+    #[error("Preventing invalid write on metadata (overlaps with {what}): {purpose} at {offset:#x} ({len} bytes)")]
+    Overlap {
+        /// QEMU's name of the metadata structure hit ("active L2 table", ...).
+        what: &'static str,
+        /// What was to be placed there.
+        purpose: &'static str,
+        /// Byte offset of the range.
+        offset: u64,
+        /// Length of the range in bytes.
+        len: u64,
+    },
+}
+
+/// Tells the refcount layer which host byte ranges hold metadata it does not
+/// own itself (header, L1/L2 tables, snapshot and bitmap structures), so that
+/// it never hands them out or places a new refcount structure there.
+pub trait MetadataGuard {
+    /// The name of a metadata structure overlapping `[off, off+len)`, if any.
+    fn clash(&self, off: u64, len: u64) -> Option<&'static str>;
+}
+
+/// A guard that knows of no other metadata.
+pub struct NoGuard;
+
+impl MetadataGuard for NoGuard {
+    fn clash(&self, _off: u64, _len: u64) -> Option<&'static str> {
+        None
+    }
+}
+
+impl<F: Fn(u64, u64) -> Option<&'static str>> MetadataGuard for F {
+    fn clash(&self, off: u64, len: u64) -> Option<&'static str> {
+        self(off, len)
+    }
 }
 
 type Result<T> = std::result::Result<T, RefcountError>;
@@ -108,12 +145,23 @@ impl Refcounts {
 
     /// Whether `[off, off+len)` overlaps the refcount table or a refcount block.
     pub fn overlaps(&self, off: u64, len: u64) -> bool {
+        self.overlaps_table(off, len) || self.overlaps_block(off, len)
+    }
+
+    /// Whether `[off, off+len)` overlaps the refcount table.
+    pub fn overlaps_table(&self, off: u64, len: u64) -> bool {
         let cs = self.cluster_size();
         let end = off.saturating_add(len);
-        let rt_end = self.table_offset + self.table_clusters as u64 * cs;
-        if off < rt_end && self.table_offset < end {
-            return true;
-        }
+        let rt_end = self
+            .table_offset
+            .saturating_add(self.table_clusters as u64 * cs);
+        off < rt_end && self.table_offset < end
+    }
+
+    /// Whether `[off, off+len)` overlaps a refcount block.
+    pub fn overlaps_block(&self, off: u64, len: u64) -> bool {
+        let cs = self.cluster_size();
+        let end = off.saturating_add(len);
         let mut c = off & !(cs - 1);
         while c < end {
             if self.blocks.contains(&c) {
@@ -258,6 +306,19 @@ impl Refcounts {
         value: u64,
         avoid: Range<u64>,
     ) -> Result<()> {
+        self.set_guarded(storage, cluster, value, avoid, &NoGuard)
+    }
+
+    /// [`Refcounts::set`] where a new refcount block or table must not
+    /// overlap metadata `guard` knows of ([`RefcountError::Overlap`]).
+    pub fn set_guarded(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        value: u64,
+        avoid: Range<u64>,
+        guard: &dyn MetadataGuard,
+    ) -> Result<()> {
         if value > self.max_refcount() {
             return Err(RefcountError::NoSpace(format!(
                 "refcount of cluster {cluster} would exceed {}",
@@ -270,7 +331,7 @@ impl Refcounts {
                 if value == 0 {
                     return Ok(());
                 }
-                self.create_block(storage, cluster / self.entries_per_block, avoid)?;
+                self.create_block(storage, cluster / self.entries_per_block, avoid, guard)?;
                 self.locate(storage, cluster)?
                     .ok_or_else(|| RefcountError::Corrupt("new refcount block missing".into()))?
             }
@@ -308,9 +369,22 @@ impl Refcounts {
     }
 
     /// Finds `n` contiguous free clusters (refcount zero) and sets their
-    /// refcount to one. Returns the first cluster index. `min` is the lowest
-    /// cluster index allowed (the header cluster is never free).
+    /// refcount to one. Returns the first cluster index (never the header
+    /// cluster).
     pub fn alloc(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
+        self.alloc_guarded(storage, n, &NoGuard)
+    }
+
+    /// [`Refcounts::alloc`] that refuses ([`RefcountError::Overlap`], nothing
+    /// changed) when the free-looking run, or a refcount block or table it
+    /// needs, overlaps metadata: the layer's own structures or what `guard`
+    /// knows of. A clash means refcounts were lost: the image is corrupt.
+    pub fn alloc_guarded(
+        &mut self,
+        storage: &dyn Storage,
+        n: u64,
+        guard: &dyn MetadataGuard,
+    ) -> Result<u64> {
         let start = self.find_free(storage, n)?;
         if start
             .checked_add(n)
@@ -318,8 +392,10 @@ impl Refcounts {
         {
             return Err(RefcountError::NoSpace("host offsets exhausted".into()));
         }
+        let cs = self.cluster_size();
+        self.refuse_overlap(start * cs, n * cs, "allocation", guard)?;
         for k in 0..n {
-            self.set(storage, start + k, 1, start..start + n)?;
+            self.set_guarded(storage, start + k, 1, start..start + n, guard)?;
         }
         if self.free_hint == start {
             self.free_hint = start + n;
@@ -362,10 +438,48 @@ impl Refcounts {
         self.cache.clear();
     }
 
+    /// Refuses `[off, off+len)` when it overlaps the refcount structures,
+    /// the protected ranges or metadata `guard` knows of.
+    fn refuse_overlap(
+        &self,
+        off: u64,
+        len: u64,
+        purpose: &'static str,
+        guard: &dyn MetadataGuard,
+    ) -> Result<()> {
+        let end = off.saturating_add(len);
+        let what = if self.overlaps_table(off, len) {
+            Some("refcount table")
+        } else if self.overlaps_block(off, len) {
+            Some("refcount block")
+        } else if self.protected.iter().any(|&(a, b)| off < b && a < end) {
+            // Header and L1 table (QEMU's names need the caller's guard;
+            // this is only a fallback when there is none).
+            guard.clash(off, len).or(Some("image metadata"))
+        } else {
+            guard.clash(off, len)
+        };
+        match what {
+            Some(what) => Err(RefcountError::Overlap {
+                what,
+                purpose,
+                offset: off,
+                len,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Makes a refcount block for `block` reachable.
-    fn create_block(&mut self, storage: &dyn Storage, block: u64, avoid: Range<u64>) -> Result<()> {
+    fn create_block(
+        &mut self,
+        storage: &dyn Storage,
+        block: u64,
+        avoid: Range<u64>,
+        guard: &dyn MetadataGuard,
+    ) -> Result<()> {
         if block as usize >= self.table.len() {
-            return self.grow_table(storage, block, avoid);
+            return self.grow_table(storage, block, avoid, guard);
         }
         let epb = self.entries_per_block;
         let first = block * epb;
@@ -382,6 +496,9 @@ impl Refcounts {
         }
         let cs = self.cluster_size();
         let boff = r * cs;
+        // Its refcount reads as zero only because no block covers it: it
+        // may still hold metadata whose refcount was lost.
+        self.refuse_overlap(boff, cs, "new refcount block", guard)?;
         self.table[block as usize] = boff;
         self.blocks.insert(boff);
         match self.publish_block(storage, block, boff, r) {
@@ -471,7 +588,13 @@ impl Refcounts {
     }
 
     /// Moves the refcount table to a larger place that covers `block`.
-    fn grow_table(&mut self, storage: &dyn Storage, block: u64, avoid: Range<u64>) -> Result<()> {
+    fn grow_table(
+        &mut self,
+        storage: &dyn Storage,
+        block: u64,
+        avoid: Range<u64>,
+        guard: &dyn MetadataGuard,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let epb = self.entries_per_block;
         let needed_entries = (block + 1).max(self.table.len() as u64 * 2);
@@ -512,6 +635,13 @@ impl Refcounts {
             ));
         }
         blocks.sort_unstable();
+        // Past the end of the file, so free unless metadata lies out there.
+        self.refuse_overlap(
+            s * cs,
+            (new_clusters + blocks.len() as u64) * cs,
+            "new refcount table",
+            guard,
+        )?;
         // Flush pending changes of existing blocks first.
         self.cache.flush(storage)?;
         let mut table = self.table.clone();
@@ -595,6 +725,103 @@ mod tests {
             &b[..20],
             &[0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
         );
+    }
+
+    /// A guard claiming the clusters in `busy` for an "active L2 table".
+    fn guard(busy: Range<u64>) -> impl Fn(u64, u64) -> Option<&'static str> {
+        move |off: u64, len: u64| {
+            let (a, b) = (busy.start * CS, busy.end * CS);
+            (off < b && a < off + len).then_some("active L2 table")
+        }
+    }
+
+    #[test]
+    fn new_block_on_guarded_metadata_is_refused() {
+        // 16-bit refcounts: a block describes 256 clusters; block 1 is
+        // uncovered, so clusters 256.. look free. Cluster 257, where the new
+        // block would go, holds an L2 table the guard knows of.
+        let (st, mut r) = setup(4);
+        for c in 3..256 {
+            r.set(&st, c, 1, 0..0).unwrap();
+        }
+        r.flush(&st).unwrap();
+        let image = st.to_bytes();
+        let g = guard(257..258);
+        match r.alloc_guarded(&st, 1, &g) {
+            Err(RefcountError::Overlap {
+                what,
+                purpose,
+                offset,
+                ..
+            }) => {
+                assert_eq!(what, "active L2 table");
+                assert_eq!(purpose, "new refcount block");
+                assert_eq!(offset, 257 * CS);
+            }
+            other => panic!("expected an overlap, got {other:?}"),
+        }
+        assert_eq!(st.to_bytes(), image, "nothing written");
+        assert_eq!(r.table()[1], 0, "no block made reachable");
+        // Handing out a guarded cluster is refused the same way.
+        let g = guard(256..257);
+        assert!(matches!(
+            r.alloc_guarded(&st, 1, &g),
+            Err(RefcountError::Overlap {
+                purpose: "allocation",
+                ..
+            })
+        ));
+        assert_eq!(st.to_bytes(), image, "nothing written");
+        // Without metadata there, the block describes itself at 257.
+        assert_eq!(r.alloc_guarded(&st, 1, &NoGuard).unwrap(), 256);
+        assert_eq!(r.table()[1], 257 * CS);
+    }
+
+    #[test]
+    fn lost_refcount_of_own_structures_is_refused() {
+        // The refcount table (cluster 1) lost its refcount: it looks free.
+        let (st, mut r) = setup(4);
+        r.set(&st, 1, 0, 0..0).unwrap();
+        assert!(matches!(
+            r.alloc(&st, 1),
+            Err(RefcountError::Overlap {
+                what: "refcount table",
+                ..
+            })
+        ));
+        let (st, mut r) = setup(4);
+        r.set(&st, 2, 0, 0..0).unwrap();
+        assert!(matches!(
+            r.alloc(&st, 1),
+            Err(RefcountError::Overlap {
+                what: "refcount block",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn grown_table_on_guarded_metadata_is_refused() {
+        // 64-bit refcounts: the one-cluster table covers 64 blocks of 64
+        // clusters (4096). Fill them; allocating cluster 4096 grows the table
+        // past everything in use, where the guard claims metadata.
+        let (st, mut r) = setup(6);
+        while r.alloc(&st, 1).unwrap() < 4095 {}
+        r.flush(&st).unwrap();
+        let loc = r.table_location();
+        let image = st.to_bytes();
+        let g = guard(4097..8192);
+        match r.alloc_guarded(&st, 1, &g) {
+            Err(RefcountError::Overlap { purpose, .. }) => {
+                assert_eq!(purpose, "new refcount table")
+            }
+            other => panic!("expected an overlap, got {other:?}"),
+        }
+        assert_eq!(r.table_location(), loc, "the table did not move");
+        assert!(st.to_bytes() == image, "nothing written");
+        // Elsewhere it grows.
+        assert_eq!(r.alloc_guarded(&st, 1, &NoGuard).unwrap(), 4096);
+        assert_ne!(r.table_location(), loc);
     }
 
     #[test]
