@@ -179,10 +179,12 @@ fn data_writes_over_metadata_fail_like_qemu() {
             Some("inactive L1 table"),
             Some("inactive L1 table"),
         ),
+        // Only the table offset and size of the first entry are compared:
+        // the flags change legitimately (bitmaps marked in use at open).
         (
             "bitmap directory",
             l.bitmap_dir,
-            32,
+            12,
             Some("bitmap directory"),
             Some("bitmap directory"),
         ),
@@ -321,12 +323,24 @@ fn l2_table_on_snapshot_or_bitmap_metadata_is_refused() {
         let before = bytes(&p(dir, &o), target, l.cs);
         let cmd = ["write -P 0x5a 0 64k".to_string()];
         let or = ours_io_script(dir, &o, &[], &cmd);
-        assert!(
-            or.stderr.contains(&format!("overlaps the {ours_name}")),
-            "{ours_name}: {}",
-            or.stderr
-        );
-        assert!(or.stdout.contains("write failed: Input/output error"));
+        if ours_name == "bitmap directory" {
+            // Marking the bitmaps in use at open would write the directory
+            // over what the L1 table calls an L2 table: as QEMU, the image
+            // is marked corrupt naming the active L2 table (QEMU at the
+            // same point of its open; ours fails that open).
+            assert!(
+                or.stderr.contains("overlaps with active L2 table"),
+                "{ours_name}: {}",
+                or.stderr
+            );
+        } else {
+            assert!(
+                or.stderr.contains(&format!("overlaps the {ours_name}")),
+                "{ours_name}: {}",
+                or.stderr
+            );
+            assert!(or.stdout.contains("write failed: Input/output error"));
+        }
         assert!(corrupt_bit(&p(dir, &o)) && qemu_says_corrupt(dir, &o));
         assert_eq!(
             bytes(&p(dir, &o), target, l.cs),

@@ -183,6 +183,23 @@ impl Inner {
         false
     }
 
+    /// QEMU's name of the metadata [`Inner::foreign_metadata`] found.
+    fn foreign_metadata_name(&self, off: u64, len: u64) -> &'static str {
+        let cs = self.geo.cluster_size();
+        let end = off.saturating_add(len);
+        let l1 = self.header.l1_table_offset;
+        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        if off < cs {
+            "qcow2_header"
+        } else if off < l1_end && l1 < end {
+            "active L1 table"
+        } else if self.refs.overlaps(off, len) {
+            "refcount block"
+        } else {
+            "active L2 table"
+        }
+    }
+
     /// Refcount of every cluster of `[off, off+len)` is at least one (`exact`:
     /// exactly one) and none is other metadata.
     fn bitmap_clusters_ok(&mut self, off: u64, len: u64, exact: bool) -> Result<bool> {
@@ -217,6 +234,21 @@ impl Inner {
         let ext = BitmapsExt::parse(data).map_err(|e| self.bitmap_err(format!("bitmaps: {e}")))?;
         let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
         let dir_end = ext.directory_offset.checked_add(ext.directory_size);
+        if ext.directory_offset != 0
+            && dir_end.is_some_and(|e| e <= file_len)
+            && self.foreign_metadata(ext.directory_offset, ext.directory_size)
+        {
+            // Marking the bitmaps in use would write over other metadata:
+            // QEMU refuses that write and marks the image corrupt.
+            let what = self.foreign_metadata_name(ext.directory_offset, ext.directory_size);
+            self.mark_corrupt();
+            return Err(Error::Corrupt(format!(
+                "'{}': {}: bitmap directory at {:#x}",
+                self.name,
+                crate::image::overlap_message(what),
+                ext.directory_offset
+            )));
+        }
         if ext.directory_offset == 0
             || ext.directory_offset & (cs - 1) != 0
             || dir_end.is_none_or(|e| e > file_len)
