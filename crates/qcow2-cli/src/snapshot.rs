@@ -56,8 +56,8 @@ pub fn run(a: SnapshotArgs) -> Result<u8, Fail> {
         let val = |it: &mut std::vec::IntoIter<String>| match inline.clone() {
             Some(v) => Ok(v),
             None => it.next().ok_or_else(|| {
-                Fail::new(format!(
-                    "option requires an argument -- '{}'\n{TRY}",
+                getopt_fail(format!(
+                    "option requires an argument -- '{}'",
                     key.trim_start_matches('-')
                 ))
             }),
@@ -93,15 +93,17 @@ pub fn run(a: SnapshotArgs) -> Result<u8, Fail> {
                 return Ok(0);
             }
             _ => {
-                return Err(Fail::new(format!(
-                    "snapshot: invalid option -- '{}'\n{TRY}",
+                return Err(getopt_fail(format!(
+                    "invalid option -- '{}'",
                     key.trim_start_matches('-')
                 )))
             }
         };
         if let Some(n) = new_act {
             if act.is_some() {
-                return Err(Fail::new(format!("Cannot mix '-l', '-a', '-c', '-d'\n{TRY}")));
+                return Err(Fail::new(format!(
+                    "Cannot mix '-l', '-a', '-c', '-d'\n{TRY}"
+                )));
             }
             act = Some(n);
         }
@@ -124,6 +126,13 @@ pub fn run(a: SnapshotArgs) -> Result<u8, Fail> {
     } else {
         OpenOptions::read_only()
     };
+    if let Err(e) = std::fs::metadata(file) {
+        // qemu-img names the file twice (format layer, then protocol layer).
+        let why = crate::strerror(e.raw_os_error().unwrap_or(5));
+        return Err(Fail::new(format!(
+            "Could not open '{file}': Could not open '{file}': {why}"
+        )));
+    }
     let img = open_image(Path::new(file), &opts)?;
     let status = match act {
         Act::List => match img.snapshots() {
@@ -161,6 +170,15 @@ pub fn run(a: SnapshotArgs) -> Result<u8, Fail> {
         (Err(f), _) => Err(f),
         (Ok(_), Err(e)) => Err(Fail::new(format!("{file}: {}", error_text(&e)))),
         (Ok(c), Ok(())) => Ok(c),
+    }
+}
+
+/// An option error, worded and prefixed as getopt does for qemu-img.
+fn getopt_fail(msg: String) -> Fail {
+    eprintln!("qcow2 snapshot: {msg}\n{TRY}");
+    Fail {
+        msg: String::new(),
+        code: 1,
     }
 }
 
