@@ -21,7 +21,7 @@ mod zero;
 pub use bitmaps::{BitmapInfo, BitmapOp};
 pub use error::{Error, Result};
 pub use image::Image;
-pub use snapshots::SnapshotInfo;
 pub use qcow2_format as format;
 pub use qcow2_io as io;
+pub use snapshots::SnapshotInfo;
 pub use types::*;

@@ -53,9 +53,7 @@ impl SnapshotInfo {
         SnapshotInfo {
             id: String::from_utf8_lossy(&e.id).into_owned(),
             name: String::from_utf8_lossy(&e.name).into_owned(),
-            vm_state_size: e
-                .vm_state_size_large()
-                .unwrap_or(e.vm_state_size as u64),
+            vm_state_size: e.vm_state_size_large().unwrap_or(e.vm_state_size as u64),
             date_sec: e.date_sec,
             date_nsec: e.date_nsec,
             vm_clock_nsec: e.vm_clock_nsec,
@@ -79,7 +77,9 @@ fn not_found(image: &str, what: &str) -> Error {
 fn numeric_id(id: &[u8]) -> u64 {
     id.iter()
         .take_while(|b| b.is_ascii_digit())
-        .fold(0u64, |a, &b| a.wrapping_mul(10).wrapping_add((b - b'0') as u64))
+        .fold(0u64, |a, &b| {
+            a.wrapping_mul(10).wrapping_add((b - b'0') as u64)
+        })
 }
 
 impl Inner {
@@ -443,6 +443,11 @@ impl Inner {
             self.set_unsynced();
             self.l1 = copy.clone();
         }
+        // The cleared flags durable before the increments: a crash between
+        // them leaves only flags clear where the refcount is still one.
+        if self.unsynced {
+            self.sync()?;
+        }
         // 3. One more reference to everything the active L1 reaches.
         self.refcount_walk(&copy, 1)?;
         // 4. The new table, then the header (commit), then the old table freed.
@@ -499,7 +504,11 @@ impl Inner {
                 self.name
             )));
         }
-        let raw = self.read_table(sn.l1_table_offset, sn.l1_size as u64 * 8, "read snapshot L1 table")?;
+        let raw = self.read_table(
+            sn.l1_table_offset,
+            sn.l1_size as u64 * 8,
+            "read snapshot L1 table",
+        )?;
         let mut new_l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         new_l1.resize(self.l1.len(), 0);
         // 1. One more reference to everything the snapshot reaches, with
@@ -581,8 +590,7 @@ impl crate::Image {
     /// The internal snapshots, in table order.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let mut g = self.lock();
-        Ok(g
-            .read_snapshot_table()?
+        Ok(g.read_snapshot_table()?
             .iter()
             .map(SnapshotInfo::from_entry)
             .collect())
