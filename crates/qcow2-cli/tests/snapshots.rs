@@ -338,6 +338,22 @@ fn snapshot_usage_matches_qemu() {
         );
         assert_eq!(norm(&q.stderr), norm(&o.stderr), "{args:?}: stderr");
     }
+    // `info` shows the same "Snapshot list:" section as qemu-img info.
+    qemu_img(d, &["snapshot", "-c", "second one", "q.qcow2"]).ok("create");
+    let section = |s: &str| {
+        s.split("Snapshot list:")
+            .nth(1)
+            .and_then(|t| t.split("Format specific").next())
+            .map(str::to_string)
+    };
+    let qi = qemu_img(d, &["info", "q.qcow2"]).ok("qemu-img info");
+    let oi = ours(d, &["info", "q.qcow2"]).ok("qcow2 info");
+    assert!(section(&qi.stdout).is_some(), "{}", qi.stdout);
+    assert_eq!(
+        section(&qi.stdout),
+        section(&oi.stdout),
+        "info snapshot list"
+    );
     // Applying is refused while the image has persistent bitmaps.
     qemu_img(d, &["bitmap", "--add", "q.qcow2", "b0"]).ok("bitmap add");
     copy(d, "q.qcow2", "o.qcow2");
