@@ -143,9 +143,10 @@ pub fn run(a: SnapshotArgs) -> Result<u8, Fail> {
             Err(e) => Err(Fail::new(format!("{file}: {}", error_text(&e)))),
         },
         Act::Create(name) => img.snapshot_create(&name).map(|_| 0).map_err(|e| {
+            // qemu-img reports only the errno here.
             Fail::new(format!(
                 "Could not create snapshot '{name}': {}",
-                engine_msg(&e)
+                crate::strerror(e.errno())
             ))
         }),
         Act::Apply(name) => img.snapshot_apply(&name).map(|_| 0).map_err(|e| {

@@ -338,6 +338,28 @@ fn snapshot_usage_matches_qemu() {
         );
         assert_eq!(norm(&q.stderr), norm(&o.stderr), "{args:?}: stderr");
     }
+    // Refcounts that would overflow (refcount_bits=1): refused alike, and
+    // ours leaves nothing behind.
+    let r1 = ImgOpts {
+        refcount_bits: 1,
+        ..ImgOpts::default()
+    };
+    qemu_create(d, "r1.qcow2", 4 << 20, &r1, None);
+    qemu_io(d, &["-c", "write -P 1 0 128k", "r1.qcow2"]).ok("qemu-io");
+    copy(d, "r1.qcow2", "r1o.qcow2");
+    let q = qemu_img(d, &["snapshot", "-c", "s", "r1.qcow2"]);
+    let o = ours(d, &["snapshot", "-c", "s", "r1o.qcow2"]);
+    assert_eq!(
+        q.code, o.code,
+        "refcount_bits=1: {}\n{}",
+        q.stderr, o.stderr
+    );
+    assert_eq!(
+        norm(&q.stderr).replace("r1.qcow2", "X"),
+        norm(&o.stderr).replace("r1o.qcow2", "X")
+    );
+    assert_qemu_check_clean(d, "r1o.qcow2", "refcount_bits=1");
+    assert_same_content(d, "r1.qcow2", "r1o.qcow2", "refcount_bits=1");
     // `info` shows the same "Snapshot list:" section as qemu-img info.
     qemu_img(d, &["snapshot", "-c", "second one", "q.qcow2"]).ok("create");
     let section = |s: &str| {

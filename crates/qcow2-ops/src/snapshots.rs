@@ -166,6 +166,17 @@ impl Inner {
     /// Adds `delta` to the refcount of every L2 table `l1` references and
     /// of every cluster those tables reference (once per reference).
     fn refcount_walk(&mut self, l1: &[u64], delta: i64) -> Result<()> {
+        self.refcount_walk_mode(l1, delta, false)
+    }
+
+    /// Fails, changing nothing, when adding one reference (per reference
+    /// `l1` holds) would overflow a refcount, as QEMU's snapshot creation
+    /// fails with -EINVAL (e.g. with refcount_bits=1).
+    fn refcount_walk_dry(&mut self, l1: &[u64]) -> Result<()> {
+        self.refcount_walk_mode(l1, 1, true)
+    }
+
+    fn refcount_walk_mode(&mut self, l1: &[u64], delta: i64, dry: bool) -> Result<()> {
         let cs = self.geo.cluster_size();
         let cb = self.geo.cluster_bits;
         let es = self.geo.l2_entry_size() as usize;
@@ -187,15 +198,31 @@ impl Inner {
                 let raw = be64(&tbl, p);
                 if let Some((a, b)) = self.entry_clusters(raw, t)? {
                     for c in a..=b {
-                        self.refs
-                            .update(&*self.file, c, delta)
-                            .map_err(|e| refcount_err(&name, e))?;
+                        self.walk_one(c, delta, dry)?;
                     }
                 }
             }
+            self.walk_one(t >> cb, delta, dry)?;
+        }
+        Ok(())
+    }
+
+    fn walk_one(&mut self, c: u64, delta: i64, dry: bool) -> Result<()> {
+        let name = self.name.clone();
+        if !dry {
             self.refs
-                .update(&*self.file, t >> cb, delta)
+                .update(&*self.file, c, delta)
                 .map_err(|e| refcount_err(&name, e))?;
+            return Ok(());
+        }
+        let rc = self
+            .refs
+            .get(&*self.file, c)
+            .map_err(|e| refcount_err(&name, e))?;
+        if rc >= self.refs.max_refcount() {
+            return Err(Error::Invalid(format!(
+                "'{name}': refcount of cluster {c} would overflow"
+            )));
         }
         Ok(())
     }
@@ -401,6 +428,8 @@ impl Inner {
             .unwrap_or_default();
         let mut extra = vec![0u8; 24];
         put_be64(&mut extra, 8, self.header.size);
+        let active = self.l1.clone();
+        self.refcount_walk_dry(&active)?;
         // 1. The snapshot's L1 table: a copy of the active one (its COPIED
         //    flags mean nothing there and are left clear).
         let copy: Vec<u64> = self.l1.iter().map(|&e| e & !FLAG_COPIED).collect();
@@ -410,7 +439,6 @@ impl Inner {
             self.write_new(&Self::l1_bytes(&copy), "write snapshot L1 table")?
         };
         // 2. The active tables become shared: COPIED cleared everywhere.
-        let active = self.l1.clone();
         let cs = self.geo.cluster_size();
         let es = self.geo.l2_entry_size() as usize;
         for &l1e in &active {
@@ -511,6 +539,7 @@ impl Inner {
         )?;
         let mut new_l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         new_l1.resize(self.l1.len(), 0);
+        self.refcount_walk_dry(&new_l1)?;
         // 1. One more reference to everything the snapshot reaches, with
         //    the COPIED flags of its tables brought in line.
         self.refcount_walk(&new_l1, 1)?;
