@@ -12,10 +12,12 @@
 //! decrements and frees follow it, so a crash leaves at most leaks. The
 //! COPIED flags of the active tables and the refcounts of the clusters they
 //! reference live in different clusters, so no ordering makes them change
-//! together: between the two writes, `qemu-img check` reports an
-//! `OFLAG_COPIED` mismatch of the harmless kind only (flag clear, refcount
-//! one: at worst one needless copy on write), which `check -r all` repairs.
-//! QEMU's own snapshot code has the same window.
+//! together: the flags are cleared (create) durably before the increments,
+//! and set (delete) only after the decrements are durable, so between the
+//! two `qemu-img check` reports an `OFLAG_COPIED` mismatch of the harmless
+//! kind only (flag clear, refcount one: at worst one needless copy on
+//! write), which `check -r all` repairs. QEMU's own snapshot code has the
+//! same window.
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Inner};
