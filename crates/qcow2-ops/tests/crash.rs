@@ -1075,8 +1075,10 @@ fn snapshot_names(p: &Path) -> Option<Vec<String>> {
 /// the only mismatch allowed is a COPIED flag clear where the refcount is
 /// still one, which no ordering can avoid (see snapshots.rs) and which
 /// `check -r all` repairs), the active content is intact, and snapshot
-/// `target` is either absent or reads exactly as it should.
-fn crash_snapshot_op(tag: &str, op: impl Fn(&Image), target: &str, created: bool) {
+/// `target` is either absent or reads exactly as it should. With `applied`
+/// the operation reverts to `target` (which stays): the active content is
+/// then the old one or the snapshot's.
+fn crash_snapshot_op(tag: &str, op: impl Fn(&Image), target: &str, created: bool, applied: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sn.qcow2");
     let ps = path.to_str().unwrap();
@@ -1112,7 +1114,15 @@ fn crash_snapshot_op(tag: &str, op: impl Fn(&Image), target: &str, created: bool
     }
     let active = snapshot_content(&path, None).expect("active content");
     let old_content = snapshot_content(&path, Some("old")).expect("old content");
-    let want = if created { active.clone() } else { old_content };
+    let want = if created {
+        active.clone()
+    } else {
+        old_content.clone()
+    };
+    let mut active_ok = vec![active.clone()];
+    if applied {
+        active_ok.push(old_content.clone());
+    }
     let start = std::fs::read(&path).unwrap();
     let run_op = |fs: &Arc<FaultStorage>| {
         if let Ok(img) = Image::open_with_storage(Box::new(fs.clone()), &path, &rw_opts()) {
@@ -1131,9 +1141,15 @@ fn crash_snapshot_op(tag: &str, op: impl Fn(&Image), target: &str, created: bool
     let names = snapshot_names(&done).unwrap();
     assert_eq!(
         names.iter().any(|n| n == target),
-        created,
+        created || applied,
         "{tag}: undisturbed run: {names:?}"
     );
+    if applied {
+        assert!(
+            snapshot_content(&done, None).as_ref() == Some(&old_content),
+            "{tag}: undisturbed run did not revert"
+        );
+    }
     let scratch = dir.path().join("crash.qcow2");
     let mut rng = Rng(0x5eed_5a95);
     let mut failures = Vec::new();
@@ -1201,7 +1217,8 @@ fn crash_snapshot_op(tag: &str, op: impl Fn(&Image), target: &str, created: bool
                 fail(format!("qemu-img check exit {code}:\n{out}"));
                 continue;
             }
-            if snapshot_content(&scratch, None).as_deref() != Some(&active[..]) {
+            let now = snapshot_content(&scratch, None);
+            if !active_ok.iter().any(|a| now.as_ref() == Some(a)) {
                 fail("active content changed".into());
                 continue;
             }
@@ -1237,6 +1254,7 @@ fn crash_snapshot_create() {
         },
         "new",
         true,
+        false,
     );
 }
 
@@ -1249,5 +1267,19 @@ fn crash_snapshot_delete() {
         },
         "old",
         false,
+        false,
+    );
+}
+
+#[test]
+fn crash_snapshot_apply() {
+    crash_snapshot_op(
+        "snapshot-apply",
+        |img| {
+            let _ = img.snapshot_apply("old");
+        },
+        "old",
+        false,
+        true,
     );
 }
