@@ -183,6 +183,9 @@ impl Inner {
         let cb = self.geo.cluster_bits;
         let es = self.geo.l2_entry_size() as usize;
         let name = self.name.clone();
+        // Dry run: host clusters holding compressed data may be referenced
+        // by several entries; their references are summed.
+        let mut shared: std::collections::HashMap<u64, u64> = Default::default();
         for &l1e in l1 {
             let t = l1e & OFFSET_MASK & !(cs - 1);
             if l1e & OFFSET_MASK == 0 {
@@ -200,11 +203,36 @@ impl Inner {
                 let raw = be64(&tbl, p);
                 if let Some((a, b)) = self.entry_clusters(raw, t)? {
                     for c in a..=b {
-                        self.walk_one(c, delta, dry)?;
+                        if dry && L2Entry::standard(raw).is_compressed() {
+                            // The last sector of compressed data may end
+                            // past the file (QEMU accepts that): counted
+                            // only, no end-of-file check.
+                            *shared.entry(c).or_default() += 1;
+                        } else {
+                            self.walk_one(c, delta, dry)?;
+                        }
                     }
                 }
             }
             self.walk_one(t >> cb, delta, dry)?;
+        }
+        let file_clusters = self.file.len().map_err(ioerr("stat", &name))?.div_ceil(cs);
+        for (c, n) in shared {
+            if c > file_clusters + 1 {
+                self.mark_corrupt();
+                return Err(Error::Corrupt(format!(
+                    "{name}: compressed cluster {c} lies past the end of the file"
+                )));
+            }
+            let rc = self
+                .refs
+                .get(&*self.file, c)
+                .map_err(|e| refcount_err(&name, e))?;
+            if rc.saturating_add(n) > self.refs.max_refcount() {
+                return Err(Error::Invalid(format!(
+                    "'{name}': refcount of cluster {c} would overflow"
+                )));
+            }
         }
         Ok(())
     }
@@ -216,6 +244,12 @@ impl Inner {
                 .update(&*self.file, c, delta)
                 .map_err(|e| refcount_err(&name, e))?;
             return Ok(());
+        }
+        if !self.within_file((c + 1) << self.geo.cluster_bits)? {
+            self.mark_corrupt();
+            return Err(Error::Corrupt(format!(
+                "{name}: cluster {c} referenced by the L1 table lies past the end of the file"
+            )));
         }
         let rc = self
             .refs
@@ -430,6 +464,15 @@ impl Inner {
             .unwrap_or_default();
         let mut extra = vec![0u8; 24];
         put_be64(&mut extra, 8, self.header.size);
+        // The new entry: 40 bytes, 24 of extra data, id and name.
+        let bytes: usize = table.iter().map(|e| e.encoded_len()).sum::<usize>()
+            + (snapshot::FIXED_LEN + 24 + 20 + name.len()).div_ceil(8) * 8;
+        if bytes as u64 > snapshot::MAX_SNAPSHOTS_SIZE {
+            return Err(Error::NoSpace(format!(
+                "{}: snapshot table too large",
+                self.name
+            )));
+        }
         let active = self.l1.clone();
         self.refcount_walk_dry(&active)?;
         // 1. The snapshot's L1 table: a copy of the active one (its COPIED
@@ -498,6 +541,31 @@ impl Inner {
         Ok(SnapshotInfo::from_entry(&entry))
     }
 
+    /// A snapshot's L1 table must be cluster aligned, past the header, of
+    /// at most QEMU's largest L1 size (32 MiB) and inside the file.
+    fn check_snapshot_l1(&mut self, sn: &SnapshotEntry) -> Result<()> {
+        if sn.l1_size == 0 {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let bytes = sn.l1_size as u64 * 8;
+        let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+        if sn.l1_table_offset & (cs - 1) != 0
+            || sn.l1_table_offset < cs
+            || bytes > 32 << 20
+            || sn.l1_table_offset.saturating_add(bytes) > file_len
+        {
+            return Err(Error::Corrupt(format!(
+                "{}: snapshot '{}' has an invalid L1 table ({} entries at {:#x})",
+                self.name,
+                String::from_utf8_lossy(&sn.id),
+                sn.l1_size,
+                sn.l1_table_offset
+            )));
+        }
+        Ok(())
+    }
+
     /// Index of the snapshot with this id, else the first with this name.
     fn find_id_or_name(table: &[SnapshotEntry], key: &[u8]) -> Option<usize> {
         table
@@ -526,14 +594,7 @@ impl Inner {
                 String::from_utf8_lossy(&sn.id)
             )));
         }
-        let cs = self.geo.cluster_size();
-        if sn.l1_size > 0 && (sn.l1_table_offset & (cs - 1) != 0 || sn.l1_table_offset < cs) {
-            self.mark_corrupt();
-            return Err(Error::Corrupt(format!(
-                "{}: snapshot L1 table offset invalid",
-                self.name
-            )));
-        }
+        self.check_snapshot_l1(&sn)?;
         let raw = self.read_table(
             sn.l1_table_offset,
             sn.l1_size as u64 * 8,
@@ -582,18 +643,33 @@ impl Inner {
             return Err(not_found(&self.name, &String::from_utf8_lossy(name)));
         };
         let sn = table.remove(i);
-        // 1. Commit: the table without the entry.
-        self.commit_snapshot_table(&table)?;
-        // 2. What the snapshot reached loses one reference, its L1 is freed.
-        let cs = self.geo.cluster_size();
+        self.check_snapshot_l1(&sn)?;
         let mut l1 = Vec::new();
-        if sn.l1_size > 0 && sn.l1_table_offset & (cs - 1) == 0 && sn.l1_table_offset >= cs {
+        if sn.l1_size > 0 {
             let raw = self.read_table(
                 sn.l1_table_offset,
                 sn.l1_size as u64 * 8,
                 "read snapshot L1 table",
             )?;
             l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        }
+        // L2 tables that cannot be read: refuse before anything changes.
+        let cs = self.geo.cluster_size();
+        let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+        for &e in &l1 {
+            let t = e & OFFSET_MASK;
+            if t != 0 && (t & (cs - 1) != 0 || t < cs || t.saturating_add(cs) > file_len) {
+                return Err(Error::Corrupt(format!(
+                    "{}: snapshot '{}' references an invalid L2 table at {t:#x}",
+                    self.name,
+                    String::from_utf8_lossy(&sn.id)
+                )));
+            }
+        }
+        // 1. Commit: the table without the entry.
+        self.commit_snapshot_table(&table)?;
+        // 2. What the snapshot reached loses one reference, its L1 is freed.
+        if sn.l1_size > 0 {
             self.refcount_walk(&l1, -1)?;
             self.free_range(sn.l1_table_offset, sn.l1_size as u64 * 8)?;
         }
