@@ -452,6 +452,21 @@ fn hostile_snapshot_tables() {
             Box::new(move |b| b[sn_l1..sn_l1 + 8].copy_from_slice(&512u64.to_be_bytes())),
         ),
         (
+            "l2 on refcount table",
+            Box::new(move |b| {
+                let rt = u64::from_be_bytes(b[48..56].try_into().unwrap());
+                b[sn_l1..sn_l1 + 8].copy_from_slice(&rt.to_be_bytes())
+            }),
+        ),
+        (
+            "active l2 on refcount table",
+            Box::new(move |b| {
+                let rt = u64::from_be_bytes(b[48..56].try_into().unwrap());
+                let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+                b[l1..l1 + 8].copy_from_slice(&(rt | 1 << 63).to_be_bytes())
+            }),
+        ),
+        (
             "table past eof",
             Box::new(|b| b[64..72].copy_from_slice(&(1u64 << 40).to_be_bytes())),
         ),
@@ -481,6 +496,12 @@ fn hostile_snapshot_tables() {
             let t = std::time::Instant::now();
             let r = ours(d, &a);
             assert!(t.elapsed().as_secs() < 20, "{what} {args:?}: too slow");
+            let after = std::fs::read(d.join("h.qcow2")).unwrap();
+            let rt = be64(&b, 48) as usize;
+            assert!(
+                after[rt..rt + 512] == b[rt..rt + 512],
+                "{what} {args:?}: refcount table written"
+            );
             if r.code != 0 && args[0] != "-l" && args[0] != "-c" {
                 // A refused apply / delete changed nothing the guest sees.
                 let after = std::fs::read(d.join("h.qcow2")).unwrap();

@@ -191,7 +191,7 @@ impl Inner {
             if l1e & OFFSET_MASK == 0 {
                 continue;
             }
-            if l1e & OFFSET_MASK & (cs - 1) != 0 || t < cs {
+            if l1e & OFFSET_MASK & (cs - 1) != 0 || t < cs || self.is_other_metadata(t) {
                 self.mark_corrupt();
                 return Err(Error::Corrupt(format!(
                     "{name}: L2 table offset {:#x} invalid",
@@ -237,6 +237,36 @@ impl Inner {
         Ok(())
     }
 
+    /// Every L2 table offset of `l1` is aligned, inside the file and on no
+    /// other metadata (checked before a commit whose tail walks them).
+    fn check_l2_offsets(&mut self, l1: &[u64], whose: &str) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
+        for &e in l1 {
+            let t = e & OFFSET_MASK;
+            if t != 0
+                && (t & (cs - 1) != 0
+                    || t.saturating_add(cs) > file_len
+                    || self.is_other_metadata(t))
+            {
+                return Err(Error::Corrupt(format!(
+                    "{}: {whose} references an invalid L2 table at {t:#x}",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the cluster at `t` is the header, the active L1 table or a
+    /// refcount structure (so never an L2 table).
+    fn is_other_metadata(&self, t: u64) -> bool {
+        let cs = self.geo.cluster_size();
+        let l1 = self.header.l1_table_offset;
+        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        t < cs || (t < l1_end && l1 < t + cs) || self.refs.overlaps(t, cs)
+    }
+
     fn walk_one(&mut self, c: u64, delta: i64, dry: bool) -> Result<()> {
         let name = self.name.clone();
         if !dry {
@@ -278,6 +308,11 @@ impl Inner {
             if t == 0 {
                 *e &= !FLAG_COPIED;
                 continue;
+            }
+            if t & (cs - 1) != 0 || self.is_other_metadata(t) {
+                return Err(Error::Corrupt(format!(
+                    "{name}: invalid L2 table offset {t:#x}"
+                )));
             }
             let rc = self
                 .refs
@@ -603,6 +638,8 @@ impl Inner {
         let mut new_l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         new_l1.resize(self.l1.len(), 0);
         self.refcount_walk_dry(&new_l1)?;
+        let active = self.l1.clone();
+        self.check_l2_offsets(&active, "the active L1 table")?;
         // 1. One more reference to everything the snapshot reaches, with
         //    the COPIED flags of its tables brought in line.
         self.refcount_walk(&new_l1, 1)?;
@@ -654,18 +691,12 @@ impl Inner {
             l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         }
         // L2 tables that cannot be read: refuse before anything changes.
-        let cs = self.geo.cluster_size();
-        let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
-        for &e in &l1 {
-            let t = e & OFFSET_MASK;
-            if t != 0 && (t & (cs - 1) != 0 || t < cs || t.saturating_add(cs) > file_len) {
-                return Err(Error::Corrupt(format!(
-                    "{}: snapshot '{}' references an invalid L2 table at {t:#x}",
-                    self.name,
-                    String::from_utf8_lossy(&sn.id)
-                )));
-            }
-        }
+        self.check_l2_offsets(
+            &l1,
+            &format!("snapshot '{}'", String::from_utf8_lossy(&sn.id)),
+        )?;
+        let active = self.l1.clone();
+        self.check_l2_offsets(&active, "the active L1 table")?;
         // 1. Commit: the table without the entry.
         self.commit_snapshot_table(&table)?;
         // 2. What the snapshot reached loses one reference, its L1 is freed.
