@@ -144,6 +144,16 @@
 #define QCOW2_EXTENT_OFFSET_VALID 16
 
 /**
+ * Bytes of [`Qcow2SnapshotInfo::id`], NUL included.
+ */
+#define QCOW2_SNAPSHOT_ID_LEN 128
+
+/**
+ * Bytes of [`Qcow2SnapshotInfo::name`], NUL included.
+ */
+#define QCOW2_SNAPSHOT_NAME_LEN 256
+
+/**
  * An open qcow2 image (opaque).
  *
  * Thread safety: a handle may be used from several threads at once; every
@@ -279,6 +289,44 @@ typedef struct Qcow2Stats {
      */
     uint64_t zero_entries_skipped;
 } Qcow2Stats;
+
+/**
+ * One internal snapshot, as `qemu-img snapshot -l` lists it.
+ */
+typedef struct Qcow2SnapshotInfo {
+    /**
+     * The id, NUL-terminated (cut at 127 bytes, as QEMU's own list does).
+     */
+    char id[QCOW2_SNAPSHOT_ID_LEN];
+    /**
+     * The name, NUL-terminated (cut at 255 bytes, as QEMU's own list does).
+     */
+    char name[QCOW2_SNAPSHOT_NAME_LEN];
+    /**
+     * Size of the saved VM state in bytes (0 for disk-only snapshots).
+     */
+    uint64_t vm_state_size;
+    /**
+     * Creation time: seconds since the epoch.
+     */
+    uint32_t date_sec;
+    /**
+     * Creation time: nanoseconds.
+     */
+    uint32_t date_nsec;
+    /**
+     * Guest clock at creation, nanoseconds.
+     */
+    uint64_t vm_clock_nsec;
+    /**
+     * Virtual disk size at creation (0 when the entry does not record it).
+     */
+    uint64_t disk_size;
+    /**
+     * Instruction count; -1 when none is recorded.
+     */
+    int64_t icount;
+} Qcow2SnapshotInfo;
 
 #ifdef __cplusplus
 extern "C" {
@@ -655,6 +703,89 @@ int qcow2_get_stats(const struct Qcow2Image *img, struct Qcow2Stats *out);
  * `img` must be NULL or an open handle.
  */
 int qcow2_reset_stats(struct Qcow2Image *img);
+
+/**
+ * Creates an internal snapshot of the current state (like `qemu-img
+ * snapshot -c`): the next numeric id, the given name (names need not be
+ * unique; may be empty), the current time, VM state size 0.
+ *
+ * Parameters:
+ * - `img`: the image, opened writable.
+ * - `name`: the name (NUL-terminated UTF-8).
+ * - `out`: NULL, or receives the new snapshot's description.
+ *
+ * Returns 0 on success; -EINVAL for NULL `img`/`name` or a name longer than
+ * 65535 bytes; -EROFS on a read-only image; -ENOSPC when a refcount would
+ * overflow (e.g. refcount_bits=1) or the table is full; other negative
+ * errno values if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` NULL or NUL-terminated;
+ * `out` NULL or writable.
+ */
+int qcow2_snapshot_create(struct Qcow2Image *img, const char *name, struct Qcow2SnapshotInfo *out);
+
+/**
+ * Reverts the image to a snapshot (like `qemu-img snapshot -a`): looked up
+ * by id first, then by name. The virtual size becomes the snapshot's.
+ * Refused (-ENOTSUP) while the image has persistent bitmaps, as QEMU
+ * refuses it.
+ *
+ * Returns 0 on success; -ENOENT when no snapshot matches; -EINVAL for NULL
+ * pointers; -EROFS on a read-only image; other negative errno values if
+ * the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `id_or_name` NULL or NUL-terminated.
+ */
+int qcow2_snapshot_apply(struct Qcow2Image *img, const char *id_or_name);
+
+/**
+ * Deletes the first snapshot with this name (like `qemu-img snapshot -d`,
+ * which looks names up only) and frees what only it referenced.
+ *
+ * Returns 0 on success; -ENOENT when no snapshot has the name; -EINVAL for
+ * NULL pointers; -EROFS on a read-only image; other negative errno values
+ * if the file fails.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `name` NULL or NUL-terminated.
+ */
+int qcow2_snapshot_delete(struct Qcow2Image *img, const char *name);
+
+/**
+ * Lists the snapshots in table order (like `qemu-img snapshot -l`).
+ *
+ * Parameters:
+ * - `img`: the image.
+ * - `out`: the caller's buffer of `max` entries; may be NULL when `max` is 0.
+ * - `max`: entries `out` holds; the first `max` snapshots are stored.
+ * - `n_out`: receives the number of snapshots the image has (more than
+ *   `max` means the list was cut: call again with a larger buffer).
+ *
+ * Returns 0 on success; -EINVAL for NULL pointers; other negative errno
+ * values if the file fails or the table is corrupt.
+ *
+ * Thread safety: may run concurrently with other calls on `img` (they are
+ * serialised), not with `qcow2_close(img)`.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `out` NULL or writable for `max`
+ * entries; `n_out` NULL or writable.
+ */
+int qcow2_snapshot_list(struct Qcow2Image *img,
+                        struct Qcow2SnapshotInfo *out,
+                        size_t max,
+                        size_t *n_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -229,4 +229,7 @@ c_tests! {
     bitmaps_static => ("test_bitmaps", Static),
     bitmaps_asan => ("test_bitmaps", Asan),
     bitmaps_valgrind => ("test_bitmaps", Valgrind),
+    snapshots_static => ("test_snapshots", Static),
+    snapshots_asan => ("test_snapshots", Asan),
+    snapshots_valgrind => ("test_snapshots", Valgrind),
 }

@@ -133,6 +133,12 @@ pub fn run(a: InfoArgs) -> Result<u8, Fail> {
                     println!("backing file format: {f}");
                 }
             }
+            if info.snapshots > 0 {
+                let list = img
+                    .snapshots()
+                    .map_err(|e| Fail::new(crate::error_text(&e)))?;
+                print!("{}", crate::snapshot::format_list(&list));
+            }
             println!("Format specific information:");
             for (k, v) in format_specific(&info) {
                 let v = match v {
