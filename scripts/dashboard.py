@@ -344,6 +344,81 @@ def targets(results, micro):
     return out
 
 
+# ----------------------------------------------------------------- conversion
+
+def run_convert(args):
+    """`qcow2 convert -O qcow2` vs `qemu-img convert -O qcow2` of a sparse 8 GiB raw image
+    (256 MiB of data in 64 KiB..4 MiB runs, the rest holes): wall time (median of the rounds,
+    alternating), bytes written and syncs on the target (strace), peak RSS; the targets
+    must compare equal."""
+    tmp = tempfile.mkdtemp(prefix="qcow2-dash-conv-", dir=args.tmpdir)
+    try:
+        src = os.path.join(tmp, "sparse.raw")
+        rng = random.Random(8)
+        with open(src, "wb") as f:
+            f.truncate(8 * GIB)
+            written = 0
+            while written < 256 * MIB:
+                n = rng.choice((64 * 1024, 256 * 1024, 1 * MIB, 4 * MIB))
+                off = rng.randrange(0, 8 * GIB - n) & ~0xffff
+                f.seek(off)
+                f.write(bytes([rng.randrange(1, 256)]) * n)
+                written += n
+        tools = {"ours": [args.bin, "convert"], "qemu": ["qemu-img", "convert"]}
+        res = {"ours": {"wall": []}, "qemu": {"wall": []}}
+        for r in range(max(1, args.rounds)):
+            order = ("ours", "qemu") if r % 2 == 0 else ("qemu", "ours")
+            for t in order:
+                dst = os.path.join(tmp, f"{t}.qcow2")
+                if os.path.exists(dst):
+                    os.unlink(dst)
+                tfile = os.path.join(tmp, "time.out")
+                t0 = time.perf_counter()
+                subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tfile] + tools[t] +
+                               ["-O", "qcow2", "-f", "raw", src, dst], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                res[t]["wall"].append(time.perf_counter() - t0)
+                with open(tfile) as f:
+                    res[t]["rss_kib"] = int(f.read().strip().splitlines()[-1])
+        for t in ("ours", "qemu"):
+            dst = os.path.join(tmp, f"{t}.qcow2")
+            os.unlink(dst)
+            trace = os.path.join(tmp, "strace.out")
+            subprocess.run(["strace", "-f", "-y", "-qq", "-o", trace, "-e",
+                            "trace=pwrite64,pwritev,pwritev2,fdatasync,fsync,fallocate"] + tools[t] +
+                           ["-O", "qcow2", "-f", "raw", src, dst], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            c = count_image_io(trace, dst)
+            res[t].update(wall_s=median(res[t].pop("wall")), bytes_written=c["bytes"],
+                          writes=c["writes"], syncs=c["syncs"], file_size=os.path.getsize(dst))
+        same = subprocess.run(["qemu-img", "compare", "-q", os.path.join(tmp, "ours.qcow2"),
+                               os.path.join(tmp, "qemu.qcow2")]).returncode == 0
+        clean = subprocess.run(["qemu-img", "check", "-q", os.path.join(tmp, "ours.qcow2")]).returncode == 0
+        return {"source": "8 GiB raw, 256 MiB data", "identical": same, "check_clean": clean,
+                "speedup": res["qemu"]["wall_s"] / res["ours"]["wall_s"], **res}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render_convert(c):
+    e = html.escape
+    out = [f"<h2>Conversion (<code>convert -O qcow2</code> of a sparse raw image: {e(c['source'])})</h2>",
+           "<div class=wrap><table><tr><th class=l>tool</th><th>wall (median)</th><th>speed-up</th>"
+           "<th>bytes written</th><th>writes</th><th>syncs</th><th>target size</th><th>peak RSS</th>"
+           "<th class=l>result</th></tr>"]
+    ok = c["identical"] and c["check_clean"]
+    for i, (t, label) in enumerate((("ours", "qcow2 convert"), ("qemu", "qemu-img convert"))):
+        x = c[t]
+        sp = f"<td rowspan=2><b>{c['speedup']:.1f}×</b></td>" if i == 0 else ""
+        verdict = (f"<td rowspan=2 class='l {'ok' if ok else 'bad'}'>"
+                   f"{'same data, check clean' if ok else 'DIFFERS or check failed'}</td>") if i == 0 else ""
+        out.append(f"<tr><td class=t>{label}</td><td>{fmt_s(x['wall_s'])}</td>{sp}"
+                   f"<td>{fmt_b(x['bytes_written'])}</td><td>{fmt_n(x['writes'])}</td><td>{fmt_n(x['syncs'])}</td>"
+                   f"<td>{fmt_b(x['file_size'])}</td><td>{fmt_b(x['rss_kib'] * 1024)}</td>{verdict}</tr>")
+    out.append("</table></div>")
+    return out
+
+
 # ----------------------------------------------------------------- data path, history
 
 def run_fio(args):
@@ -398,6 +473,8 @@ def headline(data):
         ob, qb = r["ours"].get("bytes_written"), r["qemu"].get("bytes_written")
         if r["name"] == "alloc" and ob:
             h["alloc bytes (qemu / ours)"] = round(qb / ob, 2)
+    if data.get("convert"):
+        h["convert speed-up"] = round(data["convert"]["speedup"], 2)
     for name, rr in ((data.get("fio") or {}).get("ratios") or {}).items():
         for mode, v in rr.items():
             if v is not None:
@@ -635,6 +712,8 @@ def render(data):
             out.append(f"<tr><td class=l>{e(r['name'])}</td>" + "".join(
                 f"<td>{fmt_n(r['ours']['stats'].get(k))}</td>" for k in keys) + "</tr>")
         out.append("</table></div>")
+    if data.get("convert"):
+        out.extend(render_convert(data["convert"]))
     if data.get("fio"):
         out.extend(render_fio(data["fio"]))
     out.extend(render_history(data.get("history", [])))
@@ -675,6 +754,7 @@ def main():
     ap.add_argument("--no-fio", action="store_true",
                     help="skip the data path over NBD (scripts/fio_nbd.py, about 3 minutes)")
     ap.add_argument("--fio-runtime", type=int, default=6, help="seconds per fio workload (default 6)")
+    ap.add_argument("--no-convert", action="store_true", help="skip the conversion workload")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rpath = os.path.join(args.out, "results.json")
@@ -693,8 +773,9 @@ def main():
         micro = load_criterion(args.criterion)
         machine = dict(machine_info(), load_before=load_before, load_after=loadavg())
         fio = None if args.no_fio else run_fio(args)
+        conv = None if args.no_convert else run_convert(args)
         data = {"machine": machine, "rounds": args.rounds, "size_gib": args.size_gib,
-                "workloads": results, "criterion": micro, "fio": fio,
+                "workloads": results, "criterion": micro, "fio": fio, "convert": conv,
                 "targets": targets(results, micro) + fio_targets(fio),
                 "duration_s": round(time.perf_counter() - t0, 1)}
         with open(rpath, "w") as f:

@@ -677,6 +677,27 @@ impl Inner {
 
     /// Gives the refcount layer the header and active L1 ranges, against
     /// which it validates refcount block offsets.
+    /// The overlap registry follows the active L1 table (after it moved or
+    /// changed size): its range, the refcount layer's protection and the set
+    /// of active L2 tables.
+    pub(crate) fn active_l1_moved(&mut self) {
+        let l1 = self.header.l1_table_offset;
+        self.meta.replace(
+            Kind::ActiveL1.bit(),
+            [(
+                l1..l1.saturating_add(self.l1.len() as u64 * 8),
+                Kind::ActiveL1,
+            )],
+        );
+        self.protect_in_refcounts();
+        self.l2_tables = self
+            .l1
+            .iter()
+            .map(|&e| L1Entry(e).l2_offset())
+            .filter(|&o| o != 0)
+            .collect();
+    }
+
     pub(crate) fn protect_in_refcounts(&mut self) {
         let cs = self.geo.cluster_size();
         let l1 = self.header.l1_table_offset;

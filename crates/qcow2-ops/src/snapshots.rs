@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Inner};
-use qcow2_format::entry::{L1Entry, L2Entry, FLAG_COPIED, OFFSET_MASK};
+use qcow2_format::entry::{L2Entry, FLAG_COPIED, OFFSET_MASK};
 use qcow2_format::snapshot::{self, SnapshotEntry};
 use qcow2_format::{be64, put_be32, put_be64};
 
@@ -454,23 +454,16 @@ impl Inner {
             self.set_tail_unsynced();
         }
         let _ = self.refs.take_freed();
-        self.protected_ranges_changed();
+        self.protected_ranges_changed()?;
         Ok(())
     }
 
     /// Recomputes what the overlap checks protect after a snapshot operation.
-    fn protected_ranges_changed(&mut self) {
-        // overlap registry: snapshot table / inactive L1 changed
-        let cs = self.geo.cluster_size();
-        let l1 = self.header.l1_table_offset;
-        let l1_end = l1 + (self.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        self.refs.set_protected(vec![(0, cs), (l1, l1_end)]);
-        self.l2_tables = self
-            .l1
-            .iter()
-            .map(|&e| L1Entry(e).l2_offset())
-            .filter(|&o| o != 0)
-            .collect();
+    fn protected_ranges_changed(&mut self) -> Result<()> {
+        // overlap registry: snapshot table / inactive L1 changed (and, for
+        // apply, the active L1 table moved)
+        self.active_l1_moved();
+        self.refresh_snapshot_ranges()
     }
 
     fn l1_bytes(l1: &[u64]) -> Vec<u8> {
@@ -666,7 +659,7 @@ impl Inner {
         self.header.l1_table_offset = l1_off;
         self.header.size = size;
         self.l1_dirty.clear();
-        self.protected_ranges_changed();
+        self.protected_ranges_changed()?;
         // 4. The old active tables lose their reference.
         self.refcount_walk(&old_l1, -1)?;
         self.free_range(old_off, old_l1.len() as u64 * 8)?;
