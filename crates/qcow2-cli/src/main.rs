@@ -13,6 +13,7 @@ mod io;
 mod map;
 mod num;
 mod qjson;
+mod resize;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use qcow2_ops::{Error, Image, OpenOptions};
@@ -58,6 +59,8 @@ enum Cmd {
     Compare(compare::CompareArgs),
     /// Manage persistent dirty bitmaps (like `qemu-img bitmap`).
     Bitmap(bitmap::BitmapArgs),
+    /// Change the virtual size (like `qemu-img resize`).
+    Resize(resize::ResizeArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => convert::run(a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Resize(a) => resize::run(a),
     });
     let result = match result {
         Ok(r) => r,
