@@ -164,7 +164,7 @@ impl Inner {
         if zero {
             if self.header.version < 3 {
                 return Err(Error::NotSupported(format!(
-                    "'{}': Failed to zero out new clusters: zero clusters need a v3 image",
+                    "'{}': Failed to zero out new clusters: Operation not supported (zero clusters need a v3 image)",
                     self.name
                 )));
             }
