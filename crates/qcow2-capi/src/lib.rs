@@ -31,12 +31,14 @@ mod error;
 mod image;
 mod panic;
 mod ptr;
+mod resize;
 mod types;
 
 pub use bitmaps::*;
 pub use consts::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;
+pub use resize::*;
 pub use types::{Qcow2CreateOptions, Qcow2Extent, Qcow2Image, Qcow2Stats};
 
 #[cfg(test)]

@@ -229,4 +229,7 @@ c_tests! {
     bitmaps_static => ("test_bitmaps", Static),
     bitmaps_asan => ("test_bitmaps", Asan),
     bitmaps_valgrind => ("test_bitmaps", Valgrind),
+    resize_static => ("test_resize", Static),
+    resize_asan => ("test_resize", Asan),
+    resize_valgrind => ("test_resize", Valgrind),
 }
