@@ -1,7 +1,8 @@
 /*
  * Resize through the C ABI (qcow2_resize), judged by QEMU: the same resize
  * done by qemu-img on a copy gives an image qemu-img compare finds equal,
- * with the same virtual size and map (without host offsets), and qemu-img
+ * with the same virtual size and map (without host offsets, where the host
+ * layouts cannot split extents differently), and qemu-img
  * check finds ours clean. Also: grow across an L1 move (512 B clusters),
  * shrink with and without QCOW2_RESIZE_SHRINK, metadata preallocation,
  * argument errors with their messages, I/O at the new end.
@@ -16,7 +17,7 @@ static int qemu_size_is(const char *path, uint64_t want) {
 
 /* Resizes `ours` with the C ABI and `ref` with qemu-img, then compares. */
 static void same_as_qemu(const char *ours, const char *ref, uint64_t size, uint32_t prealloc,
-                         uint32_t flags, const char *qemu_args) {
+                         uint32_t flags, const char *qemu_args, int compare_map) {
     Qcow2Image *img = NULL;
     CHECK_RC(qcow2_open(ours, QCOW2_OPEN_RDWR, &img), 0);
     if (!img)
@@ -38,6 +39,8 @@ static void same_as_qemu(const char *ours, const char *ref, uint64_t size, uint3
     CHECK(h_qemu_check(ours));
     CHECK(qemu_size_is(ours, size));
     CHECK(h_sh("qemu-img compare -q '%s' '%s'", ours, ref) == 0);
+    if (!compare_map)
+        return; /* extents split where the host layouts differ */
     char m1[8192], m2[8192];
     snprintf(m1, sizeof m1, "%s.map", ours);
     snprintf(m2, sizeof m2, "%s.map", ref);
@@ -58,15 +61,16 @@ int main(int argc, char **argv) {
                "qemu-io -c 'write -P 0x11 0 8k' -c 'write -P 0x12 56k 8k' '%s' >/dev/null && "
                "cp '%s' '%s'",
                a, a, a, b) == 0);
-    same_as_qemu(a, b, 8u << 20, QCOW2_PREALLOC_OFF, 0, "");
+    same_as_qemu(a, b, 8u << 20, QCOW2_PREALLOC_OFF, 0, "", 1);
     CHECK(h_sh("qemu-io -c 'write -P 0x13 6M 64k' '%s' >/dev/null && "
                "qemu-io -c 'write -P 0x13 6M 64k' '%s' >/dev/null",
                a, b) == 0);
-    same_as_qemu(a, b, 1u << 20, QCOW2_PREALLOC_OFF, QCOW2_RESIZE_SHRINK, "--shrink");
+    same_as_qemu(a, b, 1u << 20, QCOW2_PREALLOC_OFF, QCOW2_RESIZE_SHRINK, "--shrink", 1);
 
     /* Metadata preallocation. */
     CHECK(h_sh("qemu-img create -q -f qcow2 '%s' 1M && cp '%s' '%s'", c, c, d) == 0);
-    same_as_qemu(c, d, 5u << 20, QCOW2_PREALLOC_METADATA, 0, "--preallocation=metadata");
+    same_as_qemu(c, d, 3u << 20, QCOW2_PREALLOC_METADATA, 0, "--preallocation=metadata", 1);
+    same_as_qemu(c, d, 5u << 20, QCOW2_PREALLOC_FULL, 0, "--preallocation=full", 0);
 
     /* Errors leave the image as it was. */
     Qcow2Image *img = NULL;
@@ -79,7 +83,6 @@ int main(int argc, char **argv) {
         CHECK_RC(qcow2_resize(img, 0, QCOW2_PREALLOC_OFF, QCOW2_RESIZE_SHRINK), -EINVAL);
         CHECK_RC(qcow2_resize(img, 6u << 20, 99, 0), -EINVAL);
         CHECK_RC(qcow2_resize(img, 6u << 20, QCOW2_PREALLOC_OFF, 0x80), -EINVAL);
-        CHECK_RC(qcow2_resize(img, 6u << 20, QCOW2_PREALLOC_FULL, 0), -ENOTSUP);
         CHECK_RC(qcow2_resize(img, 1u << 20, QCOW2_PREALLOC_METADATA, QCOW2_RESIZE_SHRINK),
                  -EINVAL);
         CHECK_RC(qcow2_resize(NULL, 6u << 20, QCOW2_PREALLOC_OFF, 0), -EINVAL);

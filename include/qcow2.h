@@ -160,12 +160,12 @@
 #define QCOW2_PREALLOC_METADATA 1
 
 /**
- * Preallocation mode of qcow2_resize: as metadata, space reserved (not supported yet: -ENOTSUP).
+ * Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters (as FULL).
  */
 #define QCOW2_PREALLOC_FALLOC 2
 
 /**
- * Preallocation mode of qcow2_resize: as metadata, zeroes written (not supported yet: -ENOTSUP).
+ * Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters.
  */
 #define QCOW2_PREALLOC_FULL 3
 
@@ -695,14 +695,13 @@ int qcow2_reset_stats(struct Qcow2Image *img);
  * Parameters:
  * - `img`: the image (opened with QCOW2_OPEN_RDWR).
  * - `new_size`: the new virtual size in bytes, a nonzero multiple of 512.
- * - `prealloc`: QCOW2_PREALLOC_OFF or QCOW2_PREALLOC_METADATA (growing only).
+ * - `prealloc`: QCOW2_PREALLOC_OFF, _METADATA, _FALLOC or _FULL (growing only).
  * - `flags`: 0 or QCOW2_RESIZE_SHRINK.
  *
  * Returns 0 on success; -EINVAL for a NULL `img`, unknown flags or mode, a
  * size that is zero, not a multiple of 512, smaller without
- * QCOW2_RESIZE_SHRINK, or preallocation with a shrink; -ENOTSUP for
- * QCOW2_PREALLOC_FALLOC/FULL, a v2 image with internal snapshots, or an
- * image with persistent bitmaps; -ENOSPC when the L1 table would exceed
+ * QCOW2_RESIZE_SHRINK, or preallocation with a shrink; -ENOTSUP for a
+ * v2 image with internal snapshots or an image with persistent bitmaps; -ENOSPC when the L1 table would exceed
  * 32 MiB; -EROFS on a read-only image; other negative errno values if the
  * file fails. The message is in `qcow2_last_error()`.
  *
@@ -713,7 +712,10 @@ int qcow2_reset_stats(struct Qcow2Image *img);
  * # Safety
  * `img` must be NULL or an open handle.
  */
-int qcow2_resize(struct Qcow2Image *img, uint64_t new_size, uint32_t prealloc, uint32_t flags);
+int qcow2_resize(struct Qcow2Image *img,
+                 uint64_t new_size,
+                 uint32_t prealloc,
+                 uint32_t flags);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -64,7 +64,7 @@ pub const QCOW2_RESIZE_SHRINK: u32 = 0x1;
 pub const QCOW2_PREALLOC_OFF: u32 = 0;
 /// Preallocation mode of qcow2_resize: L2 tables and data clusters are allocated for the new area.
 pub const QCOW2_PREALLOC_METADATA: u32 = 1;
-/// Preallocation mode of qcow2_resize: as metadata, space reserved (not supported yet: -ENOTSUP).
+/// Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters (as FULL).
 pub const QCOW2_PREALLOC_FALLOC: u32 = 2;
-/// Preallocation mode of qcow2_resize: as metadata, zeroes written (not supported yet: -ENOTSUP).
+/// Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters.
 pub const QCOW2_PREALLOC_FULL: u32 = 3;

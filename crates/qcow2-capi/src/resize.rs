@@ -20,14 +20,13 @@ use std::ffi::c_int;
 /// Parameters:
 /// - `img`: the image (opened with QCOW2_OPEN_RDWR).
 /// - `new_size`: the new virtual size in bytes, a nonzero multiple of 512.
-/// - `prealloc`: QCOW2_PREALLOC_OFF or QCOW2_PREALLOC_METADATA (growing only).
+/// - `prealloc`: QCOW2_PREALLOC_OFF, _METADATA, _FALLOC or _FULL (growing only).
 /// - `flags`: 0 or QCOW2_RESIZE_SHRINK.
 ///
 /// Returns 0 on success; -EINVAL for a NULL `img`, unknown flags or mode, a
 /// size that is zero, not a multiple of 512, smaller without
-/// QCOW2_RESIZE_SHRINK, or preallocation with a shrink; -ENOTSUP for
-/// QCOW2_PREALLOC_FALLOC/FULL, a v2 image with internal snapshots, or an
-/// image with persistent bitmaps; -ENOSPC when the L1 table would exceed
+/// QCOW2_RESIZE_SHRINK, or preallocation with a shrink; -ENOTSUP for a
+/// v2 image with internal snapshots or an image with persistent bitmaps; -ENOSPC when the L1 table would exceed
 /// 32 MiB; -EROFS on a read-only image; other negative errno values if the
 /// file fails. The message is in `qcow2_last_error()`.
 ///

@@ -454,7 +454,7 @@ fn with_bitmaps_refused() {
 }
 
 #[test]
-fn preallocation_metadata() {
+fn preallocation_modes() {
     if !tools() {
         return;
     }
@@ -464,16 +464,19 @@ fn preallocation_metadata() {
         (&["-o", "extended_l2=on"][..], "1M", "5M", true),
         (SMALL, "64k", "1M", false),
     ] {
-        let (code, _) = case(
-            &format!("prealloc {create:?} {size} {to}"),
-            Case {
-                create,
-                size,
-                setup: &["write -P 0x51 0 4k"],
-                args: &["--preallocation=metadata", "IMG", to],
-                map,
-            },
-        );
-        assert_eq!(code, 0);
+        for mode in ["metadata", "falloc", "full"] {
+            let arg = format!("--preallocation={mode}");
+            let (code, _) = case(
+                &format!("prealloc {mode} {create:?} {size} {to}"),
+                Case {
+                    create,
+                    size,
+                    setup: &["write -P 0x51 0 4k"],
+                    args: &[&arg, "IMG", to],
+                    map: map || mode != "metadata",
+                },
+            );
+            assert_eq!(code, 0);
+        }
     }
 }

@@ -32,9 +32,9 @@ pub enum Prealloc {
     Off,
     /// L2 tables and data clusters are allocated, data is not written.
     Metadata,
-    /// As metadata, and the file space reserved (not supported yet).
+    /// As metadata, and the file space reserved (zeroes are written).
     Falloc,
-    /// As metadata, and zeroes written (not supported yet).
+    /// As metadata, and zeroes written to the data clusters.
     Full,
 }
 
@@ -104,12 +104,6 @@ impl Inner {
                 "'{name}': preallocation can't be used for shrinking an image"
             )));
         }
-        if matches!(prealloc, Prealloc::Falloc | Prealloc::Full) {
-            return Err(Error::NotSupported(format!(
-                "'{name}': preallocation mode '{}' is not supported by resize",
-                prealloc.name()
-            )));
-        }
         if self.header.nb_snapshots > 0 && self.header.version < 3 {
             return Err(Error::NotSupported(format!(
                 "'{name}': Can't resize a v2 image which has snapshots"
@@ -138,7 +132,7 @@ impl Inner {
                 Some(b) => b.size() > old,
                 None => self.header.backing_file.is_some(),
             };
-            if zero_new_area || prealloc == Prealloc::Metadata {
+            if zero_new_area || prealloc != Prealloc::Off {
                 // The request paths judge ranges against the in-memory size.
                 self.header.size = new;
                 let r = self.fill_new_area(old, new, zero_new_area, prealloc);
@@ -170,16 +164,18 @@ impl Inner {
             }
             self.write_zeroes(old, new - old, 0)?;
         }
-        if p == Prealloc::Metadata {
-            self.preallocate_metadata(old, new)?;
+        if p != Prealloc::Off {
+            self.preallocate(old, new, p != Prealloc::Metadata)?;
         }
         Ok(())
     }
 
     /// Allocates L2 tables and data clusters for every cluster of
-    /// `[old, new)` without one (data is not written: the clusters read as
-    /// zeroes).
-    fn preallocate_metadata(&mut self, old: u64, new: u64) -> Result<()> {
+    /// `[old, new)` without one; the clusters read as zeroes. With
+    /// `write`, zeroes are written to the data clusters so the file holds
+    /// them (`full`; `falloc` does the same here, there being no portable
+    /// way to reserve space that the file systems report as allocated).
+    fn preallocate(&mut self, old: u64, new: u64, write: bool) -> Result<()> {
         let cs = self.geo.cluster_size();
         let name = self.name.clone();
         let has_backing = self.backing.is_some() || self.header.backing_file.is_some();
@@ -191,24 +187,24 @@ impl Inner {
             old / cs * cs
         };
         let mut file_end = self.file.len().map_err(ioerr("stat", &name))?;
+        let zeros = vec![0u8; cs as usize];
         while guest < new {
             let table = self.ensure_l2_table(guest)?;
             let e = self.l2_entry_unchecked(guest)?;
-            if !e.is_compressed() && e.host_offset() != 0 {
+            if e.is_compressed() || e.host_offset() != 0 {
                 guest += cs;
                 continue;
             }
             let host = self.alloc_clusters(1)? * cs;
-            if host < file_end {
+            if host < file_end || write {
                 // A reused cluster must read as zeroes.
-                let zeros = vec![0u8; cs as usize];
                 self.write_data(host, &zeros)?;
             } else {
                 self.file
                     .set_len(host + cs)
                     .map_err(ioerr("extend file", &name))?;
-                file_end = host + cs;
             }
+            file_end = file_end.max(host + cs);
             // Normal entries: the cluster; extended ones keep their
             // subcluster bits (unallocated subclusters read from below).
             let bitmap = if self.geo.extended_l2 { e.bitmap } else { 0 };
