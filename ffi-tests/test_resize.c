@@ -72,6 +72,17 @@ int main(int argc, char **argv) {
     same_as_qemu(c, d, 3u << 20, QCOW2_PREALLOC_METADATA, 0, "--preallocation=metadata", 1);
     same_as_qemu(c, d, 5u << 20, QCOW2_PREALLOC_FULL, 0, "--preallocation=full", 0);
 
+    /* Persistent bitmaps are resized with the image (as qemu-img does). */
+    char e[8192], f[8192];
+    h_path(e, sizeof e, "e.qcow2");
+    h_path(f, sizeof f, "f.qcow2");
+    CHECK(h_sh("qemu-img create -q -f qcow2 '%s' 1M && qemu-img bitmap --add '%s' bm && "
+               "qemu-io -c 'write 0 64k' '%s' >/dev/null && cp '%s' '%s'",
+               e, e, e, e, f) == 0);
+    same_as_qemu(e, f, 4u << 20, QCOW2_PREALLOC_OFF, 0, "", 1);
+    same_as_qemu(e, f, 512u << 10, QCOW2_PREALLOC_OFF, QCOW2_RESIZE_SHRINK, "--shrink", 1);
+    CHECK(h_sh("qemu-img info --output=json '%s' | grep -q '\"name\": \"bm\"'", e) == 0);
+
     /* Errors leave the image as it was. */
     Qcow2Image *img = NULL;
     CHECK_RC(qcow2_open(c, QCOW2_OPEN_RDWR, &img), 0);

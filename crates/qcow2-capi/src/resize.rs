@@ -26,7 +26,9 @@ use std::ffi::c_int;
 /// Returns 0 on success; -EINVAL for a NULL `img`, unknown flags or mode, a
 /// size that is zero, not a multiple of 512, smaller without
 /// QCOW2_RESIZE_SHRINK, or preallocation with a shrink; -ENOTSUP for a
-/// v2 image with internal snapshots or an image with persistent bitmaps; -ENOSPC when the L1 table would exceed
+/// v2 image with internal snapshots; -EINVAL also when a persistent bitmap
+/// is inconsistent (persistent bitmaps are resized with the image, as in
+/// QEMU 10); -ENOSPC when the L1 table would exceed
 /// 32 MiB; -EROFS on a read-only image; other negative errno values if the
 /// file fails. The message is in `qcow2_last_error()`.
 ///

@@ -412,45 +412,145 @@ fn with_internal_snapshots() {
     }
 }
 
-/// QEMU 10 resizes the bitmaps with the image; this engine refuses (the
-/// image stays as it was) until bitmaps can be resized.
+/// The dirty map of bitmap `bm` as qemu-nbd exports it.
+fn nbd_map(dir: &Path, img: &str, bm: &str) -> String {
+    let ctx = format!("--map=qemu:dirty-bitmap:{bm}");
+    run_in(
+        dir,
+        "nbdinfo",
+        &[
+            &ctx, "--", "[", "qemu-nbd", "-r", "-B", bm, "-f", "qcow2", img, "]",
+        ],
+    )
+    .ok("nbdinfo")
+    .stdout
+}
+
+/// The bitmaps as `qemu-img info` lists them.
+fn bitmap_list(dir: &Path, img: &str) -> serde_json::Value {
+    let r = qemu_img(dir, &["info", "--output=json", "-f", "qcow2", img]).ok("qemu-img info");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("info json");
+    v["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// QEMU 10 resizes persistent bitmaps with the image: bits past a new end
+/// are dropped, a grown area is clean, enabled and disabled bitmaps alike.
 #[test]
-fn with_bitmaps_refused() {
-    if !tools() {
+fn with_bitmaps() {
+    if qcow2_testutil::require(
+        "resize with bitmaps",
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+    )
+    .is_none()
+    {
         return;
     }
-    let d = tmpdir();
-    let dir = d.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]).ok("create");
-    qemu_img(dir, &["bitmap", "--add", "b.qcow2", "bm0"]).ok("bitmap");
-    qemu_io(
-        dir,
-        &["-f", "qcow2", "-c", "write -P 0x41 0 64k", "b.qcow2"],
-    )
-    .ok("write");
-    copy(dir, "b.qcow2", "orig.qcow2");
-    let o = ours(dir, &["resize", "b.qcow2", "4M"]);
-    assert_eq!(o.code, 1);
-    assert!(
-        o.stderr.contains("Can't resize an image which has bitmaps"),
-        "{}",
-        o.stderr
-    );
-    assert_eq!(virtual_size(dir, "b.qcow2"), 1 << 20);
-    let cmp = qemu_img(
-        dir,
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "orig.qcow2",
-            "b.qcow2",
-        ],
-    );
-    assert_eq!(cmp.code, 0, "{}{}", cmp.stdout, cmp.stderr);
-    assert_qemu_check_clean(dir, "b.qcow2", "bitmaps");
+    for (create, steps) in [
+        (
+            &[][..],
+            &[&["IMG", "4M"][..], &["--shrink", "IMG", "512k"][..]][..],
+        ),
+        (
+            SMALL,
+            &[&["IMG", "+40M"][..], &["--shrink", "IMG", "-40800k"][..]][..],
+        ),
+    ] {
+        let d = tmpdir();
+        let dir = d.path();
+        let mut c = vec!["create", "-q", "-f", "qcow2"];
+        c.extend_from_slice(create);
+        c.extend_from_slice(&["a.qcow2", "1M"]);
+        qemu_img(dir, &c).ok("create");
+        qemu_img(dir, &["bitmap", "--add", "a.qcow2", "bm0"]).ok("add");
+        qemu_img(dir, &["bitmap", "--add", "-g", "4k", "a.qcow2", "fine"]).ok("add");
+        qemu_img(dir, &["bitmap", "--add", "--disable", "a.qcow2", "dis"]).ok("add");
+        qemu_io(
+            dir,
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 0 64k",
+                "-c",
+                "write -P 2 900k 124k",
+                "a.qcow2",
+            ],
+        )
+        .ok("write");
+        qemu_img(dir, &["bitmap", "--merge", "bm0", "a.qcow2", "dis"]).ok("merge");
+        copy(dir, "a.qcow2", "b.qcow2");
+        for args in steps {
+            let what = format!("bitmaps {create:?} {args:?}");
+            let sub = |img: &str| -> Vec<String> {
+                std::iter::once("resize".to_string())
+                    .chain(args.iter().map(|a| {
+                        if *a == "IMG" {
+                            img.into()
+                        } else {
+                            a.to_string()
+                        }
+                    }))
+                    .collect()
+            };
+            let qa = sub("a.qcow2");
+            let oa = sub("b.qcow2");
+            let q = qemu_img(dir, &qa.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            let o = ours(dir, &oa.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+            assert_eq!(
+                (q.code, &q.stdout),
+                (o.code, &o.stdout),
+                "{what}: {}\n{}",
+                q.stderr,
+                o.stderr
+            );
+            assert_eq!(q.code, 0, "{what}: {}", q.stderr);
+            assert_qemu_check_clean(dir, "b.qcow2", &what);
+            let chk = qemu_img(dir, &["check", "-f", "qcow2", "b.qcow2"]);
+            assert!(
+                !chk.stdout.contains("leaked"),
+                "{what}: leaks:\n{}",
+                chk.stdout
+            );
+            assert_eq!(
+                virtual_size(dir, "a.qcow2"),
+                virtual_size(dir, "b.qcow2"),
+                "{what}"
+            );
+            assert_eq!(
+                bitmap_list(dir, "a.qcow2"),
+                bitmap_list(dir, "b.qcow2"),
+                "{what}"
+            );
+            for bm in ["bm0", "fine", "dis"] {
+                assert_eq!(
+                    nbd_map(dir, "a.qcow2", bm),
+                    nbd_map(dir, "b.qcow2", bm),
+                    "{what}: dirty map of {bm}"
+                );
+            }
+            let cmp = qemu_img(
+                dir,
+                &[
+                    "compare", "-f", "qcow2", "-F", "qcow2", "a.qcow2", "b.qcow2",
+                ],
+            );
+            assert_eq!(cmp.code, 0, "{what}: compare: {}{}", cmp.stdout, cmp.stderr);
+        }
+        // Writes after the resize are tracked by the enabled bitmaps.
+        for img in ["a.qcow2", "b.qcow2"] {
+            let size = virtual_size(dir, img);
+            let w = format!("write -P 3 {} 512", size - 512);
+            qemu_io(dir, &["-f", "qcow2", "-c", &w, img]).ok("write at the end");
+        }
+        for bm in ["bm0", "fine", "dis"] {
+            assert_eq!(
+                nbd_map(dir, "a.qcow2", bm),
+                nbd_map(dir, "b.qcow2", bm),
+                "{bm} after write"
+            );
+        }
+        assert_qemu_check_clean(dir, "b.qcow2", "bitmaps end");
+    }
 }
 
 #[test]

@@ -12,11 +12,14 @@
 //! unallocated), clears the L1 entries past the new end on disk (the L1
 //! table keeps its size, as in QEMU), frees their L2 tables, cuts the file
 //! after its last used cluster and then writes the new size.
+//!
+//! Persistent bitmaps follow the image, as in QEMU 10 (bits past a new end
+//! are dropped, a grown area is clean): they are flagged in use on disk
+//! while the image changes and stored for the new size afterwards.
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Image, Inner};
 use qcow2_format::entry::{L1Entry, L2Entry, FLAG_COPIED};
-use qcow2_format::header::EXT_BITMAPS;
 use qcow2_format::put_be64;
 
 /// QEMU's limit on the L1 table size (32 MiB).
@@ -109,13 +112,11 @@ impl Inner {
                 "'{name}': Can't resize a v2 image which has snapshots"
             )));
         }
-        if self.header.extension(EXT_BITMAPS).is_some() {
-            // QEMU resizes the bitmaps too; this engine updates them in
-            // place only, so it refuses (as QEMU before 4.2 did).
-            return Err(Error::NotSupported(format!(
-                "'{name}': Can't resize an image which has bitmaps"
-            )));
-        }
+        // Persistent bitmaps follow the new size (as in QEMU 10).
+        self.resize_with_bitmaps(new, |me| me.resize_image(old, new, prealloc))
+    }
+
+    fn resize_image(&mut self, old: u64, new: u64, prealloc: Prealloc) -> Result<()> {
         // Start from a state with everything written back, so the L1
         // table on disk equals the one in memory.
         self.flush_all(true)?;

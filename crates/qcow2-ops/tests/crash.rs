@@ -1052,8 +1052,20 @@ fn crash_bitmap_clear() {
 /// the data written after it once its flush completed).
 #[test]
 fn crash_resize_grow_l1_move() {
+    crash_resize(false);
+}
+
+/// The same with persistent bitmaps (enabled and disabled), which are
+/// resized with the image: after any crash they are consistent with the
+/// virtual size (QEMU opens the image read-write) or flagged in use.
+#[test]
+fn crash_resize_with_bitmaps() {
+    crash_resize(true);
+}
+
+fn crash_resize(bitmaps: bool) {
     let w = Workload {
-        name: "resize",
+        name: if bitmaps { "resize-bitmaps" } else { "resize" },
         create: "cluster_size=512",
         size: 64 * K,
         fill: &["write -P 0x61 0 16k", "write -P 0x62 48k 16k"],
@@ -1062,7 +1074,23 @@ fn crash_resize_grow_l1_move() {
     };
     let (old, new) = (64 * K, 4 * M);
     let dir = tempfile::tempdir().unwrap();
-    let (path, start, guest) = start_image(dir.path(), &w);
+    let (path, mut start, guest) = start_image(dir.path(), &w);
+    if bitmaps {
+        let p = path.to_str().unwrap();
+        for args in [
+            &["bitmap", "--add", p, "on"][..],
+            &["bitmap", "--add", "-g", "4k", p, "fine"][..],
+            &["bitmap", "--add", "--disable", p, "off"][..],
+        ] {
+            let (c, m) = run("qemu-img", args);
+            assert_eq!(c, 0, "{m}");
+        }
+        let (c, m) = run("qemu-io", &["-c", "write -P 0x61 0 4k", p]);
+        assert_eq!(c, 0, "{m}");
+        let (c, m) = run("qemu-img", &["bitmap", "--merge", "on", p, "off"]);
+        assert_eq!(c, 0, "{m}");
+        start = std::fs::read(&path).unwrap();
+    }
     let scratch = dir.path().join("crash.qcow2");
     let mut before = guest.clone();
     before[20 * K as usize..24 * K as usize].fill(0x71);
@@ -1118,7 +1146,7 @@ fn crash_resize_grow_l1_move() {
                 continue;
             }
             images += 1;
-            let tag = format!("resize-k{k}-s{s}");
+            let tag = format!("{}-k{k}-s{s}", w.name);
             std::fs::write(&scratch, bytes).unwrap();
             let (code, out) = qemu_check(&scratch);
             if code != 0 && code != 3 {
@@ -1144,12 +1172,13 @@ fn crash_resize_grow_l1_move() {
             let mut got = vec![0u8; old as usize];
             img.read(0, &mut got).unwrap();
             let want = if done >= 1 { &before } else { &guest };
-            // Bytes an interrupted write (first or third step) may have
-            // changed read as before or after it.
+            // Bytes an interrupted write (first step) may have changed
+            // read as before or after it; so do those of the third step
+            // (also when the crash hit the close after it).
             let ok = got.iter().zip(want.iter()).enumerate().all(|(i, (g, w))| {
                 g == w
                     || (done == 0 && *g == before[i])
-                    || (done == 2 && i as u64 >= old - 512 && *g == 0x73)
+                    || (done >= 2 && i as u64 >= old - 512 && *g == 0x73)
             });
             if !ok {
                 let kept = keep_failure(&tag, bytes);
@@ -1174,10 +1203,22 @@ fn crash_resize_grow_l1_move() {
             if c != 0 || out.contains("fail") || out.contains("verification") {
                 failures.push(format!("{tag}: qemu-io read:\n{out}"));
             }
+            if bitmaps {
+                // QEMU loads the bitmaps read-write (refusing any whose
+                // size does not fit) and can write.
+                let (c, out) = run("qemu-io", &["-c", "write 0 512", scratch.to_str().unwrap()]);
+                if c != 0 || out.contains("fail") {
+                    let kept = keep_failure(&tag, bytes);
+                    failures.push(format!("{tag}: qemu-io rw ({}):\n{out}", kept.display()));
+                }
+            }
         }
         k += 1;
     }
-    println!("crash resize: {k} mutating I/Os, {images} distinct power-loss images checked");
+    println!(
+        "crash {}: {k} mutating I/Os, {images} distinct power-loss images checked",
+        w.name
+    );
     assert!(
         failures.is_empty(),
         "{} of {images} images failed; first: {}",
