@@ -107,6 +107,11 @@ fn run_case(what: &str, c: &Case, prepare: impl Fn(&Path)) -> (i32, String) {
     );
     let size = virtual_size(dir, "a.qcow2");
     assert_eq!(size, virtual_size(dir, "b.qcow2"), "{what}: virtual size");
+    if c.args.contains(&"--shrink") {
+        // The file is cut after its last used cluster, as QEMU cuts it.
+        let len = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+        assert_eq!(len("a.qcow2"), len("b.qcow2"), "{what}: file length");
+    }
     if c.map {
         assert_eq!(
             map_without_offsets(&qemu_map(dir, "a.qcow2")),
@@ -225,6 +230,10 @@ fn shrink_unallocated_tail_and_refusals() {
             "Preallocation can only be used for growing images",
         ),
         (&["IMG"][..], "Expecting image file name and size"),
+        (
+            &["IMG", "3P"][..],
+            "Failed to grow the L1 table: File too large",
+        ),
     ] {
         let (code, err) = case(&format!("{args:?}"), base(args));
         assert_eq!(code, 1, "{args:?}");
@@ -259,7 +268,22 @@ fn shrink_allocated_data() {
             },
         );
         assert_eq!(code, 0);
-    }
+    } // Compressed clusters beyond the new end, one straddling it.
+    let (code, _) = case(
+        "shrink compressed",
+        Case {
+            create: &[],
+            size: "8M",
+            setup: &[
+                "write -c -P 0x79 2M 128k",
+                "write -c -P 0x7a 4M 128k",
+                "write -P 0x7b 6M 64k",
+            ],
+            args: &["--shrink", "IMG", "4160k"],
+            map: true,
+        },
+    );
+    assert_eq!(code, 0);
 }
 
 #[test]

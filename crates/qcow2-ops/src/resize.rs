@@ -317,6 +317,34 @@ impl Inner {
         if self.tail_unsynced {
             self.sync()?;
         }
+        // Refcount blocks that count only themselves go, as in QEMU.
+        // overlap registry: refcount blocks dropped
+        let dropped = self
+            .refs
+            .drop_unused_blocks(&*self.file)
+            .map_err(|e| refcount_err(&name, e))?;
+        self.stats.file_syncs += u64::from(!dropped.is_empty());
+        for b in dropped {
+            // A block outside its own range is counted by another one.
+            if self
+                .refs
+                .get(&*self.file, b >> cb)
+                .map_err(|e| refcount_err(&name, e))?
+                != 0
+            {
+                self.refs
+                    .update(&*self.file, b >> cb, -1)
+                    .map_err(|e| refcount_err(&name, e))?;
+            }
+        }
+        let _ = self.refs.take_freed();
+        if self
+            .refs
+            .flush(&*self.file)
+            .map_err(|e| refcount_err(&name, e))?
+        {
+            self.sync()?;
+        }
         // Cut the file after its last used cluster (failure only costs space).
         let len = self.file.len().map_err(ioerr("stat", &name))?;
         let mut last = len.div_ceil(cs);

@@ -1052,7 +1052,15 @@ fn crash_bitmap_clear() {
 /// the data written after it once its flush completed).
 #[test]
 fn crash_resize_grow_l1_move() {
-    crash_resize(false);
+    crash_resize(false, false);
+}
+
+/// Shrink with allocated data beyond the new end (512 B clusters: L2
+/// tables, refcount blocks and the file's tail go): power loss at every
+/// mutating I/O; the data below the new end always reads back.
+#[test]
+fn crash_resize_shrink() {
+    crash_resize(false, true);
 }
 
 /// The same with persistent bitmaps (enabled and disabled), which are
@@ -1060,19 +1068,34 @@ fn crash_resize_grow_l1_move() {
 /// virtual size (QEMU opens the image read-write) or flagged in use.
 #[test]
 fn crash_resize_with_bitmaps() {
-    crash_resize(true);
+    crash_resize(true, false);
 }
 
-fn crash_resize(bitmaps: bool) {
+fn crash_resize(bitmaps: bool, shrink: bool) {
+    let (old, new) = if shrink { (4 * M, M) } else { (64 * K, 4 * M) };
     let w = Workload {
-        name: if bitmaps { "resize-bitmaps" } else { "resize" },
+        name: match (bitmaps, shrink) {
+            (true, _) => "resize-bitmaps",
+            (false, true) => "resize-shrink",
+            (false, false) => "resize",
+        },
         create: "cluster_size=512",
-        size: 64 * K,
-        fill: &["write -P 0x61 0 16k", "write -P 0x62 48k 16k"],
+        size: old,
+        fill: if shrink {
+            &[
+                "write -P 0x61 0 16k",
+                "write -P 0x62 48k 16k",
+                "write -P 0x63 960k 1M",
+                "write -P 0x64 3M 64k",
+            ]
+        } else {
+            &["write -P 0x61 0 16k", "write -P 0x62 48k 16k"]
+        },
         ops: vec![],
         unit: 512,
     };
-    let (old, new) = (64 * K, 4 * M);
+    // Guest bytes checked: those below both sizes.
+    let lim = old.min(new);
     let dir = tempfile::tempdir().unwrap();
     let (path, mut start, guest) = start_image(dir.path(), &w);
     if bitmaps {
@@ -1112,10 +1135,13 @@ fn crash_resize(bitmaps: bool) {
                 img.write(20 * K, &[0x71; 4096], 0)?;
                 img.flush()
             },
-            &|| img.resize(new, Prealloc::Off, false),
+            &|| img.resize(new, Prealloc::Off, shrink),
             &|| {
-                img.write(3 * M, &[0x72; 8192], 0)?;
-                img.write(old - 512, &[0x73; 1024], 0)?;
+                if !shrink {
+                    img.write(3 * M, &[0x72; 8192], 0)?;
+                }
+                let tail = vec![0x73; if shrink { 512 } else { 1024 }];
+                img.write(lim - 512, &tail, 0)?;
                 img.flush()
             },
         ];
@@ -1169,7 +1195,7 @@ fn crash_resize(bitmaps: bool) {
                 failures.push(format!("{tag}: virtual size {size} after {done} steps"));
                 continue;
             }
-            let mut got = vec![0u8; old as usize];
+            let mut got = vec![0u8; lim as usize];
             img.read(0, &mut got).unwrap();
             let want = if done >= 1 { &before } else { &guest };
             // Bytes an interrupted write (first step) may have changed
@@ -1178,7 +1204,7 @@ fn crash_resize(bitmaps: bool) {
             let ok = got.iter().zip(want.iter()).enumerate().all(|(i, (g, w))| {
                 g == w
                     || (done == 0 && *g == before[i])
-                    || (done >= 2 && i as u64 >= old - 512 && *g == 0x73)
+                    || (done >= 2 && i as u64 >= lim - 512 && *g == 0x73)
             });
             if !ok {
                 let kept = keep_failure(&tag, bytes);
