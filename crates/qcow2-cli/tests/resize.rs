@@ -43,7 +43,8 @@ fn run_case(what: &str, c: &Case, prepare: impl Fn(&Path)) -> (i32, String) {
     create.extend_from_slice(&["a.qcow2", c.size]);
     qemu_img(dir, &create).ok("qemu-img create");
     for cmd in c.setup {
-        let r = qemu_io(dir, &["-f", "qcow2", "-c", cmd, "a.qcow2"]).ok("qemu-io setup");
+        let r = qemu_io(dir, &["-f", "qcow2", "-c", cmd, "a.qcow2"])
+            .ok(&format!("{what}: qemu-io setup {cmd}"));
         assert!(
             !r.stdout.contains("failed"),
             "{what}: setup {cmd}: {}",
@@ -336,12 +337,26 @@ fn backing_file_longer_and_shorter() {
             let w = format!("write -P 0x99 0 {base_size}");
             qemu_io(dir, &["-f", "qcow2", "-c", &w, "base.qcow2"]).ok("fill base");
         };
-        for args in [&["IMG", "6M"][..], &["IMG", "+1536k"][..]] {
+        let v2 = create.contains(&"compat=0.10");
+        for (size, args) in [
+            ("1000k", &["IMG", "6M"][..]),
+            ("1000k", &["IMG", "+1536k"][..]),
+            ("1024512", &["IMG", "3M"][..]),
+            ("1M", &["--preallocation=metadata", "IMG", "3M"][..]),
+            ("1024512", &["--preallocation=metadata", "IMG", "3M"][..]),
+            ("1M", &["--preallocation=falloc", "IMG", "3M"][..]),
+            ("1024512", &["--preallocation=full", "IMG", "3M"][..]),
+        ] {
+            if v2 && args[0] == "--preallocation=metadata" && size == "1024512" {
+                // QEMU preallocates the partial first cluster before its
+                // zeroing fails; ours refuses before anything: same data.
+                continue;
+            }
             run_case(
-                &format!("{what} {args:?}"),
+                &format!("{what} {size} {args:?}"),
                 &Case {
                     create,
-                    size: "1000k",
+                    size,
                     setup: &["write -P 0x21 0 4k"],
                     args,
                     map: true,
@@ -601,6 +616,47 @@ fn preallocation_modes() {
                 },
             );
             assert_eq!(code, 0);
+        }
+    }
+}
+
+/// An allocated cluster holding an unaligned old end, over a longer backing
+/// file: its new part reads as zeroes whatever the preallocation.
+#[test]
+fn allocated_partial_last_cluster_over_backing() {
+    if !tools() {
+        return;
+    }
+    let prepare = |dir: &Path| {
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]).ok("create base");
+        qemu_io(
+            dir,
+            &["-f", "qcow2", "-c", "write -P 0x99 0 4M", "base.qcow2"],
+        )
+        .ok("fill base");
+    };
+    for create in [
+        &["-b", "base.qcow2", "-F", "qcow2"][..],
+        &["-b", "base.qcow2", "-F", "qcow2", "-o", "extended_l2=on"][..],
+    ] {
+        for (size, setup) in [
+            ("1024512", "write -P 0x5a 996k 4k"),
+            ("1023488", "write -P 0x5a 996k 3k"),
+        ] {
+            for mode in ["off", "metadata", "falloc", "full"] {
+                let arg = format!("--preallocation={mode}");
+                run_case(
+                    &format!("partial last cluster {create:?} {size} {mode}"),
+                    &Case {
+                        create,
+                        size,
+                        setup: &[setup],
+                        args: &[&arg, "IMG", "3M"],
+                        map: true,
+                    },
+                    prepare,
+                );
+            }
         }
     }
 }

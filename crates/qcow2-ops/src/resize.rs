@@ -156,17 +156,22 @@ impl Inner {
     /// The new area `[old, new)` of a grow: zeroed over a longer backing
     /// file (as QEMU does since 5.0), then preallocated if asked.
     fn fill_new_area(&mut self, old: u64, new: u64, zero: bool, p: Prealloc) -> Result<()> {
-        if zero {
-            if self.header.version < 3 {
-                return Err(Error::NotSupported(format!(
-                    "'{}': Failed to zero out new clusters: Operation not supported (zero clusters need a v3 image)",
-                    self.name
-                )));
-            }
-            self.write_zeroes(old, new - old, 0)?;
+        // As QEMU: with data preallocation the new data clusters hold the
+        // zeroes; otherwise zero clusters are written after any metadata
+        // preallocation (which they keep allocated).
+        let write = matches!(p, Prealloc::Falloc | Prealloc::Full);
+        let zeroize = zero && !write;
+        if zeroize && self.header.version < 3 {
+            return Err(Error::NotSupported(format!(
+                "'{}': Failed to zero out new clusters: Operation not supported (zero clusters need a v3 image)",
+                self.name
+            )));
         }
         if p != Prealloc::Off {
-            self.preallocate(old, new, p != Prealloc::Metadata)?;
+            self.preallocate(old, new, write, zero)?;
+        }
+        if zeroize {
+            self.write_zeroes(old, new - old, 0)?;
         }
         Ok(())
     }
@@ -175,44 +180,91 @@ impl Inner {
     /// `[old, new)` without one; the clusters read as zeroes. With
     /// `write`, zeroes are written to the data clusters so the file holds
     /// them (`full`; `falloc` does the same here, there being no portable
-    /// way to reserve space that the file systems report as allocated).
-    fn preallocate(&mut self, old: u64, new: u64, write: bool) -> Result<()> {
+    /// way to reserve space that the file systems report as allocated);
+    /// `over_backing`: they must hide a longer backing file.
+    fn preallocate(&mut self, old: u64, new: u64, write: bool, over_backing: bool) -> Result<()> {
         let cs = self.geo.cluster_size();
         let name = self.name.clone();
-        let has_backing = self.backing.is_some() || self.header.backing_file.is_some();
-        // A partial first cluster keeps what its head reads now: left alone
-        // unless it reads as zeroes anyway.
-        let mut guest = if old % cs != 0 && has_backing {
-            old.div_ceil(cs) * cs
-        } else {
-            old / cs * cs
-        };
+        let mut guest = old / cs * cs;
         let mut file_end = self.file.len().map_err(ioerr("stat", &name))?;
         let zeros = vec![0u8; cs as usize];
         while guest < new {
             let table = self.ensure_l2_table(guest)?;
             let e = self.l2_entry_unchecked(guest)?;
             if e.is_compressed() || e.host_offset() != 0 {
+                if write && guest < old {
+                    // An allocated partial first cluster: its new part
+                    // reads as zeroes (QEMU puts a new cluster there).
+                    self.zero_head_tail(table, guest, old, new, e)?;
+                }
                 guest += cs;
                 continue;
+            }
+            // A partial first cluster keeps what its head reads now.
+            let mut head = Vec::new();
+            if guest < old {
+                head = vec![0u8; (old - guest) as usize];
+                self.read(guest, &mut head)?;
             }
             let host = self.alloc_clusters(1)? * cs;
             if host < file_end || write {
                 // A reused cluster must read as zeroes.
-                self.write_data(host, &zeros)?;
+                let mut buf = zeros.clone();
+                buf[..head.len()].copy_from_slice(&head);
+                self.write_data(host, &buf)?;
             } else {
                 self.file
                     .set_len(host + cs)
                     .map_err(ioerr("extend file", &name))?;
+                if !head.is_empty() {
+                    // Copied like QEMU's copy-on-write of the head.
+                    self.write_data(host, &head)?;
+                }
             }
             file_end = file_end.max(host + cs);
             // Normal entries: the cluster; extended ones keep their
-            // subcluster bits (unallocated subclusters read from below).
-            let bitmap = if self.geo.extended_l2 { e.bitmap } else { 0 };
+            // subcluster bits (unallocated subclusters read from below),
+            // except where written zeroes must hide a backing file.
+            let bitmap = match (self.geo.extended_l2, write && over_backing) {
+                (false, _) => 0,
+                (true, false) => e.bitmap,
+                (true, true) => 0xffff_ffff,
+            };
             let raw = host | FLAG_COPIED;
             self.set_l2_entry(table, guest, L2Entry { raw, bitmap })?;
             self.set_alloc_unsynced();
             guest += cs;
+        }
+        Ok(())
+    }
+
+    /// The part from `old` of the allocated cluster at `guest` (holding
+    /// the old end) is made to read as zeroes with data preallocation.
+    fn zero_head_tail(
+        &mut self,
+        table: u64,
+        guest: u64,
+        old: u64,
+        new: u64,
+        e: L2Entry,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = (guest + cs).min(new);
+        if e.is_compressed() || e.zero_flag() {
+            return self.write_zeroes(old, end - old, 0);
+        }
+        if self.geo.extended_l2 {
+            // As QEMU's new cluster: every subcluster allocated, the head
+            // holding what it reads now (backing data included).
+            let mut head = vec![0u8; (old - guest) as usize];
+            self.read(guest, &mut head)?;
+            head.resize(cs as usize, 0);
+            self.write_data(e.host_offset(), &head)?;
+            let bitmap = 0xffff_ffff;
+            self.set_l2_entry(table, guest, L2Entry { raw: e.raw, bitmap })?;
+        } else {
+            let zeros = vec![0u8; (guest + cs - old) as usize];
+            self.write_data(e.host_offset() + (old - guest), &zeros)?;
         }
         Ok(())
     }
