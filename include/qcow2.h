@@ -144,6 +144,32 @@
 #define QCOW2_EXTENT_OFFSET_VALID 16
 
 /**
+ * Resize flag: allow shrinking (everything beyond the new end is discarded),
+ * like `qemu-img resize --shrink`; without it a smaller size fails with -EINVAL.
+ */
+#define QCOW2_RESIZE_SHRINK 1
+
+/**
+ * Preallocation mode of qcow2_resize: nothing is allocated for the new area.
+ */
+#define QCOW2_PREALLOC_OFF 0
+
+/**
+ * Preallocation mode of qcow2_resize: L2 tables and data clusters are allocated for the new area.
+ */
+#define QCOW2_PREALLOC_METADATA 1
+
+/**
+ * Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters (as FULL).
+ */
+#define QCOW2_PREALLOC_FALLOC 2
+
+/**
+ * Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters.
+ */
+#define QCOW2_PREALLOC_FULL 3
+
+/**
  * Bytes of [`Qcow2SnapshotInfo::id`], NUL included.
  */
 #define QCOW2_SNAPSHOT_ID_LEN 128
@@ -703,6 +729,40 @@ int qcow2_get_stats(const struct Qcow2Image *img, struct Qcow2Stats *out);
  * `img` must be NULL or an open handle.
  */
 int qcow2_reset_stats(struct Qcow2Image *img);
+
+/**
+ * Changes the virtual size of an image, as `qemu-img resize` does.
+ *
+ * Growing may move the L1 table; the switch is crash-safe (at any power
+ * loss the image is valid with the old or the new size, and data written
+ * before the call is intact). Growing an image whose backing file is
+ * longer than the old size makes the new area read as zeroes (as QEMU).
+ * Shrinking needs QCOW2_RESIZE_SHRINK and discards everything beyond the
+ * new end. The call is durable when it returns.
+ *
+ * Parameters:
+ * - `img`: the image (opened with QCOW2_OPEN_RDWR).
+ * - `new_size`: the new virtual size in bytes, a nonzero multiple of 512.
+ * - `prealloc`: QCOW2_PREALLOC_OFF, _METADATA, _FALLOC or _FULL (growing only).
+ * - `flags`: 0 or QCOW2_RESIZE_SHRINK.
+ *
+ * Returns 0 on success; -EINVAL for a NULL `img`, unknown flags or mode, a
+ * size that is zero, not a multiple of 512, smaller without
+ * QCOW2_RESIZE_SHRINK, or preallocation with a shrink; -ENOTSUP for a
+ * v2 image with internal snapshots; -EINVAL also when a persistent bitmap
+ * is inconsistent (persistent bitmaps are resized with the image, as in
+ * QEMU 10); -ENOSPC when the L1 table would exceed
+ * 32 MiB; -EROFS on a read-only image; other negative errno values if the
+ * file fails. The message is in `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use the same handle
+ * (requests are serialised inside the engine: they see the old or the new
+ * size), but not concurrently with `qcow2_close` on it.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle.
+ */
+int qcow2_resize(struct Qcow2Image *img, uint64_t new_size, uint32_t prealloc, uint32_t flags);
 
 /**
  * Creates an internal snapshot of the current state (like `qemu-img

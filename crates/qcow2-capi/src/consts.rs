@@ -56,3 +56,15 @@ pub const QCOW2_EXTENT_DATA: u32 = 0x4;
 pub const QCOW2_EXTENT_COMPRESSED: u32 = 0x8;
 /// Extent flag: Qcow2Extent.host_offset is valid.
 pub const QCOW2_EXTENT_OFFSET_VALID: u32 = 0x10;
+
+/// Resize flag: allow shrinking (everything beyond the new end is discarded),
+/// like `qemu-img resize --shrink`; without it a smaller size fails with -EINVAL.
+pub const QCOW2_RESIZE_SHRINK: u32 = 0x1;
+/// Preallocation mode of qcow2_resize: nothing is allocated for the new area.
+pub const QCOW2_PREALLOC_OFF: u32 = 0;
+/// Preallocation mode of qcow2_resize: L2 tables and data clusters are allocated for the new area.
+pub const QCOW2_PREALLOC_METADATA: u32 = 1;
+/// Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters (as FULL).
+pub const QCOW2_PREALLOC_FALLOC: u32 = 2;
+/// Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters.
+pub const QCOW2_PREALLOC_FULL: u32 = 3;

@@ -31,6 +31,7 @@ mod error;
 mod image;
 mod panic;
 mod ptr;
+mod resize;
 mod snapshots;
 mod types;
 
@@ -38,6 +39,7 @@ pub use bitmaps::*;
 pub use consts::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;
+pub use resize::*;
 pub use snapshots::*;
 pub use types::{Qcow2CreateOptions, Qcow2Extent, Qcow2Image, Qcow2Stats};
 

@@ -232,4 +232,7 @@ c_tests! {
     snapshots_static => ("test_snapshots", Static),
     snapshots_asan => ("test_snapshots", Asan),
     snapshots_valgrind => ("test_snapshots", Valgrind),
+    resize_static => ("test_resize", Static),
+    resize_asan => ("test_resize", Asan),
+    resize_valgrind => ("test_resize", Valgrind),
 }

@@ -13,6 +13,7 @@ mod io;
 mod map;
 mod num;
 mod qjson;
+mod resize;
 mod snapshot;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -61,6 +62,8 @@ enum Cmd {
     Bitmap(bitmap::BitmapArgs),
     /// Internal snapshots (qemu-img snapshot syntax).
     Snapshot(snapshot::SnapshotArgs),
+    /// Change the virtual size (like `qemu-img resize`).
+    Resize(resize::ResizeArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -165,6 +168,7 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Resize(a) => resize::run(a),
     });
     let result = match result {
         Ok(r) => r,

@@ -1071,6 +1071,92 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Resizes every bitmap with the image, as QEMU 10 does: bits past the
+    /// new end are dropped, the added area is clean. `resize` changes the
+    /// image in between, while every bitmap is flagged in use on disk: a
+    /// crash in between leaves them inconsistent, never wrong. Afterwards
+    /// (also when `resize` fails) the bitmaps are stored for the size the
+    /// image then has, and the enabled ones are maintained again.
+    pub(crate) fn resize_with_bitmaps(
+        &mut self,
+        new_size: u64,
+        resize: impl FnOnce(&mut Inner) -> Result<()>,
+    ) -> Result<()> {
+        let (_, _, entries) = self.read_directory()?;
+        if entries.is_empty() {
+            return resize(self);
+        }
+        let cs = self.geo.cluster_size();
+        for (i, e) in entries.iter().enumerate() {
+            let bname = String::from_utf8_lossy(&e.name).into_owned();
+            if e.in_use() && !self.is_live(i) {
+                return Err(inconsistent_msg(&bname));
+            }
+            let bytes = new_size.div_ceil(1u64 << e.granularity_bits).div_ceil(8);
+            if bytes > bitmap::MAX_PHYS_SIZE || bytes > bitmap::MAX_TABLE_ENTRIES * cs {
+                return Err(Error::Invalid(format!(
+                    "'{}': bitmap '{bname}' would be too large for {new_size} bytes",
+                    self.name
+                )));
+            }
+        }
+        // 1. The bits on disk are the whole truth, every bitmap flagged in use.
+        let live: Vec<usize> = if self.bitmaps.live.iter().any(|l| !l.set.is_empty()) {
+            self.store_bitmaps()?;
+            Vec::new()
+        } else {
+            self.bitmaps.live.iter().map(|l| l.idx).collect()
+        };
+        let (dir_off, dir_size, mut entries) = self.read_directory()?;
+        for i in live {
+            if let Some(e) = entries.get_mut(i) {
+                e.flags &= !bitmap::FLAG_IN_USE;
+            }
+        }
+        let old_size = self.header.size;
+        let mut bits = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            bits.push(self.entry_bits(i, e)?);
+        }
+        let list = entries
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e.flags |= bitmap::FLAG_IN_USE;
+                (e, Content::Keep)
+            })
+            .collect();
+        self.commit_directory(list, Some((dir_off, dir_size)), Vec::new())?;
+        self.bitmaps = Bitmaps::default();
+        // 2. The image.
+        let r = resize(self);
+        // 3. The bitmaps for the size the image has now.
+        let size = self.header.size;
+        let (dir_off, dir_size, in_use) = self.read_directory()?;
+        let mut list = Vec::with_capacity(entries.len());
+        for (e, b) in entries.iter().zip(bits) {
+            let g = e.granularity_bits as u32;
+            let keep = old_size.div_ceil(1 << g).min(size.div_ceil(1 << g)) as usize;
+            let mut ne = e.clone();
+            ne.flags &= !bitmap::FLAG_IN_USE;
+            ne.table_size = ne.table_entries_for(size, cs) as u32;
+            let mut nb = vec![0u8; (ne.table_size as u64 * cs) as usize];
+            let full = (keep / 8).min(b.len()).min(nb.len());
+            nb[..full].copy_from_slice(&b[..full]);
+            if keep % 8 != 0 && full < b.len() && full < nb.len() {
+                nb[full] = b[full] & ((1u8 << (keep % 8)) - 1);
+            }
+            list.push((ne, Content::Bits(nb)));
+        }
+        self.commit_directory(list, Some((dir_off, dir_size)), in_use)?;
+        if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
+            self.sync()?;
+        }
+        r
+    }
+}
+
 impl crate::Image {
     /// The persistent dirty bitmaps of the image.
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {

@@ -577,6 +577,51 @@ impl Refcounts {
         Ok(storage.sync().map_err(RefcountError::from))
     }
 
+    /// Drops the refcount blocks that count nothing but themselves (as
+    /// QEMU does after shrinking an image): their table entries are cleared
+    /// on disk, then synced, before the blocks are forgotten. Returns the
+    /// host offsets of the blocks dropped; one that lies outside its own
+    /// range is still counted by another block (the caller releases it).
+    pub fn drop_unused_blocks(&mut self, storage: &dyn Storage) -> Result<Vec<u64>> {
+        self.cache.flush(storage)?;
+        let cs = self.cluster_size();
+        let epb = self.entries_per_block;
+        let mut unused = Vec::new();
+        for i in 0..self.table.len() {
+            let boff = self.table[i];
+            if boff == 0 {
+                continue;
+            }
+            let own = boff / cs;
+            let first = i as u64 * epb;
+            let mut only_self = true;
+            for c in first..first + epb {
+                if c != own && self.get(storage, c)? != 0 {
+                    only_self = false;
+                    break;
+                }
+            }
+            if only_self {
+                unused.push(i);
+            }
+        }
+        if unused.is_empty() {
+            return Ok(Vec::new());
+        }
+        for &i in &unused {
+            storage.write_at(&[0u8; 8], self.table_offset + i as u64 * 8)?;
+        }
+        storage.sync()?;
+        let mut out = Vec::with_capacity(unused.len());
+        for i in unused {
+            let boff = std::mem::take(&mut self.table[i]);
+            self.blocks.remove(&boff);
+            self.cache.discard_range(boff, cs);
+            out.push(boff);
+        }
+        Ok(out)
+    }
+
     fn zero_block_in_cache(&mut self, storage: &dyn Storage, boff: u64) -> Result<()> {
         let slice = self.cache.slice_size() as u64;
         let mut o = boff;
