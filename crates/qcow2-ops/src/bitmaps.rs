@@ -487,7 +487,7 @@ impl Inner {
 
 // ----- management: add, remove, clear, enable, disable, merge -----
 
-/// A persistent dirty bitmap of an image, as listed by [`Image::bitmaps`].
+/// A persistent dirty bitmap of an image, as listed by [`Image::bitmaps`](crate::Image::bitmaps).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
     /// Name.
