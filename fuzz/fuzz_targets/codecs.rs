@@ -49,7 +49,7 @@ fn header(data: &[u8]) {
         let lossless_name = match (&h.backing_file, h.backing_file_offset) {
             (Some(n), off) => {
                 let off = off as usize;
-                data.get(off..off + h.backing_file_size as usize) == Some(n.as_bytes())
+                data.get(off..off + h.backing_file_size as usize) == Some(n.as_slice())
             }
             (None, _) => true,
         };
