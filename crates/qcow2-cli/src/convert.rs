@@ -173,9 +173,12 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
         return Err(Fail::new("Must specify image file name"));
     }
     let sparse = parse_sparse(&a.sparse)?;
-    if a.compress {
+    if a.compress && a.out_fmt != "qcow2" {
+        return Err(Fail::new("Compression not supported for this file format"));
+    }
+    if a.compress && a.backing.is_some() {
         return Err(Fail::new(
-            "Compression (-c) is not supported by this engine yet; convert without -c",
+            "Compression (-c) with a backing file (-B) is not supported by this engine yet",
         ));
     }
     if !matches!(a.out_fmt.as_str(), "qcow2" | "raw") {
@@ -268,6 +271,12 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
         None => 0,
     };
     let bar = Progress::new(a.progress && !a.quiet, total, "convert");
+    if a.compress {
+        copy_compressed(&sources, &target, dst, total, zero_init, &bar)?;
+        bar.finish();
+        target.finish(dst)?;
+        return Ok(0);
+    }
     let mut buf = vec![0u8; CHUNK as usize];
     let mut base = 0u64;
     for (path, src) in &sources {
@@ -310,6 +319,80 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
     bar.finish();
     target.finish(dst)?;
     Ok(0)
+}
+
+/// `convert -c`: every target cluster that is not all zeroes is written
+/// compressed (as `qemu-img convert -c`: whole clusters, the last one of the
+/// image possibly short); all-zero clusters are skipped on a target that
+/// reads as zeroes, zeroed otherwise.
+fn copy_compressed(
+    sources: &[(PathBuf, Disk)],
+    target: &Target,
+    dst: &Path,
+    total: u64,
+    zero_init: bool,
+    bar: &Progress,
+) -> Result<(), Fail> {
+    let Target::Qcow2(img) = target else {
+        return Err(Fail::new("Compression not supported for this file format"));
+    };
+    let cs = img.cluster_size();
+    let step = CHUNK.max(cs);
+    let mut buf = vec![0u8; step as usize];
+    let mut off = 0u64;
+    while off < total {
+        let n = step.min(total - off);
+        let b = &mut buf[..n as usize];
+        read_concat(sources, off, b)?;
+        let mut i = 0u64;
+        while i < n {
+            let m = cs.min(n - i);
+            let c = &b[i as usize..(i + m) as usize];
+            let at = off + i;
+            if c.iter().all(|&x| x == 0) {
+                if !zero_init {
+                    target.zero(dst, at, m)?;
+                }
+            } else {
+                img.write(at, c, qcow2_ops::REQ_COMPRESSED).map_err(|e| {
+                    Fail::new(format!(
+                        "error while compressing sector {}: {}",
+                        at / 512,
+                        error_text(&e)
+                    ))
+                })?;
+            }
+            i += m;
+        }
+        off += n;
+        bar.set(off);
+    }
+    Ok(())
+}
+
+/// Reads `b.len()` bytes at `off` of the sources laid end to end; ranges
+/// their block status calls zero are not read.
+fn read_concat(sources: &[(PathBuf, Disk)], mut off: u64, b: &mut [u8]) -> Result<(), Fail> {
+    let mut done = 0usize;
+    let mut base = 0u64;
+    for (path, src) in sources {
+        let size = src.size();
+        while done < b.len() && off < base + size {
+            let so = off - base;
+            let want = (size - so).min((b.len() - done) as u64);
+            let (n, st) = src.status(path, so, want)?;
+            let part = &mut b[done..done + n as usize];
+            if st.zero {
+                part.fill(0);
+            } else {
+                src.read(path, so, part)?;
+            }
+            done += n as usize;
+            off += n;
+        }
+        base += size;
+    }
+    Ok(())
 }
 
 /// Writes `b` at `off`, except runs of zero bytes of at least `sparse`
