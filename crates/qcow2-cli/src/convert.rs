@@ -337,6 +337,9 @@ fn copy_compressed(
         return Err(Fail::new("Compression not supported for this file format"));
     };
     let cs = img.cluster_size();
+    // The image size is rounded up to whole sectors: its last cluster may
+    // be longer than what the sources give.
+    let img_size = img.virtual_size();
     let step = CHUNK.max(cs);
     let mut buf = vec![0u8; step as usize];
     let mut off = 0u64;
@@ -354,6 +357,16 @@ fn copy_compressed(
                     target.zero(dst, at, m)?;
                 }
             } else {
+                let end = (at + cs).min(img_size);
+                let padded;
+                let c = if at + m < end {
+                    let mut v = vec![0u8; (end - at) as usize];
+                    v[..c.len()].copy_from_slice(c);
+                    padded = v;
+                    &padded[..]
+                } else {
+                    c
+                };
                 img.write(at, c, qcow2_ops::REQ_COMPRESSED).map_err(|e| {
                     Fail::new(format!(
                         "error while compressing sector {}: {}",

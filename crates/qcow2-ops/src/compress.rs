@@ -67,8 +67,7 @@ impl Inner {
     pub(crate) fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
         let end = offset + buf.len() as u64;
-        if offset & (cs - 1) != 0 || (buf.len() as u64 & (cs - 1) != 0 && end != self.header.size)
-        {
+        if offset & (cs - 1) != 0 || (buf.len() as u64 & (cs - 1) != 0 && end != self.header.size) {
             return Err(Error::Invalid(format!(
                 "'{}': compressed writes need whole clusters of {cs} bytes \
                  (request at {offset} of {} bytes)",
