@@ -229,4 +229,7 @@ c_tests! {
     bitmaps_static => ("test_bitmaps", Static),
     bitmaps_asan => ("test_bitmaps", Asan),
     bitmaps_valgrind => ("test_bitmaps", Valgrind),
+    compressed_static => ("test_compressed", Static),
+    compressed_asan => ("test_compressed", Asan),
+    compressed_valgrind => ("test_compressed", Valgrind),
 }
