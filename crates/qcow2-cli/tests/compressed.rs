@@ -311,3 +311,107 @@ fn convert_c_to_raw_refused() {
         r.stderr
     );
 }
+
+/// `convert -c -B`: only the source's top layer is copied (compressed),
+/// zero data there becomes zero clusters, the rest stays unallocated over
+/// the new backing file.
+#[test]
+fn convert_c_with_backing_matches_qemu() {
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_create(dir, "b.qcow2", 2 << 20, &ImgOpts::default(), None);
+    qemu_io_script(dir, "b.qcow2", "qcow2", &["write -P 0xbb 0 2M".to_string()]).ok("base");
+    qemu_create(
+        dir,
+        "s.qcow2",
+        3 << 20,
+        &ImgOpts {
+            cluster_size: 4096,
+            ..ImgOpts::default()
+        },
+        Some(("b.qcow2", "qcow2")),
+    );
+    let fill: Vec<String> = [
+        "write -P 1 0 64k",
+        "write -z 128k 64k",
+        "write -P 0 256k 64k",
+        "write -P 2 448k 4k",
+        "write -P 3 512k 100k",
+        "write -P 0 2304k 64k",
+        "write -z 2432k 64k",
+        "write -z 1M 64k",
+        "write -P 4 2560k 8k",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    qemu_io_script(dir, "s.qcow2", "qcow2", &fill).ok("fill source");
+    let args = |out: &'static str| -> Vec<&'static str> {
+        vec![
+            "convert", "-c", "-O", "qcow2", "-B", "b.qcow2", "-F", "qcow2", "s.qcow2", out,
+        ]
+    };
+    qemu_img(dir, &args("q.qcow2")).ok("qemu-img convert -c -B");
+    let r = ours(dir, &args("o.qcow2"));
+    assert_eq!(r.code, 0, "qcow2 convert -c -B: {}{}", r.stdout, r.stderr);
+    let cmp = qemu_img(dir, &["compare", "o.qcow2", "q.qcow2"]);
+    assert_eq!(cmp.code, 0, "{}{}", cmp.stdout, cmp.stderr);
+    let cmp = qemu_img(dir, &["compare", "o.qcow2", "s.qcow2"]);
+    assert_eq!(cmp.code, 0, "{}{}", cmp.stdout, cmp.stderr);
+    let (qm, om) = (qemu_map(dir, "q.qcow2"), qemu_map(dir, "o.qcow2"));
+    assert_eq!(
+        map_without_offsets(&om),
+        map_without_offsets(&qm),
+        "map\n--- ours:\n{om}--- qemu:\n{qm}"
+    );
+    assert_qemu_check_clean(dir, "o.qcow2", "convert -c -B");
+}
+
+/// `write -c` over clusters that read from a backing file, and the short
+/// last cluster of an image whose size is not cluster aligned.
+#[test]
+fn write_c_backing_and_short_tail_matches_qemu() {
+    let d = tmpdir();
+    let dir = d.path();
+    let size = (1u64 << 20) + 3 * 512;
+    qemu_create(dir, "b.qcow2", size, &ImgOpts::default(), None);
+    qemu_io_script(dir, "b.qcow2", "qcow2", &["write -P 0xbb 0 1M".to_string()]).ok("base");
+    qemu_create(
+        dir,
+        "img.qcow2",
+        size,
+        &ImgOpts::default(),
+        Some(("b.qcow2", "qcow2")),
+    );
+    copy(dir, "img.qcow2", "q.qcow2");
+    copy(dir, "img.qcow2", "o.qcow2");
+    let script: Vec<String> = [
+        "write -c -P 1 0 64k",
+        "write -c -P 2 1M 1536",
+        "write -c -P 3 1M 512",
+        "write -c -P 4 960k 66048",
+        "read -P 1 0 64k",
+        "read -P 0xbb 64k 64k",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let q = qemu_io_script(dir, "q.qcow2", "qcow2", &script);
+    let r = ours_io_script(dir, "o.qcow2", &["-f", "qcow2"], &script);
+    assert_eq!(
+        result_lines(&r.stdout),
+        result_lines(&q.stdout),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.code, q.code);
+    let cmp = qemu_img(dir, &["compare", "o.qcow2", "q.qcow2"]);
+    assert_eq!(cmp.code, 0, "{}{}", cmp.stdout, cmp.stderr);
+    let (qm, om) = (qemu_map(dir, "q.qcow2"), qemu_map(dir, "o.qcow2"));
+    assert_eq!(
+        map_without_offsets(&om),
+        map_without_offsets(&qm),
+        "map\n--- ours:\n{om}--- qemu:\n{qm}"
+    );
+    assert_qemu_check_clean(dir, "o.qcow2", "write -c over backing");
+}
