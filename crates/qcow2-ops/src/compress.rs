@@ -161,7 +161,10 @@ impl Inner {
                 self.mark_corrupt();
                 return Err(Error::Corrupt(msg));
             }
-            if off != 0 && off.next_multiple_of(cs) == new {
+            // The allocation may have applied pending frees: if they freed
+            // the partly filled cluster, it is not ours to continue from.
+            let kept = self.free_byte_offset == off;
+            if off != 0 && kept && off.next_multiple_of(cs) == new {
                 // Continues from the partly filled cluster into the new one.
                 self.bump_refcount(off >> cb)?;
                 off
