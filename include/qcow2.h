@@ -104,6 +104,15 @@
 #define QCOW2_REQ_FUA 16
 
 /**
+ * Request flag (write): store whole clusters compressed with the image's
+ * compression type, as QEMU's `write -c` (BDRV_REQ_WRITE_COMPRESSED): offset
+ * and length cluster aligned (the image's last cluster may be short), else
+ * -EINVAL; -EIO for a cluster that already has a host cluster; a cluster that
+ * does not compress is written normally.
+ */
+#define QCOW2_REQ_COMPRESSED 32
+
+/**
  * Request flag (write-zeroes): fail with -ENOTSUP rather than write zero data (BDRV_REQ_NO_FALLBACK).
  */
 #define QCOW2_REQ_NO_FALLBACK 256
@@ -577,10 +586,11 @@ int qcow2_read(struct Qcow2Image *img, uint64_t offset, void *buf, size_t len);
  * - `offset`: guest offset in bytes.
  * - `buf`: `len` bytes to write.
  * - `len`: number of bytes.
- * - `flags`: 0 or QCOW2_REQ_FUA.
+ * - `flags`: 0, QCOW2_REQ_FUA, QCOW2_REQ_COMPRESSED (whole clusters only).
  *
- * Returns 0 on success; -EINVAL for NULL `img` or `buf`, unknown flag bits or
- * a range past the end; -EROFS on a read-only image; -ENOSPC, -EIO or another
+ * Returns 0 on success; -EINVAL for NULL `img` or `buf`, unknown flag bits,
+ * a range past the end or a compressed write of partial clusters; -EIO for
+ * a compressed write over an allocated cluster (as QEMU); -EROFS on a read-only image; -ENOSPC, -EIO or another
  * negative errno if the file fails.
  *
  * # Safety

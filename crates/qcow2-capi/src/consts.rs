@@ -38,6 +38,12 @@ pub const QCOW2_OPEN_KNOWN: u32 = QCOW2_OPEN_RDWR
 pub const QCOW2_REQ_MAY_UNMAP: u32 = 0x4;
 /// Request flag (write, write-zeroes): the data is durable when the call returns (BDRV_REQ_FUA).
 pub const QCOW2_REQ_FUA: u32 = 0x10;
+/// Request flag (write): store whole clusters compressed with the image's
+/// compression type, as QEMU's `write -c` (BDRV_REQ_WRITE_COMPRESSED): offset
+/// and length cluster aligned (the image's last cluster may be short), else
+/// -EINVAL; -EIO for a cluster that already has a host cluster; a cluster that
+/// does not compress is written normally.
+pub const QCOW2_REQ_COMPRESSED: u32 = 0x20;
 /// Request flag (write-zeroes): fail with -ENOTSUP rather than write zero data (BDRV_REQ_NO_FALLBACK).
 pub const QCOW2_REQ_NO_FALLBACK: u32 = 0x100;
 

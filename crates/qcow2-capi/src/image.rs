@@ -224,10 +224,11 @@ pub unsafe extern "C" fn qcow2_read(
 /// - `offset`: guest offset in bytes.
 /// - `buf`: `len` bytes to write.
 /// - `len`: number of bytes.
-/// - `flags`: 0 or QCOW2_REQ_FUA.
+/// - `flags`: 0, QCOW2_REQ_FUA, QCOW2_REQ_COMPRESSED (whole clusters only).
 ///
-/// Returns 0 on success; -EINVAL for NULL `img` or `buf`, unknown flag bits or
-/// a range past the end; -EROFS on a read-only image; -ENOSPC, -EIO or another
+/// Returns 0 on success; -EINVAL for NULL `img` or `buf`, unknown flag bits,
+/// a range past the end or a compressed write of partial clusters; -EIO for
+/// a compressed write over an allocated cluster (as QEMU); -EROFS on a read-only image; -ENOSPC, -EIO or another
 /// negative errno if the file fails.
 ///
 /// # Safety

@@ -235,4 +235,7 @@ c_tests! {
     resize_static => ("test_resize", Static),
     resize_asan => ("test_resize", Asan),
     resize_valgrind => ("test_resize", Valgrind),
+    compressed_static => ("test_compressed", Static),
+    compressed_asan => ("test_compressed", Asan),
+    compressed_valgrind => ("test_compressed", Valgrind),
 }

@@ -173,10 +173,8 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
         return Err(Fail::new("Must specify image file name"));
     }
     let sparse = parse_sparse(&a.sparse)?;
-    if a.compress {
-        return Err(Fail::new(
-            "Compression (-c) is not supported by this engine yet; convert without -c",
-        ));
+    if a.compress && a.out_fmt != "qcow2" {
+        return Err(Fail::new("Compression not supported for this file format"));
     }
     if !matches!(a.out_fmt.as_str(), "qcow2" | "raw") {
         return Err(Fail::new(format!(
@@ -268,6 +266,17 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
         None => 0,
     };
     let bar = Progress::new(a.progress && !a.quiet, total, "convert");
+    if a.compress {
+        let z = ZeroTarget {
+            zero_init,
+            overlay,
+            backing_end,
+        };
+        copy_compressed(&sources, &target, dst, total, &z, &bar)?;
+        bar.finish();
+        target.finish(dst)?;
+        return Ok(0);
+    }
     let mut buf = vec![0u8; CHUNK as usize];
     let mut base = 0u64;
     for (path, src) in &sources {
@@ -310,6 +319,149 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
     bar.finish();
     target.finish(dst)?;
     Ok(0)
+}
+
+/// What a target reads as where nothing is written (for `convert -c`).
+struct ZeroTarget {
+    /// It reads as zeroes everywhere.
+    zero_init: bool,
+    /// It has a backing file (-B): only the sources' top layers are copied.
+    overlay: bool,
+    /// Where the backing file ends (past it the target reads as zeroes).
+    backing_end: u64,
+}
+
+/// `convert -c`: every target cluster that is not all zeroes is written
+/// compressed (as `qemu-img convert -c`: whole clusters, the last one of the
+/// image possibly short, read through the sources' chains); all-zero
+/// clusters are skipped on a target that reads as zeroes, zeroed otherwise;
+/// with -B, clusters the sources' top layers leave wholly unallocated are
+/// left unallocated.
+fn copy_compressed(
+    sources: &[(PathBuf, Disk)],
+    target: &Target,
+    dst: &Path,
+    total: u64,
+    z: &ZeroTarget,
+    bar: &Progress,
+) -> Result<(), Fail> {
+    let Target::Qcow2(img) = target else {
+        return Err(Fail::new("Compression not supported for this file format"));
+    };
+    let cs = img.cluster_size();
+    // The image size is rounded up to whole sectors: its last cluster may
+    // be longer than what the sources give.
+    let img_size = img.virtual_size();
+    let step = CHUNK.max(cs);
+    let mut buf = vec![0u8; step as usize];
+    let mut off = 0u64;
+    while off < total {
+        let n = step.min(total - off);
+        let b = &mut buf[..n as usize];
+        let (backing_runs, zero_runs) = read_concat(sources, off, b, z.overlay)?;
+        let mut i = 0u64;
+        while i < n {
+            let m = cs.min(n - i);
+            let c = &b[i as usize..(i + m) as usize];
+            let at = off + i;
+            i += m;
+            let within = |runs: &[(u64, u64)]| runs.iter().any(|&(s, e)| s <= at && at + m <= e);
+            if within(&backing_runs) {
+                continue;
+            }
+            if c.iter().all(|&x| x == 0) {
+                // Zero in the source's block status: past the end of the
+                // target's backing file it reads as zeroes already (zero
+                // data there is still written as zeroes, as QEMU does).
+                let len = if z.overlay && within(&zero_runs) {
+                    m.min(z.backing_end.saturating_sub(at))
+                } else {
+                    m
+                };
+                if !z.zero_init && len > 0 {
+                    target.zero(dst, at, len)?;
+                }
+                continue;
+            }
+            let end = (at + cs).min(img_size);
+            let padded;
+            let c = if at + m < end {
+                let mut v = vec![0u8; (end - at) as usize];
+                v[..c.len()].copy_from_slice(c);
+                padded = v;
+                &padded[..]
+            } else {
+                c
+            };
+            img.write(at, c, qcow2_ops::REQ_COMPRESSED).map_err(|e| {
+                Fail::new(format!(
+                    "error while compressing sector {}: {}",
+                    at / 512,
+                    error_text(&e)
+                ))
+            })?;
+        }
+        off += n;
+        bar.set(off);
+    }
+    // As QEMU at the end of a compressed conversion: the file ends on a
+    // sector boundary.
+    let len = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+    if len % 512 != 0 {
+        let f = std::fs::OpenOptions::new().write(true).open(dst);
+        f.and_then(|f| f.set_len(len.next_multiple_of(512)))
+            .map_err(|e| Fail::new(format!("Could not resize '{}': {e}", dst.display())))?;
+    }
+    Ok(())
+}
+
+/// Byte ranges `[start, end)` in guest offsets.
+type Runs = Vec<(u64, u64)>;
+
+/// Reads `b.len()` bytes at `off` of the sources laid end to end; ranges
+/// their block status calls zero are not read. Returns the ranges (global
+/// offsets) that only the sources' backing files hold, when `overlay`, and
+/// those whose block status is zero.
+fn read_concat(
+    sources: &[(PathBuf, Disk)],
+    mut off: u64,
+    b: &mut [u8],
+    overlay: bool,
+) -> Result<(Runs, Runs), Fail> {
+    let mut backing: Runs = Vec::new();
+    let mut zeroes: Runs = Vec::new();
+    let add = |runs: &mut Runs, s: u64, n: u64| match runs.last_mut() {
+        Some((_, e)) if *e == s => *e = s + n,
+        _ => runs.push((s, s + n)),
+    };
+    let mut done = 0usize;
+    let mut base = 0u64;
+    for (path, src) in sources {
+        let size = src.size();
+        let has_backing = match src {
+            Disk::Qcow2(i) => i.info().backing_file.is_some(),
+            Disk::Raw { .. } => false,
+        };
+        while done < b.len() && off < base + size {
+            let so = off - base;
+            let want = (size - so).min((b.len() - done) as u64);
+            let (n, st) = src.status(path, so, want)?;
+            let part = &mut b[done..done + n as usize];
+            if st.zero {
+                part.fill(0);
+                add(&mut zeroes, off, n);
+            } else {
+                src.read(path, so, part)?;
+            }
+            if overlay && has_backing && !st.top {
+                add(&mut backing, off, n);
+            }
+            done += n as usize;
+            off += n;
+        }
+        base += size;
+    }
+    Ok((backing, zeroes))
 }
 
 /// Writes `b` at `off`, except runs of zero bytes of at least `sparse`

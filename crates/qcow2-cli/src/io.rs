@@ -363,7 +363,19 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let Some((offset, count)) = offset_and_length(&pos, limit) else {
         return false;
     };
-    if vmstate || source || (compressed && !zero) {
+    if compressed {
+        // As qemu-io: compressed requests are sector aligned.
+        for (v, what) in [(offset, "offset"), (count, "count")] {
+            if v % 512 != 0 {
+                println!("{v} is not a sector-aligned value for '{what}'");
+                return false;
+            }
+        }
+        if !zero {
+            flags |= qcow2_ops::REQ_COMPRESSED;
+        }
+    }
+    if vmstate || source {
         // Not provided by the engine's API.
         println!("write failed: {}", strerror(95));
         return false;
@@ -379,7 +391,8 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         ctx.img.write_zeroes(offset, count, flags)
     } else {
         let buf = vec![pattern.unwrap_or(0xcd); count as usize];
-        ctx.img.write(offset, &buf, flags & REQ_FUA)
+        ctx.img
+            .write(offset, &buf, flags & (REQ_FUA | qcow2_ops::REQ_COMPRESSED))
     };
     let secs = t.elapsed().as_secs_f64();
     if let Err(e) = r {

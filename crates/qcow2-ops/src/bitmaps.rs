@@ -1058,7 +1058,7 @@ impl Inner {
                 c += 1;
             }
         }
-        let _ = self.refs.take_freed();
+        self.forget_freed();
         if self.refs.is_dirty()
             && self
                 .refs

@@ -88,6 +88,8 @@ pub(crate) struct Inner {
     /// Other metadata ranges for the overlap checks (header, L1, snapshot
     /// and bitmap structures); refcount structures live in `refs`.
     pub(crate) meta: MetaRanges,
+    /// Where the next compressed cluster goes (0: a new host cluster).
+    pub(crate) free_byte_offset: u64,
 }
 
 impl Image {
@@ -144,20 +146,33 @@ impl Image {
         g.check_range(offset, buf.len() as u64)?;
         g.read(offset, buf)
     }
-    /// Writes `buf` at guest `offset`; `flags` may hold [`REQ_FUA`].
+    /// Writes `buf` at guest `offset`; `flags` may hold [`REQ_FUA`] and
+    /// [`REQ_COMPRESSED`] (whole clusters only, see [`Image::write_compressed`]).
     pub fn write(&self, offset: u64, buf: &[u8], flags: u32) -> Result<()> {
         let mut g = self.lock();
-        g.check_flags(flags, REQ_FUA)?;
+        g.check_flags(flags, REQ_FUA | REQ_COMPRESSED)?;
         g.check_writable()?;
         g.check_range(offset, buf.len() as u64)?;
         g.mark_bitmaps(offset, buf.len() as u64);
-        let r = g.write(offset, buf);
+        let r = if flags & REQ_COMPRESSED != 0 {
+            g.write_compressed(offset, buf)
+        } else {
+            g.write(offset, buf)
+        };
         self.req_gen.fetch_add(1, Ordering::SeqCst);
         if g.finish_request(r, flags)? {
             drop(g);
             self.flush()?;
         }
         Ok(())
+    }
+    /// Writes whole clusters compressed with the image's compression type,
+    /// as QEMU's `write -c`: `offset` and the length cluster aligned (the
+    /// last cluster of the image may be short), else [`Error::Invalid`];
+    /// a cluster that does not compress is written normally; a cluster
+    /// that has a host cluster is not replaced (EIO, as QEMU).
+    pub fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write(offset, buf, REQ_COMPRESSED)
     }
     /// Zeroes `len` bytes at `offset` with QEMU's semantics; flags [`REQ_MAY_UNMAP`],
     /// [`REQ_FUA`], [`REQ_NO_FALLBACK`].
@@ -269,6 +284,8 @@ impl Image {
         if repair != RepairMode::None {
             g.check_writable()?;
             g.flush_close()?;
+            // A repair may change refcounts: compressed data starts afresh.
+            g.free_byte_offset = 0;
         }
         let r = crate::check::check(&mut g, repair);
         // A repair may have reloaded the refcount structures.
@@ -439,6 +456,7 @@ impl Inner {
             frees_settled: 0,
             stats: Stats::default(),
             zcache: None,
+            free_byte_offset: 0,
             fresh_l2: Default::default(),
             metadata_prealloc: None,
             l2_tables: Default::default(),
@@ -696,6 +714,16 @@ impl Inner {
             .map(|&e| L1Entry(e).l2_offset())
             .filter(|&o| o != 0)
             .collect();
+    }
+
+    /// Clusters freed outside `flush_all` (bitmap, snapshot and resize
+    /// operations): nothing is punched, but the host cluster compressed
+    /// clusters are being packed into must not be appended to any more.
+    pub(crate) fn forget_freed(&mut self) {
+        let freed = self.refs.take_freed();
+        if freed.contains(&(self.free_byte_offset >> self.geo.cluster_bits)) {
+            self.free_byte_offset = 0;
+        }
     }
 
     pub(crate) fn protect_in_refcounts(&mut self) {
@@ -1293,6 +1321,9 @@ impl Inner {
                     .map_err(|e| refcount_err(&name, e))?;
             }
             let freed = self.refs.take_freed();
+            if freed.contains(&(self.free_byte_offset >> self.geo.cluster_bits)) {
+                self.free_byte_offset = 0;
+            }
             if self.opts.discard == DiscardMode::Unmap {
                 let cs = self.geo.cluster_size();
                 for run in runs(

@@ -9,6 +9,7 @@
 mod backing;
 mod bitmaps;
 mod check;
+mod compress;
 mod create;
 mod error;
 mod image;

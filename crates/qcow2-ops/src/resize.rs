@@ -386,7 +386,7 @@ impl Inner {
                     .map_err(|e| refcount_err(&name, e))?;
             }
         }
-        let _ = self.refs.take_freed();
+        self.forget_freed();
         if self
             .refs
             .flush(&*self.file)

@@ -453,7 +453,7 @@ impl Inner {
         {
             self.set_tail_unsynced();
         }
-        let _ = self.refs.take_freed();
+        self.forget_freed();
         self.protected_ranges_changed()?;
         Ok(())
     }

@@ -6,6 +6,8 @@ use serde::Serialize;
 pub const REQ_MAY_UNMAP: u32 = 0x4;
 /// Request flag: the data is durable when the call returns (BDRV_REQ_FUA).
 pub const REQ_FUA: u32 = 0x10;
+/// Request flag (write): store whole clusters compressed (BDRV_REQ_WRITE_COMPRESSED).
+pub const REQ_COMPRESSED: u32 = 0x20;
 /// Request flag: fail with ENOTSUP rather than write zero data (BDRV_REQ_NO_FALLBACK).
 pub const REQ_NO_FALLBACK: u32 = 0x100;
 /// Every request flag known.

@@ -280,6 +280,31 @@ fn wl_reuse_l2() -> Workload {
     }
 }
 
+fn wl_compressed() -> Workload {
+    // 4 KiB clusters of one pattern compress to a few dozen bytes: many
+    // share a host cluster, whose refcount grows with each one.
+    Workload {
+        name: "compressed",
+        create: "cluster_size=4096",
+        size: 8 * M,
+        fill: &["write -P 0x11 0 64k", "write -c -P 0x12 1M 16k"],
+        ops: vec![
+            Op::WriteC(128 * K, 64 * K, 0xd1),
+            Op::Flush,
+            Op::WriteC(2 * M, 8 * K, 0xd2),
+            Op::Discard(128 * K, 8 * K),
+            Op::WriteC(128 * K, 4 * K, 0xd3),
+            Op::Flush,
+            Op::Zero(144 * K, 4 * K, U),
+            Op::WriteC(3 * M, 128 * K, 0xd4),
+            Op::Write(4 * M, 4 * K, 0xd5),
+            Op::Discard(M, 8 * K),
+            Op::WriteC(M, 4 * K, 0xd6),
+        ],
+        unit: 4096,
+    }
+}
+
 fn cluster_of(w: &Workload) -> u64 {
     w.create
         .split(',')
@@ -666,6 +691,7 @@ crash_tests! {
     crash_v2, errors_v2: wl_v2(), 30;
     crash_reuse, errors_reuse: wl_reuse(), 60;
     crash_reuse_l2, errors_reuse_l2: wl_reuse_l2(), 60;
+    crash_compressed, errors_compressed: wl_compressed(), 60;
 }
 
 // ----- persistent dirty bitmaps -----

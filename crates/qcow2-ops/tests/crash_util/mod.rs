@@ -20,13 +20,17 @@ pub enum Op {
     Discard(u64, u64),
     /// flush.
     Flush,
+    /// compressed write(offset, len) of whole clusters, every byte = pattern.
+    WriteC(u64, u64, u8),
 }
 
 impl Op {
     /// Guest range the op may change (None: flush).
     pub fn range(&self) -> Option<(u64, u64)> {
         match *self {
-            Op::Write(o, l, _) | Op::Zero(o, l, _) | Op::Discard(o, l) => Some((o, l)),
+            Op::Write(o, l, _) | Op::Zero(o, l, _) | Op::Discard(o, l) | Op::WriteC(o, l, _) => {
+                Some((o, l))
+            }
             Op::Flush => None,
         }
     }
@@ -99,7 +103,7 @@ pub fn start_image(dir: &Path, w: &Workload) -> (PathBuf, Vec<u8>, Vec<u8>) {
 /// zeroed and discarded ranges read as zeroes).
 pub fn model_apply(m: &mut [u8], op: Op, cluster: u64) {
     match op {
-        Op::Write(o, l, p) => m[o as usize..(o + l) as usize].fill(p),
+        Op::Write(o, l, p) | Op::WriteC(o, l, p) => m[o as usize..(o + l) as usize].fill(p),
         Op::Zero(o, l, _) => m[o as usize..(o + l) as usize].fill(0),
         Op::Discard(o, l) => {
             let s = o.div_ceil(cluster) * cluster;
@@ -134,6 +138,7 @@ pub fn exec(img: &Image, op: Op) -> Result<()> {
         Op::Zero(o, l, f) => img.write_zeroes(o, l, f),
         Op::Discard(o, l) => img.discard(o, l),
         Op::Flush => img.flush(),
+        Op::WriteC(o, l, p) => img.write(o, &vec![p; l as usize], REQ_COMPRESSED),
     }
 }
 
