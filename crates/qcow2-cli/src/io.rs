@@ -466,6 +466,7 @@ pub(crate) struct CmdInfo {
     pub oneline: &'static str,
 }
 
+#[allow(clippy::too_many_arguments)]
 const fn ci(
     name: &'static str,
     alt: Option<&'static str>,

@@ -204,7 +204,9 @@ fn vectored_and_aio_commands() {
                 "aio_write -f -P 0x42 10M 4k 4k",
                 "aio_flush",
                 "aio_read -P 0 8M 4k",
+                "aio_flush",
                 "aio_read -q -P 0x42 10M 8k",
+                "aio_flush",
                 "aio_read -v 10M 16",
                 "aio_flush",
                 "aio_write -u 0 512",
@@ -652,4 +654,103 @@ fn closed_stdout_is_not_an_error() {
     assert!(out.status.success(), "exit {:?}: {err}", out.status);
     assert!(err.is_empty(), "{err}");
     qemu_io_script(dir, "img.qcow2", "qcow2", &sv(&["read -P 0x66 2M 4k"])).ok("write done");
+}
+
+/// `reopen -o`: which options may change, unchanged ones, conflicts with
+/// -r/-w/-c, on/off values.
+#[test]
+fn reopen_option_rules() {
+    let lines: &[&[&str]] = &[
+        &["reopen -o node-name=foo"],
+        &["reopen -o file.node-name=foo"],
+        &["reopen -o backing.driver=file"],
+        &[
+            "reopen -o driver=qcow2",
+            "reopen -o file.driver=file",
+            "read 0 1",
+        ],
+        &["reopen -o driver=raw"],
+        &["reopen -r -o read-only=on"],
+        &["reopen -c none -o cache.direct=on"],
+        &["reopen -o read-only=foo"],
+        &["reopen -o auto-read-only=bar"],
+        &["reopen -o cache.no-flush=on", "write -P 0x12 0 4k"],
+    ];
+    for l in lines {
+        run_case(&Case {
+            name: l[0],
+            setup: &plain,
+            args: with(&["-f", "qcow2"], l, &["img.qcow2"]),
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+    run_case(&Case {
+        name: "open -o node-name then reopen",
+        setup: &plain,
+        args: with(
+            &[],
+            &[
+                "open -o node-name=foo img.qcow2",
+                "reopen -o node-name=foo",
+                "reopen",
+            ],
+            &[],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+/// QEMU's JSON takes 'single quotes'; null-co; the qcow2 cache options.
+#[test]
+fn json_quotes_null_co_and_cache_options() {
+    run_case(&Case {
+        name: "null-co",
+        setup: &plain,
+        args: with(
+            &["-f", "null-co"],
+            &["reopen", "info", "length", "read -P 0 0 4k", "write 0 4k"],
+            &["json:{'driver': 'null-co', 'size': 65536}"],
+        ),
+        images: vec![],
+        stdout: true,
+    });
+    run_case(&Case {
+        name: "single-quoted json",
+        setup: &plain,
+        args: with(
+            &[],
+            &["read -P 0x11 0 4k"],
+            &["json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'img.qcow2'}}"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+    for o in [
+        "cache-size=1.25M,l2-cache-size=1M,refcount-cache-size=0.25M",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "l2-cache-entry-size=256",
+        "l2-cache-entry-size=4242",
+        "l2-cache-entry-size=128k",
+        "cache-size=0",
+        "l2-cache-size=0",
+        "refcount-cache-size=0",
+        "cache-size=2M,l2-cache-size=1M",
+        "l2-cache-entry-size=4k",
+    ] {
+        let open = format!("open -o {o} img.qcow2");
+        run_case(&Case {
+            name: o,
+            setup: &plain,
+            args: with(
+                &[],
+                &[&open, "read -P 0x11 0 64k", "write -P 0x13 64k 64k"],
+                &[],
+            ),
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
 }

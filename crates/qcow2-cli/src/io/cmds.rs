@@ -396,6 +396,12 @@ fn info(ctx: &Ctx) -> bool {
             out!("cluster size: 0 bytes");
             out!("vm state offset: 0 bytes");
         }
+        // null-co is a protocol driver too (its name comes twice) and has
+        // no driver information: qemu-io fails silently.
+        Dev::Null { .. } => {
+            out!("format name: null-co");
+            return false;
+        }
     }
     true
 }
@@ -578,6 +584,7 @@ fn open_cmd(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
 
 /// Options `reopen -o` may change.
 const REOPENABLE: &[&str] = &[
+    "auto-read-only",
     "cache.direct",
     "cache.no-flush",
     "discard",
@@ -595,6 +602,35 @@ const REOPENABLE: &[&str] = &[
     "detect-zeroes",
 ];
 
+/// Options whose values are on/off.
+const BOOLEAN: &[&str] = &[
+    "read-only",
+    "auto-read-only",
+    "cache.direct",
+    "cache.no-flush",
+    "force-share",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+];
+
+/// Whether `reopen -o KEY=VALUE` leaves an option as it is.
+fn unchanged(cur: &open::Opened, k: &str, v: &str) -> bool {
+    if let Some((_, old)) = cur.spec.opts.iter().rev().find(|(o, _)| o == k) {
+        return old == v;
+    }
+    match k {
+        "driver" => v == cur.dev.format_name(),
+        "file.driver" => v == "file" && !matches!(cur.dev, Dev::Null { .. }),
+        "backing.driver" => match &cur.dev {
+            Dev::Qcow2(img) => img.info().backing_format.as_deref() == Some(v),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 fn reopen(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
     let usage = usage_line(ci);
     let Some((opts, pos)) = getopt("reopen", args, "c:o:rw", &usage) else {
@@ -607,12 +643,16 @@ fn reopen(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
     let Some(cur) = &ctx.cur else { return false };
     let mut spec = cur.spec.clone();
     let mut rw: Option<bool> = None;
+    let mut has_cache = false;
     let mut extra: Vec<(String, String)> = Vec::new();
     for (c, v) in opts {
         let v = v.unwrap_or_default();
         match c {
             'c' => match CacheMode::parse(&v) {
-                Some(m) => spec.cache = m,
+                Some(m) => {
+                    spec.cache = m;
+                    has_cache = true;
+                }
                 None => {
                     report_err!("Invalid cache option: {v}");
                     return false;
@@ -636,14 +676,35 @@ fn reopen(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
         }
     }
     for (k, _) in &extra {
-        if !REOPENABLE.contains(&k.as_str()) {
-            report_err!("Cannot change the option '{k}'");
-            return false;
-        }
         if k == "read-only" && rw.is_some() {
             report_err!("Cannot set both -r/-w and 'read-only'");
             return false;
         }
+        if (k == "cache.direct" || k == "cache.no-flush") && has_cache {
+            report_err!("Cannot set both -c and the cache options");
+            return false;
+        }
+    }
+    for (k, v) in &extra {
+        if BOOLEAN.contains(&k.as_str()) {
+            if let Err(m) = open::on_off(k, v) {
+                report_err!("{m}");
+                return false;
+            }
+        }
+    }
+    for (k, v) in &extra {
+        if REOPENABLE.contains(&k.as_str()) || unchanged(cur, k, v) {
+            continue;
+        }
+        // QEMU names the option of the node it belongs to.
+        let has_backing = matches!(&cur.dev, Dev::Qcow2(img) if img.info().backing_file.is_some());
+        let short = k
+            .strip_prefix("file.")
+            .or_else(|| k.strip_prefix("backing.").filter(|_| has_backing))
+            .unwrap_or(k);
+        report_err!("Cannot change the option '{short}'");
+        return false;
     }
     if spec.snapshot {
         // The temporary overlay lives as long as the device: keep it.
@@ -705,7 +766,7 @@ fn truncate(ctx: &Ctx, ci: &CmdInfo, args: &[String]) -> bool {
             }
             true
         }
-        Dev::Qcow2(_) => {
+        Dev::Qcow2(_) | Dev::Null { .. } => {
             // Resizing a qcow2 image needs an engine API that does not exist yet.
             report_err!("Image format driver does not support resize");
             false

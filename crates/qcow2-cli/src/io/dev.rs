@@ -17,6 +17,13 @@ pub enum Dev {
         /// Flushes reach the disk (not cache.no-flush / cache=unsafe).
         flush: bool,
     },
+    /// QEMU's `null-co` driver: reads zeroes, writes go nowhere.
+    Null {
+        /// Its size.
+        size: u64,
+        /// Reads return zeroes (else the buffer is left as it was).
+        read_zeroes: bool,
+    },
 }
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
@@ -35,6 +42,7 @@ impl Dev {
         match self {
             Dev::Qcow2(_) => "qcow2",
             Dev::Raw { .. } => "raw",
+            Dev::Null { .. } => "null-co",
         }
     }
 
@@ -43,6 +51,7 @@ impl Dev {
         match self {
             Dev::Qcow2(i) => Ok(i.virtual_size()),
             Dev::Raw { file, .. } => file.len().map_err(|e| io_err("stat", e)),
+            Dev::Null { size, .. } => Ok(*size),
         }
     }
 
@@ -51,6 +60,16 @@ impl Dev {
         match self {
             Dev::Qcow2(i) => i.read(off, buf),
             Dev::Raw { file, .. } => file.read_at(buf, off).map_err(|e| io_err("read", e)),
+            Dev::Null { read_zeroes, .. } => {
+                if *read_zeroes {
+                    buf.fill(0);
+                } else {
+                    // qemu-io's read buffers start filled with 0xab and
+                    // null-co leaves them so.
+                    buf.fill(0xab);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -59,6 +78,7 @@ impl Dev {
         match self {
             Dev::Qcow2(i) => i.write(off, buf, flags),
             Dev::Raw { file, .. } => file.write_at(buf, off).map_err(|e| io_err("write", e)),
+            Dev::Null { .. } => Ok(()),
         }
     }
 
@@ -81,6 +101,7 @@ impl Dev {
                 }
                 Ok(())
             }
+            Dev::Null { .. } => Ok(()),
         }
     }
 
@@ -96,6 +117,7 @@ impl Dev {
                 }
                 Ok(())
             }
+            Dev::Null { .. } => Ok(()),
         }
     }
 
@@ -109,6 +131,7 @@ impl Dev {
                 }
                 Ok(())
             }
+            Dev::Null { .. } => Ok(()),
         }
     }
 
@@ -139,7 +162,7 @@ impl Dev {
                 Ok((want, end.clamp(off + 1, off + len) - off))
             }
             // A raw file is allocated everywhere for QEMU.
-            Dev::Raw { .. } => Ok((true, len)),
+            Dev::Raw { .. } | Dev::Null { .. } => Ok((true, len)),
         }
     }
 
@@ -153,6 +176,7 @@ impl Dev {
                 }
                 Ok(())
             }
+            Dev::Null { .. } => Ok(()),
         }
     }
 }

@@ -117,7 +117,51 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
     }
 }
 
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
+/// QEMU's JSON parser also takes 'single-quoted' strings: turn them into
+/// standard JSON strings.
+fn single_quotes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    let mut in_double = false;
+    while let Some(c) = it.next() {
+        match c {
+            '"' => {
+                in_double = !in_double;
+                out.push(c);
+            }
+            '\\' => {
+                out.push(c);
+                if let Some(n) = it.next() {
+                    out.push(n);
+                }
+            }
+            '\'' if !in_double => {
+                out.push('"');
+                while let Some(c) = it.next() {
+                    match c {
+                        '\'' => break,
+                        '"' => out.push_str("\\\""),
+                        '\\' => match it.next() {
+                            Some('\'') => out.push('\''),
+                            Some(n) => {
+                                out.push('\\');
+                                out.push(n);
+                            }
+                            None => {}
+                        },
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Checks an on/off option value like QEMU.
+pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
@@ -138,8 +182,6 @@ const IGNORED: &[&str] = &[
     "discard-no-unref",
     "overlap-check",
     "cache-clean-interval",
-    "cache-size",
-    "l2-cache-entry-size",
     "locking",
     "file.locking",
     "file.node-name",
@@ -159,7 +201,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut name = spec.name.clone();
     if let Some(n) = name.as_deref() {
         if let Some(j) = n.strip_prefix("json:") {
-            let v: serde_json::Value = serde_json::from_str(j)
+            let v: serde_json::Value = serde_json::from_str(&single_quotes(j))
                 .map_err(|e| format!("Could not parse the JSON options: {e}"))?;
             if !v.is_object() {
                 return Err("Invalid JSON object given".into());
@@ -180,6 +222,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut native_aio = spec.native_aio;
     let mut tuning = spec.tuning.clone();
     let mut direct: Option<bool> = None;
+    let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
     let mut no_flush: Option<bool> = None;
     let driver = opts.remove("driver");
     let file_driver = opts.remove("file.driver");
@@ -194,6 +237,18 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         }
     }
     let fmt_name = driver.clone().unwrap_or_else(|| "qcow2".into());
+    let opts_size = if fmt_name == "null-co" {
+        opts.remove("size")
+    } else {
+        None
+    };
+    let mut read_zeroes = false;
+    if fmt_name == "null-co" {
+        if let Some(v) = opts.remove("read-zeroes") {
+            read_zeroes = on_off("read-zeroes", &v)?;
+        }
+        filename = filename.or_else(|| Some(String::new()));
+    }
     for (k, v) in std::mem::take(&mut opts) {
         match k.as_str() {
             "cache.direct" | "file.cache.direct" => direct = Some(on_off(&k, &v)?),
@@ -212,17 +267,13 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                 native_aio = v == "native";
             }
             "backing" if v == "null" || v.is_empty() => tuning.open_backing = false,
-            "l2-cache-size" | "refcount-cache-size" => {
+            "l2-cache-size" | "refcount-cache-size" | "cache-size" | "l2-cache-entry-size" => {
+                // 0 asks for the smallest cache, as in QEMU.
                 let n = crate::num::parse_size(&v)
                     .ok()
                     .and_then(|n| usize::try_from(n).ok())
-                    .filter(|&n| n > 0)
                     .ok_or_else(|| format!("Invalid {k}: '{v}'"))?;
-                if k == "l2-cache-size" {
-                    tuning.l2_cache_bytes = n;
-                } else {
-                    tuning.refcount_cache_bytes = n;
-                }
+                sizes.insert(k.clone(), n);
             }
             _ if k.starts_with("backing.") => {}
             _ if IGNORED.contains(&k.as_str()) => {}
@@ -257,6 +308,49 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             (false, false, false) => CacheMode::Writeback,
         };
     }
+    let (total, l2, rc) = (
+        sizes.get("cache-size").copied(),
+        sizes.get("l2-cache-size").copied(),
+        sizes.get("refcount-cache-size").copied(),
+    );
+    match (total, l2, rc) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+                    .into(),
+            )
+        }
+        (Some(t), Some(l), None) if l > t => {
+            return Err("l2-cache-size may not exceed cache-size".into())
+        }
+        (Some(t), None, Some(r)) if r > t => {
+            return Err("refcount-cache-size may not exceed cache-size".into())
+        }
+        (Some(t), Some(l), None) => {
+            tuning.l2_cache_bytes = l;
+            tuning.refcount_cache_bytes = t - l;
+        }
+        (Some(t), None, Some(r)) => {
+            tuning.l2_cache_bytes = t - r;
+            tuning.refcount_cache_bytes = r;
+        }
+        (Some(t), None, None) => {
+            tuning.refcount_cache_bytes = (t / 4).min(tuning.refcount_cache_bytes);
+            tuning.l2_cache_bytes = t - tuning.refcount_cache_bytes;
+        }
+        (None, l, r) => {
+            if let Some(l) = l {
+                tuning.l2_cache_bytes = l;
+            }
+            if let Some(r) = r {
+                tuning.refcount_cache_bytes = r;
+            }
+        }
+    }
+    // The engine keeps at least one table in each cache.
+    tuning.l2_cache_bytes = tuning.l2_cache_bytes.max(1);
+    tuning.refcount_cache_bytes = tuning.refcount_cache_bytes.max(1);
+    let entry_size = sizes.get("l2-cache-entry-size").copied();
     if native_aio && !cache.direct() {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not specified."
@@ -280,10 +374,36 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     tuning.writable = !read_only;
     tuning.cache = cache;
     tuning.discard = discard;
+    if fmt == "null-co" {
+        let size = match opts_size {
+            Some(v) => crate::num::parse_size(&v).map_err(|_| {
+                "Parameter 'size' expects a non-negative number below 2^64".to_string()
+            })?,
+            None => 1 << 30,
+        };
+        return Ok(Opened {
+            dev: Dev::Null { size, read_zeroes },
+            read_only,
+            copy_on_read: spec.copy_on_read,
+            spec: spec.clone(),
+        });
+    }
     let dev = match fmt.as_str() {
         "qcow2" if spec.snapshot => open_snapshot(&path, "qcow2", &tuning)?,
         "raw" | "file" if spec.snapshot => open_snapshot(&path, "raw", &tuning)?,
-        "qcow2" => Dev::Qcow2(Box::new(open_qcow2(&path, &tuning)?)),
+        "qcow2" => {
+            let img = open_qcow2(&path, &tuning)?;
+            if let Some(e) = entry_size {
+                let cs = img.cluster_size();
+                if !e.is_power_of_two() || e < 512 || e as u64 > cs {
+                    let _ = img.close();
+                    return Err(format!(
+                        "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+                    ));
+                }
+            }
+            Dev::Qcow2(Box::new(img))
+        }
         "raw" | "file" => open_raw(&path, &tuning)?,
         other => return Err(format!("Unknown driver '{other}'")),
     };
