@@ -562,6 +562,10 @@ fn command_line_errors() {
             sv(&["-f", "qcow2", "-c", "read 0 1", "nope.qcow2"]),
         ),
         (
+            "missing backing file",
+            sv(&["-f", "qcow2", "-c", "read 0 1", "nobase.qcow2"]),
+        ),
+        (
             "no file",
             sv(&["-c", "read 0 1", "-c", "help alloc", "-c", "sigraise 0"]),
         ),
@@ -575,6 +579,26 @@ fn command_line_errors() {
             sv(&["-f", "qcow2", "-c", "quit", "-c", "frob", "img.qcow2"]),
         ),
     ];
+    let setup = |dir: &Path| {
+        plain(dir);
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                "gone.qcow2",
+                "-F",
+                "qcow2",
+                "nobase.qcow2",
+                "1M",
+            ],
+        )
+        .ok("create with a missing backing file");
+    };
     for (name, args) in cases {
         // Our usage text is our own: stdout is compared where it is not printed.
         let usage = matches!(
@@ -583,7 +607,7 @@ fn command_line_errors() {
         );
         run_case(&Case {
             name,
-            setup: &plain,
+            setup: &setup,
             args,
             images: vec![("img.qcow2", "qcow2")],
             stdout: !usage,

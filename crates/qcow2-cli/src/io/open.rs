@@ -423,7 +423,22 @@ fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
     if let Err(e) = std::fs::metadata(path) {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
-    Image::open(path, o).map_err(|e| error_text(&e))
+    Image::open(path, o).map_err(|e| match &e {
+        // QEMU's wording for a backing file that cannot be opened.
+        qcow2_ops::Error::Io { context, source } => {
+            match context
+                .strip_prefix("could not open backing file '")
+                .and_then(|r| r.strip_suffix('\''))
+            {
+                Some(b) => format!(
+                    "Could not open backing file: Could not open '{b}': {}",
+                    strerror(source.raw_os_error().unwrap_or(5))
+                ),
+                None => error_text(&e),
+            }
+        }
+        _ => error_text(&e),
+    })
 }
 
 fn open_raw(path: &Path, o: &OpenOptions) -> Result<Dev, String> {
