@@ -6,58 +6,65 @@
 //! Numbers take qemu's size syntax (`4k`, `1.5M`, `0x10000`, `512b`).
 
 use crate::num::{cvtstr, parse_size, timestr, SizeError};
-use crate::{check_format, error_text, open_image, strerror, Fail, OutputFormat};
+use crate::{error_text, strerror, OutputFormat};
 use clap::Args;
 use qcow2_ops::{
     CacheMode, DiscardMode, Error, Image, OpenOptions, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK,
 };
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::io::{BufRead, Write};
+use std::sync::OnceLock;
 use std::time::Instant;
 
-/// Arguments of `qcow2 io`.
+mod cmds;
+mod dev;
+mod open;
+
+use dev::Dev;
+use open::{OpenSpec, Opened};
+
+/// Prints a line on stdout; a closed pipe is not an error (qemu-io ignores
+/// SIGPIPE and goes on).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+pub(crate) use out;
+
+/// Prints an error on stderr with the program name, like QEMU's error_report.
+macro_rules! report_err {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), "{}: {}", crate::io::prog(), format!($($t)*));
+    }};
+}
+pub(crate) use report_err;
+
+/// eprintln! that ignores a closed stderr.
+macro_rules! eprint_line {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+static PROG: OnceLock<String> = OnceLock::new();
+
+/// The program name messages start with (argv[0]'s file name).
+pub fn prog() -> &'static str {
+    PROG.get().map(String::as_str).unwrap_or("qcow2")
+}
+
+/// Arguments of `qcow2 io`: qemu-io's command line (parsed by hand, like
+/// getopt_long: options may repeat, the last one wins).
 #[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
 pub struct IoArgs {
-    /// Open the image read-only.
-    #[arg(short = 'r', long = "read-only")]
-    read_only: bool,
-    /// Image format (only qcow2).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// Cache mode: writeback, writethrough (default), unsafe, none, directsync.
-    #[arg(short = 't', long = "cache")]
-    cache: Option<String>,
-    /// Disable the host cache (same as -t none).
-    #[arg(short = 'n', long = "nocache")]
-    nocache: bool,
-    /// Discard mode: unmap/on (default, as qemu-io) or ignore/off.
-    #[arg(short = 'd', long = "discard")]
-    discard: Option<String>,
-    /// Accepted for compatibility; no effect.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// Print the engine counters after the commands (`--stats` or `--stats=json`).
-    #[arg(long = "stats", value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "human")]
-    stats: Option<OutputFormat>,
-    /// L2 table cache size in bytes (suffixes k/M/G; default 1M).
-    #[arg(long = "l2-cache-size")]
-    l2_cache_size: Option<String>,
-    /// Refcount block cache size in bytes (suffixes k/M/G; default 256k).
-    #[arg(long = "refcount-cache-size")]
-    refcount_cache_size: Option<String>,
-    /// Dirty tracking granularity inside cached tables: 512 to the cluster
-    /// size, a power of two (default 4k).
-    #[arg(long = "dirty-granularity")]
-    dirty_granularity: Option<String>,
-    /// A command to run (repeatable); without -c, commands are read from stdin.
-    #[arg(short = 'c', long = "cmd", allow_hyphen_values = true, action = clap::ArgAction::Append)]
-    cmds: Vec<String>,
-    /// The image.
-    file: PathBuf,
+    /// qemu-io options, `-c` commands and the image (see `qcow2 io -h`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<String>,
 }
 
 /// Largest request qemu-io accepts (BDRV_REQUEST_MAX_BYTES).
-const MAX_REQ: u64 = 2147483136;
+pub(crate) const MAX_REQ: u64 = 2147483136;
 
 const READ_USAGE: &str =
     "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset";
@@ -66,17 +73,38 @@ const WRITE_USAGE: &str =
 const DISCARD_USAGE: &str =
     "discard [-Cq] off len -- discards a number of bytes at a specified offset";
 
-struct Ctx {
-    img: Image,
-    read_only: bool,
+/// The state of a session: the open device (if any).
+pub(crate) struct Ctx {
+    cur: Option<Opened>,
     size: u64,
+    /// Engine tuning from the command line (used by `open`).
+    tuning: OpenOptions,
+}
+
+impl Ctx {
+    pub(crate) fn dev(&self) -> &Dev {
+        match &self.cur {
+            Some(o) => &o.dev,
+            None => unreachable_dev(),
+        }
+    }
+    pub(crate) fn set(&mut self, o: Option<Opened>) {
+        self.size = o.as_ref().and_then(|o| o.dev.size().ok()).unwrap_or(0);
+        self.cur = o;
+    }
+}
+
+/// Commands that need a device run only when one is open.
+fn unreachable_dev() -> &'static Dev {
+    // run_line checks that a device is open before any command uses it.
+    panic!("no device open")
 }
 
 /// A parsed option list: (flag, argument) pairs and the positional arguments.
-type Parsed = (Vec<(char, Option<String>)>, Vec<String>);
+pub(crate) type Parsed = (Vec<(char, Option<String>)>, Vec<String>);
 
 /// getopt(3) with GNU argument permutation; prints errors like it.
-fn getopt(name: &str, args: &[String], spec: &str, usage: &str) -> Option<Parsed> {
+pub(crate) fn getopt(name: &str, args: &[String], spec: &str, usage: &str) -> Option<Parsed> {
     let mut opts = Vec::new();
     let mut pos = Vec::new();
     let mut i = 0;
@@ -97,8 +125,8 @@ fn getopt(name: &str, args: &[String], spec: &str, usage: &str) -> Option<Parsed
             let c = chars[j];
             j += 1;
             let Some(p) = spec.find(c).filter(|_| c != ':') else {
-                eprintln!("{name}: invalid option -- '{c}'");
-                println!("{usage}");
+                eprint_line!("{name}: invalid option -- '{c}'");
+                out!("{usage}");
                 return None;
             };
             if spec[p + c.len_utf8()..].starts_with(':') {
@@ -110,8 +138,8 @@ fn getopt(name: &str, args: &[String], spec: &str, usage: &str) -> Option<Parsed
                     i += 1;
                     args[i - 1].clone()
                 } else {
-                    eprintln!("{name}: option requires an argument -- '{c}'");
-                    println!("{usage}");
+                    eprint_line!("{name}: option requires an argument -- '{c}'");
+                    out!("{usage}");
                     return None;
                 };
                 opts.push((c, Some(val)));
@@ -124,17 +152,15 @@ fn getopt(name: &str, args: &[String], spec: &str, usage: &str) -> Option<Parsed
 }
 
 /// qemu-io's cvtnum with its error messages.
-fn cvtnum(s: &str) -> Option<u64> {
+pub(crate) fn cvtnum(s: &str) -> Option<u64> {
     match parse_size(s) {
         Ok(v) => Some(v),
         Err(SizeError::TooLarge) => {
-            println!("Parsing error: argument too large -- {s}");
+            out!("Parsing error: argument too large -- {s}");
             None
         }
         Err(SizeError::Invalid) => {
-            println!(
-                "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}"
-            );
+            out!("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}");
             None
         }
     }
@@ -160,20 +186,20 @@ fn parse_pattern(s: &str) -> Option<u8> {
     Some(v as u8)
 }
 
-fn pattern_arg(s: &str) -> Option<u8> {
+pub(crate) fn pattern_arg(s: &str) -> Option<u8> {
     let p = parse_pattern(s);
     if p.is_none() {
-        println!("{s} is not a valid pattern byte");
+        out!("{s} is not a valid pattern byte");
     }
     p
 }
 
-fn report(verb: &str, done: u64, offset: u64, secs: f64, machine: bool) {
+pub(crate) fn report(verb: &str, done: u64, offset: u64, secs: f64, machine: bool) {
     let secs = if secs > 0.0 { secs } else { 1e-9 };
     if machine {
         let cs = (secs * 100.0).round() as u64;
         let s = cs / 100;
-        println!(
+        out!(
             "{},1,{}:{:02}:{:02}.{:02},{:.3},{:.3}",
             done,
             s / 3600,
@@ -185,8 +211,8 @@ fn report(verb: &str, done: u64, offset: u64, secs: f64, machine: bool) {
         );
         return;
     }
-    println!("{verb} {done}/{done} bytes at offset {offset}");
-    println!(
+    out!("{verb} {done}/{done} bytes at offset {offset}");
+    out!(
         "{}, 1 ops; {} ({}/sec and {:.4} ops/sec)",
         cvtstr(done as f64),
         timestr(secs),
@@ -195,20 +221,20 @@ fn report(verb: &str, done: u64, offset: u64, secs: f64, machine: bool) {
     );
 }
 
-fn failed(cmd: &str, e: &Error) {
+pub(crate) fn failed(cmd: &str, e: &Error) {
     if let Error::Corrupt(m) = e {
         // What QEMU reports on stderr when it marks an image corrupt.
-        eprintln!("qcow2: {m}");
+        report_err!("{m}");
     }
-    println!("{cmd} failed: {}", strerror(e.errno()));
+    out!("{cmd} failed: {}", strerror(e.errno()));
 }
 
-fn eio(cmd: &str) {
-    println!("{cmd} failed: {}", strerror(5));
+pub(crate) fn eio(cmd: &str) {
+    out!("{cmd} failed: {}", strerror(5));
 }
 
 /// Dumps a buffer like qemu-io's `read -v`.
-fn dump(offset: u64, buf: &[u8]) {
+pub(crate) fn dump(offset: u64, buf: &[u8]) {
     for (n, chunk) in buf.chunks(16).enumerate() {
         let mut line = format!("{:08x}:  ", offset + 16 * n as u64);
         for b in chunk {
@@ -222,15 +248,15 @@ fn dump(offset: u64, buf: &[u8]) {
                 '.'
             });
         }
-        println!("{line}");
+        out!("{line}");
     }
 }
 
-fn in_bounds(ctx: &Ctx, off: u64, len: u64) -> bool {
+pub(crate) fn in_bounds(ctx: &Ctx, off: u64, len: u64) -> bool {
     off <= ctx.size && len <= ctx.size - off
 }
 
-fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
+pub(crate) fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let Some((opts, pos)) = getopt(name, args, "abCpP:qrs:l:v", READ_USAGE) else {
         return false;
     };
@@ -254,18 +280,18 @@ fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
             'v' => verbose = true,
             'C' => machine = true,
             'b' => {
-                println!("read failed: {}", strerror(95));
+                out!("read failed: {}", strerror(95));
                 return false;
             }
             _ => {}
         }
     }
     if pos.len() != 2 {
-        println!("{READ_USAGE}");
+        out!("{READ_USAGE}");
         return false;
     }
     if pattern.is_none() && (p_off.is_some() || p_len.is_some()) {
-        println!("{READ_USAGE}");
+        out!("{READ_USAGE}");
         return false;
     }
     let Some((offset, count)) = offset_and_length(&pos, Some("")) else {
@@ -274,7 +300,7 @@ fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let p_off = p_off.unwrap_or(0);
     let p_len = p_len.unwrap_or(count.saturating_sub(p_off));
     if pattern.is_some() && (p_off > count || p_len > count - p_off) {
-        println!("pattern verification range exceeds end of read data");
+        out!("pattern verification range exceeds end of read data");
         return false;
     }
     if !in_bounds(ctx, offset, count) {
@@ -284,7 +310,7 @@ fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let mut buf = vec![0u8; count as usize];
     let t = Instant::now();
     if count > 0 {
-        if let Err(e) = ctx.img.read(offset, &mut buf) {
+        if let Err(e) = cmds::read_cor(ctx, offset, &mut buf) {
             failed("read", &e);
             return false;
         }
@@ -294,7 +320,7 @@ fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     if let Some(p) = pattern {
         let region = &buf[p_off as usize..(p_off + p_len) as usize];
         if region.iter().any(|&b| b != p) {
-            println!(
+            out!(
                 "Pattern verification failed at offset {}, {} bytes",
                 offset + p_off,
                 p_len
@@ -312,7 +338,7 @@ fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     ok
 }
 
-fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
+pub(crate) fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let Some((opts, pos)) = getopt(name, args, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
@@ -338,7 +364,7 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         }
     }
     if pos.len() != 2 {
-        println!("{WRITE_USAGE}");
+        out!("{WRITE_USAGE}");
         return false;
     }
     if [zero, pattern.is_some(), source]
@@ -347,15 +373,15 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         .count()
         > 1
     {
-        println!("Only one of -z, -P, and -s can be specified at the same time");
+        out!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
     if flags & REQ_MAY_UNMAP != 0 && !zero {
-        println!("-u requires -z to be specified");
+        out!("-u requires -z to be specified");
         return false;
     }
     if flags & REQ_NO_FALLBACK != 0 && !zero {
-        println!("-n requires -z to be specified");
+        out!("-n requires -z to be specified");
         return false;
     }
     // qemu-io lifts the length limit for -n requests.
@@ -367,7 +393,7 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         // As qemu-io: compressed requests are sector aligned.
         for (v, what) in [(offset, "offset"), (count, "count")] {
             if v % 512 != 0 {
-                println!("{v} is not a sector-aligned value for '{what}'");
+                out!("{v} is not a sector-aligned value for '{what}'");
                 return false;
             }
         }
@@ -377,7 +403,7 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     }
     if vmstate || source {
         // Not provided by the engine's API.
-        println!("write failed: {}", strerror(95));
+        out!("write failed: {}", strerror(95));
         return false;
     }
     if !in_bounds(ctx, offset, count) {
@@ -388,10 +414,10 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let r = if count == 0 {
         Ok(())
     } else if zero {
-        ctx.img.write_zeroes(offset, count, flags)
+        ctx.dev().write_zeroes(offset, count, flags)
     } else {
         let buf = vec![pattern.unwrap_or(0xcd); count as usize];
-        ctx.img
+        ctx.dev()
             .write(offset, &buf, flags & (REQ_FUA | qcow2_ops::REQ_COMPRESSED))
     };
     let secs = t.elapsed().as_secs_f64();
@@ -405,14 +431,14 @@ fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     true
 }
 
-fn cmd_discard(ctx: &Ctx, name: &str, args: &[String]) -> bool {
+pub(crate) fn cmd_discard(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let Some((opts, pos)) = getopt(name, args, "Cq", DISCARD_USAGE) else {
         return false;
     };
     let quiet = opts.iter().any(|(c, _)| *c == 'q');
     let machine = opts.iter().any(|(c, _)| *c == 'C');
     if pos.len() != 2 {
-        println!("{DISCARD_USAGE}");
+        out!("{DISCARD_USAGE}");
         return false;
     }
     let Some((offset, count)) = offset_and_length(&pos, Some("")) else {
@@ -426,7 +452,7 @@ fn cmd_discard(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let r = if count == 0 {
         Ok(())
     } else {
-        ctx.img.discard(offset, count)
+        ctx.dev().discard(offset, count)
     };
     let secs = t.elapsed().as_secs_f64();
     if let Err(e) = r {
@@ -439,52 +465,428 @@ fn cmd_discard(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     true
 }
 
-/// Runs one command line; false when it failed.
-fn run_line(ctx: &Ctx, line: &str) -> bool {
+/// One qemu-io command: names, argument counts, whether it needs an open
+/// device and write permission, and its help line.
+pub(crate) struct CmdInfo {
+    pub name: &'static str,
+    pub alt: Option<&'static str>,
+    pub min: usize,
+    /// `None`: no upper bound.
+    pub max: Option<usize>,
+    pub needs_file: bool,
+    pub writes: bool,
+    pub args: &'static str,
+    pub oneline: &'static str,
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn ci(
+    name: &'static str,
+    alt: Option<&'static str>,
+    min: usize,
+    max: Option<usize>,
+    needs_file: bool,
+    writes: bool,
+    args: &'static str,
+    oneline: &'static str,
+) -> CmdInfo {
+    CmdInfo {
+        name,
+        alt,
+        min,
+        max,
+        needs_file,
+        writes,
+        args,
+        oneline,
+    }
+}
+
+/// The commands, in qemu-io's (alphabetical) help order.
+pub(crate) const COMMANDS: &[CmdInfo] = &[
+    ci(
+        "abort",
+        None,
+        0,
+        Some(0),
+        false,
+        false,
+        "",
+        "simulate a program crash using abort(3)",
+    ),
+    ci(
+        "aio_flush",
+        None,
+        0,
+        Some(0),
+        true,
+        false,
+        "",
+        "completes all outstanding aio requests",
+    ),
+    ci(
+        "aio_read",
+        None,
+        2,
+        None,
+        true,
+        false,
+        "[-Ciqrv] [-P pattern] off len [len..]",
+        "asynchronously reads a number of bytes",
+    ),
+    ci(
+        "aio_write",
+        None,
+        2,
+        None,
+        true,
+        true,
+        "[-Cfiqruz] [-P pattern] off len [len..]",
+        "asynchronously writes a number of bytes",
+    ),
+    ci(
+        "alloc",
+        Some("a"),
+        1,
+        Some(2),
+        true,
+        false,
+        "offset [count]",
+        "checks if offset is allocated in the file",
+    ),
+    ci(
+        "break",
+        None,
+        2,
+        Some(2),
+        true,
+        false,
+        "event tag",
+        "sets a breakpoint on event and tags the stopped request as tag",
+    ),
+    ci(
+        "close",
+        Some("c"),
+        0,
+        Some(0),
+        true,
+        false,
+        "",
+        "close the current open file",
+    ),
+    ci(
+        "discard",
+        Some("d"),
+        2,
+        None,
+        true,
+        true,
+        "[-Cq] off len",
+        "discards a number of bytes at a specified offset",
+    ),
+    ci(
+        "flush",
+        Some("f"),
+        0,
+        Some(0),
+        true,
+        false,
+        "",
+        "flush all in-core file state to disk",
+    ),
+    ci(
+        "help",
+        Some("?"),
+        0,
+        Some(1),
+        false,
+        false,
+        "[command]",
+        "help for one or all commands",
+    ),
+    ci(
+        "info",
+        Some("i"),
+        0,
+        Some(0),
+        true,
+        false,
+        "",
+        "prints information about the current file",
+    ),
+    ci(
+        "length",
+        Some("l"),
+        0,
+        Some(0),
+        true,
+        false,
+        "",
+        "gets the length of the current file",
+    ),
+    ci(
+        "map",
+        Some("m"),
+        0,
+        Some(0),
+        true,
+        false,
+        "",
+        "prints the allocated areas of a file",
+    ),
+    ci(
+        "open",
+        Some("o"),
+        1,
+        None,
+        false,
+        false,
+        "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
+        "open the file specified by path",
+    ),
+    ci(
+        "quit",
+        Some("q"),
+        0,
+        Some(0),
+        false,
+        false,
+        "",
+        "exit the program",
+    ),
+    ci(
+        "read",
+        Some("r"),
+        2,
+        None,
+        true,
+        false,
+        "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
+        "reads a number of bytes at a specified offset",
+    ),
+    ci(
+        "readv",
+        None,
+        2,
+        None,
+        true,
+        false,
+        "[-Cqrv] [-P pattern] off len [len..]",
+        "reads a number of bytes at a specified offset",
+    ),
+    ci(
+        "remove_break",
+        None,
+        1,
+        Some(1),
+        true,
+        false,
+        "tag",
+        "remove a breakpoint by tag",
+    ),
+    ci(
+        "reopen",
+        None,
+        0,
+        None,
+        true,
+        false,
+        "[(-r|-w)] [-c cache] [-o options]",
+        "reopens an image with new options",
+    ),
+    ci(
+        "resume",
+        None,
+        1,
+        Some(1),
+        true,
+        false,
+        "tag",
+        "resumes the request tagged as tag",
+    ),
+    ci(
+        "sigraise",
+        None,
+        1,
+        Some(1),
+        false,
+        false,
+        "signal",
+        "raises a signal",
+    ),
+    ci(
+        "sleep",
+        None,
+        1,
+        Some(1),
+        false,
+        false,
+        "",
+        "waits for the given value in milliseconds",
+    ),
+    ci(
+        "truncate",
+        Some("t"),
+        1,
+        Some(3),
+        true,
+        true,
+        "[-m prealloc_mode] off",
+        "truncates the current file at the given offset",
+    ),
+    ci(
+        "wait_break",
+        None,
+        1,
+        Some(1),
+        true,
+        false,
+        "tag",
+        "waits for the suspension of a request",
+    ),
+    ci(
+        "write",
+        Some("w"),
+        2,
+        None,
+        true,
+        true,
+        "[-bcCfnqruz] [-P pattern | -s source_file] off len",
+        "writes a number of bytes at a specified offset",
+    ),
+    ci(
+        "writev",
+        None,
+        2,
+        None,
+        true,
+        true,
+        "[-Cfqr] [-P pattern] off len [len..]",
+        "writes a number of bytes at a specified offset",
+    ),
+    ci(
+        "zone_append",
+        Some("zap"),
+        3,
+        Some(4),
+        true,
+        true,
+        "offset len [len..]",
+        "append write a number of bytes at a specified offset",
+    ),
+    ci(
+        "zone_close",
+        Some("zc"),
+        2,
+        Some(2),
+        true,
+        true,
+        "offset len",
+        "close a range of zones in zone block device",
+    ),
+    ci(
+        "zone_finish",
+        Some("zf"),
+        2,
+        Some(2),
+        true,
+        true,
+        "offset len",
+        "finish a range of zones in zone block device",
+    ),
+    ci(
+        "zone_open",
+        Some("zo"),
+        2,
+        Some(2),
+        true,
+        true,
+        "offset len",
+        "explicit open a range of zones in zone block device",
+    ),
+    ci(
+        "zone_report",
+        Some("zrp"),
+        2,
+        Some(2),
+        true,
+        false,
+        "offset number",
+        "report zone information",
+    ),
+    ci(
+        "zone_reset",
+        Some("zrs"),
+        2,
+        Some(2),
+        true,
+        true,
+        "offset len",
+        "reset a zone write pointer in zone block device",
+    ),
+];
+
+/// `name args -- oneline`, as qemu-io prints usage and help lines.
+pub(crate) fn usage_line(c: &CmdInfo) -> String {
+    if c.args.is_empty() && c.name != "map" {
+        return format!("{} -- {}", c.name, c.oneline);
+    }
+    format!("{} {} -- {}", c.name, c.args, c.oneline)
+}
+
+fn find_cmd(name: &str) -> Option<&'static CmdInfo> {
+    COMMANDS
+        .iter()
+        .find(|c| c.name == name || c.alt == Some(name))
+}
+
+/// What a command line did.
+enum Outcome {
+    Ok,
+    Failed,
+    Quit,
+}
+
+/// Runs one command line.
+fn run_line(ctx: &mut Ctx, line: &str) -> Outcome {
     let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
     let Some(name) = words.first() else {
-        return true;
+        return Outcome::Ok;
     };
     let args = &words[1..];
-    let (canon, min, max, writes) = match name.as_str() {
-        "read" | "r" => ("read", 2, usize::MAX, false),
-        "write" | "w" => ("write", 2, usize::MAX, true),
-        "discard" | "d" => ("discard", 2, usize::MAX, true),
-        "flush" | "f" => ("flush", 0, 0, false),
-        _ => {
-            eprintln!("command \"{name}\" not found");
-            return false;
-        }
+    let Some(ci) = find_cmd(name) else {
+        let _ = writeln!(std::io::stderr(), "command \"{name}\" not found");
+        return Outcome::Failed;
     };
-    if args.len() < min || args.len() > max {
-        if min == max {
-            eprintln!(
-                "bad argument count {} to {name}, expected {min} arguments",
-                args.len()
-            );
-        } else {
-            eprintln!(
-                "bad argument count {} to {name}, expected at least {min} arguments",
-                args.len()
-            );
-        }
-        return false;
+    if ci.needs_file && ctx.cur.is_none() {
+        let _ = writeln!(std::io::stderr(), "no file open, try 'help open'");
+        return Outcome::Failed;
     }
-    if writes && ctx.read_only {
-        eprintln!("qcow2: Block node is read-only");
-        return false;
+    let n = args.len();
+    if n < ci.min || ci.max.is_some_and(|m| n > m) {
+        let msg = match ci.max {
+            Some(m) if m == ci.min => format!("expected {m} arguments"),
+            Some(m) => format!("expected between {} and {m} arguments", ci.min),
+            None => format!("expected at least {} arguments", ci.min),
+        };
+        let _ = writeln!(std::io::stderr(), "bad argument count {n} to {name}, {msg}");
+        return Outcome::Failed;
     }
-    match canon {
+    if ci.writes && ctx.cur.as_ref().is_some_and(|o| o.read_only) {
+        report_err!("Block node is read-only");
+        return Outcome::Failed;
+    }
+    let ok = match ci.name {
         "read" => cmd_read(ctx, name, args),
         "write" => cmd_write(ctx, name, args),
         "discard" => cmd_discard(ctx, name, args),
-        _ => match ctx.img.flush() {
-            Ok(()) => true,
-            Err(e) => {
-                failed("flush", &e);
-                false
-            }
-        },
+        "quit" => return Outcome::Quit,
+        _ => cmds::run(ctx, ci, name, args),
+    };
+    if ok {
+        Outcome::Ok
+    } else {
+        Outcome::Failed
     }
 }
 
@@ -492,7 +894,7 @@ fn print_stats(img: &Image, fmt: OutputFormat) {
     let s = img.stats();
     match fmt {
         OutputFormat::Json => {
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string(&s).unwrap_or_else(|_| "{}".into())
             );
@@ -500,122 +902,393 @@ fn print_stats(img: &Image, fmt: OutputFormat) {
         OutputFormat::Human => {
             if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(s) {
                 for (k, v) in m {
-                    println!("{k}: {v}");
+                    out!("{k}: {v}");
                 }
             }
         }
     }
 }
 
-/// Runs `qcow2 io`; exit status 1 when any command (or the open/close) failed.
-pub fn run(a: IoArgs) -> Result<u8, Fail> {
-    check_format(&a.format)?;
-    let _ = a.force_share;
-    let cache = match (&a.cache, a.nocache) {
-        (Some(c), _) => {
-            CacheMode::parse(c).ok_or_else(|| Fail::new(format!("Invalid cache option: {c}")))?
-        }
-        (None, true) => CacheMode::None,
-        (None, false) => CacheMode::Writethrough,
-    };
-    let discard = match &a.discard {
-        Some(d) => DiscardMode::parse(d)
-            .ok_or_else(|| Fail::new(format!("Invalid discard option: {d}")))?,
-        None => DiscardMode::Unmap,
-    };
-    let size_opt = |v: &Option<String>, name: &str, default: usize| -> Result<usize, Fail> {
-        match v {
-            None => Ok(default),
-            Some(s) => crate::num::parse_size(s)
-                .ok()
-                .and_then(|n| usize::try_from(n).ok())
-                .filter(|&n| n > 0)
-                .ok_or_else(|| Fail::new(format!("Invalid {name}: '{s}'"))),
-        }
-    };
-    let dirty_granularity = size_opt(
-        &a.dirty_granularity,
-        "dirty granularity",
-        OpenOptions::DEFAULT_DIRTY_GRANULARITY,
-    )?;
-    if !dirty_granularity.is_power_of_two() || dirty_granularity < 512 {
-        return Err(Fail::new(format!(
-            "Invalid dirty granularity: {dirty_granularity} (a power of two, at least 512)"
-        )));
-    }
-    let opts = OpenOptions {
-        writable: !a.read_only,
-        cache,
-        discard,
-        l2_cache_bytes: size_opt(
-            &a.l2_cache_size,
-            "L2 cache size",
-            OpenOptions::DEFAULT_L2_CACHE,
-        )?,
-        refcount_cache_bytes: size_opt(
-            &a.refcount_cache_size,
-            "refcount cache size",
-            OpenOptions::DEFAULT_REFCOUNT_CACHE,
-        )?,
-        dirty_granularity,
-        ..OpenOptions::default()
-    };
-    let img = open_image(&a.file, &opts)
-        .map_err(|f| Fail::new(format!("can't open device {}: {}", a.file.display(), f.msg)))?;
-    let ctx = Ctx {
-        size: img.virtual_size(),
-        img,
-        read_only: a.read_only,
-    };
-    let mut ok = true;
-    if a.cmds.is_empty() {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            let Ok(line) = line else { break };
-            let t = line.trim();
-            if t == "quit" || t == "q" {
-                break;
-            }
-            ok &= run_line(&ctx, t);
-        }
-    } else {
-        for c in &a.cmds {
-            ok &= run_line(&ctx, c);
-        }
-    }
-    let Ctx { img, .. } = ctx;
-    if let Some(fmt) = a.stats {
-        // The counters cover the whole run, the flush that closing does included.
-        if let Err(e) = img.flush() {
-            eprintln!(
-                "qcow2: {}: flush failed: {}",
-                a.file.display(),
-                error_text(&e)
-            );
-            ok = false;
-        }
-        print_stats(&img, fmt);
-    }
-    if let Err(e) = img.close() {
-        eprintln!(
-            "qcow2: {}: close failed: {}",
-            a.file.display(),
-            error_text(&e)
-        );
-        ok = false;
-    }
-    Ok(if ok { 0 } else { 1 })
+fn usage() {
+    let p = prog();
+    out!("Usage: {p} [OPTIONS]... [-c STRING]... [file]");
+    out!("Run qemu-io commands on a qcow2 or raw image.");
+    out!("");
+    out!("  --object OBJECTDEF   define an object (accepted, e.g. secret)");
+    out!("  --image-opts         treat file as option string");
+    out!("  -c, --cmd STRING     execute command with its arguments");
+    out!("  -f, --format FMT     the image format (qcow2, raw)");
+    out!("  -r, --read-only      open read-only");
+    out!("  -s, --snapshot       writes go to a temporary overlay");
+    out!("  -n, --nocache        disable host cache, short for -t none");
+    out!("  -C, --copy-on-read   enable copy-on-read");
+    out!("  -m, --misalign       accepted, no effect");
+    out!("  -k, --native-aio     accepted, no effect");
+    out!("  -i, --aio=MODE       threads, native or io_uring (accepted, no effect)");
+    out!("  -t, --cache=MODE     cache mode for the image");
+    out!("  -d, --discard=MODE   discard mode for the image");
+    out!("  -T, --trace ...      accepted, no effect");
+    out!("  -U, --force-share    accepted, no effect");
+    out!("  --stats[=human|json] print the engine counters at the end");
+    out!("  --l2-cache-size, --refcount-cache-size, --dirty-granularity SIZE");
+    out!("                       engine cache tuning");
+    out!("  -h, --help           display this help and exit");
+    out!("  -V, --version        output version information and exit");
+    out!("");
+    out!("See '{p} -c help' for information on available commands.");
 }
 
+/// Long options: (name, short equivalent or 0, takes an argument: 0 no,
+/// 1 required, 2 optional).
+const LONG: &[(&str, char, u8)] = &[
+    ("help", 'h', 0),
+    ("version", 'V', 0),
+    ("cmd", 'c', 1),
+    ("format", 'f', 1),
+    ("read-only", 'r', 0),
+    ("snapshot", 's', 0),
+    ("nocache", 'n', 0),
+    ("copy-on-read", 'C', 0),
+    ("misalign", 'm', 0),
+    ("native-aio", 'k', 0),
+    ("aio", 'i', 1),
+    ("discard", 'd', 1),
+    ("cache", 't', 1),
+    ("trace", 'T', 1),
+    ("object", 'O', 1),
+    ("image-opts", 'I', 0),
+    ("force-share", 'U', 0),
+    ("stats", 'S', 2),
+    ("l2-cache-size", '2', 1),
+    ("refcount-cache-size", '3', 1),
+    ("dirty-granularity", '4', 1),
+];
+
+const SHORT: &str = "hVc:d:f:rsnCmki:t:T:U";
+
+/// getopt_long over the command line (GNU permutation; a long option may
+/// be abbreviated when unambiguous). Err: exit status after the message.
+fn getopt_long(args: &[String]) -> Result<Parsed, u8> {
+    let mut opts = Vec::new();
+    let mut pos = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        if a == "--" {
+            pos.extend(args[i..].iter().cloned());
+            break;
+        }
+        if let Some(l) = a.strip_prefix("--") {
+            let (name, val) = match l.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (l, None),
+            };
+            let exact = LONG.iter().find(|o| o.0 == name);
+            let cands: Vec<_> = LONG.iter().filter(|o| o.0.starts_with(name)).collect();
+            let o = match (exact, cands.len()) {
+                (Some(o), _) => o,
+                (None, 1) => cands[0],
+                (None, 0) => {
+                    report_err!("unrecognized option '{a}'");
+                    usage();
+                    return Err(1);
+                }
+                _ => {
+                    report_err!("option '{a}' is ambiguous");
+                    usage();
+                    return Err(1);
+                }
+            };
+            match (o.2, val) {
+                (0, Some(_)) => {
+                    report_err!("option '--{}' doesn't allow an argument", o.0);
+                    usage();
+                    return Err(1);
+                }
+                (0, None) | (2, None) => opts.push((o.1, None)),
+                (_, Some(v)) => opts.push((o.1, Some(v))),
+                (_, None) => {
+                    if i < args.len() {
+                        i += 1;
+                        opts.push((o.1, Some(args[i - 1].clone())));
+                    } else {
+                        report_err!("option '--{}' requires an argument", o.0);
+                        usage();
+                        return Err(1);
+                    }
+                }
+            }
+            continue;
+        }
+        if a.len() < 2 || !a.starts_with('-') {
+            pos.push(a.clone());
+            continue;
+        }
+        let chars: Vec<char> = a[1..].chars().collect();
+        let mut j = 0;
+        while j < chars.len() {
+            let c = chars[j];
+            j += 1;
+            let Some(k) = SHORT.find(c).filter(|_| c != ':') else {
+                report_err!("invalid option -- '{c}'");
+                usage();
+                return Err(1);
+            };
+            if SHORT[k + c.len_utf8()..].starts_with(':') {
+                let v: String = if j < chars.len() {
+                    let v = chars[j..].iter().collect();
+                    j = chars.len();
+                    v
+                } else if i < args.len() {
+                    i += 1;
+                    args[i - 1].clone()
+                } else {
+                    report_err!("option requires an argument -- '{c}'");
+                    usage();
+                    return Err(1);
+                };
+                opts.push((c, Some(v)));
+            } else {
+                opts.push((c, None));
+            }
+        }
+    }
+    Ok((opts, pos))
+}
+
+fn size_opt(v: &str, name: &str) -> Result<usize, u8> {
+    crate::num::parse_size(v)
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            report_err!("Invalid {name}: '{v}'");
+            1
+        })
+}
+
+/// Checks an `--aio`/`-i` mode like QEMU (the engine does its own I/O: any
+/// valid mode is accepted).
+pub(crate) fn aio_mode_ok(m: &str) -> bool {
+    matches!(m, "threads" | "native" | "io_uring")
+}
+
+/// `qcow2 io ARGS` or `qemu-io ARGS` (a link named qemu-io): `prog` is the
+/// program's name for messages. Returns the exit status.
+pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
+    let _ = PROG.set(prog_name.to_string());
+    let (opts, pos) = match getopt_long(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let mut spec = OpenSpec::new(OpenOptions::default());
+    let mut format: Option<String> = None;
+    let mut image_opts = false;
+    let mut cmds: Vec<String> = Vec::new();
+    let mut stats: Option<OutputFormat> = None;
+    let mut dirty_granularity = OpenOptions::DEFAULT_DIRTY_GRANULARITY;
+    let mut tuning = OpenOptions {
+        l2_cache_bytes: OpenOptions::DEFAULT_L2_CACHE,
+        refcount_cache_bytes: OpenOptions::DEFAULT_REFCOUNT_CACHE,
+        ..OpenOptions::default()
+    };
+    for (c, v) in opts {
+        let v = v.unwrap_or_default();
+        match c {
+            's' => spec.snapshot = true,
+            'n' => spec.cache = CacheMode::None,
+            'C' => spec.copy_on_read = true,
+            'd' => match DiscardMode::parse(&v) {
+                Some(d) => spec.discard = d,
+                None => {
+                    report_err!("Invalid discard option: {v}");
+                    return 1;
+                }
+            },
+            'f' => format = Some(v),
+            'c' => cmds.push(v),
+            'r' => spec.read_only = true,
+            'U' => spec.force_share = true,
+            'm' | 'T' => {}
+            'k' => spec.native_aio = true,
+            'i' => {
+                if !aio_mode_ok(&v) {
+                    report_err!("Invalid aio option: {v}");
+                    return 1;
+                }
+                spec.native_aio = v == "native";
+            }
+            't' => match CacheMode::parse(&v) {
+                Some(m) => spec.cache = m,
+                None => {
+                    report_err!("Invalid cache option: {v}");
+                    return 1;
+                }
+            },
+            'V' => {
+                out!("{} version {}", prog(), env!("CARGO_PKG_VERSION"));
+                return 0;
+            }
+            'h' => {
+                usage();
+                return 0;
+            }
+            'O' => {
+                if let Err(m) = check_object(&v) {
+                    report_err!("{m}");
+                    return 1;
+                }
+            }
+            'I' => image_opts = true,
+            'S' => {
+                stats = Some(match v.as_str() {
+                    "" | "human" => OutputFormat::Human,
+                    "json" => OutputFormat::Json,
+                    _ => {
+                        report_err!("Invalid --stats format: {v} (human or json)");
+                        return 1;
+                    }
+                })
+            }
+            '2' => match size_opt(&v, "L2 cache size") {
+                Ok(n) => tuning.l2_cache_bytes = n,
+                Err(c) => return c,
+            },
+            '3' => match size_opt(&v, "refcount cache size") {
+                Ok(n) => tuning.refcount_cache_bytes = n,
+                Err(c) => return c,
+            },
+            '4' => match size_opt(&v, "dirty granularity") {
+                Ok(n) => dirty_granularity = n,
+                Err(c) => return c,
+            },
+            _ => {}
+        }
+    }
+    if !dirty_granularity.is_power_of_two() || dirty_granularity < 512 {
+        report_err!(
+            "Invalid dirty granularity: {dirty_granularity} (a power of two, at least 512)"
+        );
+        return 1;
+    }
+    tuning.dirty_granularity = dirty_granularity;
+    spec.tuning = tuning.clone();
+    if pos.len() > 1 {
+        usage();
+        return 1;
+    }
+    if format.is_some() && image_opts {
+        report_err!("--image-opts and -f are mutually exclusive");
+        return 1;
+    }
+    let mut ctx = Ctx {
+        cur: None,
+        size: 0,
+        tuning,
+    };
+    if let Some(file) = pos.first() {
+        if image_opts {
+            match open::parse_opt_string(file, None) {
+                Ok(o) => spec.opts = o,
+                Err(m) => {
+                    report_err!("{m}");
+                    return 1;
+                }
+            }
+        } else {
+            spec.name = Some(file.clone());
+            if let Some(f) = &format {
+                spec.opts.push(("driver".into(), f.clone()));
+            }
+        }
+        match open::open(&spec) {
+            Ok(o) => ctx.set(Some(o)),
+            Err(m) => {
+                if image_opts {
+                    report_err!("can't open: {m}");
+                } else {
+                    report_err!("can't open device {file}: {m}");
+                }
+                return 1;
+            }
+        }
+    }
+    let mut ok = true;
+    if cmds.is_empty() {
+        let stdin = std::io::stdin();
+        let mut lines = stdin.lock().lines();
+        loop {
+            let _ = write!(std::io::stdout(), "{}> ", prog());
+            let _ = std::io::stdout().flush();
+            let Some(Ok(line)) = lines.next() else { break };
+            match run_line(&mut ctx, line.trim()) {
+                Outcome::Ok => {}
+                Outcome::Failed => ok = false,
+                Outcome::Quit => break,
+            }
+        }
+    } else {
+        for c in &cmds {
+            match run_line(&mut ctx, c) {
+                Outcome::Ok => {}
+                Outcome::Failed => ok = false,
+                Outcome::Quit => break,
+            }
+        }
+    }
+    if let Some(o) = ctx.cur.take() {
+        let name = o.spec.name.clone().unwrap_or_default();
+        if let (Some(fmt), Dev::Qcow2(img)) = (stats, &o.dev) {
+            // The counters cover the whole run, the flush that closing does included.
+            if let Err(e) = img.flush() {
+                report_err!("{name}: flush failed: {}", error_text(&e));
+                ok = false;
+            }
+            print_stats(img, fmt);
+        }
+        if let Err(e) = o.dev.close() {
+            report_err!("{name}: close failed: {}", error_text(&e));
+            ok = false;
+        }
+    }
+    let _ = std::io::stdout().flush();
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+/// `--object TYPE,id=ID,...`: parsed and accepted (only its syntax is
+/// checked; no object type changes what the engine does).
+fn check_object(s: &str) -> Result<(), String> {
+    let o = open::parse_opt_string(s, Some("qom-type"))?;
+    let ty = o
+        .iter()
+        .find(|(k, _)| k == "qom-type")
+        .map(|(_, v)| v.clone());
+    let Some(ty) = ty else {
+        return Err("Parameter 'qom-type' is missing".into());
+    };
+    if !o.iter().any(|(k, _)| k == "id") {
+        return Err("Parameter 'id' is missing".into());
+    }
+    match ty.as_str() {
+        "secret" | "iothread" | "throttle-group" | "tls-creds-x509" | "tls-creds-psk"
+        | "tls-creds-anon" | "authz-simple" => Ok(()),
+        _ => Err(format!("invalid object type: {ty}")),
+    }
+}
 /// Parses the OFF LEN operands with qemu-io's messages. `limit` is `None`
 /// when the request length is unlimited, else the note inserted in the
 /// length-limit message ("" or " without -n").
-fn offset_and_length(pos: &[String], limit: Option<&str>) -> Option<(u64, u64)> {
+pub(crate) fn offset_and_length(pos: &[String], limit: Option<&str>) -> Option<(u64, u64)> {
     let offset = cvtnum(&pos[0])?;
     let count = cvtnum(&pos[1])?;
     if let Some(note) = limit {
         if count > MAX_REQ {
-            println!("length cannot exceed {MAX_REQ}{note}, given {}", pos[1]);
+            out!("length cannot exceed {MAX_REQ}{note}, given {}", pos[1]);
             return None;
         }
     }

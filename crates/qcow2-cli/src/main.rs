@@ -155,15 +155,42 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    // Messages start with the program's own name: a link named qemu-io
+    // behaves as qemu-io.
+    let prog = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "qcow2".into());
+    let io_args = if prog == "qemu-io" {
+        Some(argv[1..].to_vec())
+    } else if argv.get(1).map(String::as_str) == Some("io") {
+        Some(argv[2..].to_vec())
+    } else {
+        None
+    };
     // Engine bugs must not surface as a Rust panic trace: report them as errors.
     std::panic::set_hook(Box::new(|_| {}));
+    if let Some(args) = io_args {
+        let p = prog.clone();
+        return match std::panic::catch_unwind(move || io::main_args(&p, &args)) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("{prog}: internal error: {}", panic_message(e.as_ref()));
+                ExitCode::from(1)
+            }
+        };
+    }
+    let cli = Cli::parse();
     let result = std::panic::catch_unwind(move || match cli.cmd {
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Create(a) => create::run(a),
         Cmd::Check(a) => check::run(a),
-        Cmd::Io(a) => io::run(a),
+        Cmd::Io(a) => Ok(io::main_args("qcow2", &a.args)),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),

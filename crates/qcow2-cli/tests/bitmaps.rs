@@ -320,7 +320,7 @@ fn sigkill_leaves_enabled_bitmaps_in_use() {
         line.clear();
         let n = out.read_line(&mut line).expect("read output");
         assert!(n > 0, "qcow2 io ended before the write completed");
-        if line.starts_with("wrote") {
+        if line.trim_start_matches("qcow2> ").starts_with("wrote") {
             break;
         }
     }

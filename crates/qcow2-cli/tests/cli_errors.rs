@@ -113,8 +113,9 @@ fn cli_errors() {
     );
     fails(
         dir,
-        &["io", "-f", "raw", "-c", "read 0 1", "img.qcow2"],
-        "raw",
+        // (`-f raw` is a valid way to open any file, as in qemu-io.)
+        &["io", "-f", "bogus", "-c", "read 0 1", "img.qcow2"],
+        "Unknown driver 'bogus'",
     );
     fails(
         dir,

@@ -1,0 +1,185 @@
+//! The device `qcow2 io` works on: a qcow2 image through the engine or a
+//! raw file (guest offset == file offset).
+
+use qcow2_ops::io::{FileStorage, Storage};
+use qcow2_ops::{Error, Image, MapEntry, Result, REQ_MAY_UNMAP};
+
+/// A qcow2 image or a raw file.
+pub enum Dev {
+    /// Through the engine.
+    Qcow2(Box<Image>),
+    /// A plain file.
+    Raw {
+        /// The file.
+        file: FileStorage,
+        /// Discard requests punch holes (discard=unmap).
+        unmap: bool,
+        /// Flushes reach the disk (not cache.no-flush / cache=unsafe).
+        flush: bool,
+    },
+    /// QEMU's `null-co` driver: reads zeroes, writes go nowhere.
+    Null {
+        /// Its size.
+        size: u64,
+        /// Reads return zeroes (else the buffer is left as it was).
+        read_zeroes: bool,
+    },
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::Io {
+        context: what.to_string(),
+        source: e,
+    }
+}
+
+/// Zeroes written at once to a raw file.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+impl Dev {
+    /// The format name qemu-io's `info` prints.
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Dev::Qcow2(_) => "qcow2",
+            Dev::Raw { .. } => "raw",
+            Dev::Null { .. } => "null-co",
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> Result<u64> {
+        match self {
+            Dev::Qcow2(i) => Ok(i.virtual_size()),
+            Dev::Raw { file, .. } => file.len().map_err(|e| io_err("stat", e)),
+            Dev::Null { size, .. } => Ok(*size),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.read(off, buf),
+            Dev::Raw { file, .. } => file.read_at(buf, off).map_err(|e| io_err("read", e)),
+            Dev::Null { read_zeroes, .. } => {
+                if *read_zeroes {
+                    buf.fill(0);
+                } else {
+                    // qemu-io's read buffers start filled with 0xab and
+                    // null-co leaves them so.
+                    buf.fill(0xab);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `buf` at `off` (`flags`: REQ_FUA).
+    pub fn write(&self, off: u64, buf: &[u8], flags: u32) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.write(off, buf, flags),
+            Dev::Raw { .. } | Dev::Null { .. } if flags & qcow2_ops::REQ_COMPRESSED != 0 => Err(
+                qcow2_ops::Error::NotSupported("compressed writes need a qcow2 image".into()),
+            ),
+            Dev::Raw { file, .. } => file.write_at(buf, off).map_err(|e| io_err("write", e)),
+            Dev::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Writes zeroes over `[off, off + len)`.
+    pub fn write_zeroes(&self, off: u64, len: u64, flags: u32) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.write_zeroes(off, len, flags),
+            Dev::Raw { file, unmap, .. } => {
+                if flags & REQ_MAY_UNMAP != 0 && *unmap {
+                    if let Ok(true) = file.punch_hole(off, len) {
+                        return Ok(());
+                    }
+                }
+                let mut pos = off;
+                while pos < off + len {
+                    let n = ZERO_CHUNK.min(off + len - pos);
+                    let zero = vec![0u8; n as usize];
+                    file.write_at(&zero, pos).map_err(|e| io_err("write", e))?;
+                    pos += n;
+                }
+                Ok(())
+            }
+            Dev::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Discards `[off, off + len)`.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.discard(off, len),
+            Dev::Raw { file, unmap, .. } => {
+                if *unmap {
+                    // Like QEMU: a file system that cannot punch holes
+                    // ignores the discard.
+                    let _ = file.punch_hole(off, len);
+                }
+                Ok(())
+            }
+            Dev::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Flushes to the disk.
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.flush(),
+            Dev::Raw { file, flush, .. } => {
+                if *flush {
+                    file.sync().map_err(|e| io_err("flush", e))?;
+                }
+                Ok(())
+            }
+            Dev::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Whether `[off, off + len)` starts allocated in the top layer
+    /// (QEMU's bdrv_is_allocated) and how far that status reaches (0 at
+    /// or past the end).
+    pub fn is_allocated(&self, off: u64, len: u64) -> Result<(bool, u64)> {
+        let size = self.size()?;
+        if off >= size || len == 0 {
+            return Ok((false, 0));
+        }
+        let len = len.min(size - off);
+        match self {
+            Dev::Qcow2(i) => {
+                let m: Vec<MapEntry> = i.block_status(off, len)?;
+                let Some(first) = m.first() else {
+                    return Ok((false, len));
+                };
+                let top = |e: &MapEntry| e.present && e.depth == 0;
+                let want = top(first);
+                let mut end = off;
+                for e in &m {
+                    if top(e) != want {
+                        break;
+                    }
+                    end = e.start + e.length;
+                }
+                Ok((want, end.clamp(off + 1, off + len) - off))
+            }
+            // A raw file is allocated everywhere for QEMU.
+            Dev::Raw { .. } | Dev::Null { .. } => Ok((true, len)),
+        }
+    }
+
+    /// Closes the device.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.close(),
+            Dev::Raw { file, flush, .. } => {
+                if flush {
+                    file.sync().map_err(|e| io_err("flush", e))?;
+                }
+                Ok(())
+            }
+            Dev::Null { .. } => Ok(()),
+        }
+    }
+}

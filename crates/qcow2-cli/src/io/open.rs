@@ -1,0 +1,516 @@
+//! Opening the device of `qcow2 io` like qemu-io: `-f`, `file:` prefixes,
+//! `json:{...}` file names, `--image-opts` / `open -o` option strings,
+//! cache and discard modes, `-s` (a throw-away overlay) and `-r`.
+
+use super::dev::Dev;
+use crate::{error_text, strerror};
+use qcow2_ops::io::{FileStorage, OpenMode, Storage};
+use qcow2_ops::{CacheMode, CreateOptions, DiscardMode, Image, OpenOptions};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// How to open the device (from the command line or an `open` command).
+#[derive(Debug, Clone)]
+pub struct OpenSpec {
+    /// The file name operand (may be `json:{...}`); `None` with --image-opts.
+    pub name: Option<String>,
+    /// Block options (`driver`, `file.filename`, `cache.direct`, ...).
+    pub opts: Vec<(String, String)>,
+    /// `-r`.
+    pub read_only: bool,
+    /// `-s`: writes go to a temporary overlay.
+    pub snapshot: bool,
+    /// `-C`: copy-on-read.
+    pub copy_on_read: bool,
+    /// `-k` / `--aio native`: needs O_DIRECT (cache.direct=on), as in QEMU.
+    pub native_aio: bool,
+    /// `-U`: share the image with other writers (read-only only).
+    pub force_share: bool,
+    /// Cache mode from `-t`/`-n`.
+    pub cache: CacheMode,
+    /// Discard mode from `-d`.
+    pub discard: DiscardMode,
+    /// Engine tuning (our own options).
+    pub tuning: OpenOptions,
+}
+
+impl OpenSpec {
+    /// qemu-io's defaults: writethrough, discard=unmap, read-write.
+    pub fn new(tuning: OpenOptions) -> OpenSpec {
+        OpenSpec {
+            name: None,
+            opts: Vec::new(),
+            read_only: false,
+            snapshot: false,
+            copy_on_read: false,
+            force_share: false,
+            native_aio: false,
+            cache: CacheMode::Writethrough,
+            discard: DiscardMode::Unmap,
+            tuning,
+        }
+    }
+}
+
+/// An open device with what the commands need to know about it.
+pub struct Opened {
+    /// The device.
+    pub dev: Dev,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Copy-on-read.
+    pub copy_on_read: bool,
+    /// Where it came from (for `reopen`).
+    pub spec: OpenSpec,
+}
+
+/// Splits a QemuOpts string (`a=b,c=d`, `,,` escapes a comma); a first
+/// element without `=` is `implied` (e.g. the file name).
+pub fn parse_opt_string(s: &str, implied: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == ',' {
+            if it.peek() == Some(&',') {
+                it.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    let mut out = Vec::new();
+    for (i, p) in parts.into_iter().enumerate() {
+        if p.is_empty() {
+            continue;
+        }
+        match p.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => match (i, implied) {
+                (0, Some(k)) => out.push((k.to_string(), p)),
+                _ => out.push((p, "on".to_string())),
+            },
+        }
+    }
+    Ok(out)
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        serde_json::Value::Null => out.push((prefix.to_string(), "null".to_string())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// QEMU's JSON parser also takes 'single-quoted' strings: turn them into
+/// standard JSON strings.
+fn single_quotes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    let mut in_double = false;
+    while let Some(c) = it.next() {
+        match c {
+            '"' => {
+                in_double = !in_double;
+                out.push(c);
+            }
+            '\\' => {
+                out.push(c);
+                if let Some(n) = it.next() {
+                    out.push(n);
+                }
+            }
+            '\'' if !in_double => {
+                out.push('"');
+                while let Some(c) = it.next() {
+                    match c {
+                        '\'' => break,
+                        '"' => out.push_str("\\\""),
+                        '\\' => match it.next() {
+                            Some('\'') => out.push('\''),
+                            Some(n) => {
+                                out.push('\\');
+                                out.push(n);
+                            }
+                            None => {}
+                        },
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Checks an on/off option value like QEMU.
+pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+/// Options accepted (and ignored: the engine has no such knob or does the
+/// equivalent already).
+const IGNORED: &[&str] = &[
+    "node-name",
+    "auto-read-only",
+    "detect-zeroes",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "overlap-check",
+    "cache-clean-interval",
+    "locking",
+    "file.locking",
+    "file.node-name",
+    "file.auto-read-only",
+    "file.x-check-cache-dropped",
+    "file.pr-manager",
+    "file.drop-cache",
+    "file.discard",
+    "file.detect-zeroes",
+    "file.read-only",
+];
+
+/// Opens the device described by `spec`; the error is the message after
+/// `can't open device NAME: ` (or `can't open: `).
+pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
+    let mut opts: BTreeMap<String, String> = BTreeMap::new();
+    let mut name = spec.name.clone();
+    if let Some(n) = name.as_deref() {
+        if let Some(j) = n.strip_prefix("json:") {
+            let v: serde_json::Value = serde_json::from_str(&single_quotes(j))
+                .map_err(|e| format!("Could not parse the JSON options: {e}"))?;
+            if !v.is_object() {
+                return Err("Invalid JSON object given".into());
+            }
+            let mut flat = Vec::new();
+            flatten("", &v, &mut flat);
+            opts.extend(flat);
+            name = None;
+        }
+    }
+    for (k, v) in &spec.opts {
+        opts.insert(k.clone(), v.clone());
+    }
+    let mut cache = spec.cache;
+    let mut discard = spec.discard;
+    let mut read_only = spec.read_only;
+    let mut force_share = spec.force_share;
+    let mut native_aio = spec.native_aio;
+    let mut tuning = spec.tuning.clone();
+    let mut direct: Option<bool> = None;
+    let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut no_flush: Option<bool> = None;
+    let driver = opts.remove("driver");
+    let file_driver = opts.remove("file.driver");
+    let mut filename = opts
+        .remove("file.filename")
+        .or_else(|| opts.remove("filename"))
+        .or_else(|| opts.remove("file"))
+        .or(name);
+    if let Some(d) = &file_driver {
+        if d != "file" {
+            return Err(format!("Unknown driver '{d}'"));
+        }
+    }
+    let fmt_name = driver.clone().unwrap_or_else(|| "qcow2".into());
+    let opts_size = if fmt_name == "null-co" {
+        opts.remove("size")
+    } else {
+        None
+    };
+    let mut read_zeroes = false;
+    if fmt_name == "null-co" {
+        if let Some(v) = opts.remove("read-zeroes") {
+            read_zeroes = on_off("read-zeroes", &v)?;
+        }
+        filename = filename.or_else(|| Some(String::new()));
+    }
+    for (k, v) in std::mem::take(&mut opts) {
+        match k.as_str() {
+            "cache.direct" | "file.cache.direct" => direct = Some(on_off(&k, &v)?),
+            "cache.no-flush" | "file.cache.no-flush" => no_flush = Some(on_off(&k, &v)?),
+            "cache.writeback" => {}
+            "discard" => {
+                discard =
+                    DiscardMode::parse(&v).ok_or_else(|| format!("Invalid discard option: {v}"))?
+            }
+            "read-only" => read_only = on_off(&k, &v)?,
+            "force-share" => force_share = on_off(&k, &v)?,
+            "aio" | "file.aio" => {
+                if !super::aio_mode_ok(&v) {
+                    return Err(format!("Invalid aio option: {v}"));
+                }
+                native_aio = v == "native";
+            }
+            "backing" if v == "null" || v.is_empty() => tuning.open_backing = false,
+            "l2-cache-size" | "refcount-cache-size" | "cache-size" | "l2-cache-entry-size" => {
+                // 0 asks for the smallest cache, as in QEMU.
+                let n = crate::num::parse_size(&v)
+                    .ok()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| format!("Invalid {k}: '{v}'"))?;
+                sizes.insert(k.clone(), n);
+            }
+            _ if k.starts_with("backing.") => {}
+            _ if IGNORED.contains(&k.as_str()) => {}
+            _ => {
+                let (what, key) = match k.strip_prefix("file.") {
+                    Some(rest) => ("protocol 'file'", rest.to_string()),
+                    None => {
+                        if fmt_name == "file" {
+                            ("protocol 'file'", k.clone())
+                        } else {
+                            ("format", k.clone())
+                        }
+                    }
+                };
+                return Err(if what == "format" {
+                    format!("Block format '{fmt_name}' does not support the option '{key}'")
+                } else {
+                    format!("Block {what} does not support the option '{key}'")
+                });
+            }
+        }
+    }
+    if direct.is_some() || no_flush.is_some() {
+        let writethrough = matches!(cache, CacheMode::Writethrough | CacheMode::DirectSync);
+        let d = direct.unwrap_or(cache.direct());
+        let nf = no_flush.unwrap_or(cache == CacheMode::Unsafe);
+        cache = match (d, nf, writethrough) {
+            (_, true, _) => CacheMode::Unsafe,
+            (true, false, true) => CacheMode::DirectSync,
+            (true, false, false) => CacheMode::None,
+            (false, false, true) => CacheMode::Writethrough,
+            (false, false, false) => CacheMode::Writeback,
+        };
+    }
+    let (total, l2, rc) = (
+        sizes.get("cache-size").copied(),
+        sizes.get("l2-cache-size").copied(),
+        sizes.get("refcount-cache-size").copied(),
+    );
+    match (total, l2, rc) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+                    .into(),
+            )
+        }
+        (Some(t), Some(l), None) if l > t => {
+            return Err("l2-cache-size may not exceed cache-size".into())
+        }
+        (Some(t), None, Some(r)) if r > t => {
+            return Err("refcount-cache-size may not exceed cache-size".into())
+        }
+        (Some(t), Some(l), None) => {
+            tuning.l2_cache_bytes = l;
+            tuning.refcount_cache_bytes = t - l;
+        }
+        (Some(t), None, Some(r)) => {
+            tuning.l2_cache_bytes = t - r;
+            tuning.refcount_cache_bytes = r;
+        }
+        (Some(t), None, None) => {
+            tuning.refcount_cache_bytes = (t / 4).min(tuning.refcount_cache_bytes);
+            tuning.l2_cache_bytes = t - tuning.refcount_cache_bytes;
+        }
+        (None, l, r) => {
+            if let Some(l) = l {
+                tuning.l2_cache_bytes = l;
+            }
+            if let Some(r) = r {
+                tuning.refcount_cache_bytes = r;
+            }
+        }
+    }
+    // The engine keeps at least one table in each cache.
+    tuning.l2_cache_bytes = tuning.l2_cache_bytes.max(1);
+    tuning.refcount_cache_bytes = tuning.refcount_cache_bytes.max(1);
+    let entry_size = sizes.get("l2-cache-entry-size").copied();
+    if native_aio && !cache.direct() {
+        return Err(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                .into(),
+        );
+    }
+    if force_share && !read_only {
+        return Err("force-share=on can only be used with read-only images".into());
+    }
+    let Some(mut filename) = filename.take() else {
+        return Err("A block device must be specified for \"filename\"".into());
+    };
+    if let Some(f) = filename.strip_prefix("file:") {
+        filename = f.to_string();
+    }
+    let path = PathBuf::from(&filename);
+    let fmt = match driver.as_deref() {
+        Some(f) => f.to_string(),
+        None => crate::disk::probe(&path).map_err(|f| f.msg)?.to_string(),
+    };
+    tuning.writable = !read_only;
+    tuning.cache = cache;
+    tuning.discard = discard;
+    if fmt == "null-co" {
+        let size = match opts_size {
+            Some(v) => crate::num::parse_size(&v).map_err(|_| {
+                "Parameter 'size' expects a non-negative number below 2^64".to_string()
+            })?,
+            None => 1 << 30,
+        };
+        return Ok(Opened {
+            dev: Dev::Null { size, read_zeroes },
+            read_only,
+            copy_on_read: spec.copy_on_read,
+            spec: spec.clone(),
+        });
+    }
+    let dev = match fmt.as_str() {
+        "qcow2" if spec.snapshot => open_snapshot(&path, "qcow2", &tuning)?,
+        "raw" | "file" if spec.snapshot => open_snapshot(&path, "raw", &tuning)?,
+        "qcow2" => {
+            let img = open_qcow2(&path, &tuning)?;
+            if let Some(e) = entry_size {
+                let cs = img.cluster_size();
+                if !e.is_power_of_two() || e < 512 || e as u64 > cs {
+                    let _ = img.close();
+                    return Err(format!(
+                        "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+                    ));
+                }
+            }
+            Dev::Qcow2(Box::new(img))
+        }
+        "raw" | "file" => open_raw(&path, &tuning)?,
+        other => return Err(format!("Unknown driver '{other}'")),
+    };
+    Ok(Opened {
+        dev,
+        read_only: read_only && !spec.snapshot,
+        copy_on_read: spec.copy_on_read,
+        spec: spec.clone(),
+    })
+}
+
+fn could_not_open(path: &Path, errno: i32) -> String {
+    format!("Could not open '{}': {}", path.display(), strerror(errno))
+}
+
+fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
+    }
+    Image::open(path, o).map_err(|e| match &e {
+        // QEMU's wording for a backing file that cannot be opened.
+        qcow2_ops::Error::Io { context, source } => {
+            match context
+                .strip_prefix("could not open backing file '")
+                .and_then(|r| r.strip_suffix('\''))
+            {
+                Some(b) => format!(
+                    "Could not open backing file: Could not open '{b}': {}",
+                    strerror(source.raw_os_error().unwrap_or(5))
+                ),
+                None => error_text(&e),
+            }
+        }
+        _ => error_text(&e),
+    })
+}
+
+fn open_raw(path: &Path, o: &OpenOptions) -> Result<Dev, String> {
+    let mode = if o.writable {
+        OpenMode::READ_WRITE
+    } else {
+        OpenMode::READ_ONLY
+    };
+    let file = FileStorage::open(path, mode)
+        .map_err(|e| could_not_open(path, e.raw_os_error().unwrap_or(5)))?;
+    if let Err(e) = file.len() {
+        return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
+    }
+    Ok(Dev::Raw {
+        file,
+        unmap: o.discard == DiscardMode::Unmap,
+        flush: o.cache != CacheMode::Unsafe,
+    })
+}
+
+/// `-s`: a temporary qcow2 overlay over the image (opened read-only as its
+/// backing file), deleted at once after opening so nothing is left behind.
+fn open_snapshot(path: &Path, fmt: &str, o: &OpenOptions) -> Result<Dev, String> {
+    let size = {
+        let ro = OpenOptions {
+            writable: false,
+            ..o.clone()
+        };
+        match fmt {
+            "qcow2" => open_qcow2(path, &ro)?.virtual_size(),
+            _ => open_raw(path, &ro)?.size().map_err(|e| error_text(&e))?,
+        }
+    };
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| could_not_open(path, e.raw_os_error().unwrap_or(5)))?;
+    let dir = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let mut n = 0u32;
+    let tmp_path = loop {
+        let p = dir.join(format!("vl.{}.{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(_) => break p,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(format!("Could not get temporary filename: {e}")),
+        }
+    };
+    let remove = |_: ()| {
+        let _ = std::fs::remove_file(&tmp_path);
+    };
+    let co = CreateOptions {
+        backing_file: Some(abs.as_os_str().as_encoded_bytes().to_vec()),
+        backing_format: Some(fmt.to_string()),
+        ..CreateOptions::default()
+    };
+    if let Err(e) = Image::create(&tmp_path, size, &co) {
+        remove(());
+        return Err(format!(
+            "Could not create temporary overlay '{}': {}",
+            tmp_path.display(),
+            error_text(&e)
+        ));
+    }
+    let ov = OpenOptions {
+        writable: true,
+        ..o.clone()
+    };
+    let r = Image::open(&tmp_path, &ov);
+    remove(());
+    Ok(Dev::Qcow2(Box::new(r.map_err(|e| error_text(&e))?)))
+}

@@ -1,0 +1,812 @@
+//! qemu-io's surface beyond read/write/discard: command-line options
+//! (repeated options, `--aio`, `-U`, `-C`, `-s`, `file:`, `-f raw`,
+//! `json:{...}`, `--image-opts`, `--object`), the other commands (readv,
+//! writev, aio_*, alloc, map, length, info, open/close/reopen, help, sleep,
+//! sigraise, truncate on raw) and the messages. Each case runs the same
+//! command line through QEMU's `qemu-io` and through a link named `qemu-io`
+//! to `qcow2`, each in its own copy of one directory of images: same result
+//! lines on stdout (timings removed), same stderr, same exit status, then
+//! same guest content (`qemu-img compare`) and allocation (`qemu-img map`,
+//! host offsets aside) of every image, and our qcow2 images clean for
+//! `qemu-img check`.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// What a case starts from: files made in `dir` by `setup`.
+struct Case<'a> {
+    name: &'a str,
+    setup: &'a dyn Fn(&Path),
+    /// The qemu-io command line (after the program name).
+    args: Vec<String>,
+    /// Image files judged afterwards: (name, format).
+    images: Vec<(&'a str, &'a str)>,
+    /// Compare stdout (false where only the usage text differs).
+    stdout: bool,
+}
+
+fn sv(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// `-c CMD` for each command.
+fn cmds(v: &[&str]) -> Vec<String> {
+    v.iter()
+        .flat_map(|c| ["-c".to_string(), c.to_string()])
+        .collect()
+}
+
+/// qemu-io's `-C` report lines carry rates: keep only the byte count.
+fn filtered(out: &str) -> Vec<String> {
+    result_lines(out)
+        .into_iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            if f.len() == 5 && f[2].contains(':') && f[0].parse::<u64>().is_ok() {
+                format!("{},{}", f[0], f[1])
+            } else {
+                l
+            }
+        })
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+fn run_case(c: &Case) {
+    let d = tmpdir();
+    let dir = d.path();
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).expect("mkdir");
+    (c.setup)(&base);
+    copy_dir(&base, &dir.join("q"));
+    copy_dir(&base, &dir.join("o"));
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
+    let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+    let q = qemu_io(&dir.join("q"), &args);
+    let o = run_in(&dir.join("o"), bin.join("qemu-io").to_str().unwrap(), &args);
+    assert!(
+        !o.stderr.contains("internal error") && !o.stderr.contains("panicked"),
+        "{}: {}",
+        c.name,
+        o.stderr
+    );
+    if c.stdout {
+        let (ql, ol) = (filtered(&q.stdout), filtered(&o.stdout));
+        for (i, (a, b)) in ol.iter().zip(ql.iter()).enumerate() {
+            assert!(
+                a == b,
+                "{}: stdout line {i} differs:\n  ours: {a}\n  qemu: {b}\n--- ours:\n{}\n--- qemu:\n{}",
+                c.name,
+                o.stdout,
+                q.stdout
+            );
+        }
+        assert_eq!(
+            ol.len(),
+            ql.len(),
+            "{}: stdout lines\n--- ours:\n{}--- qemu-io:\n{}",
+            c.name,
+            o.stdout,
+            q.stdout
+        );
+    }
+    assert_eq!(o.stderr, q.stderr, "{}: stderr (left ours)", c.name);
+    assert_eq!(o.code, q.code, "{}: exit status", c.name);
+    for (img, fmt) in &c.images {
+        let (qi, oi) = (format!("q/{img}"), format!("o/{img}"));
+        let cmp = qemu_img(dir, &["compare", "-f", fmt, "-F", fmt, &qi, &oi]);
+        assert_eq!(
+            cmp.code, 0,
+            "{}: {img}: content differs: {}{}",
+            c.name, cmp.stdout, cmp.stderr
+        );
+        if *fmt == "qcow2" {
+            let (qm, om) = (qemu_map(dir, &qi), qemu_map(dir, &oi));
+            assert!(
+                map_without_offsets(&om) == map_without_offsets(&qm),
+                "{}: {img}: map differs\n--- ours:\n{om}--- qemu-io:\n{qm}",
+                c.name
+            );
+            assert_qemu_check_clean(dir, &oi, c.name);
+        }
+    }
+}
+
+/// A 64 MiB qcow2 image with some data, zeroes and a hole.
+fn plain(dir: &Path) {
+    qemu_create(dir, "img.qcow2", 64 << 20, &ImgOpts::default(), None);
+    qemu_io_script(
+        dir,
+        "img.qcow2",
+        "qcow2",
+        &sv(&[
+            "write -P 0x11 0 192k",
+            "write -z 1M 128k",
+            "write -P 0x12 4M 64k",
+        ]),
+    )
+    .ok("fill");
+}
+
+/// base.qcow2 (4 MiB, data and zeroes) under top.qcow2 (8 MiB, some data).
+fn chain(dir: &Path) {
+    qemu_create(dir, "base.qcow2", 4 << 20, &ImgOpts::default(), None);
+    qemu_io_script(
+        dir,
+        "base.qcow2",
+        "qcow2",
+        &sv(&[
+            "write -P 0x05 0 200k",
+            "write -z 1M 64k",
+            "write -P 0x06 2M 64k",
+        ]),
+    )
+    .ok("fill base");
+    qemu_create(
+        dir,
+        "top.qcow2",
+        8 << 20,
+        &ImgOpts::default(),
+        Some(("base.qcow2", "qcow2")),
+    );
+    qemu_io_script(dir, "top.qcow2", "qcow2", &sv(&["write -P 0x07 64k 4k"])).ok("fill top");
+}
+
+/// A fully written 4 MiB raw file (no holes: its status does not depend on
+/// the file system).
+fn raw(dir: &Path) {
+    raw_backing(dir, "img.raw", 4 << 20, &sv(&["write -P 0x21 0 64k"]));
+}
+
+fn with(pre: &[&str], script: &[&str], post: &[&str]) -> Vec<String> {
+    let mut v = sv(pre);
+    v.extend(cmds(script));
+    v.extend(sv(post));
+    v
+}
+
+#[test]
+fn vectored_and_aio_commands() {
+    run_case(&Case {
+        name: "vectored and aio",
+        setup: &plain,
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "readv -P 0x11 0 4k 8k 512",
+                "readv -P 0x11 190k 4k",
+                "readv -q -P 0x11 0 64k",
+                "readv -v 4M 16 16",
+                "readv -C 0 4k",
+                "writev -P 0x31 2M 4k 4k 60k",
+                "writev -q 3M 1k",
+                "writev -C -P 0x32 5M 512 512",
+                "writev -f -P 0x33 6M 4k",
+                "readv -P 0x31 2M 68k",
+                "aio_write -P 0x41 8M 64k",
+                "aio_flush",
+                "aio_read -P 0x41 8M 64k",
+                "aio_flush",
+                "aio_write -z 8M 4k",
+                "aio_flush",
+                "aio_write -z -u 9M 64k",
+                "aio_flush",
+                "aio_write -f -P 0x42 10M 4k 4k",
+                "aio_flush",
+                "aio_read -P 0 8M 4k",
+                "aio_flush",
+                "aio_read -q -P 0x42 10M 8k",
+                "aio_flush",
+                "aio_read -v 10M 16",
+                "aio_flush",
+                "aio_write -u 0 512",
+                "aio_write -z -P 1 0 512",
+                "aio_flush",
+                "aio_write -i 0 512",
+                "aio_write -z 0 512 512",
+                "readv -P 0x11 0 4k 1G 1.5G",
+                "readv 0",
+                "writev x 4k",
+                "readv 64M 1",
+                "writev 64M 512",
+            ],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn query_and_helper_commands() {
+    run_case(&Case {
+        name: "queries",
+        setup: &plain,
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "alloc 0",
+                "alloc 0 1M",
+                "alloc 100k 1M",
+                "alloc 1M 128k",
+                "alloc 63M 4M",
+                "alloc 70M",
+                "alloc",
+                "alloc x",
+                "map",
+                "map x",
+                "length",
+                "length 1",
+                "info",
+                "help",
+                "help alloc",
+                "help a",
+                "help frob",
+                "sleep 10",
+                "sleep 0x5",
+                "sleep x",
+                "sigraise 0",
+                "sigraise 100",
+                "l",
+                "frob",
+            ],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn open_close_reopen() {
+    run_case(&Case {
+        name: "open/close/reopen",
+        setup: &plain,
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "close",
+                "read 0 1",
+                "length",
+                "open -r img.qcow2",
+                "write 0 1",
+                "read -P 0x11 0 4k",
+                "open img.qcow2",
+                "close",
+                "open -n -t writeback -d ignore img.qcow2",
+                "discard 0 64k",
+                "read -P 0x11 0 4k",
+                "close",
+                "open -o driver=qcow2 img.qcow2",
+                "write -P 0x51 0 4k",
+                "reopen -r",
+                "write 0 1",
+                "reopen -w",
+                "write -P 0x52 4k 4k",
+                "reopen -c none",
+                "reopen -c bogus",
+                "reopen -r -w",
+                "reopen -o foo=bar",
+                "reopen -o cache.direct=on",
+                "reopen x",
+                "read -P 0x52 4k 4k",
+                "close",
+                "open nope.qcow2",
+                "open -U img.qcow2",
+                "open -r -U img.qcow2",
+                "read -P 0x51 0 4k",
+            ],
+            &[],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn repeated_options_aio_force_share() {
+    run_case(&Case {
+        name: "repeated options",
+        setup: &plain,
+        args: with(
+            &[
+                "-f", "raw", "-f", "qcow2", "--aio", "io_uring", "-i", "threads", "-U", "-r",
+            ],
+            &["read -P 0x11 0 64k", "info", "length"],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+    run_case(&Case {
+        name: "cache and discard repeated",
+        setup: &plain,
+        args: with(
+            &[
+                "-t",
+                "none",
+                "-t",
+                "writeback",
+                "-d",
+                "ignore",
+                "-d",
+                "unmap",
+                "-f",
+                "qcow2",
+                "-k",
+            ],
+            &["discard 0 64k", "write -z -u 1M 64k", "read -P 0 0 64k"],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+    run_case(&Case {
+        name: "-U read-write",
+        setup: &plain,
+        args: with(&["-U", "-f", "qcow2"], &["read 0 1"], &["img.qcow2"]),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn copy_on_read() {
+    run_case(&Case {
+        name: "-C",
+        setup: &chain,
+        args: with(
+            &["-C", "-f", "qcow2"],
+            &[
+                "read -P 0x05 4k 8k",
+                "read -P 0x07 64k 4k",
+                "read 190k 200k",
+                "readv -P 0 1M 4k",
+                "aio_read -P 0x06 2M 4k",
+                "aio_flush",
+                "read -P 0 3M 4k",
+                "read -P 0 5M 4k",
+                "alloc 0 8M",
+                "map",
+            ],
+            &["top.qcow2"],
+        ),
+        images: vec![("top.qcow2", "qcow2"), ("base.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn snapshot_mode_leaves_the_image_alone() {
+    let script = [
+        "write -P 0x61 0 64k",
+        "write -z 1M 64k",
+        "discard 128k 64k",
+        "read -P 0x61 0 64k",
+        "read -P 0x07 64k 4k",
+        "alloc 0 2M",
+        "length",
+    ];
+    run_case(&Case {
+        name: "-s",
+        setup: &chain,
+        args: with(&["-s", "-f", "qcow2"], &script, &["top.qcow2"]),
+        images: vec![("top.qcow2", "qcow2"), ("base.qcow2", "qcow2")],
+        stdout: true,
+    });
+    run_case(&Case {
+        name: "open -s",
+        setup: &plain,
+        args: with(
+            &[],
+            &[
+                "open -s -o driver=qcow2 img.qcow2",
+                "write -P 0x62 0 4k",
+                "read -P 0x62 0 4k",
+            ],
+            &[],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+    // Nothing changed: the image equals a copy never touched.
+    let d = tmpdir();
+    let dir = d.path();
+    chain(dir);
+    copy(dir, "top.qcow2", "orig.qcow2");
+    let mut a = vec!["io", "-s", "-f", "qcow2"];
+    for c in &script {
+        a.push("-c");
+        a.push(c);
+    }
+    a.push("top.qcow2");
+    ours(dir, &a).ok("qcow2 io -s");
+    assert_eq!(
+        std::fs::read(dir.join("top.qcow2")).unwrap(),
+        std::fs::read(dir.join("orig.qcow2")).unwrap(),
+        "-s changed the image"
+    );
+}
+
+#[test]
+fn file_names_json_and_image_opts() {
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "file: prefix",
+            with(&["-f", "qcow2"], &["write -P 0x71 0 4k", "read -P 0x71 0 4k"], &["file:img.qcow2"]),
+        ),
+        (
+            "json nested",
+            with(
+                &[],
+                &["write -P 0x72 0 4k", "read -P 0x72 0 4k", "info"],
+                &[r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"img.qcow2"}}"#],
+            ),
+        ),
+        (
+            "json dotted, cache and discard",
+            with(
+                &[],
+                &["discard 0 64k", "read -P 0 0 64k", "alloc 0 64k"],
+                &[r#"json:{"driver":"qcow2","file.filename":"img.qcow2","cache.direct":true,"cache.no-flush":false,"discard":"unmap"}"#],
+            ),
+        ),
+        (
+            "json unknown option",
+            with(&[], &["read 0 1"], &[r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"img.qcow2"},"foo":1}"#]),
+        ),
+        (
+            "image-opts",
+            with(
+                &["--image-opts"],
+                &["write -P 0x73 64k 4k", "read -P 0x73 64k 4k", "length"],
+                &["driver=qcow2,file.driver=file,file.filename=img.qcow2,cache.direct=on,cache.no-flush=on,discard=ignore"],
+            ),
+        ),
+        (
+            "image-opts missing",
+            with(&["--image-opts"], &["read 0 1"], &["driver=qcow2,file.filename=nope.qcow2"]),
+        ),
+        (
+            "object secret",
+            with(
+                &["--object", "secret,id=sec0,data=123456", "-f", "qcow2"],
+                &["read -P 0x11 0 4k"],
+                &["img.qcow2"],
+            ),
+        ),
+    ];
+    for (name, args) in cases {
+        run_case(&Case {
+            name,
+            setup: &plain,
+            args,
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+    run_case(&Case {
+        name: "json backing null",
+        setup: &chain,
+        args: with(
+            &[],
+            &["read -P 0 0 4k", "read -P 0x07 64k 4k", "map"],
+            &[
+                r#"json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":"top.qcow2"}}"#,
+            ],
+        ),
+        images: vec![("top.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn raw_images() {
+    run_case(&Case {
+        name: "raw",
+        setup: &raw,
+        args: with(
+            &["-f", "raw"],
+            &[
+                "read -P 0x21 0 64k",
+                "write -P 0x22 64k 64k",
+                "write -z 128k 64k",
+                "writev -P 0x23 1M 4k 4k",
+                "aio_write -P 0x24 2M 4k",
+                "aio_flush",
+                "readv -P 0x23 1M 8k",
+                "read -P 0 128k 64k",
+                "alloc 0 8M",
+                "map",
+                "info",
+                "length",
+                "flush",
+                "write 4M 1",
+                "truncate 2M",
+                "length",
+                "read -P 0x24 2M 1",
+            ],
+            &["img.raw"],
+        ),
+        images: vec![("img.raw", "raw")],
+        stdout: true,
+    });
+}
+
+#[test]
+fn command_line_errors() {
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("invalid option", sv(&["-Z", "img.qcow2"])),
+        ("unknown long option", sv(&["--bogus", "img.qcow2"])),
+        ("missing argument", sv(&["-f"])),
+        ("two files", sv(&["-f", "qcow2", "img.qcow2", "img.qcow2"])),
+        (
+            "image-opts and -f",
+            sv(&["-f", "qcow2", "--image-opts", "img.qcow2"]),
+        ),
+        ("bad aio", sv(&["--aio", "foo", "img.qcow2"])),
+        ("bad cache", sv(&["-t", "foo", "img.qcow2"])),
+        ("bad discard", sv(&["-d", "foo", "img.qcow2"])),
+        (
+            "missing image",
+            sv(&["-f", "qcow2", "-c", "read 0 1", "nope.qcow2"]),
+        ),
+        (
+            "missing backing file",
+            sv(&["-f", "qcow2", "-c", "read 0 1", "nobase.qcow2"]),
+        ),
+        (
+            "no file",
+            sv(&["-c", "read 0 1", "-c", "help alloc", "-c", "sigraise 0"]),
+        ),
+        ("abort", sv(&["-f", "qcow2", "-c", "abort", "img.qcow2"])),
+        (
+            "read-only",
+            sv(&["-r", "-f", "qcow2", "-c", "write 0 1", "img.qcow2"]),
+        ),
+        (
+            "quit stops",
+            sv(&["-f", "qcow2", "-c", "quit", "-c", "frob", "img.qcow2"]),
+        ),
+    ];
+    let setup = |dir: &Path| {
+        plain(dir);
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                "gone.qcow2",
+                "-F",
+                "qcow2",
+                "nobase.qcow2",
+                "1M",
+            ],
+        )
+        .ok("create with a missing backing file");
+    };
+    for (name, args) in cases {
+        // Our usage text is our own: stdout is compared where it is not printed.
+        let usage = matches!(
+            name,
+            "abort" | "invalid option" | "unknown long option" | "missing argument" | "two files"
+        );
+        run_case(&Case {
+            name,
+            setup: &setup,
+            args,
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: !usage,
+        });
+    }
+}
+
+#[test]
+fn sigraise_kills_after_flushing_output() {
+    run_case(&Case {
+        name: "sigraise 9",
+        setup: &plain,
+        args: with(
+            &["-f", "qcow2"],
+            &["write -P 0x55 0 4k", "sigraise 9", "read 0 1"],
+            &["img.qcow2"],
+        ),
+        images: vec![],
+        stdout: true,
+    });
+}
+
+/// `qcow2 io` itself prefixes its messages with `qcow2:`.
+#[test]
+fn own_name_prefixes_messages() {
+    let d = tmpdir();
+    let dir = d.path();
+    plain(dir);
+    let o = ours(dir, &["io", "-r", "-c", "write 0 1", "img.qcow2"]);
+    assert_eq!(o.stderr, "qcow2: Block node is read-only\n");
+    assert_eq!(o.code, 1);
+    let o = ours(dir, &["io", "-c", "read 0 1", "nope.qcow2"]);
+    assert!(
+        o.stderr.starts_with("qcow2: can't open device nope.qcow2: Could not open 'nope.qcow2': No such file or directory"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// A reader that goes away (`qcow2 io ... | head -1`) ends nothing badly:
+/// no panic, the commands still run, exit status 0.
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let d = tmpdir();
+    let dir = d.path();
+    plain(dir);
+    let mut child = std::process::Command::new(qcow2_bin())
+        .args([
+            "io",
+            "-f",
+            "qcow2",
+            "-c",
+            "sleep 200",
+            "-c",
+            "read -v 0 64k",
+            "-c",
+            "write -P 0x66 2M 4k",
+            "img.qcow2",
+        ])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+    qemu_io_script(dir, "img.qcow2", "qcow2", &sv(&["read -P 0x66 2M 4k"])).ok("write done");
+}
+
+/// `reopen -o`: which options may change, unchanged ones, conflicts with
+/// -r/-w/-c, on/off values.
+#[test]
+fn reopen_option_rules() {
+    let lines: &[&[&str]] = &[
+        &["reopen -o node-name=foo"],
+        &["reopen -o file.node-name=foo"],
+        &["reopen -o backing.driver=file"],
+        &[
+            "reopen -o driver=qcow2",
+            "reopen -o file.driver=file",
+            "read 0 1",
+        ],
+        &["reopen -o driver=raw"],
+        &["reopen -r -o read-only=on"],
+        &["reopen -c none -o cache.direct=on"],
+        &["reopen -o read-only=foo"],
+        &["reopen -o auto-read-only=bar"],
+        &["reopen -o cache.no-flush=on", "write -P 0x12 0 4k"],
+    ];
+    for l in lines {
+        run_case(&Case {
+            name: l[0],
+            setup: &plain,
+            args: with(&["-f", "qcow2"], l, &["img.qcow2"]),
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+    run_case(&Case {
+        name: "open -o node-name then reopen",
+        setup: &plain,
+        args: with(
+            &[],
+            &[
+                "open -o node-name=foo img.qcow2",
+                "reopen -o node-name=foo",
+                "reopen",
+            ],
+            &[],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+/// QEMU's JSON takes 'single quotes'; null-co; the qcow2 cache options.
+#[test]
+fn json_quotes_null_co_and_cache_options() {
+    run_case(&Case {
+        name: "null-co",
+        setup: &plain,
+        args: with(
+            &["-f", "null-co"],
+            &["reopen", "info", "length", "read -P 0 0 4k", "write 0 4k"],
+            &["json:{'driver': 'null-co', 'size': 65536}"],
+        ),
+        images: vec![],
+        stdout: true,
+    });
+    run_case(&Case {
+        name: "single-quoted json",
+        setup: &plain,
+        args: with(
+            &[],
+            &["read -P 0x11 0 4k"],
+            &["json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'img.qcow2'}}"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+    for o in [
+        "cache-size=1.25M,l2-cache-size=1M,refcount-cache-size=0.25M",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "l2-cache-entry-size=256",
+        "l2-cache-entry-size=4242",
+        "l2-cache-entry-size=128k",
+        "cache-size=0",
+        "l2-cache-size=0",
+        "refcount-cache-size=0",
+        "cache-size=2M,l2-cache-size=1M",
+        "l2-cache-entry-size=4k",
+    ] {
+        let open = format!("open -o {o} img.qcow2");
+        run_case(&Case {
+            name: o,
+            setup: &plain,
+            args: with(
+                &[],
+                &[&open, "read -P 0x11 0 64k", "write -P 0x13 64k 64k"],
+                &[],
+            ),
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+}
+
+/// `truncate` on a qcow2 image (the engine's resize: grow with and without
+/// preallocation, shrink over data, a bad mode), then reads at the edges.
+#[test]
+fn truncate_qcow2() {
+    run_case(&Case {
+        name: "truncate",
+        setup: &plain,
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "write -P 0x31 0 64k",
+                "write -P 0x32 7M 64k",
+                "truncate 16M",
+                "length",
+                "read -P 0x32 7M 64k",
+                "read -P 0 15M 1M",
+                "truncate -m metadata 20M",
+                "length",
+                "alloc 16M 4M",
+                "truncate 1M",
+                "length",
+                "read -P 0x31 0 64k",
+                "truncate -m bogus 2M",
+                "length",
+            ],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
