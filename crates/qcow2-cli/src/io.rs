@@ -166,8 +166,8 @@ pub(crate) fn cvtnum(s: &str) -> Option<u64> {
     }
 }
 
-/// strtol(s, 0) over the whole string, as a byte 0..=255.
-fn parse_pattern(s: &str) -> Option<u8> {
+/// strtol(s, 0) over the whole string.
+pub(crate) fn strtol(s: &str) -> Option<i64> {
     let t = s.trim_start();
     let (neg, t) = match t.strip_prefix('-') {
         Some(r) => (true, r),
@@ -180,10 +180,15 @@ fn parse_pattern(s: &str) -> Option<u8> {
     } else {
         t.parse::<i64>().ok()?
     };
-    if neg || t.is_empty() || !(0..=255).contains(&v) {
+    Some(if neg { -v } else { v })
+}
+
+/// strtol(s, 0) over the whole string, as a byte 0..=255 (no sign).
+fn parse_pattern(s: &str) -> Option<u8> {
+    if s.trim_start().starts_with('-') {
         return None;
     }
-    Some(v as u8)
+    strtol(s).and_then(|v| u8::try_from(v).ok())
 }
 
 pub(crate) fn pattern_arg(s: &str) -> Option<u8> {

@@ -434,25 +434,8 @@ fn help(args: &[String]) -> bool {
     }
 }
 
-/// strtol(s, 0) over the whole string.
-fn strtol(s: &str) -> Option<i64> {
-    let t = s.trim_start();
-    let (neg, t) = match t.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, t.strip_prefix('+').unwrap_or(t)),
-    };
-    let v = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        i64::from_str_radix(h, 16).ok()?
-    } else if t.len() > 1 && t.starts_with('0') {
-        i64::from_str_radix(&t[1..], 8).ok()?
-    } else {
-        t.parse::<i64>().ok()?
-    };
-    Some(if neg { -v } else { v })
-}
-
 fn sleep(args: &[String]) -> bool {
-    match strtol(&args[0]) {
+    match crate::io::strtol(&args[0]) {
         Some(ms) if ms >= 0 => {
             std::thread::sleep(std::time::Duration::from_millis(ms as u64));
             true
