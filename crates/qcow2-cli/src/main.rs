@@ -13,6 +13,7 @@ mod io;
 mod map;
 mod num;
 mod qjson;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -64,6 +65,8 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Change the virtual size (like `qemu-img resize`).
     Resize(resize::ResizeArgs),
+    /// Change the backing file (like `qemu-img rebase`).
+    Rebase(rebase::RebaseArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
         Cmd::Bitmap(a) => bitmap::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Resize(a) => resize::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
     });
     let result = match result {
         Ok(r) => r,

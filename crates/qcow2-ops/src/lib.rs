@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod backing;
+mod backing_change;
 mod bitmaps;
 mod check;
 mod compress;

@@ -1,0 +1,304 @@
+//! `qcow2 rebase`: change the backing file of a qcow2 image with qemu-img's
+//! syntax, messages and exit codes.
+//!
+//! `qcow2 rebase [--object ...] [-f fmt] [-t cache] [-T src_cache] [-p] [-q]
+//! [-u] [-c] [-F backing_fmt] [-b backing_file] filename`
+//!
+//! Unsafe mode (`-u`) only rewrites the header's backing name and format.
+//! Safe mode first copies into the image, for every range not allocated in
+//! its top layer, the old chain's data wherever the new chain reads
+//! differently (compared cluster by cluster), so that the image reads the
+//! same through its new chain; then it switches the header.
+
+use crate::disk::{Disk, Progress};
+use crate::{error_text, open_image, Fail};
+use clap::Args;
+use qcow2_ops::{Image, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// Arguments of `qcow2 rebase` (parsed by hand, as qemu-img's getopt does).
+#[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
+pub struct RebaseArgs {
+    /// Options and FILENAME, as for `qemu-img rebase`.
+    #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
+const HELP: &str = "Usage: qcow2 rebase [--object ...] [-f fmt] [-t cache] [-T src_cache] \
+[-p] [-q] [-u] [-c] [-F backing_fmt] [-b backing_file] filename";
+
+fn usage(msg: &str) -> Fail {
+    Fail::new(format!("{msg}\nTry 'qcow2 rebase --help' for more info"))
+}
+
+/// Splits `args` into options (key, value) and positional arguments.
+/// `with_value` lists the options taking a value (`-b` and `--output` style).
+pub fn getopt(
+    args: Vec<String>,
+    with_value: &[&str],
+    cmd: &str,
+) -> Result<(Vec<(String, String)>, Vec<String>), Fail> {
+    let usage = |m: &str| Fail::new(format!("{m}\nTry 'qcow2 {cmd} --help' for more info"));
+    let mut opts = Vec::new();
+    let mut pos = Vec::new();
+    let mut it = args.into_iter();
+    let mut only_pos = false;
+    while let Some(s) = it.next() {
+        if only_pos || !s.starts_with('-') || s == "-" {
+            pos.push(s);
+            continue;
+        }
+        if s == "--" {
+            only_pos = true;
+            continue;
+        }
+        if let Some(l) = s.strip_prefix("--") {
+            let (k, inline) = match l.split_once('=') {
+                Some((k, v)) => (format!("--{k}"), Some(v.to_string())),
+                None => (s.clone(), None),
+            };
+            if with_value.contains(&k.as_str()) {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .ok_or_else(|| usage(&format!("option '{k}' requires an argument")))?,
+                };
+                opts.push((k, v));
+            } else {
+                opts.push((k, String::new()));
+            }
+            continue;
+        }
+        // Short options, possibly grouped (-up), the last may take a value.
+        let chars: Vec<char> = s[1..].chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            let k = format!("-{}", chars[i]);
+            if with_value.contains(&k.as_str()) {
+                let rest: String = chars[i + 1..].iter().collect();
+                let v = if !rest.is_empty() {
+                    rest
+                } else {
+                    it.next().ok_or_else(|| {
+                        usage(&format!("option requires an argument -- '{}'", chars[i]))
+                    })?
+                };
+                opts.push((k, v));
+                break;
+            }
+            opts.push((k, String::new()));
+            i += 1;
+        }
+    }
+    Ok((opts, pos))
+}
+
+/// The path of backing file `name` of the image at `img` (relative names
+/// are relative to the image's directory).
+pub fn backing_path(img: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match img.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Runs `qcow2 rebase`.
+pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
+    let (opts, pos) = getopt(
+        a.args,
+        &["-f", "-F", "-b", "-t", "-T", "--object", "--format"],
+        "rebase",
+    )?;
+    let mut fmt = None;
+    let mut backing_fmt = None;
+    let mut backing: Option<String> = None;
+    let mut unsafe_mode = false;
+    let mut progress = false;
+    for (k, v) in opts {
+        match k.as_str() {
+            "-f" | "--format" => fmt = Some(v),
+            "-F" => backing_fmt = Some(v),
+            "-b" => backing = Some(v),
+            "-u" => unsafe_mode = true,
+            "-p" => progress = true,
+            "-q" | "-c" | "-U" | "--force-share" | "-t" | "-T" | "--object" => {}
+            "-h" | "--help" => {
+                println!("{HELP}");
+                return Ok(0);
+            }
+            "--image-opts" => return Err(Fail::new("--image-opts is not supported")),
+            _ => {
+                let k = k.trim_start_matches('-');
+                return Err(usage(&if k.len() == 1 {
+                    format!("invalid option -- '{k}'")
+                } else {
+                    format!("unrecognized option '--{k}'")
+                }));
+            }
+        }
+    }
+    if pos.len() != 1 {
+        return Err(usage("Expecting one image file name"));
+    }
+    if !unsafe_mode && backing.is_none() {
+        return Err(usage(
+            "Must specify backing file (-b) or use unsafe mode (-u)",
+        ));
+    }
+    let file = PathBuf::from(&pos[0]);
+    match fmt.as_deref() {
+        None | Some("qcow2") => {}
+        Some(_) => {
+            return Err(Fail::new(format!(
+                "Could not change the backing file to '{}': Operation not supported",
+                backing.as_deref().unwrap_or("")
+            )))
+        }
+    }
+    let new_name = backing.filter(|b| !b.is_empty());
+    let change_fail = |msg: String| {
+        Fail::new(format!(
+            "Could not change the backing file to '{}': {msg}",
+            new_name.as_deref().unwrap_or("")
+        ))
+    };
+    if new_name.is_some() && backing_fmt.is_none() {
+        return Err(change_fail("backing format must be specified".into()));
+    }
+    let mut oo = OpenOptions::read_write();
+    oo.open_backing = !unsafe_mode;
+    let img = open_image(&file, &oo)
+        .map_err(|f| Fail::new(format!("Could not open '{}': {}", file.display(), f.msg)))?;
+    if !unsafe_mode {
+        let new = match &new_name {
+            Some(n) => {
+                let p = backing_path(&file, n);
+                let mut ro = OpenOptions::default();
+                ro.writable = false;
+                Some((
+                    Disk::open(&p, backing_fmt.as_deref(), &ro).map_err(|f| {
+                        Fail::new(format!("Could not open new backing file '{n}': {}", f.msg))
+                    })?,
+                    p,
+                ))
+            }
+            None => None,
+        };
+        copy_differences(
+            &img,
+            &file,
+            new.as_ref().map(|(d, p)| (d, p.as_path())),
+            progress,
+        )?;
+    }
+    img.set_backing(
+        new_name.as_deref().map(str::as_bytes),
+        new_name.as_ref().and(backing_fmt.as_deref()),
+    )
+    .map_err(|e| change_fail(error_text(&e)))?;
+    img.close().map_err(|e| {
+        Fail::new(format!(
+            "Could not close '{}': {}",
+            file.display(),
+            error_text(&e)
+        ))
+    })?;
+    Ok(0)
+}
+
+/// Copies into `img` the old chain's data of every range not allocated in
+/// its top layer where the new chain (`new`, or zeroes) reads differently.
+fn copy_differences(
+    img: &Image,
+    file: &Path,
+    new: Option<(&Disk, &Path)>,
+    progress: bool,
+) -> Result<(), Fail> {
+    let size = img.virtual_size();
+    let cs = img.cluster_size();
+    let bar = Progress::new(progress, size, "rebase");
+    let rerr = |off: u64, e: qcow2_ops::Error| {
+        Fail::new(format!(
+            "error while reading image metadata at offset {off} of '{}': {}",
+            file.display(),
+            error_text(&e)
+        ))
+    };
+    // QEMU works in chunks of 2 MiB and writes each run of differing
+    // clusters of a chunk with one request; doing the same gives the same
+    // allocation order (and so the same host layout).
+    const CHUNK: u64 = 2 << 20;
+    let mut off = 0u64;
+    let mut old = vec![0u8; CHUNK as usize];
+    let mut newb = vec![0u8; cs as usize];
+    while off < size {
+        let chunk_end = ((off / CHUNK + 1) * CHUNK).min(size);
+        let m = img
+            .block_status_limit(off, chunk_end - off, 1)
+            .map_err(|e| rerr(off, e))?;
+        let end = match m.first() {
+            Some(e) => (e.start + e.length).clamp(off + 1, chunk_end),
+            None => chunk_end,
+        };
+        let top = m.first().is_some_and(|e| e.present && e.depth == 0);
+        if !top {
+            let o = &mut old[..(end - off) as usize];
+            img.read(off, o).map_err(|e| {
+                Fail::new(format!(
+                    "error while reading from old backing file: {}",
+                    error_text(&e)
+                ))
+            })?;
+            // The run of differing pieces not yet written: [run, p).
+            let mut run: Option<u64> = None;
+            let mut p = off;
+            while p < end {
+                let n = ((p / cs + 1) * cs).min(end) - p;
+                let nb = &mut newb[..n as usize];
+                nb.fill(0);
+                if let Some((d, dp)) = new {
+                    let dsize = d.size();
+                    if p < dsize {
+                        let k = n.min(dsize - p) as usize;
+                        d.read(dp, p, &mut nb[..k]).map_err(|f| {
+                            Fail::new(format!(
+                                "error while reading from new backing file: {}",
+                                f.msg
+                            ))
+                        })?;
+                    }
+                }
+                let i = (p - off) as usize;
+                let differs = &o[i..i + n as usize] != nb;
+                if differs {
+                    run.get_or_insert(p);
+                } else if let Some(r) = run.take() {
+                    write_run(img, r, &o[(r - off) as usize..i])?;
+                }
+                p += n;
+            }
+            if let Some(r) = run {
+                write_run(img, r, &o[(r - off) as usize..])?;
+            }
+        }
+        off = end;
+        bar.set(off);
+    }
+    bar.finish();
+    Ok(())
+}
+
+fn write_run(img: &Image, off: u64, data: &[u8]) -> Result<(), Fail> {
+    img.write(off, data, 0).map_err(|e| {
+        Fail::new(format!(
+            "error while writing to COW image: {}",
+            error_text(&e)
+        ))
+    })
+}

@@ -1,0 +1,78 @@
+//! Changing the backing file name and format recorded in the header (what
+//! `qemu-img rebase -u` does, and the last step of a safe rebase).
+//!
+//! The header, its extensions and the backing file name all live in the
+//! first cluster. The new header area is serialised in memory, checked to
+//! fit, and written with one write at offset 0, then synced: a power loss
+//! leaves either the old header or the new one (the write of one cluster
+//! at offset 0 is the commit point, as for the bitmap directory switch).
+
+use crate::backing::Backing;
+use crate::error::{Error, Result};
+use crate::image::{ioerr, Image};
+use qcow2_format::header::{Extension, EXT_BACKING_FORMAT};
+
+impl Image {
+    /// Records `name` as the backing file and `format` as its format
+    /// (`None` name: no backing file, and the format extension is dropped).
+    /// Only the header changes; the data is not touched. When the image
+    /// was opened with its backing chain, the new chain is opened after
+    /// the header is durable (failing to open it is not an error here: the
+    /// image then reads as if it had no backing file until reopened).
+    pub fn set_backing(&self, name: Option<&[u8]>, format: Option<&str>) -> Result<()> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        let image = g.name.clone();
+        let bad = |what: String| Error::BadHeader {
+            image: image.clone(),
+            source: qcow2_format::FormatError::Invalid {
+                field: "backing_file",
+                detail: what,
+            },
+        };
+        let name = name.filter(|n| !n.is_empty());
+        if let Some(n) = name {
+            if n.len() > 1023 {
+                return Err(bad("name longer than 1023 bytes".into()));
+            }
+            if n.contains(&0) {
+                return Err(bad("name contains a NUL byte".into()));
+            }
+        }
+        let mut h = g.header.clone();
+        h.extensions.retain(|e| e.kind != EXT_BACKING_FORMAT);
+        if let (Some(_), Some(f)) = (name, format) {
+            // QEMU writes the backing format extension first.
+            h.extensions.insert(
+                0,
+                Extension {
+                    kind: EXT_BACKING_FORMAT,
+                    data: f.as_bytes().to_vec(),
+                },
+            );
+        }
+        h.backing_file = name.map(|n| n.to_vec());
+        let buf = h.serialize().map_err(|e| Error::BadHeader {
+            image: image.clone(),
+            source: e,
+        })?;
+        // Everything written before must be durable before the header
+        // switches the chain the unallocated clusters read through.
+        g.sync()?;
+        g.file
+            .write_at(&buf, 0)
+            .map_err(ioerr("write header", &image))?;
+        g.header = h;
+        g.set_unsynced();
+        g.sync()?;
+        if g.backing.is_some() || g.opts.open_backing {
+            let path = g.path.clone();
+            let fmt = g.header.backing_format();
+            g.backing = match &g.header.backing_file {
+                Some(b) => Backing::open(&path, b, fmt.as_deref()).ok(),
+                None => None,
+            };
+        }
+        Ok(())
+    }
+}
