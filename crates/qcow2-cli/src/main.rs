@@ -4,6 +4,7 @@
 
 mod bitmap;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -67,6 +68,8 @@ enum Cmd {
     Resize(resize::ResizeArgs),
     /// Change the backing file (like `qemu-img rebase`).
     Rebase(rebase::RebaseArgs),
+    /// Write an overlay's data into its backing file (like `qemu-img commit`).
+    Commit(commit::CommitArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -200,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Commit(a) => commit::run(a),
     });
     let result = match result {
         Ok(r) => r,

@@ -76,3 +76,26 @@ impl Image {
         Ok(())
     }
 }
+
+impl Image {
+    /// Makes every cluster of the image unallocated (the image then reads
+    /// through its backing chain, or as zeroes), as QEMU empties the top
+    /// image after `qemu-img commit`. The freed clusters are released; the
+    /// file is not shortened.
+    pub fn make_empty(&self) -> Result<()> {
+        {
+            let mut g = self.lock();
+            g.check_writable()?;
+            let cs = g.geo.cluster_size();
+            let len = g.header.size.div_ceil(cs) * cs;
+            if len > 0 {
+                let r = g.discard_clusters(0, len, true);
+                if let Err(Error::Corrupt(_)) = &r {
+                    g.mark_corrupt();
+                }
+                r?;
+            }
+        }
+        self.flush()
+    }
+}
