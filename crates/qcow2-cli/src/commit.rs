@@ -166,9 +166,11 @@ fn chain_of(file: &Path, img: &Image) -> Result<Vec<(PathBuf, Option<String>)>, 
         if out.len() > 64 || fmt.as_deref() == Some("raw") {
             break;
         }
-        let mut o = OpenOptions::default();
-        o.writable = false;
-        o.open_backing = false;
+        let o = OpenOptions {
+            writable: false,
+            open_backing: false,
+            ..OpenOptions::default()
+        };
         match Image::open(&p, &o) {
             Ok(i) => info = i.info(),
             Err(_) => break,

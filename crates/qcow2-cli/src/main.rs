@@ -12,6 +12,7 @@ mod disk;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod num;
 mod qjson;
 mod rebase;
@@ -70,6 +71,8 @@ enum Cmd {
     Rebase(rebase::RebaseArgs),
     /// Write an overlay's data into its backing file (like `qemu-img commit`).
     Commit(commit::CommitArgs),
+    /// Size a new image would need (like `qemu-img measure`).
+    Measure(measure::MeasureArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -204,6 +207,7 @@ fn main() -> ExitCode {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
+        Cmd::Measure(a) => measure::run(a),
     });
     let result = match result {
         Ok(r) => r,

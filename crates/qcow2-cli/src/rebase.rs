@@ -32,13 +32,12 @@ fn usage(msg: &str) -> Fail {
     Fail::new(format!("{msg}\nTry 'qcow2 rebase --help' for more info"))
 }
 
+/// Options (key, value) and positional arguments of a command line.
+pub type Parsed = (Vec<(String, String)>, Vec<String>);
+
 /// Splits `args` into options (key, value) and positional arguments.
 /// `with_value` lists the options taking a value (`-b` and `--output` style).
-pub fn getopt(
-    args: Vec<String>,
-    with_value: &[&str],
-    cmd: &str,
-) -> Result<(Vec<(String, String)>, Vec<String>), Fail> {
+pub fn getopt(args: Vec<String>, with_value: &[&str], cmd: &str) -> Result<Parsed, Fail> {
     let usage = |m: &str| Fail::new(format!("{m}\nTry 'qcow2 {cmd} --help' for more info"));
     let mut opts = Vec::new();
     let mut pos = Vec::new();
@@ -179,8 +178,10 @@ pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
         let new = match &new_name {
             Some(n) => {
                 let p = backing_path(&file, n);
-                let mut ro = OpenOptions::default();
-                ro.writable = false;
+                let ro = OpenOptions {
+                    writable: false,
+                    ..OpenOptions::default()
+                };
                 Some((
                     Disk::open(&p, backing_fmt.as_deref(), &ro).map_err(|f| {
                         Fail::new(format!("Could not open new backing file '{n}': {}", f.msg))

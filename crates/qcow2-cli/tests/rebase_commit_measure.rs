@@ -309,3 +309,102 @@ fn commit_matches_qemu() {
         r.stderr.replace("qcow2: ", "")
     );
 }
+
+/// `measure args...` through both tools: same exit status, same stdout,
+/// same messages.
+fn measure_same(dir: &Path, args: &[&str]) {
+    let mut a = vec!["measure"];
+    a.extend_from_slice(args);
+    let q = qemu_img(dir, &a);
+    let r = ours(dir, &a);
+    assert_eq!(
+        q.code, r.code,
+        "{args:?}: exit status\nqemu: {}\nours: {}",
+        q.stderr, r.stderr
+    );
+    assert_eq!(q.stdout, r.stdout, "{args:?}: stdout");
+    assert_eq!(
+        q.stderr
+            .replace("qemu-img: ", "")
+            .replace("qemu-img", "qcow2"),
+        r.stderr.replace("qcow2: ", ""),
+        "{args:?}: messages"
+    );
+}
+
+#[test]
+fn measure_matches_qemu() {
+    if !tools() {
+        return;
+    }
+    let dir = tmpdir();
+    let d = dir.path();
+    let target_opts = [
+        "",
+        "cluster_size=512",
+        "cluster_size=4096",
+        "cluster_size=2M",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "cluster_size=4096,refcount_bits=64",
+        "extended_l2=on",
+        "cluster_size=16k,extended_l2=on",
+        "compat=0.10",
+        "preallocation=full",
+        "preallocation=metadata",
+        "cluster_size=3000",
+    ];
+    for size in ["1", "512", "1M", "100M", "1G", "10G", "1T", "64T"] {
+        for o in target_opts {
+            for out in ["--output=human", "--output=json"] {
+                let mut a = vec![out, "-O", "qcow2"];
+                if !o.is_empty() {
+                    a.extend(["-o", o]);
+                }
+                a.extend(["--size", size]);
+                measure_same(d, &a);
+            }
+        }
+        measure_same(d, &["--size", size]);
+    }
+    // Existing images as input: a chain with data and zeroes, a raw file,
+    // and an image with persistent bitmaps.
+    commit_setup(d, &ImgOpts::default());
+    qemu_img(d, &["bitmap", "--add", "mid.qcow2", "b1"]).ok("bitmap add");
+    qemu_img(
+        d,
+        &[
+            "bitmap",
+            "--add",
+            "-g",
+            "512",
+            "mid.qcow2",
+            "a-longer-bitmap-name",
+        ],
+    )
+    .ok("bitmap add");
+    for img in [
+        "base.qcow2",
+        "mid.qcow2",
+        "top.qcow2",
+        "top_raw.qcow2",
+        "base.raw",
+    ] {
+        for o in target_opts {
+            for out in ["--output=human", "--output=json"] {
+                let mut a = vec![out, "-O", "qcow2"];
+                if !o.is_empty() {
+                    a.extend(["-o", o]);
+                }
+                a.push(img);
+                measure_same(d, &a);
+            }
+        }
+        measure_same(d, &[img]);
+    }
+    // Errors.
+    measure_same(d, &[]);
+    measure_same(d, &["--size", "1G", "top.qcow2"]);
+    measure_same(d, &["-O", "qcow2", "--size", "1X"]);
+    measure_same(d, &["-O", "qcow2", "missing.qcow2"]);
+}
