@@ -184,7 +184,7 @@ pub fn run(a: MeasureArgs) -> Result<u8, Fail> {
                 "human" => json = false,
                 _ => {
                     return Err(usage(&format!(
-                        "--output must be used with human or json as argument."
+                        "--output expects 'human' or 'json' not '{v}'"
                     )))
                 }
             },

@@ -407,4 +407,5 @@ fn measure_matches_qemu() {
     measure_same(d, &["--size", "1G", "top.qcow2"]);
     measure_same(d, &["-O", "qcow2", "--size", "1X"]);
     measure_same(d, &["-O", "qcow2", "missing.qcow2"]);
+    measure_same(d, &["--output=foo", "--size", "1G"]);
 }
