@@ -57,6 +57,10 @@ fn setup(dir: &Path, o: &ImgOpts) {
     let b = format!("write -z {} {}", 2 << 20, cs);
     let c = format!("write -P 6 {} 512", (3 << 20) + cs);
     io(dir, "top.qcow2", "qcow2", &[&a, &b, &c]);
+    if o.compat != "0.10" {
+        // Other header extensions (bitmaps) must survive the header rewrite.
+        qemu_img(dir, &["bitmap", "--add", "top.qcow2", "b0"]).ok("bitmap add");
+    }
 }
 
 /// Runs `rebase args... IMG` through both tools on copies of `top.qcow2`
