@@ -13,7 +13,7 @@
 use crate::disk::{Disk, Progress};
 use crate::{error_text, open_image, Fail};
 use clap::Args;
-use qcow2_ops::{Image, OpenOptions};
+use qcow2_ops::{Error, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `qcow2 rebase` (parsed by hand, as qemu-img's getopt does).
@@ -202,7 +202,13 @@ pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
         new_name.as_deref().map(str::as_bytes),
         new_name.as_ref().and(backing_fmt.as_deref()),
     )
-    .map_err(|e| change_fail(error_text(&e)))?;
+    .map_err(|e| {
+        change_fail(match e {
+            Error::Invalid(_) => "Invalid argument".into(),
+            Error::NoSpace(_) => "No space left in the file header".into(),
+            e => error_text(&e),
+        })
+    })?;
     img.close().map_err(|e| {
         Fail::new(format!(
             "Could not close '{}': {}",

@@ -23,20 +23,17 @@ impl Image {
         let mut g = self.lock();
         g.check_writable()?;
         let image = g.name.clone();
-        let bad = |what: String| Error::BadHeader {
-            image: image.clone(),
-            source: qcow2_format::FormatError::Invalid {
-                field: "backing_file",
-                detail: what,
-            },
-        };
         let name = name.filter(|n| !n.is_empty());
         if let Some(n) = name {
             if n.len() > 1023 {
-                return Err(bad("name longer than 1023 bytes".into()));
+                return Err(Error::Invalid(format!(
+                    "'{image}': backing file name longer than 1023 bytes"
+                )));
             }
             if n.contains(&0) {
-                return Err(bad("name contains a NUL byte".into()));
+                return Err(Error::Invalid(format!(
+                    "'{image}': backing file name contains a NUL byte"
+                )));
             }
         }
         let mut h = g.header.clone();
@@ -52,9 +49,9 @@ impl Image {
             );
         }
         h.backing_file = name.map(|n| n.to_vec());
-        let buf = h.serialize().map_err(|e| Error::BadHeader {
-            image: image.clone(),
-            source: e,
+        // Header, extensions and name must fit in the first cluster.
+        let buf = h.serialize().map_err(|e| {
+            Error::NoSpace(format!("'{image}': no space left in the file header: {e}"))
         })?;
         // Everything written before must be durable before the header
         // switches the chain the unallocated clusters read through.
