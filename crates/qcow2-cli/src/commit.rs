@@ -11,7 +11,7 @@
 
 use crate::disk::{Disk, Progress};
 use crate::rebase::getopt;
-use crate::{error_text, open_image, Fail};
+use crate::{error_text, Fail};
 use clap::Args;
 use qcow2_ops::io::Storage;
 use qcow2_ops::{Image, OpenOptions, REQ_MAY_UNMAP};
@@ -80,8 +80,7 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
             )))
         }
     }
-    let img = open_image(&file, &OpenOptions::read_write())
-        .map_err(|f| Fail::new(format!("Could not open '{}': {}", file.display(), f.msg)))?;
+    let img = crate::rebase::open_with_chain(&file, &OpenOptions::read_write())?;
     // The chain below the image: (path, format) per layer, depth 1 first.
     let chain = chain_of(&file, &img)?;
     if chain.is_empty() {

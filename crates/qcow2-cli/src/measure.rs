@@ -241,8 +241,16 @@ pub fn run(a: MeasureArgs) -> Result<u8, Fail> {
                 writable: false,
                 ..OpenOptions::default()
             };
-            let disk = Disk::open(p, fmt.as_deref(), &ro)
-                .map_err(|e| Fail::new(format!("Could not open '{f}': {}", e.msg)))?;
+            let qcow2 = match fmt.as_deref() {
+                Some(f) => f == "qcow2",
+                None => p.exists() && crate::disk::probe(p)? == "qcow2",
+            };
+            let disk = if qcow2 {
+                Disk::Qcow2(Box::new(crate::rebase::open_with_chain(p, &ro)?))
+            } else {
+                Disk::open(p, fmt.as_deref(), &ro)
+                    .map_err(|e| Fail::new(format!("Could not open '{f}': {}", e.msg)))?
+            };
             let size = disk.size();
             let required = data_bytes(&disk, p, size, cs)?;
             let bitmaps = match &disk {

@@ -11,7 +11,7 @@
 //! same through its new chain; then it switches the header.
 
 use crate::disk::{Disk, Progress};
-use crate::{error_text, open_image, Fail};
+use crate::{error_text, Fail};
 use clap::Args;
 use qcow2_ops::{Error, Image, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -172,8 +172,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
     }
     let mut oo = OpenOptions::read_write();
     oo.open_backing = !unsafe_mode;
-    let img = open_image(&file, &oo)
-        .map_err(|f| Fail::new(format!("Could not open '{}': {}", file.display(), f.msg)))?;
+    let img = open_with_chain(&file, &oo)?;
     if !unsafe_mode {
         let new = match &new_name {
             Some(n) => {
@@ -307,5 +306,39 @@ fn write_run(img: &Image, off: u64, data: &[u8]) -> Result<(), Fail> {
             "error while writing to COW image: {}",
             error_text(&e)
         ))
+    })
+}
+
+/// Opens the qcow2 image at `path` (with its backing chain when `opts`
+/// say so) with qemu-img's messages: "Could not open 'IMG': REASON", where
+/// a backing file that cannot be opened reads "Could not open backing
+/// file: Could not open 'NAME': ERROR".
+pub fn open_with_chain(path: &Path, opts: &OpenOptions) -> Result<Image, Fail> {
+    let wrap = |m: String| Fail::new(format!("Could not open '{}': {m}", path.display()));
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(wrap(format!(
+            "Could not open '{}': {}",
+            path.display(),
+            crate::strerror(e.raw_os_error().unwrap_or(5))
+        )));
+    }
+    Image::open(path, opts).map_err(|e| {
+        let backing = match &e {
+            Error::Io { context, source } => context
+                .strip_prefix("could not open backing file '")
+                .and_then(|r| r.strip_suffix('\''))
+                .map(|b| {
+                    format!(
+                        "Could not open backing file: Could not open '{b}': {}",
+                        crate::strerror(source.raw_os_error().unwrap_or(5))
+                    )
+                }),
+            _ => None,
+        };
+        wrap(
+            backing.unwrap_or_else(|| {
+                format!("Could not open '{}': {}", path.display(), error_text(&e))
+            }),
+        )
     })
 }

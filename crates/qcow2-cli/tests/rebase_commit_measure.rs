@@ -423,3 +423,43 @@ fn measure_matches_qemu() {
     measure_same(d, &["-O", "qcow2", "missing.qcow2"]);
     measure_same(d, &["--output=foo", "--size", "1G"]);
 }
+
+#[test]
+fn missing_old_backing_messages_match_qemu() {
+    if !tools() {
+        return;
+    }
+    let dir = tmpdir();
+    let d = dir.path();
+    let o = ImgOpts::default();
+    qemu_create(d, "gone.qcow2", 1 << 20, &o, None);
+    qemu_create(d, "new.qcow2", 1 << 20, &o, None);
+    qemu_create(d, "top.qcow2", 1 << 20, &o, Some(("gone.qcow2", "qcow2")));
+    std::fs::remove_file(d.join("gone.qcow2")).expect("remove");
+    for args in [
+        &["rebase", "-b", "new.qcow2", "-F", "qcow2"][..],
+        &["commit"][..],
+        &["measure", "-O", "qcow2"][..],
+    ] {
+        copy(d, "top.qcow2", "q.qcow2");
+        copy(d, "top.qcow2", "r.qcow2");
+        let mut qa = args.to_vec();
+        qa.push("q.qcow2");
+        let mut ra = args.to_vec();
+        ra.push("r.qcow2");
+        let q = qemu_img(d, &qa);
+        let r = ours(d, &ra);
+        assert_eq!(q.code, r.code, "{args:?}");
+        assert_eq!(
+            q.stderr
+                .replace("qemu-img: ", "")
+                .replace("q.qcow2", "r.qcow2"),
+            r.stderr.replace("qcow2: ", ""),
+            "{args:?}"
+        );
+        assert_eq!(
+            std::fs::read(d.join("q.qcow2")).ok(),
+            std::fs::read(d.join("r.qcow2")).ok()
+        );
+    }
+}
