@@ -167,7 +167,11 @@ pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
             new_name.as_deref().unwrap_or("")
         ))
     };
-    if new_name.is_some() && backing_fmt.is_none() {
+    // Without -F the header cannot record the format: qemu-img fails when
+    // it switches the header (in safe mode after copying the data, which
+    // it reads from the new backing file with a probed format).
+    let no_format = new_name.is_some() && backing_fmt.is_none();
+    if no_format && unsafe_mode {
         return Err(change_fail("backing format must be specified".into()));
     }
     let mut oo = OpenOptions::read_write();
@@ -196,6 +200,16 @@ pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
             new.as_ref().map(|(d, p)| (d, p.as_path())),
             progress,
         )?;
+    }
+    if no_format {
+        img.close().map_err(|e| {
+            Fail::new(format!(
+                "Could not close '{}': {}",
+                file.display(),
+                error_text(&e)
+            ))
+        })?;
+        return Err(change_fail("backing format must be specified".into()));
     }
     img.set_backing(
         new_name.as_deref().map(str::as_bytes),

@@ -182,6 +182,9 @@ fn rebase_safe_matches_qemu() {
         rebase_case(&o, &["-b", "new.raw", "-F", "raw"], false);
         rebase_case(&o, &["-b", ""], false);
         rebase_case(&o, &["-b", "base.qcow2", "-F", "qcow2"], false);
+        // No -F: the data is copied, then the header switch fails.
+        rebase_case(&o, &["-b", "new.qcow2"], false);
+        rebase_case(&o, &["-b", "new.raw"], false);
         // Errors: no -b in safe mode, new backing missing.
         rebase_case(&o, &[], false);
         rebase_case(&o, &["-b", "nope.raw", "-F", "raw"], false);
