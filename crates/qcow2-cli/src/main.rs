@@ -2,6 +2,7 @@
 //! qemu-img / qemu-io compatible syntax and output.
 #![forbid(unsafe_code)]
 
+mod amend;
 mod bitmap;
 mod check;
 mod compare;
@@ -64,6 +65,8 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Change the virtual size (like `qemu-img resize`).
     Resize(resize::ResizeArgs),
+    /// Change format options (like `qemu-img amend`).
+    Amend(amend::AmendArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
         Cmd::Bitmap(a) => bitmap::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Resize(a) => resize::run(a),
+        Cmd::Amend(a) => amend::run(a),
     });
     let result = match result {
         Ok(r) => r,

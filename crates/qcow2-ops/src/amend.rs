@@ -1,0 +1,221 @@
+//! `amend`: change the format options of an existing image (compat level,
+//! lazy refcounts), as `qemu-img amend` does.
+//!
+//! Every header change is one write within the first cluster followed by a
+//! sync, so a crash leaves either the old or the new header.
+
+use crate::error::{Error, Result};
+use crate::image::{ioerr, Image, Inner};
+use qcow2_format::entry::L1Entry;
+use qcow2_format::header::{self, V2_HEADER_LEN, V3_HEADER_LEN};
+
+/// What to change; `None` keeps the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AmendOptions {
+    /// Target header version: 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: Option<u32>,
+    /// Lazy refcounts (v3 only).
+    pub lazy_refcounts: Option<bool>,
+    /// Refcount width in bits (only the current width is supported yet).
+    pub refcount_bits: Option<u32>,
+}
+
+impl Image {
+    /// Changes the image's format options (see [`AmendOptions`]).
+    pub fn amend(&self, o: &AmendOptions) -> Result<()> {
+        self.lock().amend(o)
+    }
+}
+
+impl Inner {
+    fn amend(&mut self, o: &AmendOptions) -> Result<()> {
+        self.check_writable()?;
+        let cur = self.header.version;
+        let target = o.version.unwrap_or(cur);
+        if target != 2 && target != 3 {
+            return Err(Error::Invalid(format!(
+                "Unknown compatibility level {target}"
+            )));
+        }
+        if let Some(bits) = o.refcount_bits {
+            if target < 3 && bits != 16 {
+                return Err(Error::Invalid(
+                    "Refcount widths other than 16 bits require compatibility level 1.1 or \
+                     above (use compat=1.1 or greater)"
+                        .into(),
+                ));
+            }
+            if bits != self.header.refcount_bits() {
+                return Err(Error::NotSupported(format!(
+                    "{}: changing refcount_bits is not supported yet",
+                    self.name
+                )));
+            }
+        }
+        if o.lazy_refcounts == Some(true) && target < 3 {
+            return Err(Error::Invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use \
+                 compat=1.1 or greater)"
+                    .into(),
+            ));
+        }
+        if target < cur {
+            self.downgrade_check(o.refcount_bits.is_some())?;
+        }
+        // Everything written so far is durable before the header changes.
+        self.flush_all(true)?;
+        if target > cur {
+            self.upgrade()?;
+        }
+        if let Some(lazy) = o.lazy_refcounts {
+            if target >= 3 && lazy != self.header.lazy_refcounts() {
+                self.set_lazy(lazy)?;
+            }
+        }
+        if target < cur {
+            self.downgrade()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole header cluster from `h` in one write, then syncs.
+    fn write_header(&mut self, mut h: header::Header) -> Result<()> {
+        let buf = h
+            .serialize()
+            .map_err(|e| Error::Invalid(format!("{}: {e}", self.name)))?;
+        self.check_sync_failed()?;
+        self.file
+            .write_at(&buf, 0)
+            .map_err(ioerr("write header", &self.name))?;
+        let r = self.file.sync();
+        self.stats.file_syncs += 1;
+        self.note_sync(r)?;
+        self.header = h;
+        Ok(())
+    }
+
+    fn upgrade(&mut self) -> Result<()> {
+        let mut h = self.header.clone();
+        h.version = 3;
+        h.header_length = V3_HEADER_LEN;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.refcount_order = 4;
+        h.compression_type = 0;
+        h.extra.clear();
+        if !h
+            .extensions
+            .iter()
+            .any(|e| e.kind == header::EXT_FEATURE_TABLE)
+        {
+            let ft = header::Extension {
+                kind: header::EXT_FEATURE_TABLE,
+                data: crate::create::feature_table(),
+            };
+            // QEMU puts the feature table first and leaves it out when the
+            // header cluster is too small for it.
+            let mut with = h.clone();
+            with.extensions.insert(0, ft);
+            if with.clone().serialize().is_ok() {
+                h = with;
+            }
+        }
+        self.write_header(h)
+    }
+
+    fn set_lazy(&mut self, on: bool) -> Result<()> {
+        let mut h = self.header.clone();
+        if on {
+            h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;
+        } else {
+            h.compatible_features &= !header::COMPAT_LAZY_REFCOUNTS;
+        }
+        self.write_header(h)
+    }
+
+    fn downgrade_check(&mut self, refcount_bits_given: bool) -> Result<()> {
+        let h = &self.header;
+        if h.refcount_order != 4 {
+            let _ = refcount_bits_given;
+            return Err(Error::Invalid(
+                "compat=0.10 requires refcount_bits=16".into(),
+            ));
+        }
+        if h.has_data_file() {
+            return Err(Error::Invalid(
+                "Cannot downgrade an image with a data file".into(),
+            ));
+        }
+        let incompat = h.incompatible_features & !header::INCOMPAT_DIRTY;
+        if incompat != 0 {
+            return Err(Error::Invalid(format!(
+                "Cannot downgrade an image with incompatible features {incompat:#x} set"
+            )));
+        }
+        if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
+            return Err(Error::NotSupported(format!(
+                "{}: cannot downgrade an image with persistent bitmaps (compat=0.10 cannot \
+                 store them); remove them first",
+                self.name
+            )));
+        }
+        if self.has_zero_clusters()? {
+            return Err(Error::NotSupported(format!(
+                "{}: downgrading an image with zero clusters to compat=0.10 is not supported yet",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether any L2 table of the active or a snapshot L1 table holds a
+    /// zero-flagged entry (which compat=0.10 cannot represent).
+    fn has_zero_clusters(&mut self) -> Result<bool> {
+        self.flush_all(true)?;
+        let cs = self.geo.cluster_size();
+        let mut l1s: Vec<Vec<u64>> = vec![self.l1.clone()];
+        for sn in self.read_snapshot_table()? {
+            let mut b = vec![0u8; sn.l1_size as usize * 8];
+            self.file
+                .read_at(&mut b, sn.l1_table_offset)
+                .map_err(ioerr("read snapshot L1 table", &self.name))?;
+            l1s.push(
+                b.chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut t = vec![0u8; cs as usize];
+        for l1 in l1s {
+            for raw in l1 {
+                let off = L1Entry(raw).l2_offset();
+                if off == 0 || !seen.insert(off) {
+                    continue;
+                }
+                self.file
+                    .read_at(&mut t, off)
+                    .map_err(ioerr("read L2 table", &self.name))?;
+                for c in t.chunks_exact(8) {
+                    let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
+                    if e & (1 << 62) == 0 && e & 1 != 0 {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn downgrade(&mut self) -> Result<()> {
+        let mut h = self.header.clone();
+        h.version = 2;
+        h.header_length = V2_HEADER_LEN;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.extensions.retain(|e| e.kind != header::EXT_FEATURE_TABLE);
+        self.write_header(h)
+    }
+}
