@@ -23,7 +23,27 @@ pub struct AmendOptions {
 impl Image {
     /// Changes the image's format options (see [`AmendOptions`]).
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
-        self.lock().amend(o)
+        let mut g = self.lock();
+        if o.version == Some(2) && g.header.version > 2 {
+            // compat=0.10 has no zero clusters: expand those of the active
+            // table first by writing zeroes through the ordinary write path,
+            // which copies a host cluster shared with a snapshot instead of
+            // writing into it (QEMU writes in place there and corrupts the
+            // snapshot). Zero clusters in snapshot tables are refused.
+            g.downgrade_check(true)?;
+            let zeros = g.active_zero_clusters()?;
+            let cs = g.geo.cluster_size();
+            let size = g.header.size;
+            drop(g);
+            let buf = vec![0u8; cs as usize];
+            for guest in zeros {
+                let n = cs.min(size - guest) as usize;
+                self.write(guest, &buf[..n], 0)?;
+            }
+            self.flush()?;
+            g = self.lock();
+        }
+        g.amend(o)
     }
 }
 
@@ -160,9 +180,10 @@ impl Inner {
                 self.name
             )));
         }
-        if self.has_zero_clusters()? {
+        if self.has_zero_clusters(true)? {
             return Err(Error::NotSupported(format!(
-                "{}: downgrading an image with zero clusters to compat=0.10 is not supported yet",
+                "{}: cannot downgrade to compat=0.10: an internal snapshot has zero clusters \
+                 (not supported yet; delete the snapshot or write the zeroes first)",
                 self.name
             )));
         }
@@ -171,10 +192,13 @@ impl Inner {
 
     /// Whether any L2 table of the active or a snapshot L1 table holds a
     /// zero-flagged entry (which compat=0.10 cannot represent).
-    fn has_zero_clusters(&mut self) -> Result<bool> {
+    fn has_zero_clusters(&mut self, snapshots_only: bool) -> Result<bool> {
         self.flush_all(true)?;
         let cs = self.geo.cluster_size();
-        let mut l1s: Vec<Vec<u64>> = vec![self.l1.clone()];
+        let mut l1s: Vec<Vec<u64>> = Vec::new();
+        if !snapshots_only {
+            l1s.push(self.l1.clone());
+        }
         for sn in self.read_snapshot_table()? {
             let mut b = vec![0u8; sn.l1_size as usize * 8];
             self.file
@@ -208,7 +232,37 @@ impl Inner {
         Ok(false)
     }
 
+    /// Guest offsets of the zero-flagged clusters of the active table.
+    fn active_zero_clusters(&mut self) -> Result<Vec<u64>> {
+        let cs = self.geo.cluster_size();
+        let per_l2 = cs / 8;
+        let size = self.header.size;
+        let mut out = Vec::new();
+        for i in 0..self.l1.len() {
+            if L1Entry(self.l1[i]).l2_offset() == 0 {
+                continue;
+            }
+            for j in 0..per_l2 {
+                let guest = (i as u64 * per_l2 + j) * cs;
+                if guest >= size {
+                    break;
+                }
+                let e = self.l2_entry(guest)?;
+                if !e.is_compressed() && e.zero_flag() {
+                    out.push(guest);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn downgrade(&mut self) -> Result<()> {
+        if self.has_zero_clusters(false)? {
+            return Err(Error::Invalid(format!(
+                "{}: zero clusters remain after expanding them; image left at compat=1.1",
+                self.name
+            )));
+        }
         let mut h = self.header.clone();
         h.version = 2;
         h.header_length = V2_HEADER_LEN;
