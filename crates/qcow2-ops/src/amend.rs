@@ -5,7 +5,7 @@
 //! sync, so a crash leaves either the old or the new header.
 
 use crate::error::{Error, Result};
-use crate::image::{ioerr, Image, Inner};
+use crate::image::{ioerr, refcount_err, Image, Inner};
 use qcow2_format::entry::L1Entry;
 use qcow2_format::header::{self, V2_HEADER_LEN, V3_HEADER_LEN};
 
@@ -29,7 +29,8 @@ impl Image {
             // table first by writing zeroes through the ordinary write path,
             // which copies a host cluster shared with a snapshot instead of
             // writing into it (QEMU writes in place there and corrupts the
-            // snapshot). Zero clusters in snapshot tables are refused.
+            // snapshot). Then those of the snapshot tables (see
+            // `expand_snapshot_zeros`).
             g.downgrade_check(true)?;
             let zeros = g.active_zero_clusters()?;
             let cs = g.geo.cluster_size();
@@ -93,6 +94,7 @@ impl Inner {
             }
         }
         if target < cur {
+            self.expand_snapshot_zeros()?;
             self.downgrade()?;
         }
         Ok(())
@@ -180,13 +182,6 @@ impl Inner {
                 self.name
             )));
         }
-        if self.has_zero_clusters(true)? {
-            return Err(Error::NotSupported(format!(
-                "{}: cannot downgrade to compat=0.10: an internal snapshot has zero clusters \
-                 (not supported yet; delete the snapshot or write the zeroes first)",
-                self.name
-            )));
-        }
         Ok(())
     }
 
@@ -230,6 +225,123 @@ impl Inner {
             }
         }
         Ok(false)
+    }
+
+    /// Rewrites the zero-flagged entries of the snapshot L2 tables (the
+    /// active table has none left): plain zero without a backing file
+    /// becomes unallocated; otherwise the entry gets a host cluster of
+    /// zeroes: its own one written in place when nobody else references it,
+    /// else a new cluster (refcount: that of the L2 table), never one shared
+    /// with other data. New clusters and refcounts are durable before the
+    /// table is rewritten (one write), and old clusters are released after.
+    fn expand_snapshot_zeros(&mut self) -> Result<()> {
+        self.flush_all(true)?;
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let backing = self.header.backing_file.is_some();
+        let name = self.name.clone();
+        let mut tables = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for sn in self.read_snapshot_table()? {
+            let mut b = vec![0u8; sn.l1_size as usize * 8];
+            self.file
+                .read_at(&mut b, sn.l1_table_offset)
+                .map_err(ioerr("read snapshot L1 table", &name))?;
+            for c in b.chunks_exact(8) {
+                let off = L1Entry(u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).l2_offset();
+                if off != 0 && seen.insert(off) {
+                    tables.push(off);
+                }
+            }
+        }
+        let zeros = vec![0u8; cs as usize];
+        let mut t = vec![0u8; cs as usize];
+        for off in tables {
+            self.file
+                .read_at(&mut t, off)
+                .map_err(ioerr("read L2 table", &name))?;
+            let entry = |t: &[u8], i: usize| {
+                u64::from_be_bytes(t[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+            };
+            let n = (cs / 8) as usize;
+            if !(0..n).any(|i| {
+                let e = entry(&t, i);
+                e & (1 << 62) == 0 && e & 1 != 0
+            }) {
+                continue;
+            }
+            let users = self
+                .refs
+                .get(&*self.file, off >> cb)
+                .map_err(|e| refcount_err(&name, e))?;
+            let mut release = Vec::new();
+            for i in 0..n {
+                let e = entry(&t, i);
+                if e & (1 << 62) != 0 || e & 1 == 0 {
+                    continue;
+                }
+                let host = e & 0x00ff_ffff_ffff_fe00;
+                let new = if host == 0 && !backing {
+                    0
+                } else if host != 0
+                    && self
+                        .refs
+                        .get(&*self.file, host >> cb)
+                        .map_err(|e| refcount_err(&name, e))?
+                        == 1
+                {
+                    self.overlap_check(host, cs, "zero cluster expansion")?;
+                    self.file
+                        .write_at(&zeros, host)
+                        .map_err(ioerr("write zero cluster", &name))?;
+                    e & !1
+                } else {
+                    let c = self.alloc_clusters(1)?;
+                    if users > 1 {
+                        self.refs
+                            .update(&*self.file, c, users as i64 - 1)
+                            .map_err(|e| refcount_err(&name, e))?;
+                    }
+                    self.overlap_check(c * cs, cs, "zero cluster expansion")?;
+                    self.file
+                        .write_at(&zeros, c * cs)
+                        .map_err(ioerr("write zero cluster", &name))?;
+                    if host != 0 {
+                        release.push(host >> cb);
+                    }
+                    c * cs
+                };
+                t[i * 8..i * 8 + 8].copy_from_slice(&new.to_be_bytes());
+            }
+            if self
+                .refs
+                .flush(&*self.file)
+                .map_err(|e| refcount_err(&name, e))?
+            {
+                self.set_unsynced();
+            }
+            self.set_unsynced();
+            self.sync()?;
+            self.file
+                .write_at(&t, off)
+                .map_err(ioerr("write L2 table", &name))?;
+            self.set_unsynced();
+            self.sync()?;
+            self.l2.discard_range(off, cs);
+            for c in release {
+                self.refs
+                    .update(&*self.file, c, -(users as i64))
+                    .map_err(|e| refcount_err(&name, e))?;
+            }
+            if self
+                .refs
+                .flush(&*self.file)
+                .map_err(|e| refcount_err(&name, e))?
+            {
+                self.set_unsynced();
+            }
+        }
+        self.sync()
     }
 
     /// Guest offsets of the zero-flagged clusters of the active table.

@@ -1579,7 +1579,8 @@ fn crash_resize(bitmaps: bool, shrink: bool) {
 
 /// `amend -o compat=0.10` on a v3 image whose zero clusters share host
 /// clusters with an internal snapshot (`write -z` after the snapshot), plus
-/// unshared zero clusters of both kinds: power loss at every mutating I/O.
+/// zero clusters of both kinds taken into two snapshots (expanded in the
+/// snapshots' shared L2 tables): power loss at every mutating I/O.
 /// After any crash `qemu-img check` finds no corruption (leaks allowed), the
 /// active content and the snapshot's content are unchanged, and the image
 /// is v3 or v2.
