@@ -2,7 +2,8 @@
 //! copies of one image, one through each tool. Both give the same exit
 //! status and message; afterwards `qemu-img compare` finds the copies equal,
 //! `qemu-img check` finds ours clean and `qemu-img info` shows the same
-//! compat level and lazy refcounts flag.
+//! compat level and lazy refcounts flag, and `qemu-img map` (without host
+//! offsets) is the same.
 //!
 //! Beyond QEMU: downgrading an image whose zero clusters share a host
 //! cluster with an internal snapshot. QEMU writes into the shared cluster
@@ -53,6 +54,11 @@ fn both(dir: &Path, base: &str, opts: &str, ctx: &str) {
     assert_qemu_check_clean(dir, "o.qcow2", ctx);
     qemu_img(dir, &["compare", "-q", "q.qcow2", "o.qcow2"]).ok(ctx);
     qemu_img(dir, &["compare", "-q", base, "o.qcow2"]).ok(ctx);
+    assert_eq!(
+        map_without_offsets(&qemu_map(dir, "o.qcow2")),
+        map_without_offsets(&qemu_map(dir, "q.qcow2")),
+        "{ctx}: map"
+    );
 }
 
 fn io(dir: &Path, img: &str, cmds: &[&str]) {

@@ -24,6 +24,8 @@ impl Image {
     /// Changes the image's format options (see [`AmendOptions`]).
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
         let mut g = self.lock();
+        // Every refusal comes before anything is written.
+        g.validate(o)?;
         if o.version == Some(2) && g.header.version > 2 {
             // compat=0.10 has no zero clusters: expand those of the active
             // table first by writing zeroes through the ordinary write path,
@@ -31,15 +33,19 @@ impl Image {
             // writing into it (QEMU writes in place there and corrupts the
             // snapshot). Then those of the snapshot tables (see
             // `expand_snapshot_zeros`).
-            g.downgrade_check(true)?;
             let zeros = g.active_zero_clusters()?;
             let cs = g.geo.cluster_size();
             let size = g.header.size;
+            let backing = g.header.backing_file.is_some();
             drop(g);
             let buf = vec![0u8; cs as usize];
-            for guest in zeros {
-                let n = cs.min(size - guest) as usize;
-                self.write(guest, &buf[..n], 0)?;
+            for (guest, plain) in zeros {
+                let n = cs.min(size - guest);
+                // Plain zero without a backing file becomes unallocated, as
+                // in QEMU (done with the snapshot tables' entries below).
+                if !(plain && !backing) {
+                    self.write(guest, &buf[..n as usize], 0)?;
+                }
             }
             self.flush()?;
             g = self.lock();
@@ -49,7 +55,7 @@ impl Image {
 }
 
 impl Inner {
-    fn amend(&mut self, o: &AmendOptions) -> Result<()> {
+    fn validate(&mut self, o: &AmendOptions) -> Result<()> {
         self.check_writable()?;
         let cur = self.header.version;
         let target = o.version.unwrap_or(cur);
@@ -83,6 +89,13 @@ impl Inner {
         if target < cur {
             self.downgrade_check(o.refcount_bits.is_some())?;
         }
+        Ok(())
+    }
+
+    fn amend(&mut self, o: &AmendOptions) -> Result<()> {
+        self.validate(o)?;
+        let cur = self.header.version;
+        let target = o.version.unwrap_or(cur);
         // Everything written so far is durable before the header changes.
         self.flush_all(true)?;
         if target > cur {
@@ -227,8 +240,9 @@ impl Inner {
         Ok(false)
     }
 
-    /// Rewrites the zero-flagged entries of the snapshot L2 tables (the
-    /// active table has none left): plain zero without a backing file
+    /// Rewrites the zero-flagged entries left in the L2 tables of the active
+    /// and the snapshot L1 tables (in the active ones only plain zero without
+    /// backing file is left, see [`Image::amend`]): plain zero without a backing file
     /// becomes unallocated; otherwise the entry gets a host cluster of
     /// zeroes: its own one written in place when nobody else references it,
     /// else a new cluster (refcount: that of the L2 table), never one shared
@@ -242,6 +256,12 @@ impl Inner {
         let name = self.name.clone();
         let mut tables = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        for &raw in &self.l1 {
+            let off = L1Entry(raw).l2_offset();
+            if off != 0 && seen.insert(off) {
+                tables.push(off);
+            }
+        }
         for sn in self.read_snapshot_table()? {
             let mut b = vec![0u8; sn.l1_size as usize * 8];
             self.file
@@ -309,7 +329,8 @@ impl Inner {
                     if host != 0 {
                         release.push(host >> cb);
                     }
-                    c * cs
+                    // COPIED exactly when the refcount is one.
+                    c * cs | if users == 1 { 1 << 63 } else { 0 }
                 };
                 t[i * 8..i * 8 + 8].copy_from_slice(&new.to_be_bytes());
             }
@@ -345,7 +366,8 @@ impl Inner {
     }
 
     /// Guest offsets of the zero-flagged clusters of the active table.
-    fn active_zero_clusters(&mut self) -> Result<Vec<u64>> {
+    /// With each: whether it is plain zero (no host cluster).
+    fn active_zero_clusters(&mut self) -> Result<Vec<(u64, bool)>> {
         let cs = self.geo.cluster_size();
         let per_l2 = cs / 8;
         let size = self.header.size;
@@ -361,7 +383,7 @@ impl Inner {
                 }
                 let e = self.l2_entry(guest)?;
                 if !e.is_compressed() && e.zero_flag() {
-                    out.push(guest);
+                    out.push((guest, e.host_offset() == 0));
                 }
             }
         }
