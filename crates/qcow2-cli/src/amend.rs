@@ -61,11 +61,9 @@ fn parse_opts(all: &[String]) -> Result<(AmendOptions, Option<u64>), Fail> {
                     })
                 }
                 "refcount_bits" => {
-                    let n: u32 = v.parse().map_err(|_| {
-                        Fail::new(
-                            "Parameter 'refcount_bits' expects a non-negative number below 2^64",
-                        )
-                    })?;
+                    let n: u32 = v
+                        .parse()
+                        .map_err(|_| Fail::new("Parameter 'refcount_bits' expects a number"))?;
                     if n == 0 || n > 64 || !n.is_power_of_two() {
                         return Err(Fail::new(
                             "Refcount width must be a power of two and may not exceed 64 bits",

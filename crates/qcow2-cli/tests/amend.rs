@@ -111,12 +111,26 @@ fn amend_matches_qemu() {
                 "compat=1.1",
                 "compat=0.10,lazy_refcounts=on",
                 "refcount_bits=16",
+                "refcount_bits=1",
+                "refcount_bits=8",
+                "refcount_bits=64",
+                "refcount_bits=3",
+                "refcount_bits=abc",
+                "compat=0.10,refcount_bits=8",
+                "compat=0.10,refcount_bits=16",
                 "cluster_size=4096",
                 "foo=bar",
                 "compat=2",
                 "lazy_refcounts=maybe",
             ] {
                 both(dir, "v3.qcow2", opts, &format!("{ctx} v3 {opts}"));
+            }
+            // Refcounts above one: refused narrowing, widening.
+            copy(dir, "v3.qcow2", "sn.qcow2");
+            qemu_img(dir, &["snapshot", "-c", "s1", "sn.qcow2"]).ok("snapshot");
+            qemu_img(dir, &["snapshot", "-c", "s2", "sn.qcow2"]).ok("snapshot");
+            for opts in ["refcount_bits=1", "refcount_bits=2", "refcount_bits=32"] {
+                both(dir, "sn.qcow2", opts, &format!("{ctx} snapshots {opts}"));
             }
             // Lazy on, then off.
             copy(dir, "v3.qcow2", "lazy.qcow2");
@@ -165,6 +179,12 @@ fn amend_matches_qemu() {
                 )
                 .ok("c");
                 both(dir, name, "compat=0.10", &format!("{ctx} {copt}"));
+                both(
+                    dir,
+                    name,
+                    "compat=0.10,refcount_bits=16",
+                    &format!("{ctx} {copt} +16"),
+                );
             }
         }
     }

@@ -72,11 +72,8 @@ impl Inner {
                         .into(),
                 ));
             }
-            if bits != self.header.refcount_bits() {
-                return Err(Error::NotSupported(format!(
-                    "{}: changing refcount_bits is not supported yet",
-                    self.name
-                )));
+            if bits < self.header.refcount_bits() {
+                self.check_refcount_width(bits)?;
             }
         }
         if o.lazy_refcounts == Some(true) && target < 3 {
@@ -104,6 +101,11 @@ impl Inner {
         if let Some(lazy) = o.lazy_refcounts {
             if target >= 3 && lazy != self.header.lazy_refcounts() {
                 self.set_lazy(lazy)?;
+            }
+        }
+        if let Some(bits) = o.refcount_bits {
+            if bits != self.header.refcount_bits() {
+                self.change_refcount_width(bits.trailing_zeros())?;
             }
         }
         if target < cur {
@@ -171,8 +173,7 @@ impl Inner {
 
     fn downgrade_check(&mut self, refcount_bits_given: bool) -> Result<()> {
         let h = &self.header;
-        if h.refcount_order != 4 {
-            let _ = refcount_bits_given;
+        if h.refcount_order != 4 && !refcount_bits_given {
             return Err(Error::Invalid(
                 "compat=0.10 requires refcount_bits=16".into(),
             ));
@@ -361,6 +362,152 @@ impl Inner {
             {
                 self.set_unsynced();
             }
+        }
+        self.sync()
+    }
+
+    /// Number of host clusters the refcount structures may describe now.
+    fn refcount_span(&mut self) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let len = self.file.len().map_err(ioerr("stat", &self.name))?;
+        let epb = self.refs.entries_per_block();
+        let covered = self.refs.table().len() as u64 * epb;
+        Ok(len.div_ceil(cs).min(covered))
+    }
+
+    fn check_refcount_width(&mut self, bits: u32) -> Result<()> {
+        self.flush_all(true)?;
+        let cs = self.geo.cluster_size();
+        let max = qcow2_format::refcount::max_refcount(bits.trailing_zeros());
+        let name = self.name.clone();
+        for c in 0..self.refcount_span()? {
+            let r = self
+                .refs
+                .get(&*self.file, c)
+                .map_err(|e| refcount_err(&name, e))?;
+            if r > max {
+                return Err(Error::Invalid(format!(
+                    "Cannot decrease refcount entry width to {bits} bits: Cluster at offset \
+                     {:#x} has a refcount of {r}",
+                    c * cs
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the refcount structures with entries of 2^`order` bits:
+    /// new table and blocks past the end of the file (their own clusters
+    /// counted), synced; then one header write switches to them (the commit
+    /// point); then the old table and blocks are freed (a crash there only
+    /// leaks them).
+    fn change_refcount_width(&mut self, order: u32) -> Result<()> {
+        self.flush_all(true)?;
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let name = self.name.clone();
+        let span = self.refcount_span()?;
+        let mut counts = Vec::with_capacity(span as usize);
+        for c in 0..span {
+            counts.push(
+                self.refs
+                    .get(&*self.file, c)
+                    .map_err(|e| refcount_err(&name, e))?,
+            );
+        }
+        while counts.last() == Some(&0) {
+            counts.pop();
+        }
+        let epb = qcow2_format::refcount::entries_per_block(cb, order);
+        let len = self.file.len().map_err(ioerr("stat", &name))?;
+        let start = (counts.len() as u64).max(len.div_ceil(cs));
+        let (mut blocks, mut tclusters) = (0u64, 0u64);
+        loop {
+            let end = start + tclusters + blocks;
+            let nb = end.div_ceil(epb);
+            let tc = (nb * 8).div_ceil(cs);
+            if nb == blocks && tc == tclusters {
+                break;
+            }
+            (blocks, tclusters) = (nb, tc);
+        }
+        if tclusters * cs > header::MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace(format!(
+                "{name}: the refcount table would be too large"
+            )));
+        }
+        let end = start + tclusters + blocks;
+        counts.resize(end as usize, 0);
+        for c in start..end {
+            counts[c as usize] = 1;
+        }
+        let table_off = start * cs;
+        let mut table = vec![0u8; (tclusters * cs) as usize];
+        let mut buf = vec![0u8; cs as usize];
+        for b in 0..blocks {
+            buf.fill(0);
+            let first = b * epb;
+            for c in first..(first + epb).min(end) {
+                qcow2_format::refcount::set(
+                    &mut buf,
+                    (c - first) as usize,
+                    order,
+                    counts[c as usize],
+                );
+            }
+            let off = (start + tclusters + b) * cs;
+            table[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&off.to_be_bytes());
+            self.file
+                .write_at(&buf, off)
+                .map_err(ioerr("write refcount block", &name))?;
+        }
+        self.file
+            .write_at(&table, table_off)
+            .map_err(ioerr("write refcount table", &name))?;
+        self.set_unsynced();
+        self.sync()?;
+        let (old_off, old_clusters) = self.refs.table_location();
+        let old_blocks: Vec<u64> = self
+            .refs
+            .table()
+            .iter()
+            .copied()
+            .filter(|&e| e != 0)
+            .collect();
+        let mut h = self.header.clone();
+        h.refcount_order = order;
+        h.refcount_table_offset = table_off;
+        h.refcount_table_clusters = tclusters as u32;
+        self.write_header(h)?;
+        let granularity = self.opts.dirty_granularity.clamp(512, 1 << 21);
+        self.refs = qcow2_refcount::Refcounts::load(
+            &*self.file,
+            cb,
+            order,
+            table_off,
+            tclusters as u32,
+            self.opts.refcount_cache_bytes,
+            granularity,
+        )
+        .map_err(|e| refcount_err(&name, e))?;
+        self.protect_in_refcounts();
+        self.refresh_snapshot_ranges()?;
+        for c in (old_off >> cb)..(old_off >> cb) + old_clusters as u64 {
+            self.refs
+                .update(&*self.file, c, -1)
+                .map_err(|e| refcount_err(&name, e))?;
+        }
+        for b in old_blocks {
+            self.refs
+                .update(&*self.file, b >> cb, -1)
+                .map_err(|e| refcount_err(&name, e))?;
+        }
+        if self
+            .refs
+            .flush(&*self.file)
+            .map_err(|e| refcount_err(&name, e))?
+        {
+            self.set_unsynced();
         }
         self.sync()
     }
