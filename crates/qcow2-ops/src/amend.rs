@@ -43,7 +43,7 @@ impl Image {
                 let n = cs.min(size - guest);
                 // Plain zero without a backing file becomes unallocated, as
                 // in QEMU (done with the snapshot tables' entries below).
-                if !(plain && !backing) {
+                if !plain || backing {
                     self.write(guest, &buf[..n as usize], 0)?;
                 }
             }
@@ -331,7 +331,7 @@ impl Inner {
                         release.push(host >> cb);
                     }
                     // COPIED exactly when the refcount is one.
-                    c * cs | if users == 1 { 1 << 63 } else { 0 }
+                    (c * cs) | if users == 1 { 1 << 63 } else { 0 }
                 };
                 t[i * 8..i * 8 + 8].copy_from_slice(&new.to_be_bytes());
             }
