@@ -2,6 +2,7 @@
 //! qemu-img / qemu-io compatible syntax and output.
 #![forbid(unsafe_code)]
 
+mod amend;
 mod bitmap;
 mod check;
 mod commit;
@@ -73,6 +74,8 @@ enum Cmd {
     Commit(commit::CommitArgs),
     /// Size a new image would need (like `qemu-img measure`).
     Measure(measure::MeasureArgs),
+    /// Change format options (like `qemu-img amend`).
+    Amend(amend::AmendArgs),
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -208,6 +211,7 @@ fn main() -> ExitCode {
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Measure(a) => measure::run(a),
+        Cmd::Amend(a) => amend::run(a),
     });
     let result = match result {
         Ok(r) => r,

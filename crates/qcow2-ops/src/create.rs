@@ -9,7 +9,7 @@ use qcow2_io::{FileStorage, OpenMode, Storage};
 use std::path::Path;
 
 /// The feature name table QEMU writes into v3 images.
-fn feature_table() -> Vec<u8> {
+pub(crate) fn feature_table() -> Vec<u8> {
     let names: [(u8, u8, &str); 8] = [
         (0, 0, "dirty bit"),
         (0, 1, "corrupt bit"),

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod amend;
 mod backing;
 mod backing_change;
 mod bitmaps;
@@ -22,6 +23,7 @@ mod status;
 mod types;
 mod zero;
 
+pub use amend::AmendOptions;
 pub use bitmaps::{BitmapInfo, BitmapOp};
 pub use error::{Error, Result};
 pub use image::Image;
