@@ -9,7 +9,9 @@
 # Each target first runs its committed regression inputs (fuzz/regress/<target>,
 # made by fuzz/make-regress.py and added from fuzz findings), then fuzzes. Both
 # run under an RSS limit well below libFuzzer's 4 GiB default (FUZZ_RSS_MB,
-# default 512; a single allocation above it also fails) and a per-input time
+# default 512, for the regression inputs; FUZZ_FUZZ_RSS_MB, default 1024, while
+# fuzzing, where libFuzzer's own corpus grows the process; any single allocation
+# above FUZZ_MALLOC_MB, default 256, fails the input) and a per-input time
 # limit (FUZZ_TIMEOUT seconds, default 25): an input whose tables claim
 # gigabytes must not make any command use them. ASan's quarantine of freed
 # memory is kept small so that it does not count against that limit.
@@ -25,6 +27,12 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root/fuzz"
 secs="${FUZZ_SECONDS:-20}"
 rss_mb="${FUZZ_RSS_MB:-512}"
+# While fuzzing, libFuzzer's own corpus and ASan's bookkeeping grow the
+# process over thousands of inputs (an empty input was reported at 516 MB):
+# the fuzzing phase gets more room for the process, and any single
+# allocation above FUZZ_MALLOC_MB (default 256) fails the input at once.
+fuzz_rss_mb="${FUZZ_FUZZ_RSS_MB:-1024}"
+malloc_mb="${FUZZ_MALLOC_MB:-256}"
 timeout="${FUZZ_TIMEOUT:-25}"
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}quarantine_size_mb=32"
 targets=("$@")
@@ -45,7 +53,8 @@ if [[ ! -d corpus/image_ops ]]; then
     bash ./make-corpus.sh
 fi
 
-limits=(-rss_limit_mb="$rss_mb" -timeout="$timeout")
+limits=(-rss_limit_mb="$rss_mb" -malloc_limit_mb="$malloc_mb" -timeout="$timeout")
+fuzz_limits=(-rss_limit_mb="$fuzz_rss_mb" -malloc_limit_mb="$malloc_mb" -timeout="$timeout")
 
 status=0
 # run_fuzz NAME TARGET ARGS...: runs cargo fuzz, prints the interesting lines.
@@ -81,6 +90,6 @@ for t in "${targets[@]}"; do
     echo "=== fuzz-smoke: $t for ${secs}s"
     # New inputs go to the first directory (corpus/), never to regress/.
     run_fuzz "$t" "$t" "corpus/$t" "${seeds[@]}" -- \
-        -max_total_time="$secs" "${limits[@]}" -print_final_stats=1
+        -max_total_time="$secs" "${fuzz_limits[@]}" -print_final_stats=1
 done
 exit $status

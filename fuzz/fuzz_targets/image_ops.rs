@@ -90,10 +90,20 @@ impl Guard {
         let w = (off, off.saturating_add(buf.len() as u64));
         let hdr = (0, l.cs);
         if overlaps(w, hdr) {
-            let ok = (w == (72, 80)) || (w == (48, 60));
+            // Allowed: incompatible bits (corrupt, dirty), autoclear bits
+            // (cleared on read-write open), a refcount table move, and a
+            // rewrite of the header with its extensions (a bitmaps extension
+            // no longer vouched for is dropped) that keeps the layout.
+            let rewrite = off == 0
+                && buf.len() >= 104
+                && be64(buf, 40) == l.l1_off
+                && be64(buf, 48) == l.rt_off
+                && be32(buf, 56) as u64 * l.cs == l.rt_bytes;
+            let ok = (w == (72, 80)) || (w == (48, 60)) || (w == (88, 96)) || rewrite;
             assert!(
                 ok,
-                "write at {off:#x} ({} bytes) touches the header cluster outside 48..60 / 72..80",
+                "write at {off:#x} ({} bytes) touches the header cluster outside 48..60 / 72..80 / 88..96 \
+                 and is not a header rewrite keeping the layout",
                 buf.len()
             );
             if w == (48, 60) {
