@@ -16,6 +16,7 @@ mod map;
 mod measure;
 mod num;
 mod qjson;
+mod qopt;
 mod rebase;
 mod resize;
 mod snapshot;

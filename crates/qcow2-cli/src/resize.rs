@@ -44,23 +44,9 @@ pub fn run(a: ResizeArgs) -> Result<u8, Fail> {
             pos.push(s);
             continue;
         }
-        let (key, inline) = match s.strip_prefix("--") {
-            Some(l) => match l.split_once('=') {
-                Some((k, v)) => (format!("--{k}"), Some(v.to_string())),
-                None => (s.clone(), None),
-            },
-            None if s.len() > 2 => (s[..2].to_string(), Some(s[2..].to_string())),
-            None => (s.clone(), None),
-        };
-        let val = |it: &mut std::vec::IntoIter<String>| match inline.clone() {
-            Some(v) => Ok(v),
-            None => it.next().ok_or_else(|| {
-                usage(&format!(
-                    "option requires an argument -- '{}'",
-                    key.trim_start_matches('-')
-                ))
-            }),
-        };
+        let (key, inline) = crate::qopt::split(&s);
+        let val =
+            |it: &mut std::vec::IntoIter<String>| crate::qopt::value(&key, &inline, it, usage);
         match key.as_str() {
             "--" => only_pos = true,
             "-q" | "--quiet" => quiet = true,
