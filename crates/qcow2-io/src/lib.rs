@@ -34,6 +34,16 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, growing the file as needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes the buffers one after the other from `offset` (one `pwritev`
+    /// where the backend can). The default writes them one by one.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut pos = offset;
+        for b in bufs {
+            self.write_at(b, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Deallocates the range; it reads as zeroes afterwards. Backends that
@@ -74,6 +84,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
     }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
+    }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
     }
@@ -103,6 +116,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
@@ -159,6 +175,9 @@ impl<S: Storage> Storage for StickySync<S> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.inner.write_vectored_at(bufs, offset)
     }
     fn sync(&self) -> io::Result<()> {
         let errno = self.failed.load(Ordering::SeqCst);

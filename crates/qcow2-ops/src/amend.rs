@@ -23,7 +23,7 @@ pub struct AmendOptions {
 impl Image {
     /// Changes the image's format options (see [`AmendOptions`]).
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.exclusive();
         // Every refusal comes before anything is written.
         g.validate(o)?;
         if o.version == Some(2) && g.header.version > 2 {
@@ -48,7 +48,7 @@ impl Image {
                 }
             }
             self.flush()?;
-            g = self.lock();
+            g = self.exclusive();
         }
         g.amend(o)
     }

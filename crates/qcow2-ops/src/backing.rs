@@ -1,22 +1,49 @@
-//! Backing files: qcow2 images (opened read-only, recursively) or raw files.
+//! Backing files behind a narrow trait: what the image needs of the layer
+//! below (its size, its data, its allocation status). A qcow2 backing file
+//! is an [`crate::Image`] opened read-only (its reads run concurrently like
+//! any other image's); a raw file reads through [`RawLayer`].
 
 use crate::error::{Error, Result};
-use crate::image::{ioerr, Inner};
-use crate::types::OpenOptions;
+use crate::image::ioerr;
+use crate::types::MapEntry;
 use qcow2_io::{FileStorage, OpenMode, Storage};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Deepest backing chain accepted.
 const MAX_CHAIN: usize = 16;
 
-/// One backing layer.
-pub(crate) enum Backing {
-    /// A qcow2 image.
-    Qcow2(Box<Inner>),
-    /// A raw file: guest offset == file offset.
-    Raw { file: FileStorage, size: u64 },
+/// The layer below an image.
+pub(crate) trait Layer: Send + Sync {
+    /// Virtual size of the layer.
+    fn size(&self) -> u64;
+    /// Reads `[offset, offset + buf.len())`, which lies within [`Layer::size`].
+    fn read_within(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Appends (merged) the status of `[offset, offset+len)`, within the
+    /// layer, reported at `depth`, stopping after `limit` extents.
+    fn status_into(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        limit: usize,
+        out: &mut Vec<MapEntry>,
+    ) -> Result<()>;
+}
+
+/// A backing layer, shared by the image's requests.
+pub(crate) type Backing = Arc<dyn Layer>;
+
+/// Reads from a layer; bytes past its end read as zeroes.
+pub(crate) fn read(layer: &dyn Layer, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let avail = layer.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[avail..].fill(0);
+    if avail == 0 {
+        return Ok(());
+    }
+    layer.read_within(offset, &mut buf[..avail])
 }
 
 /// Backing file path relative to the directory of the image that names it.
@@ -36,64 +63,75 @@ thread_local! {
     static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-impl Backing {
-    pub(crate) fn open(image: &Path, name: &[u8], format: Option<&str>) -> Result<Backing> {
-        let path = resolve(image, name);
-        let shown = path.display().to_string();
-        let file = FileStorage::open(&path, OpenMode::READ_ONLY)
-            .map_err(|e| Error::io(format!("could not open backing file '{shown}'"), e))?;
-        let fmt = match format {
-            Some(f) => f.to_string(),
-            None => {
-                let mut m = [0u8; 4];
-                file.read_at(&mut m, 0).map_err(ioerr("read", &shown))?;
-                if &m == b"QFI\xfb" { "qcow2" } else { "raw" }.to_string()
-            }
-        };
-        match fmt.as_str() {
-            "raw" => {
-                let size = file.len().map_err(ioerr("stat", &shown))?;
-                Ok(Backing::Raw { file, size })
-            }
-            "qcow2" => {
-                let depth = DEPTH.with(|d| d.get());
-                if depth >= MAX_CHAIN {
-                    return Err(Error::Invalid(format!(
-                        "backing chain deeper than {MAX_CHAIN} at '{shown}'"
-                    )));
-                }
-                DEPTH.with(|d| d.set(depth + 1));
-                let r = Inner::open_storage(Box::new(file), &path, &OpenOptions::read_only());
-                DEPTH.with(|d| d.set(depth));
-                Ok(Backing::Qcow2(Box::new(r?)))
-            }
-            other => Err(Error::NotSupported(format!(
-                "backing file format '{other}' of '{shown}'"
-            ))),
+/// Opens the backing file `name` of the image at `image`: raw here, qcow2
+/// through `qcow2` (given the opened file and its path; it opens the rest
+/// of the chain recursively, bounded by [`MAX_CHAIN`]).
+pub(crate) fn open(
+    image: &Path,
+    name: &[u8],
+    format: Option<&str>,
+    qcow2: impl FnOnce(Box<dyn Storage>, &Path) -> Result<Backing>,
+) -> Result<Backing> {
+    let path = resolve(image, name);
+    let shown = path.display().to_string();
+    let file = FileStorage::open(&path, OpenMode::READ_ONLY)
+        .map_err(|e| Error::io(format!("could not open backing file '{shown}'"), e))?;
+    let fmt = match format {
+        Some(f) => f.to_string(),
+        None => {
+            let mut m = [0u8; 4];
+            file.read_at(&mut m, 0).map_err(ioerr("read", &shown))?;
+            if &m == b"QFI\xfb" { "qcow2" } else { "raw" }.to_string()
         }
+    };
+    match fmt.as_str() {
+        "raw" => {
+            let size = file.len().map_err(ioerr("stat", &shown))?;
+            Ok(Arc::new(RawLayer { file, size }))
+        }
+        "qcow2" => {
+            let depth = DEPTH.with(|d| d.get());
+            if depth >= MAX_CHAIN {
+                return Err(Error::Invalid(format!(
+                    "backing chain deeper than {MAX_CHAIN} at '{shown}'"
+                )));
+            }
+            DEPTH.with(|d| d.set(depth + 1));
+            let r = qcow2(Box::new(file), &path);
+            DEPTH.with(|d| d.set(depth));
+            r
+        }
+        other => Err(Error::NotSupported(format!(
+            "backing file format '{other}' of '{shown}'"
+        ))),
+    }
+}
+
+/// A raw backing file: guest offset == file offset.
+pub(crate) struct RawLayer {
+    file: FileStorage,
+    size: u64,
+}
+
+impl Layer for RawLayer {
+    fn size(&self) -> u64 {
+        self.size
     }
 
-    /// Virtual size of the layer.
-    pub(crate) fn size(&self) -> u64 {
-        match self {
-            Backing::Qcow2(i) => i.header.size,
-            Backing::Raw { size, .. } => *size,
-        }
+    fn read_within(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_at(buf, offset)
+            .map_err(|e| Error::io("read backing file", e))
     }
 
-    /// Reads from the layer; bytes past its end read as zeroes.
-    pub(crate) fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let size = self.size();
-        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[avail..].fill(0);
-        if avail == 0 {
-            return Ok(());
-        }
-        match self {
-            Backing::Qcow2(i) => i.read(offset, &mut buf[..avail]),
-            Backing::Raw { file, .. } => file
-                .read_at(&mut buf[..avail], offset)
-                .map_err(|e| Error::io("read backing file", e)),
-        }
+    fn status_into(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        _limit: usize,
+        out: &mut Vec<MapEntry>,
+    ) -> Result<()> {
+        crate::status::raw_status(&self.file, offset, len, depth, out)
     }
 }

@@ -7,7 +7,6 @@
 //! leaves either the old header or the new one (the write of one cluster
 //! at offset 0 is the commit point, as for the bitmap directory switch).
 
-use crate::backing::Backing;
 use crate::error::{Error, Result};
 use crate::image::{ioerr, Image};
 use qcow2_format::header::{Extension, EXT_BACKING_FORMAT};
@@ -20,7 +19,7 @@ impl Image {
     /// the header is durable (failing to open it is not an error here: the
     /// image then reads as if it had no backing file until reopened).
     pub fn set_backing(&self, name: Option<&[u8]>, format: Option<&str>) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.exclusive();
         g.check_writable()?;
         let image = g.name.clone();
         let name = name.filter(|n| !n.is_empty());
@@ -66,7 +65,7 @@ impl Image {
             let path = g.path.clone();
             let fmt = g.header.backing_format();
             g.backing = match &g.header.backing_file {
-                Some(b) => Backing::open(&path, b, fmt.as_deref()).ok(),
+                Some(b) => crate::image::open_backing(&path, b, fmt.as_deref()).ok(),
                 None => None,
             };
         }
@@ -81,7 +80,7 @@ impl Image {
     /// file is not shortened.
     pub fn make_empty(&self) -> Result<()> {
         {
-            let mut g = self.lock();
+            let mut g = self.exclusive();
             g.check_writable()?;
             let cs = g.geo.cluster_size();
             let len = g.header.size.div_ceil(cs) * cs;

@@ -1193,7 +1193,7 @@ impl crate::Image {
             }
             _ => None,
         };
-        self.lock().bitmap_op(name, op, source)
+        self.exclusive().bitmap_op(name, op, source)
     }
 }
 

@@ -119,7 +119,7 @@ impl Inner {
         }
         .encode(cb)
         .map_err(|e| Error::NoSpace(format!("{}: {e}", self.name)))?;
-        self.zcache = None;
+        self.sh.zcache.invalidate();
         self.write_data(host, &out)?;
         self.set_alloc_unsynced();
         self.set_l2_entry(table, cg, L2Entry { raw, bitmap: 0 })

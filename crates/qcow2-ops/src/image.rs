@@ -1,8 +1,11 @@
 //! The image handle: open, create, flush, close, and the metadata plumbing
 //! (L1, L2 cache, refcounts, ordering) shared by the request paths.
 
-use crate::backing::Backing;
+use crate::backing::{Backing, Layer};
+use crate::datapath::{Io, ReadPlan, Src, WritePlan, ZCache};
+use crate::durability::Durability;
 use crate::error::{Error, Result};
+use crate::frees::Frees;
 use crate::meta::{Kind, MetaRanges};
 use crate::types::*;
 use qcow2_cache::{CacheConfig, SlotId, TableCache};
@@ -11,23 +14,83 @@ use qcow2_format::header::{self, Header};
 use qcow2_format::{be64, put_be64, Geometry};
 use qcow2_io::{FileStorage, OpenMode, Storage};
 use qcow2_refcount::{RefcountError, Refcounts};
+use crossbeam_utils::sync::ShardedLock;
+use qcow2_inflight::{RangeLocks, Tickets};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Deferred refcount decrements are applied at the latest when this many wait.
 const MAX_PENDING_FREES: usize = 1 << 16;
 
-/// An open qcow2 image. Safe to share between threads; requests are
-/// serialised by one internal lock.
+/// An open qcow2 image. Safe to share between threads: requests run in
+/// parallel.
+///
+/// How requests share the image (lock order top to bottom; nothing takes
+/// one higher up while holding one below it):
+/// - `gate`: every request holds it shared; operations that change the
+///   image's layout (resize, snapshots, bitmap management, amend, repair,
+///   backing change) hold it exclusively, so they never meet a request in
+///   flight.
+/// - `ranges`: a request that changes what guest clusters map to (write,
+///   write-zeroes, discard) holds the range lock of its clusters from its
+///   L2 lookup until its L2 entries are set: overlapping ones run one after
+///   the other, so none loses another's data (QEMU's in-flight allocation
+///   list, per cluster).
+/// - `inner`: the metadata (L1, L2 cache, refcounts, deferred frees), held
+///   for lookups and updates only; data reads and writes, copy-on-write
+///   reads, backing reads and decompression run without it (`datapath`).
+/// - the shared state's own short locks (tickets, decompressed cluster).
 pub struct Image {
+    gate: ShardedLock<()>,
+    ranges: RangeLocks,
     inner: Mutex<Inner>,
+    sh: Arc<Shared>,
+    file: Arc<dyn Storage>,
+    name: String,
+    cluster_bits: u32,
+    /// Every write is made durable before it completes (writethrough, directsync).
+    writethrough: bool,
     /// Mutating requests completed so far.
     req_gen: AtomicU64,
     /// `req_gen` as it was when the last successful flush started: every
     /// request up to it is durable. Lets concurrent flushes share one sync.
     flushed_gen: AtomicU64,
+}
+
+/// State shared by the metadata paths (under the image lock) and the data
+/// paths (outside it).
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// What is durable, and what must be before what.
+    pub(crate) dur: Durability,
+    /// Requests doing data I/O with mappings looked up at a given stamp.
+    pub(crate) tickets: Tickets,
+    /// The last decompressed cluster.
+    pub(crate) zcache: ZCache,
+    /// Data bytes written by requests (added to `Stats::data_bytes_written`).
+    pub(crate) data_bytes: AtomicU64,
+}
+
+/// The image lock held together with the gate, exclusively: no request is
+/// in flight (see [`Image`]).
+pub(crate) struct Exclusive<'a> {
+    g: MutexGuard<'a, Inner>,
+    _gate: crossbeam_utils::sync::ShardedLockWriteGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Exclusive<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for Exclusive<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.g
+    }
 }
 
 /// Everything behind the lock.
@@ -44,30 +107,9 @@ pub(crate) struct Inner {
     pub(crate) backing: Option<Backing>,
     pub(crate) opts: OpenOptions,
     pub(crate) read_only: bool,
-    /// Refcount increments or new-cluster data not yet durable: L2/L1
-    /// writes must wait for a sync.
-    pub(crate) alloc_unsynced: bool,
-    /// Anything written since the last sync that a flush must make durable.
-    pub(crate) unsynced: bool,
     /// File length seen by the last fstat (see `within_file`).
     pub(crate) len_seen: u64,
-    /// Bumped whenever one of the unsynced flags is set (see [`Image::flush`]).
-    pub(crate) dirty_gen: u64,
-    /// Refcount decrements and hole punches written since the last sync:
-    /// synced at close or with the next sync, never forcing one of their own.
-    pub(crate) tail_unsynced: bool,
-    /// Host clusters whose refcount drops once the L2 change is durable.
-    pub(crate) pending_frees: Vec<u64>,
-    /// Host clusters to punch once freed (discard requests).
-    pub(crate) punch_on_free: BTreeSet<u64>,
-    /// How many `pending_frees` are known to free no cluster when applied
-    /// (shared clusters; see `reclaim_pending_frees`).
-    pub(crate) frees_checked: usize,
-    /// How many `pending_frees` were queued by requests that completed.
-    pub(crate) frees_settled: usize,
     pub(crate) stats: Stats,
-    /// Last decompressed cluster: (L2 entry raw, bytes).
-    pub(crate) zcache: Option<(u64, Vec<u8>)>,
     /// Slices of newly allocated L2 tables that were never cached: on disk
     /// they read as zeroes, so their first load needs no read. A slice
     /// leaves the set when it enters the cache (from then on the file holds
@@ -79,6 +121,10 @@ pub(crate) struct Inner {
     pub(crate) l2_tables: std::collections::HashSet<u64>,
     /// Persistent dirty bitmaps maintained while open.
     pub(crate) bitmaps: crate::bitmaps::Bitmaps,
+    /// Durability, tickets, decompressed cluster (shared with [`Image`]).
+    pub(crate) sh: Arc<Shared>,
+    /// Host clusters to release once their unreferencing is durable.
+    pub(crate) frees: Frees,
     /// errno of a failed sync of the image file (0: none), kept by the
     /// [`qcow2_io::StickySync`] wrapping `file`. What reached the disk is
     /// unknown from then on (the kernel may have dropped the dirty pages), so
@@ -95,12 +141,7 @@ pub(crate) struct Inner {
 impl Image {
     /// Opens the image at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-        let inner = Inner::open(path.as_ref(), opts)?;
-        Ok(Image {
-            inner: Mutex::new(inner),
-            req_gen: AtomicU64::new(0),
-            flushed_gen: AtomicU64::new(0),
-        })
+        Ok(Image::from_inner(Inner::open(path.as_ref(), opts)?))
     }
 
     /// Opens an image held by any storage backend (in-memory, fault-injecting,
@@ -112,11 +153,22 @@ impl Image {
         opts: &OpenOptions,
     ) -> Result<Image> {
         let inner = Inner::open_storage(storage, path.as_ref(), opts)?;
-        Ok(Image {
+        Ok(Image::from_inner(inner))
+    }
+
+    fn from_inner(inner: Inner) -> Image {
+        Image {
+            gate: ShardedLock::new(()),
+            ranges: RangeLocks::new(),
+            sh: Arc::clone(&inner.sh),
+            file: Arc::clone(&inner.file),
+            name: inner.name.clone(),
+            cluster_bits: inner.geo.cluster_bits,
+            writethrough: inner.opts.cache.writethrough(),
             inner: Mutex::new(inner),
             req_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Creates a new image file at `path` of `size` bytes (an existing file is truncated).
@@ -128,44 +180,166 @@ impl Image {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The image lock with no request in flight, for operations that change
+    /// the image's layout.
+    pub(crate) fn exclusive(&self) -> Exclusive<'_> {
+        let gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        Exclusive {
+            g: self.lock(),
+            _gate: gate,
+        }
+    }
+
+    fn shared(&self) -> crossbeam_utils::sync::ShardedLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The guest clusters `[offset, offset+len)` touches, locked against
+    /// other mutating requests (an out-of-range request is refused later,
+    /// under the image lock).
+    fn lock_clusters(&self, offset: u64, len: u64) -> qcow2_inflight::RangeGuard<'_> {
+        let cb = self.cluster_bits;
+        let first = offset >> cb;
+        let end = offset.saturating_add(len).saturating_add((1 << cb) - 1) >> cb;
+        self.ranges.lock(first, end.max(first + 1))
+    }
+
     /// Virtual size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.lock().header.size
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        self.lock().geo.cluster_size()
+        1 << self.cluster_bits
     }
     /// Header information.
     pub fn info(&self) -> ImageInfo {
         self.lock().info()
     }
-    /// Reads `buf.len()` bytes at guest `offset`.
+    /// Reads `buf.len()` bytes at guest `offset`. The lookup runs under the
+    /// image lock; the reads (host ranges adjacent in the file as one read,
+    /// backing file, decompression) run without it.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _gate = self.shared();
+        let mut plan = ReadPlan::new();
         let mut g = self.lock();
         g.check_range(offset, buf.len() as u64)?;
-        g.read(offset, buf)
+        g.plan_read(offset, buf.len(), 0, &mut plan)?;
+        if plan.iter().all(|s| s.src == Src::Zero) {
+            drop(g);
+            buf.fill(0);
+            return Ok(());
+        }
+        // No cluster mapped now is released before the ticket is returned.
+        let _ticket = self.sh.tickets.take(g.frees.stamp());
+        let backing = if plan.iter().any(|s| matches!(s.src, Src::Backing(_))) {
+            g.backing.clone()
+        } else {
+            None
+        };
+        let io = Io {
+            backing: backing.as_deref(),
+            ..self.io(&g)
+        };
+        drop(g);
+        io.read(&plan, buf)
     }
+
+    /// The data path's view of the image (`g`: the image lock, held while
+    /// the plan to carry out is made).
+    fn io(&self, g: &Inner) -> Io<'_> {
+        Io {
+            file: &*self.file,
+            backing: None,
+            zcache: &self.sh.zcache,
+            zgen: self.sh.zcache.generation(),
+            compression: g.header.compression(),
+            cluster_bits: self.cluster_bits,
+            name: &self.name,
+        }
+    }
+
     /// Writes `buf` at guest `offset`; `flags` may hold [`REQ_FUA`] and
     /// [`REQ_COMPRESSED`] (whole clusters only, see [`Image::write_compressed`]).
+    ///
+    /// Planned under the image lock (allocations, copy-on-write sources,
+    /// metadata overlap checks), written without it, then the L2 entries of
+    /// new clusters are set under the lock again; a write into clusters it
+    /// owns takes the lock once.
     pub fn write(&self, offset: u64, buf: &[u8], flags: u32) -> Result<()> {
+        let _gate = self.shared();
+        let range = self.lock_clusters(offset, buf.len() as u64);
         let mut g = self.lock();
         g.check_flags(flags, REQ_FUA | REQ_COMPRESSED)?;
         g.check_writable()?;
         g.check_range(offset, buf.len() as u64)?;
         g.mark_bitmaps(offset, buf.len() as u64);
-        let r = if flags & REQ_COMPRESSED != 0 {
-            g.write_compressed(offset, buf)
+        if flags & REQ_COMPRESSED != 0 {
+            let r = g.write_compressed(offset, buf);
+            return self.complete(g, range, r, flags);
+        }
+        let mut plan = WritePlan::default();
+        if let Err(e) = g.plan_write(offset, buf.len(), &mut plan) {
+            g.abandon(&mut plan);
+            return self.complete(g, range, Err(e), flags);
+        }
+        let backing = if plan.in_place() {
+            None
         } else {
-            g.write(offset, buf)
+            g.backing.clone()
         };
+        let io = Io {
+            backing: backing.as_deref(),
+            ..self.io(&g)
+        };
+        drop(g);
+        let r = io.write(&plan, buf);
+        if let Ok(n) = r {
+            self.sh.data_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        if plan.in_place() {
+            // Nothing to publish: the write is complete once it is numbered.
+            r?;
+            self.sh.dur.wrote();
+            drop(range);
+            self.req_gen.fetch_add(1, Ordering::SeqCst);
+            if self.writethrough || flags & REQ_FUA != 0 {
+                self.flush()?;
+            }
+            return Ok(());
+        }
+        let gen = self.sh.dur.wrote();
+        let mut g = self.lock();
+        let r = match r {
+            Ok(_) => g.publish(&mut plan, gen),
+            Err(e) => {
+                g.abandon(&mut plan);
+                Err(e)
+            }
+        };
+        self.complete(g, range, r, flags)
+    }
+
+    /// Ends a mutating request: bookkeeping under the lock, then the flush
+    /// writethrough or FUA asks for, after every lock is released (so that
+    /// concurrent flushes share one sync).
+    fn complete(
+        &self,
+        mut g: MutexGuard<'_, Inner>,
+        range: qcow2_inflight::RangeGuard<'_>,
+        r: Result<()>,
+        flags: u32,
+    ) -> Result<()> {
         self.req_gen.fetch_add(1, Ordering::SeqCst);
-        if g.finish_request(r, flags)? {
-            drop(g);
+        let flush = g.finish_request(r, flags);
+        drop(g);
+        drop(range);
+        if flush? {
             self.flush()?;
         }
         Ok(())
     }
+
     /// Writes whole clusters compressed with the image's compression type,
     /// as QEMU's `write -c`: `offset` and the length cluster aligned (the
     /// last cluster of the image may be short), else [`Error::Invalid`];
@@ -177,21 +351,20 @@ impl Image {
     /// Zeroes `len` bytes at `offset` with QEMU's semantics; flags [`REQ_MAY_UNMAP`],
     /// [`REQ_FUA`], [`REQ_NO_FALLBACK`].
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: u32) -> Result<()> {
+        let _gate = self.shared();
+        let range = self.lock_clusters(offset, len);
         let mut g = self.lock();
         g.check_flags(flags, REQ_KNOWN)?;
         g.check_writable()?;
         g.check_range(offset, len)?;
         g.mark_bitmaps(offset, len);
         let r = g.write_zeroes(offset, len, flags);
-        self.req_gen.fetch_add(1, Ordering::SeqCst);
-        if g.finish_request(r, flags)? {
-            drop(g);
-            self.flush()?;
-        }
-        Ok(())
+        self.complete(g, range, r, flags)
     }
     /// Discards whole clusters in the range (partial clusters: no-op).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _gate = self.shared();
+        let range = self.lock_clusters(offset, len);
         let mut g = self.lock();
         g.check_writable()?;
         g.check_range(offset, len)?;
@@ -200,12 +373,7 @@ impl Image {
             g.mark_bitmaps(offset, len);
         }
         let r = g.discard(offset, len);
-        self.req_gen.fetch_add(1, Ordering::SeqCst);
-        if g.finish_request(r, 0)? {
-            drop(g);
-            self.flush()?;
-        }
-        Ok(())
+        self.complete(g, range, r, 0)
     }
     /// Writes back caches and syncs (per cache mode).
     pub fn flush(&self) -> Result<()> {
@@ -232,30 +400,23 @@ impl Image {
             }
             return Err(e);
         }
-        if !g.unsynced || g.opts.cache == CacheMode::Unsafe {
-            if g.unsynced {
+        if !g.sh.dur.needs_sync() || g.opts.cache == CacheMode::Unsafe {
+            if g.sh.dur.needs_sync() {
                 g.sync()?;
             }
             self.flushed_gen.fetch_max(start, Ordering::SeqCst);
             return Ok(());
         }
-        let seen = g.dirty_gen;
-        let file = std::sync::Arc::clone(&g.file);
+        let seen = self.sh.dur.sync_start();
         drop(g);
-        let r = file.sync();
+        let r = self.file.sync();
         let mut g = self.lock();
         g.stats.file_syncs += 1;
         g.note_sync(r)?;
         // A concurrent sync may have failed meanwhile: ours then proves nothing.
         g.check_sync_failed()?;
-        if g.dirty_gen == seen {
-            // Nothing was written or dirtied while we synced: all is durable.
-            g.unsynced = false;
-            g.tail_unsynced = false;
-            if !g.refs.is_dirty() {
-                g.alloc_unsynced = false;
-            }
-        }
+        drop(g);
+        self.sh.dur.synced_to(seen);
         self.flushed_gen.fetch_max(start, Ordering::SeqCst);
         Ok(())
     }
@@ -280,7 +441,7 @@ impl Image {
     }
     /// Checks (and optionally repairs) metadata consistency.
     pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        let mut g = self.lock();
+        let mut g = self.exclusive();
         if repair != RepairMode::None {
             g.check_writable()?;
             g.flush_close()?;
@@ -308,6 +469,7 @@ impl Image {
     pub fn reset_stats(&self) {
         let mut g = self.lock();
         g.stats = Stats::default();
+        self.sh.data_bytes.store(0, Ordering::Relaxed);
         g.l2.stats = Default::default();
         g.refs.reset_stats();
     }
@@ -330,6 +492,34 @@ impl Drop for Image {
             let _ = g.flush_close();
             let _ = g.store_bitmaps();
         }
+    }
+}
+
+/// Opens the backing chain of the image at `image`: a qcow2 layer is an
+/// [`Image`] opened read-only.
+pub(crate) fn open_backing(image: &Path, name: &[u8], format: Option<&str>) -> Result<Backing> {
+    crate::backing::open(image, name, format, |file, path| {
+        let inner = Inner::open_storage(file, path, &OpenOptions::read_only())?;
+        Ok(Arc::new(Image::from_inner(inner)) as Backing)
+    })
+}
+
+impl Layer for Image {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+    fn read_within(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read(offset, buf)
+    }
+    fn status_into(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        limit: usize,
+        out: &mut Vec<MapEntry>,
+    ) -> Result<()> {
+        self.lock().status_into(offset, len, depth, limit, out)
     }
 }
 
@@ -422,7 +612,7 @@ impl Inner {
         });
         let backing = if opts.open_backing {
             match &header.backing_file {
-                Some(b) => Some(Backing::open(path, b, header.backing_format().as_deref())?),
+                Some(b) => Some(open_backing(path, b, header.backing_format().as_deref())?),
                 None => None,
             }
         } else {
@@ -445,22 +635,15 @@ impl Inner {
             backing,
             opts: opts.clone(),
             read_only,
-            alloc_unsynced: false,
-            unsynced: false,
-            tail_unsynced: false,
-            dirty_gen: 0,
             len_seen: 0,
-            pending_frees: Vec::new(),
-            punch_on_free: BTreeSet::new(),
-            frees_checked: 0,
-            frees_settled: 0,
             stats: Stats::default(),
-            zcache: None,
             free_byte_offset: 0,
             fresh_l2: Default::default(),
             metadata_prealloc: None,
             l2_tables: Default::default(),
             bitmaps: Default::default(),
+            sh: Arc::new(Shared::default()),
+            frees: Frees::default(),
             sync_failed,
             meta: MetaRanges::default(),
         };
@@ -541,6 +724,7 @@ impl Inner {
         s.refblock_dirty_marks = rc.dirty_marks;
         s.refblock_writebacks = rc.writebacks;
         s.refblock_bytes_written = rc.bytes_written;
+        s.data_bytes_written += self.sh.data_bytes.load(Ordering::Relaxed);
         s
     }
 
@@ -582,11 +766,11 @@ impl Inner {
             self.mark_corrupt();
         }
         r?;
-        self.frees_settled = self.pending_frees.len();
+        self.frees.settle();
         if self.opts.cache.writethrough() || flags & REQ_FUA != 0 {
             return Ok(true);
         }
-        if self.pending_frees.len() > MAX_PENDING_FREES {
+        if self.frees.len() > MAX_PENDING_FREES {
             self.flush_all(false)?;
         }
         Ok(false)
@@ -594,25 +778,24 @@ impl Inner {
 
     // ----- low-level file access with counters -----
 
+    /// Syncs the file (per cache mode): everything written so far is durable.
     pub(crate) fn sync(&mut self) -> Result<()> {
-        if self.opts.cache == CacheMode::Unsafe {
-            self.unsynced = false;
-            self.tail_unsynced = false;
-            if !self.refs.is_dirty() {
-                self.alloc_unsynced = false;
-            }
-            return Ok(());
+        let start = self.sh.dur.sync_start();
+        if self.opts.cache != CacheMode::Unsafe {
+            self.check_sync_failed()?;
+            let r = self.file.sync();
+            self.stats.file_syncs += 1;
+            self.note_sync(r)?;
         }
-        self.check_sync_failed()?;
-        let r = self.file.sync();
-        self.stats.file_syncs += 1;
-        self.note_sync(r)?;
-        self.unsynced = false;
-        self.tail_unsynced = false;
-        if !self.refs.is_dirty() {
-            self.alloc_unsynced = false;
-        }
+        self.sh.dur.synced_to(start);
         Ok(())
+    }
+
+    /// Whether L2/L1 entries may not be written before refcounts are
+    /// written back and synced (rule 1 of `durability`; a dirty refcount
+    /// cache may hold increments).
+    pub(crate) fn alloc_pending(&self) -> bool {
+        self.refs.is_dirty() || self.sh.dur.alloc_pending()
     }
 
     pub(crate) fn write_data(&mut self, host: u64, buf: &[u8]) -> Result<()> {
@@ -627,20 +810,17 @@ impl Inner {
 
     /// Something was written that a flush must make durable.
     pub(crate) fn set_unsynced(&mut self) {
-        self.unsynced = true;
-        self.dirty_gen += 1;
+        self.sh.dur.wrote();
     }
 
     /// L2/L1 entries now depend on refcounts or data not yet durable.
     pub(crate) fn set_alloc_unsynced(&mut self) {
-        self.alloc_unsynced = true;
-        self.dirty_gen += 1;
+        self.sh.dur.depend_on_all();
     }
 
     /// Refcount decrements or hole punches were written.
     pub(crate) fn set_tail_unsynced(&mut self) {
-        self.tail_unsynced = true;
-        self.dirty_gen += 1;
+        self.sh.dur.wrote_optional();
     }
 
     /// Refuses writes that would land on metadata (QEMU's default overlap
@@ -923,7 +1103,7 @@ impl Inner {
             Some(id) => id,
             None => {
                 self.check_l2_location(table)?;
-                if self.l2.victim_is_dirty() && self.alloc_unsynced {
+                if self.l2.victim_is_dirty() && self.alloc_pending() {
                     // Entries point at new clusters: one ordering sync, then
                     // write back every dirty slice so later evictions are free.
                     self.prepare_l2_writeback()?;
@@ -1100,7 +1280,7 @@ impl Inner {
         self.l1[l1_idx] = L1Entry::new(new).0;
         self.l1_dirty.insert(l1_idx);
         // The old table keeps its snapshot reference only.
-        self.pending_frees.push(old >> cb);
+        self.frees.push(old >> cb, false);
         Ok(new)
     }
 
@@ -1192,8 +1372,7 @@ impl Inner {
     /// clusters would otherwise flush once per cluster; QEMU, too, reuses
     /// at request granularity).
     fn reclaim_pending_frees(&mut self, n: u64) -> Result<()> {
-        let settled = self.frees_settled.min(self.pending_frees.len());
-        if self.frees_checked >= settled {
+        if self.frees.next_unchecked().is_none() {
             return Ok(());
         }
         let name = self.name.clone();
@@ -1210,8 +1389,7 @@ impl Inner {
         // cluster) just lose a reference: remember how far the list was
         // found to hold only those, so that each entry is looked at once.
         let mut frees = false;
-        while self.frees_checked < settled {
-            let c = self.pending_frees[self.frees_checked];
+        while let Some(c) = self.frees.next_unchecked() {
             let r = self
                 .refs
                 .get(&*self.file, c)
@@ -1220,7 +1398,7 @@ impl Inner {
                 frees = true;
                 break;
             }
-            self.frees_checked += 1;
+            self.frees.mark_checked();
         }
         if frees {
             // The decrements may stay cached: the allocations that follow
@@ -1241,14 +1419,12 @@ impl Inner {
             let first = d.first_cluster(cb) >> cb;
             let last = d.last_cluster(cb) >> cb;
             for c in first..=last {
-                self.pending_frees.push(c);
+                self.frees.push(c, false);
             }
+            // The descriptor may name other data once the cluster is reused.
+            self.sh.zcache.invalidate();
         } else if e.host_offset() != 0 {
-            let c = e.host_offset() >> cb;
-            self.pending_frees.push(c);
-            if punch {
-                self.punch_on_free.insert(c);
-            }
+            self.frees.push(e.host_offset() >> cb, punch);
         }
     }
 
@@ -1260,10 +1436,10 @@ impl Inner {
             self.refs
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?;
-            self.set_unsynced();
-            self.set_alloc_unsynced();
+            let n = self.sh.dur.wrote();
+            self.sh.dur.depend_on(n);
         }
-        if self.alloc_unsynced {
+        if self.sh.dur.alloc_pending() {
             self.sync()?;
         }
         Ok(())
@@ -1307,31 +1483,28 @@ impl Inner {
                 self.write_l1_dirty()?;
             }
         }
-        // 4. Deferred frees, after the L2/L1 changes are durable.
-        if !self.pending_frees.is_empty() {
-            if self.unsynced {
+        // 4. Deferred frees, after the L2/L1 changes are durable, and only
+        //    those no request in flight may still use (see `Frees`).
+        if !self.frees.is_empty() {
+            if self.sh.dur.needs_sync() {
                 self.sync()?;
             }
-            let frees = std::mem::take(&mut self.pending_frees);
-            self.frees_checked = 0;
-            self.frees_settled = 0;
-            for c in frees {
+            let (ready, punch) = self.frees.take_ready(self.sh.tickets.oldest());
+            for c in ready {
                 self.refs
                     .update(&*self.file, c, -1)
                     .map_err(|e| refcount_err(&name, e))?;
             }
             let freed = self.refs.take_freed();
+            if !freed.is_empty() {
+                self.sh.zcache.invalidate();
+            }
             if freed.contains(&(self.free_byte_offset >> self.geo.cluster_bits)) {
                 self.free_byte_offset = 0;
             }
             if self.opts.discard == DiscardMode::Unmap {
                 let cs = self.geo.cluster_size();
-                for run in runs(
-                    freed
-                        .iter()
-                        .copied()
-                        .filter(|c| self.punch_on_free.contains(c)),
-                ) {
+                for run in runs(freed.iter().copied().filter(|c| punch.contains(c))) {
                     self.file
                         .punch_hole(run.0 * cs, run.1 * cs)
                         .map_err(ioerr("punch hole", &name))?;
@@ -1339,7 +1512,6 @@ impl Inner {
                     self.set_tail_unsynced();
                 }
             }
-            self.punch_on_free.clear();
         }
         if write_decrements
             && self.refs.is_dirty()
@@ -1354,7 +1526,7 @@ impl Inner {
             self.set_tail_unsynced();
             self.stats.cache_flushes += 1;
         }
-        if sync_end && self.unsynced {
+        if sync_end && self.sh.dur.needs_sync() {
             self.sync()?;
         }
         Ok(())
@@ -1363,7 +1535,7 @@ impl Inner {
     /// Flush for close: everything, deferred refcount decrements included, durable.
     pub(crate) fn flush_close(&mut self) -> Result<()> {
         self.flush_all(true)?;
-        if self.tail_unsynced {
+        if self.sh.dur.tail_pending() {
             self.sync()?;
         }
         Ok(())

@@ -1,8 +1,8 @@
 //! The qcow2 image: open, create, read, write, write-zeroes, discard, flush,
 //! block status, check and repair. This is the Rust API of the engine.
 //!
-//! An [`Image`] is `Send + Sync`: every method takes `&self` and requests are
-//! serialised by one internal lock.
+//! An [`Image`] is `Send + Sync`: every method takes `&self`, and requests
+//! from many threads run in parallel (see [`Image`] for how they share it).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -13,11 +13,13 @@ mod bitmaps;
 mod check;
 mod compress;
 mod create;
+mod datapath;
+mod durability;
 mod error;
+mod frees;
 mod image;
 mod meta;
 mod resize;
-mod rw;
 mod snapshots;
 mod status;
 mod types;

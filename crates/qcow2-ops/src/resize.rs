@@ -68,7 +68,7 @@ impl Image {
     /// `qemu-img resize` does. Shrinking needs `shrink` (everything beyond
     /// the new end is discarded); `prealloc` applies to the added area.
     pub fn resize(&self, new_size: u64, prealloc: Prealloc, shrink: bool) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.exclusive();
         g.check_writable()?;
         let r = g.resize(new_size, prealloc, shrink);
         if let Err(Error::Corrupt(_)) = &r {
@@ -120,7 +120,7 @@ impl Inner {
         // Start from a state with everything written back, so the L1
         // table on disk equals the one in memory.
         self.flush_all(true)?;
-        self.zcache = None;
+        self.sh.zcache.invalidate();
         self.metadata_prealloc = None;
         let new_l1 = self.geo.l1_entries_for(new);
         if new < old {
@@ -147,7 +147,7 @@ impl Inner {
             }
         }
         self.flush_all(true)?;
-        if self.tail_unsynced {
+        if self.sh.dur.tail_pending() {
             self.sync()?;
         }
         self.write_size(new)
@@ -314,7 +314,7 @@ impl Inner {
         self.l1_moved();
         // 3. The old table is freed once the switch is durable (it is).
         for c in 0..old_clusters {
-            self.pending_frees.push((old_off >> cb) + c);
+            self.frees.push((old_off >> cb) + c, false);
         }
         Ok(())
     }
@@ -359,11 +359,11 @@ impl Inner {
                 for k in 0..cs / slice {
                     self.fresh_l2.remove(&(t + k * slice));
                 }
-                self.pending_frees.push(t >> cb);
+                self.frees.push(t >> cb, false);
             }
             self.flush_all(true)?;
         }
-        if self.tail_unsynced {
+        if self.sh.dur.tail_pending() {
             self.sync()?;
         }
         // Refcount blocks that count only themselves go, as in QEMU.

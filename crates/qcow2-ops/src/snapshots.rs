@@ -129,7 +129,7 @@ impl Inner {
         }
         self.flush_close()?;
         self.l2.clear();
-        self.zcache = None;
+        self.sh.zcache.invalidate();
         self.fresh_l2.clear();
         Ok(())
     }
@@ -546,7 +546,7 @@ impl Inner {
         }
         // The cleared flags durable before the increments: a crash between
         // them leaves only flags clear where the refcount is still one.
-        if self.unsynced {
+        if self.sh.dur.needs_sync() {
             self.sync()?;
         }
         // 3. One more reference to everything the active L1 reaches.
@@ -731,7 +731,7 @@ impl crate::Image {
     /// the next numeric id, as `qemu-img snapshot -c` does (names need not
     /// be unique). Durable when it returns.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
-        self.lock().snapshot_create(name.as_bytes())
+        self.exclusive().snapshot_create(name.as_bytes())
     }
 
     /// Reverts the image to snapshot `id_or_name` (looked up by id first,
@@ -739,12 +739,12 @@ impl crate::Image {
     /// the snapshot's. Refused while the image has persistent bitmaps, as
     /// QEMU refuses it. Durable when it returns.
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
-        self.lock().snapshot_apply(id_or_name.as_bytes())
+        self.exclusive().snapshot_apply(id_or_name.as_bytes())
     }
 
     /// Deletes the first snapshot named `name` (by name only, as
     /// `qemu-img snapshot -d`). Durable when it returns.
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
-        self.lock().snapshot_delete(name.as_bytes())
+        self.exclusive().snapshot_delete(name.as_bytes())
     }
 }

@@ -1,6 +1,5 @@
 //! Block status and the allocation map, as `qemu-img map` reports them.
 
-use crate::backing::Backing;
 use crate::error::Result;
 use crate::image::{ioerr, Inner};
 use crate::types::MapEntry;
@@ -53,7 +52,7 @@ impl Inner {
         Ok(out)
     }
 
-    fn status_into(
+    pub(crate) fn status_into(
         &mut self,
         offset: u64,
         len: u64,
@@ -235,19 +234,14 @@ impl Inner {
                 },
             )
         };
-        let Some(bk) = self.backing.as_mut() else {
+        let Some(bk) = self.backing.clone() else {
             zero_here(offset, len, out);
             return Ok(());
         };
         let bsize = bk.size();
         let inside = bsize.saturating_sub(offset).min(len);
         if inside > 0 {
-            match bk {
-                Backing::Qcow2(inner) => {
-                    inner.status_into(offset, inside, depth + 1, limit, out)?
-                }
-                Backing::Raw { file, .. } => raw_status(file, offset, inside, depth + 1, out)?,
-            }
+            bk.status_into(offset, inside, depth + 1, limit, out)?;
         }
         if inside < len {
             zero_here(offset + inside, len - inside, out);
@@ -298,7 +292,7 @@ fn host_status(
 }
 
 /// Status of a raw file: data where the file has data, zero in holes.
-fn raw_status(
+pub(crate) fn raw_status(
     file: &dyn Storage,
     offset: u64,
     len: u64,

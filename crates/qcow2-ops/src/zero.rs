@@ -18,6 +18,17 @@ fn enotsup(what: &str) -> Error {
     Error::NotSupported(what.to_string())
 }
 
+/// How a zeroing step ended: not an error when it cannot be done by
+/// changing entries; the caller writes zero data instead (or, under
+/// NO_FALLBACK, fails with ENOTSUP).
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zeroed {
+    Done,
+    /// Only writing zero data can do it; why not.
+    NeedsData(&'static str),
+}
+
 impl Inner {
     pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64, mut flags: u32) -> Result<()> {
         if self.opts.discard == DiscardMode::Ignore {
@@ -41,12 +52,12 @@ impl Inner {
             } else {
                 end - pos
             };
-            let r = self.zeroes_piece(pos, num, flags);
-            match r {
-                Err(Error::NotSupported(_)) if flags & REQ_NO_FALLBACK == 0 => {
-                    self.write_zero_data(pos, num)?;
+            match self.zeroes_piece(pos, num, flags)? {
+                Zeroed::Done => {}
+                Zeroed::NeedsData(why) if flags & REQ_NO_FALLBACK != 0 => {
+                    return Err(enotsup(why));
                 }
-                other => other?,
+                Zeroed::NeedsData(_) => self.write_zero_data(pos, num)?,
             }
             pos += num;
         }
@@ -68,7 +79,7 @@ impl Inner {
 
     /// One driver-level zeroing call: `[offset, offset+bytes)` is either
     /// aligned or lies within one subcluster.
-    fn zeroes_piece(&mut self, mut offset: u64, mut bytes: u64, flags: u32) -> Result<()> {
+    fn zeroes_piece(&mut self, mut offset: u64, mut bytes: u64, flags: u32) -> Result<Zeroed> {
         let sub = self.geo.subcluster_size();
         let size = self.header.size;
         let head = offset % sub;
@@ -78,7 +89,7 @@ impl Inner {
         }
         if head != 0 || tail != 0 {
             if !(self.is_zero(offset - head, head)? && self.is_zero(offset + bytes, tail)?) {
-                return Err(enotsup("rest of the subcluster is not zero"));
+                return Ok(Zeroed::NeedsData("rest of the subcluster is not zero"));
             }
             offset -= head;
             bytes = sub.min(size - offset);
@@ -92,7 +103,7 @@ impl Inner {
                     | SubclusterType::ZeroPlain
                     | SubclusterType::ZeroAlloc
             ) {
-                return Err(enotsup("partial zeroing of a data cluster"));
+                return Ok(Zeroed::NeedsData("partial zeroing of a data cluster"));
             }
         }
         self.zeroize(offset, bytes, flags)
@@ -111,13 +122,14 @@ impl Inner {
     }
 
     /// `qcow2_subcluster_zeroize`: aligned range (or up to the image end).
-    fn zeroize(&mut self, offset: u64, bytes: u64, flags: u32) -> Result<()> {
+    fn zeroize(&mut self, offset: u64, bytes: u64, flags: u32) -> Result<Zeroed> {
         let size = self.header.size;
         if self.header.version < 3 {
             if self.backing.is_none() {
-                return self.discard_clusters(offset, bytes, false);
+                self.discard_clusters(offset, bytes, false)?;
+                return Ok(Zeroed::Done);
             }
-            return Err(enotsup("v2 image with a backing file"));
+            return Ok(Zeroed::NeedsData("v2 image with a backing file"));
         }
         let cs = self.geo.cluster_size();
         let end = offset + bytes;
@@ -131,27 +143,29 @@ impl Inner {
         };
         let mid_end = end - tail;
         if head != 0 {
-            self.zero_subclusters(offset, head)?;
+            if let z @ Zeroed::NeedsData(_) = self.zero_subclusters(offset, head)? {
+                return Ok(z);
+            }
         }
         if mid_end > off {
             let n = (mid_end - off).div_ceil(cs);
             self.zero_clusters(off, n, flags)?;
         }
         if tail != 0 {
-            self.zero_subclusters(mid_end, tail)?;
+            return self.zero_subclusters(mid_end, tail);
         }
-        Ok(())
+        Ok(Zeroed::Done)
     }
 
     /// Part of one cluster, whole subclusters (extended L2 only).
-    fn zero_subclusters(&mut self, offset: u64, len: u64) -> Result<()> {
+    fn zero_subclusters(&mut self, offset: u64, len: u64) -> Result<Zeroed> {
         let sub = self.geo.subcluster_size();
         let cs = self.geo.cluster_size();
         let table = self.ensure_l2_table(offset)?;
         // As QEMU, the bitmap is updated whatever the entry holds.
         let e = self.l2_entry_unchecked(offset)?;
         if e.is_compressed() {
-            return Err(enotsup("partial zeroing of a compressed cluster"));
+            return Ok(Zeroed::NeedsData("partial zeroing of a compressed cluster"));
         }
         let s0 = (offset % cs) / sub;
         let s1 = s0 + len.div_ceil(sub);
@@ -162,9 +176,10 @@ impl Inner {
         }
         if bitmap == e.bitmap {
             self.stats.zero_entries_skipped += 1;
-            return Ok(());
+            return Ok(Zeroed::Done);
         }
-        self.set_l2_entry(table, offset, L2Entry { raw: e.raw, bitmap })
+        self.set_l2_entry(table, offset, L2Entry { raw: e.raw, bitmap })?;
+        Ok(Zeroed::Done)
     }
 
     /// `zero_in_l2_slice` over `n` whole clusters from `offset`.
@@ -267,7 +282,7 @@ impl Inner {
         }
         self.stats.zero_entries_skipped += skipped;
         if !frees.is_empty() {
-            self.zcache = None;
+            self.sh.zcache.invalidate();
         }
         for old in frees {
             self.free_entry_clusters(old, true);
