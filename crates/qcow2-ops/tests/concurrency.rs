@@ -560,3 +560,336 @@ fn stress_backing_file() {
 fn stress_snapshot_cow() {
     stress("snapshot", "cluster_size=65536", 64 * K, Prep::Snapshot, 0x5a, 150);
 }
+
+// ------------------------------------------------------------ power loss
+
+/// What one thread of a power-loss run did.
+struct CrashLog {
+    /// Content of its owned ranges after each prefix of its requests
+    /// (states[0] = start).
+    states: Vec<Vec<Vec<u8>>>,
+    /// Clock ticks (start, end) of each request it ran.
+    ticks: Vec<(u64, u64)>,
+    /// Start ticks of its flushes that succeeded.
+    flushed: Vec<u64>,
+    /// Requests run (the last one may have failed).
+    ran: usize,
+    /// The last request run failed (power loss).
+    failed: bool,
+    /// A failure that is not the power loss.
+    error: Option<String>,
+    /// (kind, offset, length, flags) of each request, for failure reports.
+    ops: Vec<(char, u64, u64, u32)>,
+}
+
+fn crash_worker(
+    img: &Image,
+    fs: &FaultStorage,
+    lay: &Layout,
+    start: &[u8],
+    clock: &Clock,
+    t: usize,
+    seed: u64,
+    nops: u32,
+) -> CrashLog {
+    let c = lay.cluster;
+    let mine = &lay.owned[t];
+    let mut rng = Rng::new(seed ^ (t as u64) << 40);
+    let model: Vec<Vec<u8>> = mine
+        .iter()
+        .map(|r| start[r.off as usize..(r.off + r.len) as usize].to_vec())
+        .collect();
+    let mut log = CrashLog {
+        states: vec![model],
+        ticks: Vec::new(),
+        flushed: Vec::new(),
+        ran: 0,
+        failed: false,
+        error: None,
+        ops: Vec::new(),
+    };
+    let tt = t as u32;
+    let (so, sl) = lay.shared;
+    for seq in 1..=nops {
+        let mut m = log.states.last().unwrap().clone();
+        let kind = rng.below(100);
+        let shared = rng.chance(1, 4);
+        let ri = rng.below(mine.len() as u64) as usize;
+        let r = mine[ri];
+        let (o, l) = if shared {
+            sub(&mut rng, so, sl, 32 * SEC, false)
+        } else if r.whole && rng.chance(1, 2) {
+            let n = r.len / c;
+            let a = rng.below(n);
+            (r.off + a * c, (1 + rng.below(n - a)) * c)
+        } else {
+            sub(&mut rng, r.off, r.len, 64 * K, false)
+        };
+        let a = (o - r.off) as usize;
+        let st = clock.tick();
+        let res = match kind {
+            0..=44 => {
+                let data = fill(tt, seq, o, l);
+                let f = if rng.chance(1, 8) { REQ_FUA } else { 0 };
+                log.ops.push(('w', o, l, f));
+                let res = img.write(o, &data, f);
+                if !shared {
+                    m[ri][a..a + l as usize].copy_from_slice(&data);
+                }
+                res
+            }
+            45..=69 => {
+                let f = ZERO_FLAGS[rng.below(8) as usize] & !REQ_NO_FALLBACK;
+                log.ops.push(('z', o, l, f));
+                if !shared {
+                    m[ri][a..a + l as usize].fill(0);
+                }
+                img.write_zeroes(o, l, f)
+            }
+            70..=79 => {
+                log.ops.push(('d', o, l, 0));
+                if !shared {
+                    if let Some((s, n)) = whole_clusters(o, l, c) {
+                        let a = (s - r.off) as usize;
+                        m[ri][a..a + n as usize].fill(0);
+                    }
+                }
+                img.discard(o, l)
+            }
+            80..=89 if !shared => {
+                log.ops.push(('r', o, l, 0));
+                let mut got = vec![0u8; l as usize];
+                let res = img.read(o, &mut got);
+                if res.is_ok() && got[..] != m[ri][a..a + l as usize] {
+                    log.error = Some(format!(
+                        "t{t} #{seq}: read of owned {o:#x}+{l:#x} differs from the model"
+                    ));
+                }
+                res
+            }
+            _ => {
+                log.ops.push(('f', 0, 0, 0));
+                let res = img.flush();
+                if res.is_ok() {
+                    log.flushed.push(st);
+                }
+                res
+            }
+        };
+        let end = clock.tick();
+        log.ticks.push((st, end));
+        log.states.push(m);
+        log.ran += 1;
+        if let Err(e) = res {
+            log.failed = true;
+            if !fs.crashed() {
+                log.error = Some(format!("t{t} #{seq}: {o:#x}+{l:#x}: failed without power loss: {e}"));
+            }
+            break;
+        }
+        if log.error.is_some() {
+            break;
+        }
+    }
+    log
+}
+
+/// Runs the threads on an image over `fs`; returns their logs.
+fn crash_load(
+    fs: &Arc<FaultStorage>,
+    path: &Path,
+    lay: &Layout,
+    start: &[u8],
+    seed: u64,
+    nops: u32,
+) -> Vec<CrashLog> {
+    let img = Image::open_with_storage(Box::new(fs.clone()), path, &opts(lay.cluster)).unwrap();
+    let clock = Clock::new();
+    let barrier = Barrier::new(THREADS);
+    let logs = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (img, clock, b) = (&img, &clock, &barrier);
+                s.spawn(move || {
+                    b.wait();
+                    crash_worker(img, fs, lay, start, clock, t, seed, nops)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect::<Vec<_>>()
+    });
+    drop(img);
+    for l in &logs {
+        if let Some(e) = &l.error {
+            panic!("{e}");
+        }
+    }
+    logs
+}
+
+/// Checks one image that may have reached the disk: `qemu-img check`
+/// clean but for leaks; every owned sector one of its thread's states
+/// from the last flush that covered it to its interrupted request; the
+/// shared area made of zero, start or self-describing sectors.
+fn verify_power_loss(
+    tag: &str,
+    dir: &Path,
+    bytes: &[u8],
+    lay: &Layout,
+    start: &[u8],
+    logs: &[CrashLog],
+    all_done: bool,
+) -> std::result::Result<bool, String> {
+    let scratch = dir.join("cut.qcow2");
+    std::fs::write(&scratch, bytes).unwrap();
+    let leaks = qemu_check_no_corruption(&scratch)
+        .map_err(|e| format!("{tag}: {e} (image kept at {})", keep_failure(tag, &scratch).display()))?;
+    let got = to_raw(&scratch, &dir.join("cut.raw"));
+    let durable = logs.iter().flat_map(|l| l.flushed.iter()).copied().max().unwrap_or(0);
+    for (t, l) in logs.iter().enumerate() {
+        let lo = if all_done {
+            l.ran
+        } else {
+            // A failed request is never durable, even when a flush
+            // succeeded after it.
+            let done = l.ticks.iter().take_while(|&&(_, e)| e < durable).count();
+            done.min(l.ran - l.failed as usize)
+        };
+        for (ri, r) in lay.owned[t].iter().enumerate() {
+            for s in (0..r.len).step_by(SEC as usize) {
+                let span = s as usize..(s + SEC) as usize;
+                let g = &got[(r.off + s) as usize..(r.off + s + SEC) as usize];
+                if !l.states[lo..=l.ran].iter().any(|st| &st[ri][span.clone()] == g) {
+                    let so = r.off + s;
+                    let hist: Vec<String> = l
+                        .ops
+                        .iter()
+                        .zip(&l.ticks)
+                        .enumerate()
+                        .filter(|(_, ((k, o, n, _), _))| *k == 'f' || (*o <= so && so < o + n))
+                        .map(|(i, (op, tk))| format!("#{} {op:?} {tk:?}", i + 1))
+                        .collect();
+                    return Err(format!(
+                        "{tag}: thread {t} owned sector {so:#x} reads {:02x?}.., none of its states {lo}..={}; durable tick {durable}; its requests there: {hist:?} (image kept at {})",
+                        &g[..16],
+                        l.ran,
+                        keep_failure(tag, &scratch).display()
+                    ));
+                }
+            }
+        }
+    }
+    let (so, sl) = lay.shared;
+    for s in (so..so + sl).step_by(SEC as usize) {
+        let sp = s as usize..(s + SEC) as usize;
+        loose_sector(&got[sp.clone()], &start[sp], s, lay.threads)
+            .map_err(|m| format!("{tag}: {m} (image kept at {})", keep_failure(tag, &scratch).display()))?;
+    }
+    Ok(leaks.is_some())
+}
+
+fn power_loss(name: &str, create: &str, cluster: u64, prep: Prep, points: u64, nops: u32) {
+    if !tools(name) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lay = Layout::new(cluster, THREADS);
+    let prep = match prep {
+        Prep::Filled(0) => Prep::Filled(lay.size / 2 / cluster * cluster),
+        p => p,
+    };
+    let (path, start) = prepare(d, create, cluster, lay.size, prep);
+    let bytes = std::fs::read(&path).unwrap();
+    // Undisturbed run: its count of mutating I/Os spreads the cut points.
+    let fs = Arc::new(FaultStorage::new(bytes.clone()));
+    let logs = crash_load(&fs, &path, &lay, &start, 0, nops);
+    let total = fs.ops();
+    verify_power_loss(
+        &format!("{name}-nocut"),
+        d,
+        &fs.current(),
+        &lay,
+        &start,
+        &logs,
+        true,
+    )
+    .unwrap();
+    let mut rng = Rng::new(cluster ^ points);
+    let (mut images, mut leaky, mut failures) = (0, 0, Vec::new());
+    for p in 0..points {
+        let k = p * total / points + rng.below(total / points + 1);
+        let fs = Arc::new(FaultStorage::new(bytes.clone()));
+        fs.set_plan(FaultPlan {
+            fail_at: None,
+            crash_after: Some(k),
+        });
+        let logs = crash_load(&fs, &path, &lay, &start, p + 1, nops);
+        let n = fs.pending_len();
+        let mut cuts = vec![
+            fs.after_power_loss(|_| false, |_| None),
+            fs.after_power_loss(|_| true, |_| None),
+            fs.after_power_loss(|i| i < n / 2, |_| None),
+        ];
+        for _ in 0..2 {
+            let keep: Vec<bool> = (0..n).map(|_| rng.chance(1, 2)).collect();
+            let torn: Vec<Option<usize>> = (0..n)
+                .map(|_| rng.chance(1, 3).then(|| rng.below(130) as usize))
+                .collect();
+            cuts.push(fs.after_power_loss(|i| keep[i], |i| torn[i]));
+        }
+        cuts.dedup();
+        for (s, img) in cuts.iter().enumerate() {
+            images += 1;
+            let tag = format!("{name}-k{k}-s{s}");
+            match verify_power_loss(&tag, d, img, &lay, &start, &logs, false) {
+                Ok(l) => leaky += l as usize,
+                Err(e) => {
+                    eprintln!("FAIL {e}");
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    println!(
+        "power loss {name}: {THREADS} threads x {nops} requests, {total} mutating I/Os undisturbed, \
+         {points} cut points, {images} images ({leaky} with leaks), {:.2?}",
+        t0.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {images} images failed; first: {}",
+        failures.len(),
+        failures[0]
+    );
+}
+
+#[test]
+fn power_loss_64k_clusters() {
+    power_loss("pl64k", "cluster_size=65536", 64 * K, Prep::Filled(0), 10, 40);
+}
+
+#[test]
+fn power_loss_4k_clusters() {
+    power_loss("pl4k", "cluster_size=4096", 4 * K, Prep::Empty, 10, 40);
+}
+
+#[test]
+fn power_loss_snapshot_cow() {
+    power_loss("plsnap", "cluster_size=65536", 64 * K, Prep::Snapshot, 10, 40);
+}
+
+#[test]
+fn power_loss_extended_l2() {
+    power_loss(
+        "plextl2",
+        "cluster_size=65536,extended_l2=on",
+        64 * K,
+        Prep::Filled(0),
+        8,
+        40,
+    );
+}
