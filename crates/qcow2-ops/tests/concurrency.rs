@@ -26,7 +26,10 @@ use std::sync::{Arc, Barrier};
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
-const THREADS: usize = 4;
+/// Threads of the stress tests.
+const THREADS: usize = 6;
+/// Threads of the power-loss tests.
+const PL_THREADS: usize = 4;
 
 /// Every combination of the write-zeroes flags.
 const ZERO_FLAGS: [u32; 8] = [
@@ -526,17 +529,17 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
 
 #[test]
 fn stress_512b_clusters() {
-    stress("c512", "cluster_size=512", 512, Prep::Filled(0), 0x512, 150);
+    stress("c512", "cluster_size=512", 512, Prep::Filled(0), 0x512, 300);
 }
 
 #[test]
 fn stress_64k_clusters() {
-    stress("c64k", "cluster_size=65536", 64 * K, Prep::Filled(0), 0x64, 150);
+    stress("c64k", "cluster_size=65536", 64 * K, Prep::Filled(0), 0x64, 300);
 }
 
 #[test]
 fn stress_2m_clusters() {
-    stress("c2m", "cluster_size=2097152", 2 * M, Prep::Empty, 0x2, 80);
+    stress("c2m", "cluster_size=2097152", 2 * M, Prep::Empty, 0x2, 150);
 }
 
 #[test]
@@ -547,18 +550,18 @@ fn stress_extended_l2() {
         64 * K,
         Prep::Filled(0),
         0xe2,
-        150,
+        300,
     );
 }
 
 #[test]
 fn stress_backing_file() {
-    stress("backing", "cluster_size=65536", 64 * K, Prep::Backing, 0xb4, 150);
+    stress("backing", "cluster_size=65536", 64 * K, Prep::Backing, 0xb4, 300);
 }
 
 #[test]
 fn stress_snapshot_cow() {
-    stress("snapshot", "cluster_size=65536", 64 * K, Prep::Snapshot, 0x5a, 150);
+    stress("snapshot", "cluster_size=65536", 64 * K, Prep::Snapshot, 0x5a, 300);
 }
 
 // ------------------------------------------------------------ power loss
@@ -705,9 +708,9 @@ fn crash_load(
 ) -> Vec<CrashLog> {
     let img = Image::open_with_storage(Box::new(fs.clone()), path, &opts(lay.cluster)).unwrap();
     let clock = Clock::new();
-    let barrier = Barrier::new(THREADS);
+    let barrier = Barrier::new(PL_THREADS);
     let logs = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..THREADS)
+        let hs: Vec<_> = (0..PL_THREADS)
             .map(|t| {
                 let (img, clock, b) = (&img, &clock, &barrier);
                 s.spawn(move || {
@@ -797,7 +800,7 @@ fn power_loss(name: &str, create: &str, cluster: u64, prep: Prep, points: u64, n
     let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lay = Layout::new(cluster, THREADS);
+    let lay = Layout::new(cluster, PL_THREADS);
     let prep = match prep {
         Prep::Filled(0) => Prep::Filled(lay.size / 2 / cluster * cluster),
         p => p,
@@ -855,7 +858,7 @@ fn power_loss(name: &str, create: &str, cluster: u64, prep: Prep, points: u64, n
         }
     }
     println!(
-        "power loss {name}: {THREADS} threads x {nops} requests, {total} mutating I/Os undisturbed, \
+        "power loss {name}: {PL_THREADS} threads x {nops} requests, {total} mutating I/Os undisturbed, \
          {points} cut points, {images} images ({leaky} with leaks), {:.2?}",
         t0.elapsed()
     );

@@ -175,7 +175,7 @@ impl Layout {
                 if j == 0 || j == n {
                     j * cluster / n
                 } else {
-                    j * cluster / n - if j % 2 == 1 { SEC } else { 0 }
+                    (j * cluster / n) / SEC * SEC - if j % 2 == 1 { SEC } else { 0 }
                 }
             };
             for c in 0..k {
