@@ -23,7 +23,6 @@ use qcow2_ops::*;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 
-
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
 /// Threads of the stress tests.
@@ -42,6 +41,16 @@ const ZERO_FLAGS: [u32; 8] = [
     REQ_FUA | REQ_NO_FALLBACK,
     REQ_MAY_UNMAP | REQ_FUA | REQ_NO_FALLBACK,
 ];
+
+/// Multiplier of request counts and cut points for long runs
+/// (`QCOW2_STRESS_SCALE=20 cargo test --release ...`).
+fn scale() -> u32 {
+    std::env::var("QCOW2_STRESS_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
 
 fn tools(test: &str) -> bool {
     qcow2_testutil::require(test, &["qemu-img", "qemu-io"]).is_some()
@@ -164,7 +173,9 @@ fn worker(cx: &Ctx, t: usize, seed: u64, nops: u32) -> ThreadLog {
         };
         log.counts[k] += 1;
         if k == 4 {
-            cx.img.flush().unwrap_or_else(|e| panic!("t{t} #{seq}: flush: {e}"));
+            cx.img
+                .flush()
+                .unwrap_or_else(|e| panic!("t{t} #{seq}: flush: {e}"));
             continue;
         }
         if in_shared {
@@ -226,7 +237,11 @@ fn worker(cx: &Ctx, t: usize, seed: u64, nops: u32) -> ThreadLog {
                             match (changed, run) {
                                 (true, None) => run = Some(i as u64),
                                 (false, Some(s)) => {
-                                    log.replay.push(format!("write -q -z {} {}", o + s, i as u64 - s));
+                                    log.replay.push(format!(
+                                        "write -q -z {} {}",
+                                        o + s,
+                                        i as u64 - s
+                                    ));
                                     run = None;
                                 }
                                 _ => {}
@@ -301,7 +316,11 @@ fn shared_op(cx: &Ctx, rng: &mut Rng, log: &mut ThreadLog, t: u32, seq: u32, k: 
     let (o, l) = if whole {
         let n = sl / c;
         let a = rng.below(n);
-        let b = if k == 0 { 1 } else { 1 + rng.below(2.min(n - a)) };
+        let b = if k == 0 {
+            1
+        } else {
+            1 + rng.below(2.min(n - a))
+        };
         (so + a * c, b * c)
     } else {
         sub(rng, so, sl, 32 * SEC, false)
@@ -362,7 +381,12 @@ fn shared_op(cx: &Ctx, rng: &mut Rng, log: &mut ThreadLog, t: u32, seq: u32, k: 
 /// Checks the final shared area: each sector is the effect of a request
 /// that no other request covering it superseded (started after it
 /// completed), or its start content when no data/zero request covered it.
-fn check_shared(lay: &Layout, start: &[u8], got: &[u8], logs: &[ThreadLog]) -> std::result::Result<(), String> {
+fn check_shared(
+    lay: &Layout,
+    start: &[u8],
+    got: &[u8],
+    logs: &[ThreadLog],
+) -> std::result::Result<(), String> {
     let (so, sl) = lay.shared;
     let all: Vec<&SharedRec> = logs.iter().flat_map(|l| l.shared.iter()).collect();
     // Reads saw only sectors of shared writes that covered that sector.
@@ -387,16 +411,9 @@ fn check_shared(lay: &Layout, start: &[u8], got: &[u8], logs: &[ThreadLog]) -> s
             .filter(|r| r.off <= s && s < r.off + r.len)
             .collect();
         let definite = |r: &SharedRec| matches!(r.eff, Eff::Data(..) | Eff::Zero);
-        let m = cov
-            .iter()
-            .filter(|r| definite(r))
-            .map(|r| r.start)
-            .max();
+        let m = cov.iter().filter(|r| definite(r)).map(|r| r.start).max();
         // Candidates: requests not superseded by a definite one.
-        let live: Vec<&&&SharedRec> = cov
-            .iter()
-            .filter(|r| m.is_none_or(|m| r.end > m))
-            .collect();
+        let live: Vec<&&&SharedRec> = cov.iter().filter(|r| m.is_none_or(|m| r.end > m)).collect();
         let zero = g.iter().all(|&b| b == 0);
         let ok = (m.is_none() && g == &start[s as usize..(s + SEC) as usize])
             || live.iter().any(|r| match r.eff {
@@ -419,6 +436,7 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
     if !tools(name) {
         return;
     }
+    let nops = nops * scale();
     let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -488,7 +506,10 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
     for (t, l) in logs.iter().enumerate() {
         for (r, m) in lay.owned[t].iter().zip(&l.model) {
             let span = r.off as usize..(r.off + r.len) as usize;
-            for (what, other) in [("qemu-io serial replay", &want[span.clone()]), ("thread model", &m[..])] {
+            for (what, other) in [
+                ("qemu-io serial replay", &want[span.clone()]),
+                ("thread model", &m[..]),
+            ] {
                 let g = &got[span.clone()];
                 if g != other {
                     let i = g.iter().zip(other).position(|(x, y)| x != y).unwrap();
@@ -513,8 +534,8 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
     }
     let mut counts = [0u32; 5];
     for l in &logs {
-        for i in 0..5 {
-            counts[i] += l.counts[i];
+        for (c, n) in counts.iter_mut().zip(l.counts) {
+            *c += n;
         }
     }
     println!(
@@ -534,7 +555,14 @@ fn stress_512b_clusters() {
 
 #[test]
 fn stress_64k_clusters() {
-    stress("c64k", "cluster_size=65536", 64 * K, Prep::Filled(0), 0x64, 300);
+    stress(
+        "c64k",
+        "cluster_size=65536",
+        64 * K,
+        Prep::Filled(0),
+        0x64,
+        300,
+    );
 }
 
 #[test]
@@ -556,12 +584,26 @@ fn stress_extended_l2() {
 
 #[test]
 fn stress_backing_file() {
-    stress("backing", "cluster_size=65536", 64 * K, Prep::Backing, 0xb4, 300);
+    stress(
+        "backing",
+        "cluster_size=65536",
+        64 * K,
+        Prep::Backing,
+        0xb4,
+        300,
+    );
 }
 
 #[test]
 fn stress_snapshot_cow() {
-    stress("snapshot", "cluster_size=65536", 64 * K, Prep::Snapshot, 0x5a, 300);
+    stress(
+        "snapshot",
+        "cluster_size=65536",
+        64 * K,
+        Prep::Snapshot,
+        0x5a,
+        300,
+    );
 }
 
 // ------------------------------------------------------------ power loss
@@ -585,16 +627,23 @@ struct CrashLog {
     ops: Vec<(char, u64, u64, u32)>,
 }
 
-fn crash_worker(
-    img: &Image,
-    fs: &FaultStorage,
-    lay: &Layout,
-    start: &[u8],
-    clock: &Clock,
-    t: usize,
-    seed: u64,
-    nops: u32,
-) -> CrashLog {
+/// What the threads of a power-loss run share.
+struct CrashCtx<'a> {
+    img: &'a Image,
+    fs: &'a FaultStorage,
+    lay: &'a Layout,
+    start: &'a [u8],
+    clock: &'a Clock,
+}
+
+fn crash_worker(cx: &CrashCtx, t: usize, seed: u64, nops: u32) -> CrashLog {
+    let CrashCtx {
+        img,
+        fs,
+        lay,
+        start,
+        clock,
+    } = *cx;
     let c = lay.cluster;
     let mine = &lay.owned[t];
     let mut rng = Rng::new(seed ^ (t as u64) << 40);
@@ -686,7 +735,9 @@ fn crash_worker(
         if let Err(e) = res {
             log.failed = true;
             if !fs.crashed() {
-                log.error = Some(format!("t{t} #{seq}: {o:#x}+{l:#x}: failed without power loss: {e}"));
+                log.error = Some(format!(
+                    "t{t} #{seq}: {o:#x}+{l:#x}: failed without power loss: {e}"
+                ));
             }
             break;
         }
@@ -712,10 +763,17 @@ fn crash_load(
     let logs = std::thread::scope(|s| {
         let hs: Vec<_> = (0..PL_THREADS)
             .map(|t| {
-                let (img, clock, b) = (&img, &clock, &barrier);
+                let cx = CrashCtx {
+                    img: &img,
+                    fs,
+                    lay,
+                    start,
+                    clock: &clock,
+                };
+                let b = &barrier;
                 s.spawn(move || {
                     b.wait();
-                    crash_worker(img, fs, lay, start, clock, t, seed, nops)
+                    crash_worker(&cx, t, seed, nops)
                 })
             })
             .collect();
@@ -747,10 +805,19 @@ fn verify_power_loss(
 ) -> std::result::Result<bool, String> {
     let scratch = dir.join("cut.qcow2");
     std::fs::write(&scratch, bytes).unwrap();
-    let leaks = qemu_check_no_corruption(&scratch)
-        .map_err(|e| format!("{tag}: {e} (image kept at {})", keep_failure(tag, &scratch).display()))?;
+    let leaks = qemu_check_no_corruption(&scratch).map_err(|e| {
+        format!(
+            "{tag}: {e} (image kept at {})",
+            keep_failure(tag, &scratch).display()
+        )
+    })?;
     let got = to_raw(&scratch, &dir.join("cut.raw"));
-    let durable = logs.iter().flat_map(|l| l.flushed.iter()).copied().max().unwrap_or(0);
+    let durable = logs
+        .iter()
+        .flat_map(|l| l.flushed.iter())
+        .copied()
+        .max()
+        .unwrap_or(0);
     for (t, l) in logs.iter().enumerate() {
         let lo = if all_done {
             l.ran
@@ -764,7 +831,10 @@ fn verify_power_loss(
             for s in (0..r.len).step_by(SEC as usize) {
                 let span = s as usize..(s + SEC) as usize;
                 let g = &got[(r.off + s) as usize..(r.off + s + SEC) as usize];
-                if !l.states[lo..=l.ran].iter().any(|st| &st[ri][span.clone()] == g) {
+                if !l.states[lo..=l.ran]
+                    .iter()
+                    .any(|st| &st[ri][span.clone()] == g)
+                {
                     let so = r.off + s;
                     let hist: Vec<String> = l
                         .ops
@@ -787,8 +857,12 @@ fn verify_power_loss(
     let (so, sl) = lay.shared;
     for s in (so..so + sl).step_by(SEC as usize) {
         let sp = s as usize..(s + SEC) as usize;
-        loose_sector(&got[sp.clone()], &start[sp], s, lay.threads)
-            .map_err(|m| format!("{tag}: {m} (image kept at {})", keep_failure(tag, &scratch).display()))?;
+        loose_sector(&got[sp.clone()], &start[sp], s, lay.threads).map_err(|m| {
+            format!(
+                "{tag}: {m} (image kept at {})",
+                keep_failure(tag, &scratch).display()
+            )
+        })?;
     }
     Ok(leaks.is_some())
 }
@@ -797,6 +871,7 @@ fn power_loss(name: &str, create: &str, cluster: u64, prep: Prep, points: u64, n
     if !tools(name) {
         return;
     }
+    let points = points * scale() as u64;
     let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -872,17 +947,31 @@ fn power_loss(name: &str, create: &str, cluster: u64, prep: Prep, points: u64, n
 
 #[test]
 fn power_loss_64k_clusters() {
-    power_loss("pl64k", "cluster_size=65536", 64 * K, Prep::Filled(0), 10, 40);
+    power_loss(
+        "pl64k",
+        "cluster_size=65536",
+        64 * K,
+        Prep::Filled(0),
+        16,
+        60,
+    );
 }
 
 #[test]
 fn power_loss_4k_clusters() {
-    power_loss("pl4k", "cluster_size=4096", 4 * K, Prep::Empty, 10, 40);
+    power_loss("pl4k", "cluster_size=4096", 4 * K, Prep::Empty, 16, 60);
 }
 
 #[test]
 fn power_loss_snapshot_cow() {
-    power_loss("plsnap", "cluster_size=65536", 64 * K, Prep::Snapshot, 10, 40);
+    power_loss(
+        "plsnap",
+        "cluster_size=65536",
+        64 * K,
+        Prep::Snapshot,
+        16,
+        60,
+    );
 }
 
 #[test]
@@ -892,7 +981,7 @@ fn power_loss_extended_l2() {
         "cluster_size=65536,extended_l2=on",
         64 * K,
         Prep::Filled(0),
-        8,
-        40,
+        12,
+        60,
     );
 }

@@ -236,7 +236,10 @@ pub fn prepare(dir: &Path, opts: &str, cluster: u64, size: u64, prep: Prep) -> (
             let base = dir.join("base.qcow2");
             let bs = base.to_str().unwrap();
             run_ok("qemu-img", &["create", "-q", "-f", "qcow2", bs, &sz]);
-            run_ok("qemu-io", &["-c", &format!("write -q -s {st} 0 {size}"), bs]);
+            run_ok(
+                "qemu-io",
+                &["-c", &format!("write -q -s {st} 0 {size}"), bs],
+            );
             run_ok(
                 "qemu-img",
                 &[
@@ -245,16 +248,14 @@ pub fn prepare(dir: &Path, opts: &str, cluster: u64, size: u64, prep: Prep) -> (
             );
         }
         _ => {
-            run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, ps, &sz]);
+            run_ok(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", opts, ps, &sz],
+            );
         }
-    }
-    match prep {
-        Prep::Filled(n) => {
-            run_ok("qemu-io", &["-c", &format!("write -q -s {st} 0 {n}"), ps]);
-        }
-        _ => {}
     }
     if let Prep::Filled(n) = prep {
+        run_ok("qemu-io", &["-c", &format!("write -q -s {st} 0 {n}"), ps]);
         if cluster >= 64 << 10 && n >= 512 << 10 {
             // Compressed and zero-flagged clusters among them (64 KiB aligned).
             run_ok(
@@ -273,12 +274,12 @@ pub fn prepare(dir: &Path, opts: &str, cluster: u64, size: u64, prep: Prep) -> (
             );
         }
     }
-    match prep {
-        Prep::Snapshot => {
-            run_ok("qemu-io", &["-c", &format!("write -q -s {st} 0 {size}"), ps]);
-            run_ok("qemu-img", &["snapshot", "-c", "before", ps]);
-        }
-        _ => {}
+    if let Prep::Snapshot = prep {
+        run_ok(
+            "qemu-io",
+            &["-c", &format!("write -q -s {st} 0 {size}"), ps],
+        );
+        run_ok("qemu-img", &["snapshot", "-c", "before", ps]);
     }
     let content = to_raw(&img, &dir.join("start.raw"));
     assert_eq!(content.len() as u64, size);
