@@ -550,7 +550,7 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
 
 #[test]
 fn stress_512b_clusters() {
-    stress("c512", "cluster_size=512", 512, Prep::Filled(0), 0x512, 300);
+    stress("c512", "cluster_size=512", 512, Prep::Filled(0), 0x512, 500);
 }
 
 #[test]
@@ -561,13 +561,13 @@ fn stress_64k_clusters() {
         64 * K,
         Prep::Filled(0),
         0x64,
-        300,
+        500,
     );
 }
 
 #[test]
 fn stress_2m_clusters() {
-    stress("c2m", "cluster_size=2097152", 2 * M, Prep::Empty, 0x2, 150);
+    stress("c2m", "cluster_size=2097152", 2 * M, Prep::Empty, 0x2, 250);
 }
 
 #[test]
@@ -578,7 +578,7 @@ fn stress_extended_l2() {
         64 * K,
         Prep::Filled(0),
         0xe2,
-        300,
+        500,
     );
 }
 
@@ -590,7 +590,7 @@ fn stress_backing_file() {
         64 * K,
         Prep::Backing,
         0xb4,
-        300,
+        500,
     );
 }
 
@@ -602,7 +602,7 @@ fn stress_snapshot_cow() {
         64 * K,
         Prep::Snapshot,
         0x5a,
-        300,
+        500,
     );
 }
 
