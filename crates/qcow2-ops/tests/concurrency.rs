@@ -831,11 +831,23 @@ fn verify_power_loss(
             for s in (0..r.len).step_by(SEC as usize) {
                 let span = s as usize..(s + SEC) as usize;
                 let g = &got[(r.off + s) as usize..(r.off + s + SEC) as usize];
+                // A completed FUA request covering the sector is durable.
+                let so = r.off + s;
+                let ok_ops = l.ran - l.failed as usize;
+                let fua = l.ops[..ok_ops]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &(k, o, n, f))| {
+                        matches!(k, 'w' | 'z') && f & REQ_FUA != 0 && o <= so && so < o + n
+                    })
+                    .map(|(i, _)| i + 1)
+                    .max()
+                    .unwrap_or(0);
+                let lo = lo.max(fua);
                 if !l.states[lo..=l.ran]
                     .iter()
                     .any(|st| &st[ri][span.clone()] == g)
                 {
-                    let so = r.off + s;
                     let hist: Vec<String> = l
                         .ops
                         .iter()
