@@ -312,7 +312,8 @@ fn worker(cx: &Ctx, t: usize, seed: u64, nops: u32) -> ThreadLog {
 fn shared_op(cx: &Ctx, rng: &mut Rng, log: &mut ThreadLog, t: u32, seq: u32, k: usize) {
     let c = cx.lay.cluster;
     let (so, sl) = cx.lay.shared;
-    let whole = (k == 1 || k == 2 || (k == 0 && c <= 64 * K)) && rng.chance(1, 5);
+    let whole = (k == 1 || k == 2 || (k == 0 && c <= 64 * K))
+        && rng.chance(1, if c >= 2 * M { 25 } else { 5 });
     let (o, l) = if whole {
         let n = sl / c;
         let a = rng.below(n);
@@ -322,6 +323,9 @@ fn shared_op(cx: &Ctx, rng: &mut Rng, log: &mut ThreadLog, t: u32, seq: u32, k: 
             1 + rng.below(2.min(n - a))
         };
         (so + a * c, b * c)
+    } else if sl > 512 * K {
+        // Large clusters: overlap densely in 256 KiB around a cluster edge.
+        sub(rng, so + sl / 2 - 128 * K, 256 * K, 32 * SEC, false)
     } else {
         sub(rng, so, sl, 32 * SEC, false)
     };
@@ -532,6 +536,17 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
             keep_failure(name, &img_path).display()
         );
     }
+    let (so, sl) = lay.shared;
+    let shared_data = got[so as usize..(so + sl) as usize]
+        .chunks(SEC as usize)
+        .enumerate()
+        .filter(|(i, g)| classify(g, so + *i as u64 * SEC).is_some())
+        .count();
+    let seen: usize = logs.iter().map(|l| l.seen.len()).sum();
+    assert!(
+        shared_data > 0 && seen > 0,
+        "{name}: the shared area was not exercised"
+    );
     let mut counts = [0u32; 5];
     for l in &logs {
         for (c, n) in counts.iter_mut().zip(l.counts) {
@@ -540,8 +555,10 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
     }
     println!(
         "stress {name}: {THREADS} threads x {nops} requests (write/zero/discard/read/flush {counts:?}), \
-         {} replayed, run {:.2?}, total {:.2?}; syncs {}",
+         {} replayed, shared area: {shared_data} of {} sectors hold written data at the end, \
+         {seen} written sectors seen by concurrent reads; run {:.2?}, total {:.2?}; syncs {}",
         args.len() / 2,
+        sl / SEC,
         t_run,
         t0.elapsed(),
         stats.file_syncs
