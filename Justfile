@@ -15,6 +15,10 @@ test:
 ci:
     bash .ci/run
 
+# Model-check the data path's range locks and tickets with loom (own target dir: other cfg)
+loom:
+    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p qcow2-inflight --release
+
 # --- C library (crates/qcow2-capi) -------------------------------------------
 
 # cbindgen pinned for include/qcow2.h

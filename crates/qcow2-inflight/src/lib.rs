@@ -54,10 +54,7 @@ impl RangeLocks {
         let end = end.max(start.saturating_add(1));
         let mut held = lock(&self.held);
         while Self::overlaps(&held, start, end) {
-            held = self
-                .released
-                .wait(held)
-                .unwrap_or_else(|e| e.into_inner());
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
         }
         held.insert(start, end);
         RangeGuard { locks: self, start }

@@ -449,7 +449,9 @@ mod tests {
         )
         .unwrap();
         // More pieces than one pwritev takes, of odd sizes.
-        let pieces: Vec<Vec<u8>> = (0..1500u32).map(|i| vec![(i % 251) as u8; 1 + (i % 7) as usize]).collect();
+        let pieces: Vec<Vec<u8>> = (0..1500u32)
+            .map(|i| vec![(i % 251) as u8; 1 + (i % 7) as usize])
+            .collect();
         let refs: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
         f.write_vectored_at(&refs, 100).unwrap();
         let want = pieces.concat();

@@ -3,8 +3,9 @@
 //! is an [`crate::Image`] opened read-only (its reads run concurrently like
 //! any other image's); a raw file reads through [`RawLayer`].
 
+use crate::error::ioerr;
 use crate::error::{Error, Result};
-use crate::image::ioerr;
+use crate::types::push_merged;
 use crate::types::MapEntry;
 use qcow2_io::{FileStorage, OpenMode, Storage};
 use std::ffi::OsStr;
@@ -132,6 +133,48 @@ impl Layer for RawLayer {
         _limit: usize,
         out: &mut Vec<MapEntry>,
     ) -> Result<()> {
-        crate::status::raw_status(&self.file, offset, len, depth, out)
+        raw_status(&self.file, offset, len, depth, out)
     }
+}
+
+/// Status of a raw file: data where the file has data, zero in holes.
+fn raw_status(
+    file: &dyn Storage,
+    offset: u64,
+    len: u64,
+    depth: u32,
+    out: &mut Vec<MapEntry>,
+) -> Result<()> {
+    let end = offset + len;
+    let mut pos = offset;
+    let ent = |start: u64, length: u64, data: bool| MapEntry {
+        start,
+        length,
+        depth,
+        present: true,
+        zero: !data,
+        data,
+        compressed: false,
+        offset: Some(start),
+    };
+    while pos < end {
+        let next_data = file
+            .next_data(pos)
+            .map_err(ioerr("seek", "backing file"))?
+            .unwrap_or(end)
+            .min(end);
+        if next_data > pos {
+            push_merged(out, ent(pos, next_data - pos, false));
+            pos = next_data;
+            continue;
+        }
+        let hole = file
+            .next_hole(pos)
+            .map_err(ioerr("seek", "backing file"))?
+            .min(end);
+        let hole = if hole <= pos { end } else { hole };
+        push_merged(out, ent(pos, hole - pos, true));
+        pos = hole;
+    }
+    Ok(())
 }

@@ -423,11 +423,13 @@ impl Inner {
     /// Writes guest data under the lock (range validated, image writable).
     pub(crate) fn write(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut plan = WritePlan::default();
-        let r = self.plan_write(offset, buf.len(), &mut plan).and_then(|()| {
-            let n = self.io().write(&plan, buf)?;
-            self.data_written(n);
-            Ok(self.sh.dur.wrote())
-        });
+        let r = self
+            .plan_write(offset, buf.len(), &mut plan)
+            .and_then(|()| {
+                let n = self.io().write(&plan, buf)?;
+                self.data_written(n);
+                Ok(self.sh.dur.wrote())
+            });
         match r {
             Ok(gen) => self.publish(&mut plan, gen),
             Err(e) => {
@@ -441,7 +443,12 @@ impl Inner {
     /// image writable, the caller holds the range lock of its clusters):
     /// allocates what it fills, checks every host range against metadata.
     /// On failure the caller abandons what was planned.
-    pub(crate) fn plan_write(&mut self, offset: u64, len: usize, plan: &mut WritePlan) -> Result<()> {
+    pub(crate) fn plan_write(
+        &mut self,
+        offset: u64,
+        len: usize,
+        plan: &mut WritePlan,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let mut done = 0usize;
         while done < len {

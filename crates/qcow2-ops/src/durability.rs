@@ -35,18 +35,20 @@
 //! and stays pending. The only read-modify-writes are `fetch_add` on the
 //! sequence and `fetch_max` on the marks, which commute.
 
+use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Durability state of one image file, shared by the metadata paths (under
 /// the image lock) and the data paths (outside it).
 #[derive(Default, Debug)]
 pub(crate) struct Durability {
-    /// Sequence of completed writes.
-    seq: AtomicU64,
+    /// Sequence of completed writes (bumped by every data write: on a
+    /// cache line of its own, away from the marks that are mostly read).
+    seq: CachePadded<AtomicU64>,
     /// Every write numbered up to this is durable.
     synced: AtomicU64,
     /// Highest number of a write a flush must make durable.
-    needed: AtomicU64,
+    needed: CachePadded<AtomicU64>,
     /// Highest number of a write whose durability is optional (frees, holes).
     tail: AtomicU64,
     /// L2/L1 entries may be written once everything up to this is durable.

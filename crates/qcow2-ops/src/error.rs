@@ -74,3 +74,9 @@ impl Error {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Maps an I/O error of the file `name` while doing `ctx` to [`Error::Io`].
+pub(crate) fn ioerr(ctx: &str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let what = format!("{name}: {ctx}");
+    move |e| Error::io(what, e)
+}

@@ -12,14 +12,13 @@ use qcow2_cache::{CacheConfig, SlotId, TableCache};
 use qcow2_format::entry::{L1Entry, L2Entry};
 use qcow2_format::header::{self, Header};
 use qcow2_format::{be64, put_be64, Geometry};
+use qcow2_inflight::{RangeLocks, Tickets};
 use qcow2_io::{FileStorage, OpenMode, Storage};
 use qcow2_refcount::{RefcountError, Refcounts};
-use crossbeam_utils::sync::ShardedLock;
-use qcow2_inflight::{RangeLocks, Tickets};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Deferred refcount decrements are applied at the latest when this many wait.
 const MAX_PENDING_FREES: usize = 1 << 16;
@@ -43,7 +42,7 @@ const MAX_PENDING_FREES: usize = 1 << 16;
 ///   reads, backing reads and decompression run without it (`datapath`).
 /// - the shared state's own short locks (tickets, decompressed cluster).
 pub struct Image {
-    gate: ShardedLock<()>,
+    gate: RwLock<()>,
     ranges: RangeLocks,
     inner: Mutex<Inner>,
     sh: Arc<Shared>,
@@ -77,7 +76,7 @@ pub(crate) struct Shared {
 /// in flight (see [`Image`]).
 pub(crate) struct Exclusive<'a> {
     g: MutexGuard<'a, Inner>,
-    _gate: crossbeam_utils::sync::ShardedLockWriteGuard<'a, ()>,
+    _gate: RwLockWriteGuard<'a, ()>,
 }
 
 impl std::ops::Deref for Exclusive<'_> {
@@ -158,7 +157,7 @@ impl Image {
 
     fn from_inner(inner: Inner) -> Image {
         Image {
-            gate: ShardedLock::new(()),
+            gate: RwLock::new(()),
             ranges: RangeLocks::new(),
             sh: Arc::clone(&inner.sh),
             file: Arc::clone(&inner.file),
@@ -190,7 +189,7 @@ impl Image {
         }
     }
 
-    fn shared(&self) -> crossbeam_utils::sync::ShardedLockReadGuard<'_, ()> {
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -523,10 +522,7 @@ impl Layer for Image {
     }
 }
 
-pub(crate) fn ioerr(ctx: &str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
-    let what = format!("{name}: {ctx}");
-    move |e| Error::io(what, e)
-}
+pub(crate) use crate::error::ioerr;
 
 impl Inner {
     fn open(path: &Path, opts: &OpenOptions) -> Result<Inner> {

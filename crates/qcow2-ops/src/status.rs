@@ -6,30 +6,7 @@ use crate::types::MapEntry;
 use qcow2_format::entry::SubclusterType;
 use qcow2_io::Storage;
 
-/// Appends `e`, merging it into the last entry where qemu-img would.
-pub(crate) fn push_merged(out: &mut Vec<MapEntry>, e: MapEntry) {
-    if e.length == 0 {
-        return;
-    }
-    if let Some(last) = out.last_mut() {
-        let same = last.start + last.length == e.start
-            && last.depth == e.depth
-            && last.present == e.present
-            && last.zero == e.zero
-            && last.data == e.data
-            && last.compressed == e.compressed
-            && last.offset.is_some() == e.offset.is_some()
-            && match (last.offset, e.offset) {
-                (Some(a), Some(b)) => a + last.length == b,
-                _ => true,
-            };
-        if same {
-            last.length += e.length;
-            return;
-        }
-    }
-    out.push(e);
-}
+pub(crate) use crate::types::push_merged;
 
 impl Inner {
     /// Status of `[offset, offset+len)`, merged.
@@ -287,48 +264,6 @@ fn host_status(
             },
         );
         pos = run_end;
-    }
-    Ok(())
-}
-
-/// Status of a raw file: data where the file has data, zero in holes.
-pub(crate) fn raw_status(
-    file: &dyn Storage,
-    offset: u64,
-    len: u64,
-    depth: u32,
-    out: &mut Vec<MapEntry>,
-) -> Result<()> {
-    let end = offset + len;
-    let mut pos = offset;
-    let ent = |start: u64, length: u64, data: bool| MapEntry {
-        start,
-        length,
-        depth,
-        present: true,
-        zero: !data,
-        data,
-        compressed: false,
-        offset: Some(start),
-    };
-    while pos < end {
-        let next_data = file
-            .next_data(pos)
-            .map_err(ioerr("seek", "backing file"))?
-            .unwrap_or(end)
-            .min(end);
-        if next_data > pos {
-            push_merged(out, ent(pos, next_data - pos, false));
-            pos = next_data;
-            continue;
-        }
-        let hole = file
-            .next_hole(pos)
-            .map_err(ioerr("seek", "backing file"))?
-            .min(end);
-        let hole = if hole <= pos { end } else { hole };
-        push_merged(out, ent(pos, hole - pos, true));
-        pos = hole;
     }
     Ok(())
 }

@@ -306,3 +306,28 @@ pub struct CheckReport {
     /// One human-readable line per finding, in qemu-img's words.
     pub messages: Vec<String>,
 }
+
+/// Appends `e`, merging it into the last entry where qemu-img would.
+pub(crate) fn push_merged(out: &mut Vec<MapEntry>, e: MapEntry) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        let same = last.start + last.length == e.start
+            && last.depth == e.depth
+            && last.present == e.present
+            && last.zero == e.zero
+            && last.data == e.data
+            && last.compressed == e.compressed
+            && last.offset.is_some() == e.offset.is_some()
+            && match (last.offset, e.offset) {
+                (Some(a), Some(b)) => a + last.length == b,
+                _ => true,
+            };
+        if same {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
