@@ -17,7 +17,7 @@ pub struct InfoArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     output: OutputFormat,
-    /// Image format (only qcow2).
+    /// Image format (qcow2 or raw; probed when not given).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Describe every image of the backing chain, top first.
@@ -278,11 +278,20 @@ fn probe_format(path: &Path) -> &'static str {
 
 /// Runs `qcow2 info`.
 pub fn run(a: InfoArgs) -> Result<u8, Fail> {
-    check_format(&a.format)?;
+    // qcow2 or raw, given or probed (raw images show as qemu-img shows
+    // them, notably as the base of a chain).
+    let mut format = match a.format.as_deref() {
+        Some("raw") => "raw".to_string(),
+        Some(_) => {
+            check_format(&a.format)?;
+            "qcow2".to_string()
+        }
+        None if a.file.is_file() => probe_format(&a.file).to_string(),
+        None => "qcow2".to_string(),
+    };
     let _ = a.force_share;
     // File names are bytes (not necessarily UTF-8), printed as such.
     let mut name = a.file.as_os_str().as_bytes().to_vec();
-    let mut format = "qcow2".to_string();
     let mut chain = Vec::new();
     let mut seen: Vec<std::path::PathBuf> = Vec::new();
     loop {

@@ -188,3 +188,38 @@ fn info_backing_chain_loop_fails() {
         q.stderr.replacen("qemu-img: ", "", 1)
     );
 }
+
+/// Raw images (probed or with `-f raw`, even a qcow2 file read as raw) are
+/// described as qemu-img describes them, alone or as a chain of one.
+#[test]
+fn info_raw_matches_qemu() {
+    let d = tmpdir();
+    let dir = d.path();
+    std::fs::write(dir.join("full.raw"), vec![3u8; 1 << 20]).expect("raw");
+    std::fs::write(dir.join("odd.raw"), vec![3u8; 1000]).expect("raw");
+    std::fs::write(dir.join("empty.raw"), b"").expect("raw");
+    create(dir, "img.qcow2", None, Some(1 << 20), false);
+    let _ = std::process::Command::new("sync").status();
+    for file in ["full.raw", "odd.raw", "empty.raw", "img.qcow2"] {
+        let fmt: &[&str] = if file == "img.qcow2" {
+            &["-f", "raw"]
+        } else {
+            &[]
+        };
+        for extra in [&[][..], &["--output=json"], &["--backing-chain"]] {
+            let mut args = vec!["info"];
+            args.extend_from_slice(fmt);
+            args.extend_from_slice(extra);
+            args.push(file);
+            let q = qemu_img(dir, &args).ok("qemu-img info");
+            let r = ours(dir, &args);
+            assert_eq!(r.code, 0, "qcow2 {args:?}: {}", r.stderr);
+            assert!(
+                r.stdout == q.stdout,
+                "{args:?} differs\n--- qcow2:\n{}--- qemu-img:\n{}",
+                r.stdout,
+                q.stdout
+            );
+        }
+    }
+}
