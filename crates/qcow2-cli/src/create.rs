@@ -137,12 +137,12 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
                         "Postpone refcount updates",
                     ),
                     (
-                        "refcount_bits=<num>",
-                        "Width of a reference count entry in bits",
-                    ),
-                    (
                         "preallocation=<str>",
                         "Preallocation mode (allowed values: off, metadata, falloc, full)",
+                    ),
+                    (
+                        "refcount_bits=<num>",
+                        "Width of a reference count entry in bits",
                     ),
                     ("size=<size>", "Virtual disk size"),
                 ] {

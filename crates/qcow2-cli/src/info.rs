@@ -123,10 +123,11 @@ fn file_child_human(out: &mut Vec<u8>, fname: &[u8], file_len: u64, actual: u64)
 /// Describes the image `fname` of format `format` (qcow2 or raw).
 fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
     let path = Path::new(OsStr::from_bytes(fname));
+    // As qemu-img: the format layer's message wraps the file layer's.
     let meta = std::fs::metadata(path).map_err(|e| {
+        let p = path.display();
         Fail::new(format!(
-            "Could not open '{}': {}",
-            path.display(),
+            "Could not open '{p}': Could not open '{p}': {}",
             strerror(e.raw_os_error().unwrap_or(5))
         ))
     })?;

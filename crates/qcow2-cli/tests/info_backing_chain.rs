@@ -223,3 +223,45 @@ fn info_raw_matches_qemu() {
         }
     }
 }
+
+/// A missing image, or a missing backing file in the chain: qemu-img's
+/// message and exit status, nothing on stdout.
+#[test]
+fn info_missing_files_match_qemu() {
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "1M",
+        ],
+    )
+    .ok("create");
+    for args in [
+        &["info", "missing.qcow2"][..],
+        &["info", "--backing-chain", "missing.qcow2"],
+        &["info", "--backing-chain", "top.qcow2"],
+        &["info", "--backing-chain", "--output=json", "top.qcow2"],
+    ] {
+        let q = qemu_img(dir, args);
+        let r = ours(dir, args);
+        assert_ne!(q.code, 0);
+        assert_eq!(r.code, q.code, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stdout, q.stdout, "{args:?}");
+        assert_eq!(
+            r.stderr.replacen("qcow2: ", "", 1),
+            q.stderr.replacen("qemu-img: ", "", 1),
+            "{args:?}"
+        );
+    }
+}
