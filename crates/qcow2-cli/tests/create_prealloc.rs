@@ -64,6 +64,22 @@ fn case(c: &Case) {
         return;
     }
     assert_qemu_check_clean(&od, "img.qcow2", "created image");
+    let info = |dir: &Path| -> serde_json::Value {
+        let r = qemu_img(dir, &["info", "--output=json", "img.qcow2"]).ok("qemu-img info");
+        serde_json::from_str(&r.stdout).expect("json")
+    };
+    let (qi, oi) = (info(&qd), info(&od));
+    for k in [
+        "virtual-size",
+        "cluster-size",
+        "format-specific",
+        "backing-filename",
+        "backing-filename-format",
+        "full-backing-filename",
+        "dirty-flag",
+    ] {
+        assert_eq!(oi.get(k), qi.get(k), "qemu-img info key {k}");
+    }
     let (qm, om) = (qemu_map(&qd, "img.qcow2"), qemu_map(&od, "img.qcow2"));
     if c.args.iter().any(|a| a.contains("cluster_size=512")) {
         // Clusters smaller than a file system block: whether a data
