@@ -4,7 +4,7 @@ use crate::num::size_to_str;
 use crate::qjson::{pretty, J};
 use crate::{check_format, error_text, open_image, strerror, Fail, OutputFormat};
 use clap::Args;
-use qcow2_ops::{ImageInfo, OpenOptions, SnapshotInfo};
+use qcow2_ops::{BitmapInfo, ImageInfo, OpenOptions, SnapshotInfo};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -30,16 +30,22 @@ pub struct InfoArgs {
     file: PathBuf,
 }
 
-fn format_specific(info: &ImageInfo) -> Vec<(&'static str, J)> {
+fn format_specific(info: &ImageInfo, bitmaps: &[BitmapInfo]) -> Vec<(&'static str, J)> {
     if info.version >= 3 {
-        vec![
+        let mut v = vec![
             ("compat", J::S("1.1".into())),
             ("compression-type", J::S(info.compression_type.into())),
             ("lazy-refcounts", J::B(info.lazy_refcounts)),
+        ];
+        if !bitmaps.is_empty() {
+            v.push(("bitmaps", bitmaps_json(bitmaps)));
+        }
+        v.extend([
             ("refcount-bits", J::U(info.refcount_bits as u64)),
             ("corrupt", J::B(info.corrupt)),
             ("extended-l2", J::B(info.extended_l2)),
-        ]
+        ]);
+        v
     } else {
         vec![
             ("compat", J::S("0.10".into())),
@@ -58,6 +64,64 @@ struct Described {
     /// The backing file: the name it is opened by, and its format (given
     /// in the header or probed).
     backing: Option<(Vec<u8>, String)>,
+}
+
+/// The persistent bitmaps in the format-specific data (keys in QEMU's
+/// order; flags "in-use" before "auto").
+fn bitmaps_json(list: &[BitmapInfo]) -> J {
+    J::A(
+        list.iter()
+            .map(|b| {
+                let mut flags = Vec::new();
+                if b.in_use {
+                    flags.push(J::S("in-use".into()));
+                }
+                if b.enabled {
+                    flags.push(J::S("auto".into()));
+                }
+                J::O(vec![
+                    ("flags", J::A(flags)),
+                    ("name", J::S(b.name.clone())),
+                    ("granularity", J::U(b.granularity)),
+                ])
+            })
+            .collect(),
+    )
+}
+
+/// Human text of format-specific data as qemu-img prints it: one
+/// `key: value` line per scalar ('-' in keys shown as ' '), nested lists
+/// and objects under their key, list items as `[i]:`.
+fn dump_human(items: &[(&'static str, J)], level: usize, out: &mut Vec<u8>) {
+    for (k, v) in items {
+        dump_value(&k.replace('-', " "), v, level, out);
+    }
+}
+
+fn dump_value(label: &str, v: &J, level: usize, out: &mut Vec<u8>) {
+    let pad = " ".repeat(4 * level);
+    let scalar = match v {
+        J::S(s) => Some(s.clone()),
+        J::B(b) => Some(b.to_string()),
+        J::U(n) => Some(n.to_string()),
+        J::I(n) => Some(n.to_string()),
+        J::R(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        J::A(_) | J::O(_) => None,
+    };
+    match (scalar, v) {
+        (Some(s), _) => out.extend_from_slice(format!("{pad}{label}: {s}\n").as_bytes()),
+        (None, J::A(items)) => {
+            out.extend_from_slice(format!("{pad}{label}:\n").as_bytes());
+            for (i, it) in items.iter().enumerate() {
+                dump_value(&format!("[{i}]"), it, level + 1, out);
+            }
+        }
+        (None, J::O(items)) => {
+            out.extend_from_slice(format!("{pad}{label}:\n").as_bytes());
+            dump_human(items, level + 1, out);
+        }
+        (None, _) => {}
+    }
 }
 
 /// The `"snapshots"` array of `qemu-img info --output=json`. Keys in
@@ -173,6 +237,11 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
     } else {
         Vec::new()
     };
+    let bitmaps = if info.version >= 3 {
+        img.bitmaps().map_err(|e| Fail::new(error_text(&e)))?
+    } else {
+        Vec::new()
+    };
     // qemu shows the name the backing file is opened by: relative names are
     // taken relative to the image's directory, exactly as written.
     let full_backing = info
@@ -196,7 +265,7 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
         "format-specific",
         J::O(vec![
             ("type", J::S("qcow2".into())),
-            ("data", J::O(format_specific(&info))),
+            ("data", J::O(format_specific(&info, &bitmaps))),
         ]),
     ));
     if let (Some(b), Some(fb)) = (&info.backing_file, &full_backing) {
@@ -238,15 +307,7 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
         h.extend_from_slice(crate::snapshot::format_list(&snapshots).as_bytes());
     }
     h.extend_from_slice(b"Format specific information:\n");
-    for (k, v) in format_specific(&info) {
-        let v = match v {
-            J::S(s) => s,
-            J::B(b) => b.to_string(),
-            J::U(n) => n.to_string(),
-            _ => String::new(),
-        };
-        h.extend_from_slice(format!("    {}: {}\n", k.replace('-', " "), v).as_bytes());
-    }
+    dump_human(&format_specific(&info, &bitmaps), 1, &mut h);
     if let Some(d) = &info.data_file {
         h.extend_from_slice(format!("    data file: {d}\n").as_bytes());
     }
