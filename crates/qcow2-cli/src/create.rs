@@ -313,8 +313,11 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     // Validate the options in QEMU's order: the file protocol's first (it
     // creates the file), then the qcow2 driver's values and combinations.
     //
-    // The hint is a request to the file system (XFS honours it; elsewhere
-    // QEMU ignores failures to set it): only its range is checked here.
+    // The hint is a request to the file system: QEMU sets it on every new
+    // file (FS_IOC_FSSETXATTR with FS_XFLAG_EXTSIZE, 1 MiB unless given)
+    // and ignores failures. XFS honours it; ext4 accepts the call without
+    // effect. Setting it needs an ioctl (the I/O crate's business), so
+    // only its range is checked here.
     if extent_hint.is_some_and(|h| h > u32::MAX as u64) {
         return Err(Fail::new(format!("{file}: Extent size hint is too large")));
     }
