@@ -285,3 +285,27 @@ fn create_preallocation_small_clusters_wide_refcounts() {
     let failures = run_cases(&cases, workers(), case);
     assert_no_failures("small clusters, wide refcounts", cases.len(), &failures);
 }
+
+/// Known layout difference (engine allocator): when metadata
+/// preallocation reaches the range of a new refcount block (past 2 GiB
+/// with 64 KiB clusters), QEMU puts that block after the batch of clusters
+/// whose allocation needed it; the engine puts it first, so every host
+/// offset after it differs by a cluster. The image is consistent. Run with
+/// `--ignored`.
+#[test]
+#[ignore = "engine: refcount block placement past the first refblock range"]
+fn create_preallocation_layout_past_first_refblock() {
+    let cases = vec![c(
+        true,
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "img.qcow2",
+            "3G",
+        ],
+    )];
+    let failures = run_cases(&cases, 1, case);
+    assert_no_failures("past the first refblock", cases.len(), &failures);
+}
