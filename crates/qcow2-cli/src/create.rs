@@ -1,10 +1,10 @@
 //! `qcow2 create`.
 
 use crate::info::{print_bytes, resolve_backing};
-use crate::num::parse_size;
+use crate::num::{parse_option_size, parse_size};
 use crate::{error_text, strerror, Fail};
 use clap::Args;
-use qcow2_ops::{CreateOptions, Image, OpenOptions};
+use qcow2_ops::{CreateOptions, Image, OpenOptions, Prealloc};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -85,6 +85,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     let mut lazy_s: Option<String> = None;
     let mut comp_s: Option<String> = None;
     let mut size_opt: Option<String> = None;
+    let mut prealloc_s: Option<String> = None;
+    let mut extent_hint_s: Option<String> = None;
     let mut backing = a.backing.clone().map(OsString::into_vec);
     let mut backing_fmt = a.backing_format.clone();
     for o in a.options.iter().flat_map(|s| split_opts(s.as_bytes())) {
@@ -109,7 +111,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             "compression_type" => comp_s = Some(v),
             "size" => size_opt = Some(v),
             "backing_fmt" => backing_fmt = Some(v),
-            "preallocation" if v == "off" => {}
+            "preallocation" => prealloc_s = Some(v),
+            "extent_size_hint" => extent_hint_s = Some(v),
             "help" => {
                 println!("Supported options:");
                 for (n, d) in [
@@ -126,8 +129,16 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
                     ),
                     ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
                     (
+                        "extent_size_hint=<size>",
+                        "Extent size hint for the image file, 0 to disable",
+                    ),
+                    (
                         "lazy_refcounts=<bool (on/off)>",
                         "Postpone refcount updates",
+                    ),
+                    (
+                        "preallocation=<str>",
+                        "Preallocation mode (allowed values: off, metadata, falloc, full)",
                     ),
                     (
                         "refcount_bits=<num>",
@@ -236,6 +247,14 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             ))
         })?;
     }
+    // Size-typed options are parsed (and refused) before anything is printed.
+    let extent_hint = match &extent_hint_s {
+        Some(v) => Some(
+            parse_option_size("extent_size_hint", v)
+                .map_err(|m| Fail::new(format!("{file}: {m}")))?,
+        ),
+        None => None,
+    };
     if let Some(v) = &ext_l2_s {
         opts.extended_l2 = parse_bool("extended_l2", v, &file)?;
     }
@@ -243,7 +262,7 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         opts.lazy_refcounts = parse_bool("lazy_refcounts", v, &file)?;
     }
     let mut line = format!(
-        "', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+        "', fmt=qcow2 cluster_size={} extended_l2={}{} compression_type={} size={size}",
         cluster_size_s
             .as_deref()
             .map(|s| parse_size(s)
@@ -251,6 +270,10 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
                 .unwrap_or_else(|_| s.to_string()))
             .unwrap_or_else(|| "65536".into()),
         ext_l2_s.as_deref().unwrap_or("off"),
+        prealloc_s
+            .as_deref()
+            .map(|p| format!(" preallocation={p}"))
+            .unwrap_or_default(),
         comp_s.as_deref().unwrap_or("zlib"),
     );
     if let Some(c) = &compat_s {
@@ -262,10 +285,15 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         tail.push_str(&format!(" backing_fmt={f}"));
     }
     tail.push_str(&format!(
-        " lazy_refcounts={} refcount_bits={}\n",
+        " lazy_refcounts={} refcount_bits={}",
         lazy_s.as_deref().unwrap_or("off"),
         refcount_s.as_deref().unwrap_or("16")
     ));
+    if let Some(h) = extent_hint {
+        // QEMU prints option sizes as signed 64-bit numbers.
+        tail.push_str(&format!(" extent_size_hint={}", h as i64));
+    }
+    tail.push('\n');
     if !a.quiet {
         let fname = a.file.as_os_str().as_bytes();
         match &backing {
@@ -282,7 +310,25 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         }
     }
 
-    // Validate the options like qemu's qcow2 driver.
+    // Validate the options in QEMU's order: the file protocol's first (it
+    // creates the file), then the qcow2 driver's values and combinations.
+    //
+    // The hint is a request to the file system: QEMU sets it on every new
+    // file (FS_IOC_FSSETXATTR with FS_XFLAG_EXTSIZE, 1 MiB unless given)
+    // and ignores failures. XFS honours it; ext4 accepts the call without
+    // effect. Setting it needs an ioctl (the I/O crate's business), so
+    // only its range is checked here.
+    if extent_hint.is_some_and(|h| h > u32::MAX as u64) {
+        return Err(Fail::new(format!("{file}: Extent size hint is too large")));
+    }
+    let prealloc = match &prealloc_s {
+        None => Prealloc::Off,
+        Some(p) => Prealloc::parse(p).ok_or_else(|| {
+            Fail::new(format!(
+                "{file}: Parameter 'preallocation' does not accept value '{p}'"
+            ))
+        })?,
+    };
     if let Some(c) = &compat_s {
         opts.version = match c.as_str() {
             "0.10" | "v2" => 2,
@@ -353,14 +399,116 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             "{file}: Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
         )));
     }
-    opts.backing_file = backing;
-    opts.unsafe_backing = a.unsafe_backing;
-    opts.backing_format = backing_fmt;
+    if backing.is_some() && prealloc != Prealloc::Off && !opts.extended_l2 {
+        return Err(Fail::new(format!(
+            "{file}: Backing file and preallocation can only be used at the same time if extended_l2 is on"
+        )));
+    }
     // qemu rounds the virtual size up to whole 512-byte sectors.
     let size = size.div_ceil(512) * 512;
-    Image::create(&a.file, size, &opts)
-        .map_err(|e| Fail::new(format!("{file}: {}", error_text(&e))))?;
+    let fail = |e: qcow2_ops::Error| Fail::new(format!("{file}: {}", error_text(&e)));
+    if prealloc == Prealloc::Off {
+        opts.backing_file = backing;
+        opts.unsafe_backing = a.unsafe_backing;
+        opts.backing_format = backing_fmt;
+        Image::create(&a.file, size, &opts).map_err(fail)?;
+        return Ok(0);
+    }
+    // As QEMU: an empty image without backing file, grown to its size with
+    // the preallocation, and only then given its backing file (so the
+    // preallocated clusters read as zeroes, not as the backing file).
+    Image::create(&a.file, 0, &opts).map_err(fail)?;
+    let img = Image::open(
+        &a.file,
+        &OpenOptions {
+            open_backing: false,
+            ..OpenOptions::read_write()
+        },
+    )
+    .map_err(fail)?;
+    if size > 0 {
+        img.resize(size, prealloc, false).map_err(fail)?;
+    }
+    // Where the last data cluster lies beyond the end of the guest data,
+    // QEMU sets the file length to the data's end and then (without
+    // extended L2 entries) extends it to the whole cluster by writing
+    // zeroes: the file holds that tail.
+    let tail_fill = match prealloc {
+        Prealloc::Metadata if size % opts.cluster_size != 0 => img
+            .block_status(size - 1, 1)
+            .map_err(fail)?
+            .first()
+            .and_then(|e| e.offset.map(|o| (o + 1, o - o % opts.cluster_size)))
+            .map(|(end, start)| (end, start + opts.cluster_size)),
+        _ => None,
+    };
+    if let Some(b) = &backing {
+        img.set_backing(Some(b), backing_fmt.as_deref())
+            .map_err(fail)?;
+    }
+    img.close().map_err(fail)?;
+    guard_refcount_growth(&a.file, &opts, prealloc).map_err(|m| {
+        let _ = std::fs::remove_file(&a.file);
+        Fail::new(format!("{file}: {m}"))
+    })?;
+    if let Some((from, to)) = tail_fill {
+        use std::os::unix::fs::FileExt;
+        let io = |e: std::io::Error| Fail::new(format!("{file}: {e}"));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a.file)
+            .map_err(io)?;
+        if f.metadata().map_err(io)?.len() == to {
+            if opts.extended_l2 {
+                f.set_len(from).map_err(io)?;
+            } else {
+                f.write_all_at(&vec![0u8; (to - from) as usize], from)
+                    .map_err(io)?;
+            }
+            f.sync_all().map_err(io)?;
+        }
+    }
     Ok(0)
+}
+
+/// Metadata preallocation that makes the refcount table grow is known to
+/// leave refcounts missing (an engine bug, see the ignored test in
+/// `tests/create_prealloc.rs`). When the file has outgrown what the first
+/// refcount table cluster covers, the new image is checked and refused
+/// rather than left corrupt.
+fn guard_refcount_growth(
+    path: &std::path::Path,
+    o: &CreateOptions,
+    prealloc: Prealloc,
+) -> Result<(), String> {
+    if prealloc != Prealloc::Metadata {
+        return Ok(());
+    }
+    let cs = o.cluster_size as u128;
+    let covered = (cs / 8) * (cs * 8 / o.refcount_bits as u128) * cs;
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if (len as u128) <= covered {
+        return Ok(());
+    }
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            open_backing: false,
+            ..OpenOptions::read_only()
+        },
+    )
+    .map_err(|e| error_text(&e))?;
+    let r = img
+        .check(qcow2_ops::RepairMode::None)
+        .map_err(|e| error_text(&e))?;
+    if r.corruptions > 0 || r.check_errors > 0 {
+        return Err(format!(
+            "Could not preallocate metadata: {} refcount errors after growing the refcount table \
+             (known engine limitation); image not created",
+            r.corruptions + r.check_errors
+        ));
+    }
+    Ok(())
 }
 
 /// "qcow2" when the file starts with the qcow2 magic, else "raw"; None when unreadable.

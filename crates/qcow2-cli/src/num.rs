@@ -28,12 +28,40 @@ fn suffix_shift(c: char) -> Option<u32> {
 
 /// Parses a size the way qemu-img and qemu-io do.
 pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    parse_size_below(s, i64::MAX as u128)
+}
+
+/// Parses the value of a size-typed creation option (`-o name=value`) as
+/// QEMU's option parser does: any value up to `u64::MAX`. The errors are
+/// QEMU's messages (without the file name prefix).
+pub fn parse_option_size(name: &str, v: &str) -> Result<u64, String> {
+    let invalid = || {
+        format!(
+            "Parameter '{name}' expects a non-negative number below 2^64\n\
+             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+             and exabytes, respectively."
+        )
+    };
+    let range = || format!("Value '{v}' is out of range for parameter '{name}'");
+    if let Some(neg) = v.trim_start().strip_prefix('-') {
+        return match parse_size_below(neg, u64::MAX as u128) {
+            Ok(_) | Err(SizeError::TooLarge) => Err(range()),
+            Err(SizeError::Invalid) => Err(invalid()),
+        };
+    }
+    match parse_size_below(v, u64::MAX as u128) {
+        Ok(n) => Ok(n),
+        Err(SizeError::TooLarge) => Err(range()),
+        Err(SizeError::Invalid) => Err(invalid()),
+    }
+}
+
+fn parse_size_below(s: &str, limit: u128) -> Result<u64, SizeError> {
     let t = s.trim_start();
     let t = t.strip_prefix('+').unwrap_or(t);
     if t.is_empty() {
         return Err(SizeError::Invalid);
     }
-    let limit = i64::MAX as u128;
     if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(SizeError::Invalid);
@@ -228,6 +256,26 @@ mod tests {
             parse_size("99999999999999999999999"),
             Err(SizeError::TooLarge)
         );
+    }
+
+    #[test]
+    fn option_sizes_reach_u64_max() {
+        assert_eq!(parse_option_size("x", "15E"), Ok(15 << 60));
+        assert_eq!(parse_option_size("x", "18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(
+            parse_option_size("x", "18446744073709551616"),
+            Err("Value '18446744073709551616' is out of range for parameter 'x'".into())
+        );
+        assert_eq!(
+            parse_option_size("x", "-1"),
+            Err("Value '-1' is out of range for parameter 'x'".into())
+        );
+        assert!(parse_option_size("x", "-abc")
+            .unwrap_err()
+            .starts_with("Parameter 'x' expects a non-negative number"));
+        assert!(parse_option_size("x", "")
+            .unwrap_err()
+            .starts_with("Parameter 'x' expects a non-negative number"));
     }
 
     #[test]

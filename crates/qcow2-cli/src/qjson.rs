@@ -6,6 +6,8 @@
 pub enum J {
     /// Unsigned integer.
     U(u64),
+    /// Signed integer.
+    I(i64),
     /// Boolean.
     B(bool),
     /// String.
@@ -93,6 +95,7 @@ fn indent(level: usize, out: &mut String) {
 fn write(v: &J, level: usize, out: &mut String) {
     match v {
         J::U(n) => out.push_str(&n.to_string()),
+        J::I(n) => out.push_str(&n.to_string()),
         J::B(b) => out.push_str(if *b { "true" } else { "false" }),
         J::S(s) => escape(s.as_bytes(), out),
         J::R(b) => escape(b, out),

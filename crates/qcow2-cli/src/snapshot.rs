@@ -217,12 +217,12 @@ pub fn format_list(v: &[SnapshotInfo]) -> String {
         );
         let icount = match s.icount {
             Some(i) if i != u64::MAX => (i as i64).to_string(),
-            _ => String::new(),
+            _ => "--".to_string(),
         };
         out.push_str(&format!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-            s.id,
-            s.name,
+            "{} {} {:>8} {:>19} {:>15} {:>10}\n",
+            pad_bytes(&s.id, 7),
+            pad_bytes(&s.name, 16),
             size_to_str(s.vm_state_size),
             utc_date(s.date_sec as u64),
             clock,
@@ -230,6 +230,12 @@ pub fn format_list(v: &[SnapshotInfo]) -> String {
         ));
     }
     out
+}
+
+/// `s` left-aligned in `width` bytes (as C's `%-*s`, which counts bytes,
+/// not characters).
+fn pad_bytes(s: &str, width: usize) -> String {
+    format!("{s}{}", " ".repeat(width.saturating_sub(s.len())))
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC.

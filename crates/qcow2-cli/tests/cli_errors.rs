@@ -37,7 +37,12 @@ fn cli_errors() {
     assert_eq!(r.code, 1, "check exit status for an unreadable image");
     // Not a qcow2 image.
     std::fs::write(dir.join("junk.img"), vec![0u8; 4096]).expect("write");
-    for sub in ["info", "map", "check"] {
+    // qemu-img describes it as a raw image (probed format).
+    let _ = std::process::Command::new("sync").status();
+    let r = ours(dir, &["info", "junk.img"]);
+    let q = qemu_img(dir, &["info", "junk.img"]);
+    assert_eq!((r.code, &r.stdout), (q.code, &q.stdout), "info on junk");
+    for sub in ["map", "check"] {
         let r = ours(dir, &[sub, "junk.img"]);
         assert_ne!(r.code, 0, "{sub} on junk");
         assert!(r.stderr.contains("junk.img"), "{sub}: {}", r.stderr);
