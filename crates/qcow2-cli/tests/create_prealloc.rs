@@ -130,7 +130,13 @@ fn case(c: &Case) {
             std::thread::sleep(std::time::Duration::from_millis(200));
             tries += 1;
         }
-        assert_eq!(blocks(&od), blocks(&qd), "allocated blocks");
+        // ext4's delayed allocation can still differ by a block or two
+        // under load (seen: 64 vs 56 sectors for identical data extents).
+        let (ob, qb) = (blocks(&od), blocks(&qd));
+        assert!(
+            ob.abs_diff(qb) <= 16,
+            "allocated blocks: ours {ob}, qemu {qb}"
+        );
     }
     // Preallocated data is allocated in the file, not only in the metadata.
     if c.args
@@ -267,15 +273,12 @@ fn create_preallocation_matches_qemu() {
     assert_no_failures("create_preallocation_matches_qemu", cases.len(), &failures);
 }
 
-/// Known engine bug: `Image::resize` with metadata preallocation, when the
-/// refcount table itself must grow (the file outgrows what one table
-/// cluster covers: 2 MiB for 512-byte clusters with 64-bit refcounts, 8 MiB
-/// with 16-bit ones), leaves every cluster with refcount 0 (and
-/// OFLAG_COPIED errors). `qcow2 resize --preallocation=metadata` shows it
-/// too; `full` does not. `qcow2 create` detects it and refuses (QEMU
-/// creates these images). Run with `--ignored`.
+/// Metadata preallocation that makes the refcount table grow (the file
+/// outgrows what one table cluster covers: 2 MiB for 512-byte clusters with
+/// 64-bit refcounts, 8 MiB with 16-bit ones). The engine's preallocation
+/// used to extend the file over the grown refcount structures' end and cut
+/// them off (every cluster at refcount 0).
 #[test]
-#[ignore = "engine: Image::resize preallocation with 512-byte clusters and wide refcounts"]
 fn create_preallocation_small_clusters_wide_refcounts() {
     let mut cases = Vec::new();
     for (rb, size) in [("32", "5000k"), ("64", "5000k"), ("16", "9M")] {

@@ -26,13 +26,21 @@ fn overlapping_ranges_exclude_each_other() {
             let (locks, inside) = (Arc::clone(&locks), Arc::clone(&inside));
             thread::spawn(move || {
                 let _g = locks.lock(3, 6);
-                assert_eq!(inside.fetch_add(1, SeqCst), 0, "overlapping ranges held at once");
+                assert_eq!(
+                    inside.fetch_add(1, SeqCst),
+                    0,
+                    "overlapping ranges held at once"
+                );
                 inside.fetch_sub(1, SeqCst);
             })
         };
         {
             let _g = locks.lock(2, 4);
-            assert_eq!(inside.fetch_add(1, SeqCst), 0, "overlapping ranges held at once");
+            assert_eq!(
+                inside.fetch_add(1, SeqCst),
+                0,
+                "overlapping ranges held at once"
+            );
             // A disjoint range is free meanwhile.
             assert!(locks.try_lock(6, 8).is_some());
             inside.fetch_sub(1, SeqCst);

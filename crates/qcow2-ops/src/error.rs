@@ -76,7 +76,8 @@ impl Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Maps an I/O error of the file `name` while doing `ctx` to [`Error::Io`].
-pub(crate) fn ioerr(ctx: &str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
-    let what = format!("{name}: {ctx}");
-    move |e| Error::io(what, e)
+/// The message is built only when an error occurs (this sits on every
+/// data read and write).
+pub(crate) fn ioerr<'a>(ctx: &'a str, name: &'a str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |e| Error::io(format!("{name}: {ctx}"), e)
 }

@@ -207,6 +207,12 @@ impl Inner {
                 self.read(guest, &mut head)?;
             }
             let host = self.alloc_clusters(1)? * cs;
+            if host >= file_end {
+                // The allocation may have grown the refcount structures
+                // past the old end: extending to `host + cs` must never
+                // cut them off.
+                file_end = self.file.len().map_err(ioerr("stat", &name))?;
+            }
             if host < file_end || write {
                 // A reused cluster must read as zeroes.
                 let mut buf = zeros.clone();
