@@ -75,7 +75,10 @@ class Server:
         self.log = open(os.path.join(work, "server.log"), "w")
         if kind == "ours":
             cache = "none" if mode == "direct" else "writeback"
-            cmd = ["nbdkit", "-U", self.sock, "-f", "--exit-with-parent", plugin,
+            # -t 32: nbdkit serves at most 16 requests of a connection at
+            # once by default, fewer than the depth-32 workloads keep in
+            # flight (qemu-nbd has no such cap).
+            cmd = ["nbdkit", "-U", self.sock, "-t", "32", "-f", "--exit-with-parent", plugin,
                    "file=" + image, "cache=" + cache, "discard=unmap"]
         else:
             cmd = ["qemu-nbd", "-k", self.sock, "-f", "qcow2", "-t", "-e", "0",
@@ -103,6 +106,14 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def settle():
+    """Starts every server on a quiet disk: the copy just made is written
+    back first (else its writeback runs under whichever server comes next).
+    The page cache is left as the copy left it, the same for every server."""
+    os.sync()
+    time.sleep(2)
 
 
 _AIO = None
@@ -165,6 +176,7 @@ def main():
         for kind, mode in configs:
             img = os.path.join(work, "img.qcow2")
             shutil.copyfile(base, img)
+            settle()
             srv = Server(kind, img, mode, plugin, work)
             try:
                 for name, rw, bs, depth, extra in WORKLOADS:
@@ -176,6 +188,7 @@ def main():
             finally:
                 srv.stop()
             run(["qemu-img", "check", "-q", img])
+        settle()
         for name, rw, bs, depth, extra in WORKLOADS:
             r = fio(["--ioengine=io_uring", "--direct=1", "--filename=" + raw], rw, bs, depth,
                     extra, args.runtime, args.size)

@@ -25,8 +25,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// below the new end reaches past the new start.
 #[derive(Default)]
 pub struct RangeLocks {
-    held: Mutex<BTreeMap<u64, u64>>,
+    held: Mutex<Held>,
     released: Condvar,
+}
+
+/// The held ranges (start → end) and how many callers wait for one.
+#[derive(Default)]
+struct Held {
+    ranges: BTreeMap<u64, u64>,
+    waiters: usize,
 }
 
 /// A held range; released on drop.
@@ -42,8 +49,9 @@ impl RangeLocks {
         RangeLocks::default()
     }
 
-    fn overlaps(held: &BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
-        held.range(..end)
+    fn overlaps(held: &Held, start: u64, end: u64) -> bool {
+        held.ranges
+            .range(..end)
             .next_back()
             .is_some_and(|(_, &e)| e > start)
     }
@@ -54,9 +62,11 @@ impl RangeLocks {
         let end = end.max(start.saturating_add(1));
         let mut held = lock(&self.held);
         while Self::overlaps(&held, start, end) {
+            held.waiters += 1;
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+            held.waiters -= 1;
         }
-        held.insert(start, end);
+        held.ranges.insert(start, end);
         RangeGuard { locks: self, start }
     }
 
@@ -67,22 +77,27 @@ impl RangeLocks {
         if Self::overlaps(&held, start, end) {
             return None;
         }
-        held.insert(start, end);
+        held.ranges.insert(start, end);
         Some(RangeGuard { locks: self, start })
     }
 
     /// How many ranges are held.
     pub fn held(&self) -> usize {
-        lock(&self.held).len()
+        lock(&self.held).ranges.len()
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = lock(&self.locks.held);
-        held.remove(&self.start);
+        held.ranges.remove(&self.start);
+        // Waking is a system call: only when somebody waits (a waiter
+        // counts itself under the same lock before it sleeps).
+        let wake = held.waiters > 0;
         drop(held);
-        self.locks.released.notify_all();
+        if wake {
+            self.locks.released.notify_all();
+        }
     }
 }
 

@@ -262,6 +262,12 @@ impl Storage for FileStorage {
         let (ws, wl) = Self::window(offset, buf.len());
         let mut b = AlignedBuf::new(wl);
         let s = (offset - ws) as usize;
+        if s == 0 && wl == buf.len() {
+            // Aligned range, unaligned memory: one copy, no read-modify-write,
+            // nothing to trim.
+            b.as_mut().copy_from_slice(buf);
+            return self.pwrite_full(b.as_mut(), offset);
+        }
         if s != 0 || wl != buf.len() {
             // Read-modify-write of the partial edges; the file may end inside the window.
             self.pread_full(b.as_mut(), ws)?;
