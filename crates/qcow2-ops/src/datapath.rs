@@ -81,6 +81,28 @@ fn push_seg(plan: &mut ReadPlan, s: Seg) {
     plan.push(s);
 }
 
+/// The parts of the request `[offset, offset+len)` in each cluster of
+/// size `cs`: (guest offset of the cluster, offset in it, position in the
+/// request, length).
+fn cluster_pieces(
+    offset: u64,
+    len: usize,
+    cs: u64,
+) -> impl Iterator<Item = (u64, u64, usize, usize)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let guest = offset + done as u64;
+        let in_c = guest & (cs - 1);
+        let n = (cs - in_c).min((len - done) as u64) as usize;
+        let piece = (guest - in_c, in_c, done, n);
+        done += n;
+        Some(piece)
+    })
+}
+
 /// One cluster a write fills anew: a new or reused host cluster gets the
 /// cluster (or the touched subclusters) as they read now with the request's
 /// data on top, then its L2 entry changes from `old` to `new`.
@@ -349,15 +371,9 @@ impl Inner {
         at: usize,
         plan: &mut ReadPlan,
     ) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let mut done = 0usize;
-        while done < len {
-            let guest = offset + done as u64;
-            let in_c = guest & (cs - 1);
-            let n = (cs - in_c).min((len - done) as u64);
-            let e = self.l2_entry(guest)?;
-            let cg = guest - in_c;
-            for (t, s, l) in self.segments(e, in_c, n) {
+        for (cg, in_c, done, n) in cluster_pieces(offset, len, self.geo.cluster_size()) {
+            let e = self.l2_entry(cg + in_c)?;
+            for (t, s, l) in self.segments(e, in_c, n as u64) {
                 let src = self.source(e, t, cg, s)?;
                 push_seg(
                     plan,
@@ -368,7 +384,6 @@ impl Inner {
                     },
                 );
             }
-            done += n as usize;
         }
         Ok(())
     }
@@ -449,14 +464,8 @@ impl Inner {
         len: usize,
         plan: &mut WritePlan,
     ) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let mut done = 0usize;
-        while done < len {
-            let guest = offset + done as u64;
-            let in_c = guest & (cs - 1);
-            let n = (cs - in_c).min((len - done) as u64) as usize;
-            self.plan_write_cluster(guest - in_c, in_c, done..done + n, plan)?;
-            done += n;
+        for (cg, in_c, done, n) in cluster_pieces(offset, len, self.geo.cluster_size()) {
+            self.plan_write_cluster(cg, in_c, done..done + n, plan)?;
         }
         Ok(())
     }
