@@ -76,22 +76,27 @@ impl Image {
 impl Image {
     /// Makes every cluster of the image unallocated (the image then reads
     /// through its backing chain, or as zeroes), as QEMU empties the top
-    /// image after `qemu-img commit`. The freed clusters are released; the
-    /// file is not shortened.
+    /// image after `qemu-img commit`. The freed clusters are released
+    /// once the emptied tables are durable, and the file is cut after its
+    /// last used cluster (QEMU rebuilds the metadata from scratch instead,
+    /// which a crash in the middle can leave unreadable).
     pub fn make_empty(&self) -> Result<()> {
-        {
-            let mut g = self.exclusive();
-            g.check_writable()?;
-            let cs = g.geo.cluster_size();
-            let len = g.header.size.div_ceil(cs) * cs;
+        let mut g = self.exclusive();
+        g.check_writable()?;
+        let cs = g.geo.cluster_size();
+        let len = g.header.size.div_ceil(cs) * cs;
+        let r = (|| {
             if len > 0 {
-                let r = g.discard_clusters(0, len, true);
-                if let Err(Error::Corrupt(_)) = &r {
-                    g.mark_corrupt();
-                }
-                r?;
+                g.discard_clusters(0, len, true)?;
             }
+            // Entries, then the frees they allow, durable before the cut.
+            g.flush_close()?;
+            g.trim_tail()?;
+            g.sync()
+        })();
+        if let Err(Error::Corrupt(_)) = &r {
+            g.mark_corrupt();
         }
-        self.flush()
+        r
     }
 }

@@ -400,7 +400,14 @@ impl Inner {
         {
             self.sync()?;
         }
-        // Cut the file after its last used cluster (failure only costs space).
+        self.trim_tail()
+    }
+
+    /// Cuts the file after its last used cluster (the refcount changes
+    /// that freed the tail must be durable; failure only costs space).
+    pub(crate) fn trim_tail(&mut self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let name = self.name.clone();
         let len = self.file.len().map_err(ioerr("stat", &name))?;
         let mut last = len.div_ceil(cs);
         while last > 1 {
