@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod alloc;
 mod amend;
 mod backing;
 mod backing_change;
@@ -23,6 +24,7 @@ mod resize;
 mod snapshots;
 mod status;
 mod types;
+mod writeback;
 mod zero;
 
 pub use amend::AmendOptions;

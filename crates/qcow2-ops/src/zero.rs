@@ -250,14 +250,14 @@ impl Inner {
                 // entry changes: a refcount block that cannot take the
                 // decrement fails the request here, not the flush.
                 let release = release
-                    && !crate::image::points_into_metadata(
+                    && !crate::alloc::points_into_metadata(
                         &self.meta,
                         &self.l2_tables,
                         &self.refs,
                         cb,
                         old,
                     )
-                    && match crate::image::releasable(&mut self.refs, &*self.file, cb, old) {
+                    && match crate::alloc::releasable(&mut self.refs, &*self.file, cb, old) {
                         Ok(r) => r,
                         Err(e) => {
                             failed = Some((e, offset + ((i as u64) << cb)));
