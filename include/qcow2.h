@@ -179,6 +179,21 @@
 #define QCOW2_PREALLOC_FULL 3
 
 /**
+ * Qcow2AmendOptions.lazy_refcounts: keep the current setting (the zero value).
+ */
+#define QCOW2_AMEND_LAZY_KEEP 0
+
+/**
+ * Qcow2AmendOptions.lazy_refcounts: turn lazy refcounts off.
+ */
+#define QCOW2_AMEND_LAZY_OFF 1
+
+/**
+ * Qcow2AmendOptions.lazy_refcounts: turn lazy refcounts on (v3 only).
+ */
+#define QCOW2_AMEND_LAZY_ON 2
+
+/**
  * Bytes of [`Qcow2SnapshotInfo::id`], NUL included.
  */
 #define QCOW2_SNAPSHOT_ID_LEN 128
@@ -324,6 +339,33 @@ typedef struct Qcow2Stats {
      */
     uint64_t zero_entries_skipped;
 } Qcow2Stats;
+
+/**
+ * Options of qcow2_amend, as `qemu-img amend -o ...`. Every field's zero
+ * value keeps the current setting, so a zero-filled struct changes nothing;
+ * set only the fields to change.
+ */
+typedef struct Qcow2AmendOptions {
+    /**
+     * Target version: 2 (compat=0.10) or 3 (compat=1.1); 0 keeps the
+     * current one. Downgrading to 2 fails with -EINVAL when the image uses
+     * v3-only features (refcount width other than 16, extended L2,
+     * compression type zstd, ...) and -ENOTSUP with persistent bitmaps;
+     * zero clusters are expanded as QEMU does.
+     */
+    uint32_t version;
+    /**
+     * QCOW2_AMEND_LAZY_KEEP (0), QCOW2_AMEND_LAZY_OFF or QCOW2_AMEND_LAZY_ON
+     * (v3 only); other values: -EINVAL.
+     */
+    uint32_t lazy_refcounts;
+    /**
+     * New refcount width in bits (1, 2, 4, 8, 16, 32 or 64; v3 only unless
+     * 16); 0 keeps the current width. A width too narrow for an existing
+     * refcount fails with -EINVAL before anything is written.
+     */
+    uint32_t refcount_bits;
+} Qcow2AmendOptions;
 
 /**
  * One internal snapshot, as `qemu-img snapshot -l` lists it.
@@ -739,6 +781,90 @@ int qcow2_get_stats(const struct Qcow2Image *img, struct Qcow2Stats *out);
  * `img` must be NULL or an open handle.
  */
 int qcow2_reset_stats(struct Qcow2Image *img);
+
+/**
+ * Records a new backing file name and format in the image header, as
+ * `qemu-img rebase -u` does. Only the header changes: no data is copied,
+ * so the guest content changes wherever the new backing file differs from
+ * the old one in clusters this image does not allocate.
+ *
+ * When the image was opened with its backing chain (without
+ * QCOW2_OPEN_NO_BACKING), the new chain is opened once the header is
+ * durable; if it cannot be opened, unallocated clusters read as zeroes
+ * until the image is reopened (this is not an error here).
+ *
+ * Parameters:
+ * - `img`: the image (opened with QCOW2_OPEN_RDWR).
+ * - `backing_file`: the new backing file name, stored as given (relative
+ *   names are relative to the image's directory; bytes, need not be
+ *   UTF-8, at most 1023 bytes); NULL or "" for no backing file.
+ * - `backing_format`: the backing file's format ("qcow2", "raw", UTF-8),
+ *   recorded in the header; NULL records none (the format is then probed
+ *   on open). Must be NULL when `backing_file` is NULL or "".
+ *
+ * Returns 0 on success; -EINVAL for a NULL `img`, a name longer than 1023
+ * bytes, a format that is not UTF-8 or given without a backing file;
+ * -ENOSPC when the header, its extensions and the name do not fit in the
+ * first cluster; -EROFS on a read-only image; other negative errno values
+ * if the file fails. The message is in `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use the same handle
+ * (they are serialised), but not concurrently with `qcow2_close` on it.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `backing_file` and
+ * `backing_format` NULL or NUL-terminated strings.
+ */
+int qcow2_set_backing(struct Qcow2Image *img, const char *backing_file, const char *backing_format);
+
+/**
+ * Makes every cluster of the image unallocated, as `qemu-img commit`
+ * leaves the top image: it then reads through its backing chain (or as
+ * zeroes without one). The freed clusters are released and the file is
+ * cut after its last used cluster. Internal snapshots keep their data.
+ *
+ * Parameters:
+ * - `img`: the image (opened with QCOW2_OPEN_RDWR).
+ *
+ * Returns 0 on success; -EINVAL for a NULL `img`; -EROFS on a read-only
+ * image; other negative errno values if the file fails. The message is in
+ * `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use the same handle
+ * (they are serialised), but not concurrently with `qcow2_close` on it.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle.
+ */
+int qcow2_make_empty(struct Qcow2Image *img);
+
+/**
+ * Changes format options of the image, as `qemu-img amend -o` does: the
+ * version (compat level), lazy refcounts and the refcount width (see
+ * Qcow2AmendOptions; zero fields keep the current value). Every refusal
+ * comes before anything is written.
+ *
+ * Parameters:
+ * - `img`: the image (opened with QCOW2_OPEN_RDWR).
+ * - `opts`: what to change; must not be NULL (a zero-filled struct changes
+ *   nothing).
+ *
+ * Returns 0 on success; -EINVAL for a NULL `img` or `opts`, a version other
+ * than 0, 2 or 3, an unknown lazy_refcounts value, a refcount width that
+ * is not a power of two up to 64 (or too narrow for the refcounts in use,
+ * or not 16 on a v2 target), lazy refcounts on a v2 target, or a downgrade
+ * the image's features do not allow; -ENOTSUP for a downgrade of an image
+ * with persistent bitmaps; -EROFS on a read-only image; other negative
+ * errno values if the file fails. The message is in `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use the same handle
+ * (they are serialised), but not concurrently with `qcow2_close` on it.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `opts` NULL or a valid
+ * Qcow2AmendOptions.
+ */
+int qcow2_amend(struct Qcow2Image *img, const struct Qcow2AmendOptions *opts);
 
 /**
  * Changes the virtual size of an image, as `qemu-img resize` does.

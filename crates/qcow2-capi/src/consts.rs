@@ -74,3 +74,10 @@ pub const QCOW2_PREALLOC_METADATA: u32 = 1;
 pub const QCOW2_PREALLOC_FALLOC: u32 = 2;
 /// Preallocation mode of qcow2_resize: as metadata, and zeroes written to the new data clusters.
 pub const QCOW2_PREALLOC_FULL: u32 = 3;
+
+/// Qcow2AmendOptions.lazy_refcounts: keep the current setting (the zero value).
+pub const QCOW2_AMEND_LAZY_KEEP: u32 = 0;
+/// Qcow2AmendOptions.lazy_refcounts: turn lazy refcounts off.
+pub const QCOW2_AMEND_LAZY_OFF: u32 = 1;
+/// Qcow2AmendOptions.lazy_refcounts: turn lazy refcounts on (v3 only).
+pub const QCOW2_AMEND_LAZY_ON: u32 = 2;

@@ -5,7 +5,8 @@
 //! and the `#[repr(C)]` structs), `panic` (the panic boundary), `ptr` (NULL
 //! and length checks), `error` (errno values, the thread's last error
 //! message, `qcow2_strerror`), `image` (the exported functions), `bitmaps`
-//! (persistent dirty bitmap management).
+//! (persistent dirty bitmap management), `lifecycle` (backing file change,
+//! emptying, amend).
 //!
 //! Conventions, shared by every exported function:
 //!
@@ -29,6 +30,7 @@ mod bitmaps;
 mod consts;
 mod error;
 mod image;
+mod lifecycle;
 mod panic;
 mod ptr;
 mod resize;
@@ -39,9 +41,10 @@ pub use bitmaps::*;
 pub use consts::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;
+pub use lifecycle::*;
 pub use resize::*;
 pub use snapshots::*;
-pub use types::{Qcow2CreateOptions, Qcow2Extent, Qcow2Image, Qcow2Stats};
+pub use types::{Qcow2AmendOptions, Qcow2CreateOptions, Qcow2Extent, Qcow2Image, Qcow2Stats};
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 //! structs, with their conversions from the engine's types.
 
 use crate::consts::*;
+use crate::error::FfiError;
 use qcow2_ops::{Image, MapEntry};
 use std::ffi::c_char;
 
@@ -38,6 +39,68 @@ pub struct Qcow2CreateOptions {
     pub backing_format: *const c_char,
     /// QCOW2_COMPRESSION_ZLIB (0) or QCOW2_COMPRESSION_ZSTD.
     pub compression_type: u32,
+}
+
+/// Options of qcow2_amend, as `qemu-img amend -o ...`. Every field's zero
+/// value keeps the current setting, so a zero-filled struct changes nothing;
+/// set only the fields to change.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Qcow2AmendOptions {
+    /// Target version: 2 (compat=0.10) or 3 (compat=1.1); 0 keeps the
+    /// current one. Downgrading to 2 fails with -EINVAL when the image uses
+    /// v3-only features (refcount width other than 16, extended L2,
+    /// compression type zstd, ...) and -ENOTSUP with persistent bitmaps;
+    /// zero clusters are expanded as QEMU does.
+    pub version: u32,
+    /// QCOW2_AMEND_LAZY_KEEP (0), QCOW2_AMEND_LAZY_OFF or QCOW2_AMEND_LAZY_ON
+    /// (v3 only); other values: -EINVAL.
+    pub lazy_refcounts: u32,
+    /// New refcount width in bits (1, 2, 4, 8, 16, 32 or 64; v3 only unless
+    /// 16); 0 keeps the current width. A width too narrow for an existing
+    /// refcount fails with -EINVAL before anything is written.
+    pub refcount_bits: u32,
+}
+
+impl Qcow2AmendOptions {
+    /// The engine's options; `-EINVAL` for values outside the documented ones.
+    pub(crate) fn to_engine(self) -> Result<qcow2_ops::AmendOptions, FfiError> {
+        // Destructured so that a field added to the C struct fails to compile here.
+        let Qcow2AmendOptions {
+            version,
+            lazy_refcounts,
+            refcount_bits,
+        } = self;
+        let version = match version {
+            0 => None,
+            2 | 3 => Some(version),
+            v => return Err(FfiError::invalid(format!("unknown version {v} (2 or 3)"))),
+        };
+        let lazy_refcounts = match lazy_refcounts {
+            QCOW2_AMEND_LAZY_KEEP => None,
+            QCOW2_AMEND_LAZY_OFF => Some(false),
+            QCOW2_AMEND_LAZY_ON => Some(true),
+            v => {
+                return Err(FfiError::invalid(format!(
+                    "unknown lazy_refcounts value {v} (QCOW2_AMEND_LAZY_KEEP, _OFF or _ON)"
+                )))
+            }
+        };
+        let refcount_bits = match refcount_bits {
+            0 => None,
+            b if b.is_power_of_two() && b <= 64 => Some(b),
+            b => {
+                return Err(FfiError::invalid(format!(
+                    "refcount_bits {b} is not a power of two from 1 to 64"
+                )))
+            }
+        };
+        Ok(qcow2_ops::AmendOptions {
+            version,
+            lazy_refcounts,
+            refcount_bits,
+        })
+    }
 }
 
 /// Churn and cache counters since open or the last qcow2_reset_stats. Field
@@ -172,4 +235,59 @@ mod abi_checks {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Qcow2Image>();
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amend_options_zero_keeps_everything() {
+        let o = Qcow2AmendOptions::default().to_engine().unwrap();
+        assert_eq!(o, qcow2_ops::AmendOptions::default());
+    }
+
+    #[test]
+    fn amend_options_values() {
+        let o = Qcow2AmendOptions {
+            version: 2,
+            lazy_refcounts: QCOW2_AMEND_LAZY_OFF,
+            refcount_bits: 1,
+        }
+        .to_engine()
+        .unwrap();
+        assert_eq!(
+            o,
+            qcow2_ops::AmendOptions {
+                version: Some(2),
+                lazy_refcounts: Some(false),
+                refcount_bits: Some(1),
+            }
+        );
+        let on = Qcow2AmendOptions {
+            lazy_refcounts: QCOW2_AMEND_LAZY_ON,
+            ..Default::default()
+        };
+        assert_eq!(on.to_engine().unwrap().lazy_refcounts, Some(true));
+        for bad in [
+            Qcow2AmendOptions {
+                version: 1,
+                ..Default::default()
+            },
+            Qcow2AmendOptions {
+                lazy_refcounts: 3,
+                ..Default::default()
+            },
+            Qcow2AmendOptions {
+                refcount_bits: 3,
+                ..Default::default()
+            },
+            Qcow2AmendOptions {
+                refcount_bits: 128,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(bad.to_engine().unwrap_err().errno(), -libc::EINVAL);
+        }
+    }
 }
