@@ -16,7 +16,8 @@ pub struct AmendOptions {
     pub version: Option<u32>,
     /// Lazy refcounts (v3 only).
     pub lazy_refcounts: Option<bool>,
-    /// Refcount width in bits (only the current width is supported yet).
+    /// Refcount width in bits, a power of two from 1 to 64 (v2 images: 16
+    /// only); the refcount structures are rebuilt at the new width.
     pub refcount_bits: Option<u32>,
 }
 
