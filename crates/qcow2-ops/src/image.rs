@@ -297,9 +297,11 @@ impl Image {
             self.sh.data_bytes.fetch_add(n, Ordering::Relaxed);
         }
         if plan.in_place() {
-            // Nothing to publish: the write is complete once it is numbered.
-            r?;
-            self.sh.dur.wrote();
+            // Nothing to publish: the write is complete once it is numbered
+            // (an empty one wrote nothing a flush would have to sync).
+            if r? > 0 {
+                self.sh.dur.wrote();
+            }
             drop(range);
             self.req_gen.fetch_add(1, Ordering::SeqCst);
             if self.writethrough || flags & REQ_FUA != 0 {

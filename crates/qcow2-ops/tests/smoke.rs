@@ -211,3 +211,32 @@ fn block_status_limit_is_a_prefix_of_the_map() {
         assert_eq!(part[..], full[..max.min(full.len())], "max {max}");
     }
 }
+
+/// Requests that write nothing leave nothing for a flush to sync: an empty
+/// write, an empty write-zeroes and an empty discard, then a flush, issue
+/// no fdatasync (the rule "a flush with nothing dirty issues no sync").
+#[test]
+fn empty_requests_need_no_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.qcow2");
+    let (ok, msg) = qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    assert!(ok, "{msg}");
+    qemu_io(&p, &["write -P 7 0 64k"]);
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(&p, &opts).unwrap();
+    img.flush().unwrap();
+    img.reset_stats();
+    img.write(4096, &[], 0).unwrap();
+    img.write_zeroes(4096, 0, 0).unwrap();
+    img.discard(4096, 0).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.stats().file_syncs, 0, "{:?}", img.stats());
+    // One real write is synced once.
+    img.write(4096, &[1; 512], 0).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.stats().file_syncs, 1, "{:?}", img.stats());
+    img.close().unwrap();
+}
