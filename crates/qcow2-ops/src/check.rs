@@ -78,16 +78,20 @@ macro_rules! note_n {
 /// Checks (and with `repair` fixes) the image, returning what qemu-img would
 /// report: after a repair that fixed anything, the counts of a second pass
 /// plus the numbers fixed.
-pub(crate) fn check(inner: &mut Inner, repair: RepairMode) -> Result<CheckReport> {
+pub(crate) fn check(
+    inner: &mut Inner,
+    repair: RepairMode,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CheckReport> {
     if !inner.read_only {
         // Tables are read straight from the file: write back dirty caches.
         inner.flush_all(false)?;
     }
-    let first = run(inner, repair)?;
+    let first = run(inner, repair, progress)?;
     if repair == RepairMode::None || (first.leaks_fixed == 0 && first.corruptions_fixed == 0) {
         return Ok(first);
     }
-    let mut second = run(inner, RepairMode::None)?;
+    let mut second = run(inner, RepairMode::None, progress)?;
     second.leaks_fixed = first.leaks_fixed;
     second.corruptions_fixed = first.corruptions_fixed;
     let mut messages = first.messages;
@@ -97,7 +101,11 @@ pub(crate) fn check(inner: &mut Inner, repair: RepairMode) -> Result<CheckReport
 }
 
 /// One pass (QEMU's qcow2_check_refcounts).
-fn run(inner: &mut Inner, fix: RepairMode) -> Result<CheckReport> {
+fn run(
+    inner: &mut Inner,
+    fix: RepairMode,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CheckReport> {
     let cb = inner.geo.cluster_bits;
     let cs = 1u64 << cb;
     let file_len = inner.file.len().map_err(ioerr("stat", &inner.name))?;
@@ -135,6 +143,7 @@ fn run(inner: &mut Inner, fix: RepairMode) -> Result<CheckReport> {
         wrote: false,
         extra_metadata: Vec::new(),
         dropped: 0,
+        progress,
     };
     let r = c.run_inner(&mut imrt);
     let finish = c.finish();
@@ -219,6 +228,8 @@ impl Imrt {
 
 struct Checker<'a> {
     inner: &'a mut Inner,
+    /// Told (L2 tables of the active L1 walked, how many there are).
+    progress: &'a mut dyn FnMut(u64, u64),
     res: CheckReport,
     fix: RepairMode,
     cb: u32,
@@ -593,7 +604,11 @@ impl Checker<'_> {
         for &(e, n) in &entries {
             *l2_weight.entry(e & OFFSET_MASK).or_default() += n;
         }
-        for (e, n) in entries {
+        let total = entries.len() as u64;
+        for (i, (e, n)) in entries.into_iter().enumerate() {
+            if active {
+                (self.progress)(i as u64, total);
+            }
             if e & L1_RESERVED != 0 {
                 note_n!(
                     self,
@@ -615,6 +630,9 @@ impl Checker<'_> {
             if let Some(w) = l2_weight.remove(&l2) {
                 self.check_l2(imrt, l2, frag, fix, active, w)?;
             }
+        }
+        if active {
+            (self.progress)(total, total);
         }
         Ok(())
     }

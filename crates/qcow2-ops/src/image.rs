@@ -442,6 +442,16 @@ impl Image {
     }
     /// Checks (and optionally repairs) metadata consistency.
     pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        self.check_with_progress(repair, &mut |_, _| {})
+    }
+
+    /// [`Image::check`], telling `progress` how far the walk of the active
+    /// L2 tables is: `(done, total)` tables (a repair walks them twice).
+    pub fn check_with_progress(
+        &self,
+        repair: RepairMode,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<CheckReport> {
         let mut g = self.exclusive();
         if repair != RepairMode::None {
             g.check_writable()?;
@@ -449,7 +459,7 @@ impl Image {
             // A repair may change refcounts: compressed data starts afresh.
             g.free_byte_offset = 0;
         }
-        let r = crate::check::check(&mut g, repair);
+        let r = crate::check::check(&mut g, repair, progress);
         // A repair may have reloaded the refcount structures.
         g.protect_in_refcounts();
         let r = r?;
@@ -667,7 +677,7 @@ impl Inner {
         me.refresh_bitmap_ranges()?;
         if !me.read_only && me.header.is_dirty() {
             // Lazy refcounts were not written back: rebuild them, as QEMU does.
-            let r = crate::check::check(&mut me, RepairMode::All)?;
+            let r = crate::check::check(&mut me, RepairMode::All, &mut |_, _| {})?;
             if r.corruptions > 0 || r.check_errors > 0 {
                 return Err(Error::Corrupt(format!(
                     "'{}': could not repair dirty image ({} corruptions left)",
