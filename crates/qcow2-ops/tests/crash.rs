@@ -1483,36 +1483,15 @@ fn crash_resize(bitmaps: bool, shrink: bool) {
             assert_eq!(done, 3);
             break;
         }
-        let n = fs.pending_len();
-        let mut subsets = vec![
-            fs.after_power_loss(|_| false, |_| None),
-            fs.after_power_loss(|_| true, |_| None),
-        ];
-        for j in 1..n.min(4) {
-            subsets.push(fs.after_power_loss(|i| i < j * n / n.min(4), |_| None));
-        }
+        let subsets = power_loss_samples(&fs);
         for (s, bytes) in subsets.iter().enumerate() {
             if !seen.insert((done, bytes.clone())) {
                 continue;
             }
             images += 1;
             let tag = format!("{}-k{k}-s{s}", w.name);
-            std::fs::write(&scratch, bytes).unwrap();
-            let (code, out) = qemu_check(&scratch);
-            if code != 0 && code != 3 {
-                let kept = keep_failure(&tag, bytes);
-                failures.push(format!(
-                    "{tag}: qemu-img check exit {code} ({}):\n{out}",
-                    kept.display()
-                ));
+            let Some(img) = check_and_open(&scratch, &tag, bytes, &mut failures) else {
                 continue;
-            }
-            let img = match Image::open(&scratch, &OpenOptions::read_only()) {
-                Ok(i) => i,
-                Err(e) => {
-                    failures.push(format!("{tag}: open: {e}"));
-                    continue;
-                }
             };
             let size = img.virtual_size();
             if size != new && (size != old || done >= 2) {
@@ -1765,36 +1744,15 @@ fn crash_make_empty() {
         if !fs.crashed() {
             break;
         }
-        let n = fs.pending_len();
-        let mut subsets = vec![
-            fs.after_power_loss(|_| false, |_| None),
-            fs.after_power_loss(|_| true, |_| None),
-        ];
-        for j in 1..n.min(4) {
-            subsets.push(fs.after_power_loss(|i| i < j * n / n.min(4), |_| None));
-        }
+        let subsets = power_loss_samples(&fs);
         for (s, bytes) in subsets.iter().enumerate() {
             if !seen.insert((done, bytes.clone())) {
                 continue;
             }
             images += 1;
             let tag = format!("{}-k{k}-s{s}", w.name);
-            std::fs::write(&scratch, bytes).unwrap();
-            let (code, out) = qemu_check(&scratch);
-            if code != 0 && code != 3 {
-                let kept = keep_failure(&tag, bytes);
-                failures.push(format!(
-                    "{tag}: qemu-img check exit {code} ({}):\n{out}",
-                    kept.display()
-                ));
+            let Some(img) = check_and_open(&scratch, &tag, bytes, &mut failures) else {
                 continue;
-            }
-            let img = match Image::open(&scratch, &OpenOptions::read_only()) {
-                Ok(i) => i,
-                Err(e) => {
-                    failures.push(format!("{tag}: open: {e}"));
-                    continue;
-                }
             };
             let mut got = vec![0u8; guest.len()];
             img.read(0, &mut got).unwrap();
@@ -1818,4 +1776,47 @@ fn crash_make_empty() {
     );
     assert!(k > 3, "make_empty wrote too little to be tested ({k} I/Os)");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The power-loss images of a crashed run sampled as the crash tests do:
+/// nothing of the unsynced writes reached the disk, all of them, and up
+/// to three prefixes in between.
+fn power_loss_samples(fs: &FaultStorage) -> Vec<Vec<u8>> {
+    let n = fs.pending_len();
+    let mut subsets = vec![
+        fs.after_power_loss(|_| false, |_| None),
+        fs.after_power_loss(|_| true, |_| None),
+    ];
+    for j in 1..n.min(4) {
+        subsets.push(fs.after_power_loss(|i| i < j * n / n.min(4), |_| None));
+    }
+    subsets
+}
+
+/// Writes a power-loss image to `scratch`, runs `qemu-img check` on it
+/// (corruption fails, leaks are allowed) and opens it read-only; a failure
+/// is recorded (the image kept) and gives `None`.
+fn check_and_open(
+    scratch: &std::path::Path,
+    tag: &str,
+    bytes: &[u8],
+    failures: &mut Vec<String>,
+) -> Option<Image> {
+    std::fs::write(scratch, bytes).unwrap();
+    let (code, out) = qemu_check(scratch);
+    if code != 0 && code != 3 {
+        let kept = keep_failure(tag, bytes);
+        failures.push(format!(
+            "{tag}: qemu-img check exit {code} ({}):\n{out}",
+            kept.display()
+        ));
+        return None;
+    }
+    match Image::open(scratch, &OpenOptions::read_only()) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            failures.push(format!("{tag}: open: {e}"));
+            None
+        }
+    }
 }
