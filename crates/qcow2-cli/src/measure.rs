@@ -196,12 +196,7 @@ pub fn run(a: MeasureArgs) -> Result<u8, Fail> {
             }
             "--image-opts" => return Err(Fail::new("--image-opts is not supported")),
             _ => {
-                let k = k.trim_start_matches('-');
-                return Err(usage(&if k.len() == 1 {
-                    format!("invalid option -- '{k}'")
-                } else {
-                    format!("unrecognized option '--{k}'")
-                }));
+                return Err(usage(&crate::qopt::unknown(&k)));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The option tokens of the qemu-img-style commands parsed by hand (`amend`,
-//! `resize`): `--long=value`, `--long value`, `-xvalue`, `-x value`.
+//! `resize`, `commit`, `rebase`, `measure`): `--long=value`, `--long value`,
+//! `-xvalue`, `-x value`, and getopt's wording for unknown ones.
 
 use crate::Fail;
 
@@ -32,6 +33,16 @@ pub fn value(
                 key.trim_start_matches('-')
             ))
         }),
+    }
+}
+
+/// getopt's complaint about the unknown option `key` (`-x` or `--long`).
+pub fn unknown(key: &str) -> String {
+    let k = key.trim_start_matches('-');
+    if k.len() == 1 {
+        format!("invalid option -- '{k}'")
+    } else {
+        format!("unrecognized option '--{k}'")
     }
 }
 
