@@ -194,6 +194,22 @@
 #define QCOW2_AMEND_LAZY_ON 2
 
 /**
+ * Encryption (qcow2_get_encryption): the image is not encrypted.
+ */
+#define QCOW2_ENCRYPT_NONE 0
+
+/**
+ * Encryption: QEMU's legacy AES-CBC (crypt method 1), a key made from the
+ * passphrase. Weak; for old images.
+ */
+#define QCOW2_ENCRYPT_AES 1
+
+/**
+ * Encryption: LUKS (crypt method 2), `encrypt.format=luks`.
+ */
+#define QCOW2_ENCRYPT_LUKS 2
+
+/**
  * Bytes of [`Qcow2SnapshotInfo::id`], NUL included.
  */
 #define QCOW2_SNAPSHOT_ID_LEN 128
@@ -253,6 +269,54 @@ typedef struct Qcow2CreateOptions {
      */
     uint32_t compression_type;
 } Qcow2CreateOptions;
+
+/**
+ * Encryption of a new image (qcow2_create_encrypted). String fields NULL
+ * (or an `iter_time_ms` of 0) take qemu-img's defaults: aes-256, xts,
+ * plain64, no IV hash, sha256, 2000 ms.
+ */
+typedef struct Qcow2EncryptOptions {
+    /**
+     * QCOW2_ENCRYPT_LUKS or QCOW2_ENCRYPT_AES (legacy, weak: for
+     * compatibility with old images only).
+     */
+    uint32_t format;
+    /**
+     * The passphrase (bytes, not NUL-terminated), `secret_len` bytes.
+     */
+    const uint8_t *secret;
+    /**
+     * Length of `secret` in bytes.
+     */
+    size_t secret_len;
+    /**
+     * LUKS cipher: "aes-128", "aes-192" or "aes-256".
+     */
+    const char *cipher_alg;
+    /**
+     * LUKS cipher mode: "xts", "cbc", "ecb" or "ctr".
+     */
+    const char *cipher_mode;
+    /**
+     * LUKS IV generator: "plain", "plain64" or "essiv".
+     */
+    const char *ivgen_alg;
+    /**
+     * Hash of the essiv IV generator ("sha256", ...).
+     */
+    const char *ivgen_hash_alg;
+    /**
+     * LUKS hash for key derivation and the anti-forensic splitter:
+     * "sha1", "sha224", "sha256", "sha384" or "sha512".
+     */
+    const char *hash_alg;
+    /**
+     * Time to spend deriving the key when the image is opened, in
+     * milliseconds (sets the PBKDF2 iteration counts, as qemu-img's
+     * `encrypt.iter-time`).
+     */
+    uint64_t iter_time_ms;
+} Qcow2EncryptOptions;
 
 /**
  * One extent of the allocation map, as one line of `qemu-img map --output=json`.
@@ -500,6 +564,74 @@ int qcow2_bitmap_merge(struct Qcow2Image *img,
                        const char *name,
                        const char *source,
                        const struct Qcow2Image *source_img);
+
+/**
+ * Creates a new encrypted qcow2 image, as `qemu-img create -o
+ * encrypt.format=luks,encrypt.key-secret=...` does: a LUKS1 header with one
+ * active key slot for the passphrase, in clusters of its own after the L1
+ * table (or QEMU's legacy AES method).
+ *
+ * Parameters:
+ * - `path`: NUL-terminated file name (an existing file is truncated).
+ * - `size`: virtual size in bytes.
+ * - `opts`: creation options, or NULL for the defaults (as qcow2_create).
+ * - `enc`: the encryption; must not be NULL.
+ *
+ * Returns 0 on success; -EINVAL for a NULL argument, an unknown format or
+ * a bad option; -ENOTSUP for a cipher, mode, IV generator or hash this
+ * library does not implement (serpent, twofish, ...); other negative
+ * errno values from the file system.
+ *
+ * # Safety
+ * `path` must be NULL or NUL-terminated; `opts` as for qcow2_create; `enc`
+ * NULL or a readable `Qcow2EncryptOptions` whose `secret` is valid for
+ * `secret_len` bytes and whose strings are each NULL or NUL-terminated.
+ */
+int qcow2_create_encrypted(const char *path,
+                           uint64_t size,
+                           const struct Qcow2CreateOptions *opts,
+                           const struct Qcow2EncryptOptions *enc);
+
+/**
+ * Opens an encrypted qcow2 image with its passphrase (as qcow2_open; an
+ * image that is not encrypted opens too, the passphrase unused).
+ *
+ * Parameters:
+ * - `path`: NUL-terminated file name.
+ * - `flags`: QCOW2_OPEN_* bits, as for qcow2_open.
+ * - `secret`, `secret_len`: the passphrase (bytes).
+ * - `out`: receives the new handle on success.
+ *
+ * Returns 0 on success; -EACCES when no key slot opens with the
+ * passphrase ("Invalid password, cannot unlock any keyslot"); -ENOTSUP
+ * for a cipher this library does not implement; the errors of qcow2_open
+ * otherwise. qcow2_open itself fails on an encrypted image with -EACCES
+ * ("Parameter 'encrypt.key-secret' is required for cipher"), as QEMU.
+ *
+ * Opening derives the key with the PBKDF2 iteration count stored in the
+ * image: about the `iter_time_ms` the image was made with.
+ *
+ * # Safety
+ * `path` must be NULL or NUL-terminated; `secret` NULL or valid for
+ * `secret_len` bytes; `out` NULL or valid for writing a pointer. The handle
+ * must be released with qcow2_close exactly once.
+ */
+int qcow2_open_encrypted(const char *path,
+                         uint32_t flags,
+                         const uint8_t *secret,
+                         size_t secret_len,
+                         struct Qcow2Image **out);
+
+/**
+ * How an open image is encrypted: QCOW2_ENCRYPT_NONE, QCOW2_ENCRYPT_AES or
+ * QCOW2_ENCRYPT_LUKS, written to `out`.
+ *
+ * Returns 0 on success; -EINVAL for NULL arguments.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `out` NULL or valid for writing.
+ */
+int qcow2_get_encryption(const struct Qcow2Image *img, uint32_t *out);
 
 /**
  * The message of the last failed call on the calling thread.

@@ -48,6 +48,7 @@ static uint32_t cache_flag;      /* QCOW2_OPEN_CACHE_* or 0 (writeback) */
 static const char *cache_name = "writeback";
 static bool discard_unmap = true;
 static bool use_backing = true;
+static char *password;           /* passphrase of an encrypted image, malloc'd */
 
 /* The one image handle shared by all connections (set by the first open). */
 static Qcow2Image *image;
@@ -79,6 +80,8 @@ qcow2_plugin_unload (void)
   }
   free (filename);
   filename = NULL;
+  free (password);
+  password = NULL;
 }
 
 static int
@@ -125,6 +128,14 @@ qcow2_plugin_config (const char *key, const char *value)
       return -1;
     }
   }
+  else if (strcmp (key, "password") == 0) {
+    /* nbdkit's conventions: password=SECRET, password=- (prompt),
+     * password=+FILE, password=-FD. */
+    free (password);
+    password = NULL;
+    if (nbdkit_read_password (value, &password) == -1)
+      return -1;
+  }
   else if (strcmp (key, "backing") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1)
@@ -154,7 +165,9 @@ qcow2_plugin_config_complete (void)
   "                    also opens it read-only)\n" \
   "cache=writeback|writethrough|unsafe|none (default writeback)\n" \
   "discard=unmap|ignore (default unmap)\n" \
-  "backing=true|false  open the backing chain (default true)"
+  "backing=true|false  open the backing chain (default true)\n" \
+  "password=<SECRET>|-|+FILE|-FD  passphrase of an encrypted image (LUKS\n" \
+  "                    or legacy AES; the data of QEMU's secret object)"
 
 /* Opens the image with `writable`; on success sets *out and the geometry. */
 static int
@@ -171,7 +184,11 @@ open_image (bool writable, Qcow2Image **out)
   if (!use_backing)
     flags |= QCOW2_OPEN_NO_BACKING;
 
-  ret = qcow2_open (filename, flags, &img);
+  if (password)
+    ret = qcow2_open_encrypted (filename, flags, (const uint8_t *) password,
+                                strlen (password), &img);
+  else
+    ret = qcow2_open (filename, flags, &img);
   if (ret < 0) {
     nbdkit_error ("qcow2: %s: cannot open (%s%s, cache=%s): %s", filename,
                   writable ? "read-write" : "read-only",

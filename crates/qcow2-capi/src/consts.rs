@@ -81,3 +81,11 @@ pub const QCOW2_AMEND_LAZY_KEEP: u32 = 0;
 pub const QCOW2_AMEND_LAZY_OFF: u32 = 1;
 /// Qcow2AmendOptions.lazy_refcounts: turn lazy refcounts on (v3 only).
 pub const QCOW2_AMEND_LAZY_ON: u32 = 2;
+
+/// Encryption (qcow2_get_encryption): the image is not encrypted.
+pub const QCOW2_ENCRYPT_NONE: u32 = 0;
+/// Encryption: QEMU's legacy AES-CBC (crypt method 1), a key made from the
+/// passphrase. Weak; for old images.
+pub const QCOW2_ENCRYPT_AES: u32 = 1;
+/// Encryption: LUKS (crypt method 2), `encrypt.format=luks`.
+pub const QCOW2_ENCRYPT_LUKS: u32 = 2;

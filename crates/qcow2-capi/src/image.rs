@@ -56,40 +56,53 @@ pub unsafe extern "C" fn qcow2_create(
     ffi_boundary("qcow2_create", || {
         // SAFETY: `path` is NULL or NUL-terminated (contract above).
         let path = unsafe { check_cstr(path, "path") }?;
-        let mut o = CreateOptions::default();
-        if !opts.is_null() {
-            // SAFETY: non-NULL `opts` points to a readable struct (contract above).
-            let c = unsafe { check_ref(opts, "opts") }?;
-            o.version = match c.version {
-                0 => 3,
-                v @ (2 | 3) => v,
-                v => return invalid(format!("opts->version {v}: expected 0, 2 or 3")),
-            };
-            if c.cluster_size != 0 {
-                o.cluster_size = c.cluster_size;
-            }
-            if c.refcount_bits != 0 {
-                o.refcount_bits = c.refcount_bits;
-            }
-            o.extended_l2 = c.extended_l2;
-            o.lazy_refcounts = c.lazy_refcounts;
-            o.zstd = match c.compression_type {
-                QCOW2_COMPRESSION_ZLIB => false,
-                QCOW2_COMPRESSION_ZSTD => true,
-                t => {
-                    return invalid(format!(
-                        "opts->compression_type {t}: expected QCOW2_COMPRESSION_ZLIB or QCOW2_COMPRESSION_ZSTD"
-                    ))
-                }
-            };
-            // SAFETY: each string field is NULL or NUL-terminated (contract above).
-            o.backing_file = unsafe { opt_bytes(c.backing_file, "opts->backing_file") }?;
-            // SAFETY: as above.
-            o.backing_format = unsafe { opt_utf8(c.backing_format, "opts->backing_format") }?;
-        }
+        // SAFETY: `opts` is NULL or readable with valid strings (contract above).
+        let o = unsafe { create_options(opts) }?;
         let path = Path::new(OsStr::from_bytes(path.to_bytes()));
         Image::create(path, size, &o).map_err(FfiError::from)
     })
+}
+
+/// The engine's options for a `Qcow2CreateOptions` (NULL: the defaults).
+///
+/// # Safety
+/// `opts` must be NULL or point to a readable `Qcow2CreateOptions` whose
+/// string fields are each NULL or NUL-terminated.
+pub(crate) unsafe fn create_options(
+    opts: *const Qcow2CreateOptions,
+) -> Result<CreateOptions, FfiError> {
+    let mut o = CreateOptions::default();
+    if !opts.is_null() {
+        // SAFETY: non-NULL `opts` points to a readable struct (contract above).
+        let c = unsafe { check_ref(opts, "opts") }?;
+        o.version = match c.version {
+            0 => 3,
+            v @ (2 | 3) => v,
+            v => return invalid(format!("opts->version {v}: expected 0, 2 or 3")),
+        };
+        if c.cluster_size != 0 {
+            o.cluster_size = c.cluster_size;
+        }
+        if c.refcount_bits != 0 {
+            o.refcount_bits = c.refcount_bits;
+        }
+        o.extended_l2 = c.extended_l2;
+        o.lazy_refcounts = c.lazy_refcounts;
+        o.zstd = match c.compression_type {
+            QCOW2_COMPRESSION_ZLIB => false,
+            QCOW2_COMPRESSION_ZSTD => true,
+            t => {
+                return invalid(format!(
+                    "opts->compression_type {t}: expected QCOW2_COMPRESSION_ZLIB or QCOW2_COMPRESSION_ZSTD"
+                ))
+            }
+        };
+        // SAFETY: each string field is NULL or NUL-terminated (contract above).
+        o.backing_file = unsafe { opt_bytes(c.backing_file, "opts->backing_file") }?;
+        // SAFETY: as above.
+        o.backing_format = unsafe { opt_utf8(c.backing_format, "opts->backing_format") }?;
+    }
+    Ok(o)
 }
 
 /// Opens a qcow2 image.
@@ -123,43 +136,44 @@ pub unsafe extern "C" fn qcow2_open(
         let path = unsafe { check_cstr(path, "path") }?;
         // SAFETY: `out` is NULL or writable (contract above).
         let out = unsafe { check_mut(out, "out") }?;
-        if flags & !QCOW2_OPEN_KNOWN != 0 {
-            return invalid(format!(
-                "unknown flag bits {:#x}",
-                flags & !QCOW2_OPEN_KNOWN
-            ));
-        }
-        let cache = match flags
-            & (QCOW2_OPEN_CACHE_WRITETHROUGH | QCOW2_OPEN_CACHE_UNSAFE | QCOW2_OPEN_CACHE_NONE)
-        {
-            0 => CacheMode::Writeback,
-            QCOW2_OPEN_CACHE_WRITETHROUGH => CacheMode::Writethrough,
-            QCOW2_OPEN_CACHE_UNSAFE => CacheMode::Unsafe,
-            QCOW2_OPEN_CACHE_NONE => CacheMode::None,
-            x if x == QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH => {
-                CacheMode::DirectSync
-            }
-            _ => {
-                return invalid(
-                    "more than one QCOW2_OPEN_CACHE_* flag (only NONE|WRITETHROUGH, directsync, combine)",
-                )
-            }
-        };
-        let opts = OpenOptions {
-            writable: flags & QCOW2_OPEN_RDWR != 0,
-            cache,
-            discard: if flags & QCOW2_OPEN_UNMAP != 0 {
-                DiscardMode::Unmap
-            } else {
-                DiscardMode::Ignore
-            },
-            open_backing: flags & QCOW2_OPEN_NO_BACKING == 0,
-            ..OpenOptions::default()
-        };
+        let opts = open_options(flags)?;
         let path = Path::new(OsStr::from_bytes(path.to_bytes()));
         let inner = Image::open(path, &opts).map_err(FfiError::from)?;
         *out = Box::into_raw(Box::new(Qcow2Image { inner }));
         Ok(())
+    })
+}
+
+/// The engine's options for the QCOW2_OPEN_* bits `flags`.
+pub(crate) fn open_options(flags: u32) -> Result<OpenOptions, FfiError> {
+    if flags & !QCOW2_OPEN_KNOWN != 0 {
+        return invalid(format!(
+            "unknown flag bits {:#x}",
+            flags & !QCOW2_OPEN_KNOWN
+        ));
+    }
+    let cache = match flags
+        & (QCOW2_OPEN_CACHE_WRITETHROUGH | QCOW2_OPEN_CACHE_UNSAFE | QCOW2_OPEN_CACHE_NONE)
+    {
+        0 => CacheMode::Writeback,
+        QCOW2_OPEN_CACHE_WRITETHROUGH => CacheMode::Writethrough,
+        QCOW2_OPEN_CACHE_UNSAFE => CacheMode::Unsafe,
+        QCOW2_OPEN_CACHE_NONE => CacheMode::None,
+        x if x == QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH => CacheMode::DirectSync,
+        _ => return invalid(
+            "more than one QCOW2_OPEN_CACHE_* flag (only NONE|WRITETHROUGH, directsync, combine)",
+        ),
+    };
+    Ok(OpenOptions {
+        writable: flags & QCOW2_OPEN_RDWR != 0,
+        cache,
+        discard: if flags & QCOW2_OPEN_UNMAP != 0 {
+            DiscardMode::Unmap
+        } else {
+            DiscardMode::Ignore
+        },
+        open_backing: flags & QCOW2_OPEN_NO_BACKING == 0,
+        ..OpenOptions::default()
     })
 }
 

@@ -6,7 +6,7 @@
 //! and length checks), `error` (errno values, the thread's last error
 //! message, `qcow2_strerror`), `image` (the exported functions), `bitmaps`
 //! (persistent dirty bitmap management), `lifecycle` (backing file change,
-//! emptying, amend).
+//! emptying, amend), `crypt` (encrypted images).
 //!
 //! Conventions, shared by every exported function:
 //!
@@ -28,6 +28,7 @@
 
 mod bitmaps;
 mod consts;
+mod crypt;
 mod error;
 mod image;
 mod lifecycle;
@@ -39,6 +40,7 @@ mod types;
 
 pub use bitmaps::*;
 pub use consts::*;
+pub use crypt::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;
 pub use lifecycle::*;

@@ -241,4 +241,7 @@ c_tests! {
     compressed_static => ("test_compressed", Static),
     compressed_asan => ("test_compressed", Asan),
     compressed_valgrind => ("test_compressed", Valgrind),
+    crypt_static => ("test_crypt", Static),
+    crypt_asan => ("test_crypt", Asan),
+    crypt_valgrind => ("test_crypt", Valgrind),
 }

@@ -935,6 +935,84 @@ fn map_over_nbd_matches_engine() {
 /// would repair it (a write). `nbdkit -r`, `readonly=true` and a bare
 /// `readonly=` must open it read-only, serve its data and leave every byte of
 /// the file as it was.
+/// An encrypted image (made by qemu-img, LUKS) served with `password=+FILE`:
+/// NBD clients read what qemu-io wrote and write what qemu-io then reads
+/// (sub-sector writes too); without the passphrase, or with a wrong one, the
+/// open fails with the library's message in the server log.
+#[test]
+fn encrypted_image_over_nbd() {
+    let cc = need_tools!();
+    let tmp = common::ScratchDir::new("nbdkit-enc");
+    let dir = tmp.path();
+    let plugin = build_plugin(&cc, dir);
+    let image = dir.join("enc.qcow2");
+    let obj = "secret,id=sec0,data=astrochicken";
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "--object", obj, "-o"])
+            .arg("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
+            .arg(&image)
+            .arg("4M"),
+    );
+    let spec = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        image.display()
+    );
+    let local = |cmds: &[&str]| {
+        let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+        qemu_io(&["--object", obj, "--image-opts"], &spec, &cmds)
+    };
+    let out = local(&["write -P 0x5a 0 128k"]);
+    assert!(out.contains("wrote 131072/131072"), "{out}");
+    let pw = dir.join("pw");
+    std::fs::write(&pw, "astrochicken").unwrap();
+    let param = format!("password=+{}", pw.display());
+    let mut server = Server::nbdkit(&plugin, &image, &[&param], dir);
+    let out = qemu_io_nbd(
+        &server,
+        &[
+            "read -P 0x5a 0 128k".to_string(),
+            "write -P 0x6b 1000 3000".to_string(),
+            "write -P 0x7c 1M 64k".to_string(),
+        ],
+    );
+    assert!(!out.contains("fail"), "{out}");
+    server.stop_clean();
+    let out = local(&[
+        "read -P 0x5a 0 1000",
+        "read -P 0x6b 1000 3000",
+        "read -P 0x5a 4000 127072",
+        "read -P 0x7c 1M 64k",
+        "read -P 0 2M 64k",
+    ]);
+    assert!(!out.contains("fail"), "{out}");
+    assert_eq!(out.matches("read ").count(), 5, "{out}");
+    // The image opens when the server starts: without the passphrase, or
+    // with a wrong one, nbdkit exits with the library's message.
+    for (param, want) in [
+        (
+            None,
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
+        (
+            Some("password=platypus"),
+            "Invalid password, cannot unlock any keyslot",
+        ),
+    ] {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["30", "nbdkit", "-f", "-U"])
+            .arg(dir.join("neg.sock"))
+            .arg(&plugin)
+            .arg(format!("file={}", image.display()))
+            .args(param)
+            .env("LD_LIBRARY_PATH", common::lib_dir());
+        let out = cmd.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{param:?}: {log}");
+        assert!(log.contains(want), "{param:?}: log lacks {want:?}:\n{log}");
+    }
+}
+
 #[test]
 fn read_only_export_never_writes() {
     let cc = need_tools!("nbdinfo");

@@ -30,6 +30,9 @@ pub struct CheckArgs {
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    spec: crate::imgspec::SpecArgs,
+
     /// The image.
     file: PathBuf,
 }
@@ -109,7 +112,8 @@ fn human(r: &CheckReport) -> String {
 pub fn run(a: CheckArgs) -> Result<u8, Fail> {
     check_format(&a.format)?;
     let filename = a.file.to_string_lossy().into_owned();
-    let (mode, opts) = match a.repair {
+    a.spec.define()?;
+    let (mode, mut opts) = match a.repair {
         None => (
             RepairMode::None,
             OpenOptions {
@@ -130,7 +134,8 @@ pub fn run(a: CheckArgs) -> Result<u8, Fail> {
             },
         ),
     };
-    let img = open_image(&a.file, &opts)?;
+    let spec = a.spec.resolve(&a.file, None, &mut opts)?;
+    let img = open_image(&spec.path, &opts)?;
     // A bar at a terminal while the L2 tables are walked (long on large
     // images); qemu-img shows none, so never in quiet, JSON or piped use.
     let show = {

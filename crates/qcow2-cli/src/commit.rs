@@ -45,6 +45,7 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
     let mut drop = false;
     let mut quiet = false;
     let mut progress = false;
+    let mut image_opts = false;
     for (k, v) in opts {
         match k.as_str() {
             "-f" | "--format" => fmt = Some(v),
@@ -52,12 +53,13 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
             "-d" => drop = true,
             "-q" => quiet = true,
             "-p" => progress = true,
-            "-t" | "-r" | "--object" => {}
+            "--object" => crate::secrets::define(&v).map_err(Fail::new)?,
+            "-t" | "-r" => {}
             "-h" | "--help" => {
                 println!("{HELP}");
                 return Ok(0);
             }
-            "--image-opts" => return Err(Fail::new("--image-opts is not supported")),
+            "--image-opts" => image_opts = true,
             _ => {
                 return Err(usage(&crate::qopt::unknown(&k)));
             }
@@ -66,7 +68,14 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
     if pos.len() != 1 {
         return Err(usage("Expecting one image file name"));
     }
-    let file = PathBuf::from(&pos[0]);
+    let mut top_opts = OpenOptions::read_write();
+    let spec = crate::imgspec::SpecArgs {
+        object: Vec::new(),
+        image_opts,
+    }
+    .resolve(Path::new(&pos[0]), fmt.as_deref(), &mut top_opts)?;
+    let file = spec.path;
+    let fmt = spec.fmt;
     match fmt.as_deref() {
         None | Some("qcow2") => {}
         Some(f) => {
@@ -75,7 +84,7 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
             )))
         }
     }
-    let img = crate::rebase::open_with_chain(&file, &OpenOptions::read_write())?;
+    let img = crate::rebase::open_with_chain(&file, &top_opts)?;
     // The chain below the image: (path, format) per layer, depth 1 first.
     let chain = chain_of(&file, &img)?;
     if chain.is_empty() {
@@ -98,7 +107,16 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
         }
     };
     let (base_path, base_fmt) = chain[base_depth as usize - 1].clone();
-    let base = Disk::open(&base_path, base_fmt.as_deref(), &OpenOptions::read_write())?;
+    let base_opts = OpenOptions {
+        // The key of `backing.encrypt.key-secret` is the first backing file's.
+        key_secret: if base_depth == 1 {
+            top_opts.backing_key_secret.clone()
+        } else {
+            None
+        },
+        ..OpenOptions::read_write()
+    };
+    let base = Disk::open(&base_path, base_fmt.as_deref(), &base_opts)?;
     if base.size() < img.virtual_size() {
         return Err(Fail::new(format!(
             "Top image {} is larger than base image {}, and resize of base image failed: \

@@ -31,6 +31,8 @@ pub struct CompareArgs {
     /// Accepted for compatibility: cache mode of the sources.
     #[arg(short = 'T')]
     cache: Option<String>,
+    #[command(flatten)]
+    spec: crate::imgspec::SpecArgs,
     /// The first image.
     img1: PathBuf,
     /// The second image.
@@ -54,9 +56,12 @@ fn say(a: &CompareArgs, msg: &str) {
 }
 
 fn compare(a: &CompareArgs) -> Result<u8, Fail> {
-    let opts = OpenOptions::read_only();
-    let d1 = Disk::open(&a.img1, a.fmt1.as_deref(), &opts)?;
-    let d2 = Disk::open(&a.img2, a.fmt2.as_deref(), &opts)?;
+    a.spec.define()?;
+    let (mut o1, mut o2) = (OpenOptions::read_only(), OpenOptions::read_only());
+    let i1 = a.spec.resolve(&a.img1, a.fmt1.as_deref(), &mut o1)?;
+    let i2 = a.spec.resolve(&a.img2, a.fmt2.as_deref(), &mut o2)?;
+    let d1 = Disk::open(&i1.path, i1.fmt.as_deref(), &o1)?;
+    let d2 = Disk::open(&i2.path, i2.fmt.as_deref(), &o2)?;
     let (s1, s2) = (d1.size(), d2.size());
     if s1 != s2 {
         if a.strict {

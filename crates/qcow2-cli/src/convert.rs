@@ -73,6 +73,8 @@ pub struct ConvertArgs {
     /// The target already reads as zeroes (with -n): zero ranges are skipped.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
+    #[command(flatten)]
+    spec: crate::imgspec::SpecArgs,
     /// Sources, then the target.
     #[arg(required = true, num_args = 1..)]
     files: Vec<PathBuf>,
@@ -173,6 +175,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
         return Err(Fail::new("Must specify image file name"));
     }
     let sparse = parse_sparse(&a.sparse)?;
+    a.spec.define()?;
     if a.compress && a.out_fmt != "qcow2" {
         return Err(Fail::new("Compression not supported for this file format"));
     }
@@ -197,7 +200,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
     let sopts = OpenOptions::read_only();
     let mut sources = Vec::with_capacity(srcs.len());
     for p in srcs {
-        sources.push((p.clone(), Disk::open(p, a.src_fmt.as_deref(), &sopts)?));
+        let mut o = sopts.clone();
+        let s = a.spec.resolve(p, a.src_fmt.as_deref(), &mut o)?;
+        sources.push((s.path.clone(), Disk::open(&s.path, s.fmt.as_deref(), &o)?));
     }
     let total: u64 = sources.iter().map(|(_, d)| d.size()).sum();
 
@@ -214,9 +219,14 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
     }
     let target = match a.out_fmt.as_str() {
         "qcow2" => {
+            let key_secret = match create_option(&a.options, "encrypt.key-secret") {
+                Some(id) => Some(crate::secrets::lookup(&id).map_err(Fail::new)?),
+                None => None,
+            };
             let o = OpenOptions {
                 cache,
                 discard: DiscardMode::Unmap,
+                key_secret,
                 ..OpenOptions::read_write()
             };
             let img = crate::open_image(dst, &o)?;
@@ -252,7 +262,12 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
         }
     };
     // A new target without a backing file reads as zeroes already.
-    let zero_init = (created && a.backing.is_none()) || a.target_is_zero;
+    // (Not an encrypted one with preallocated clusters: those hold zeroes
+    // in the file, which do not read as zeroes through the cipher.)
+    let encrypted_prealloc = create_option(&a.options, "preallocation").is_some_and(|p| p != "off")
+        && (create_option(&a.options, "encrypt.format").is_some()
+            || create_option(&a.options, "encryption").is_some_and(|v| v == "on"));
+    let zero_init = (created && a.backing.is_none() && !encrypted_prealloc) || a.target_is_zero;
     let overlay = a.backing.is_some();
     // Past the end of the target's backing file the target reads as zeroes
     // too: zero ranges there need no write (QEMU's post-backing zero).
@@ -504,6 +519,17 @@ fn copy_runs(
 
 /// Creates the target as `qcow2 create` does (quietly), with -o options and
 /// -B/-F.
+/// The last value of the creation option `key` among `-o` strings.
+fn create_option(options: &[String], key: &str) -> Option<String> {
+    options
+        .iter()
+        .rev()
+        .flat_map(|o| o.rsplit(','))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+}
+
 fn create_target(a: &ConvertArgs, dst: &Path, size: u64) -> Result<(), Fail> {
     if a.out_fmt == "raw" {
         if !a.options.is_empty() {

@@ -4,7 +4,7 @@ use crate::info::{print_bytes, resolve_backing};
 use crate::num::{parse_option_size, parse_size};
 use crate::{error_text, strerror, Fail};
 use clap::Args;
-use qcow2_ops::{CreateOptions, Image, OpenOptions, Prealloc};
+use qcow2_ops::{CreateOptions, Encryption, Image, LuksParams, OpenOptions, Prealloc};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -30,6 +30,9 @@ pub struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Object definitions (`secret,id=ID,data=...` for `encrypt.key-secret`).
+    #[arg(long = "object", action = clap::ArgAction::Append)]
+    object: Vec<String>,
     /// The image to create.
     file: PathBuf,
     /// Virtual size (k, M, G, T, P, E suffixes); defaults to the backing file's size.
@@ -88,6 +91,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     let mut prealloc_s: Option<String> = None;
     let mut extent_hint_s: Option<String> = None;
     let mut backing = a.backing.clone().map(OsString::into_vec);
+    // encryption= and encrypt.* options, in the order qemu-img prints them.
+    let mut crypt: Vec<(&'static str, String)> = Vec::new();
     let mut backing_fmt = a.backing_format.clone();
     for o in a.options.iter().flat_map(|s| split_opts(s.as_bytes())) {
         let (k, raw) = match o.iter().position(|&c| c == b'=') {
@@ -113,6 +118,11 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             "backing_fmt" => backing_fmt = Some(v),
             "preallocation" => prealloc_s = Some(v),
             "extent_size_hint" => extent_hint_s = Some(v),
+            _ if ENCRYPT_OPTS.contains(&k.as_str()) => {
+                let k = ENCRYPT_OPTS[ENCRYPT_OPTS.iter().position(|o| *o == k).unwrap_or(0)];
+                crypt.retain(|(o, _)| *o != k);
+                crypt.push((k, v));
+            }
             "help" => {
                 println!("Supported options:");
                 for (n, d) in [
@@ -197,6 +207,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
                     } else {
                         let opts = OpenOptions {
                             open_backing: false,
+                            // Only its size: an encrypted backing file needs no key.
+                            metadata_only: true,
                             ..OpenOptions::read_only()
                         };
                         Image::open(&resolved_path, &opts)
@@ -261,8 +273,10 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     if let Some(v) = &lazy_s {
         opts.lazy_refcounts = parse_bool("lazy_refcounts", v, &file)?;
     }
+    crypt.sort_by_key(|(k, _)| ENCRYPT_OPTS.iter().position(|o| o == k));
+    let crypt_line: String = crypt.iter().map(|(k, v)| format!(" {k}={v}")).collect();
     let mut line = format!(
-        "', fmt=qcow2 cluster_size={} extended_l2={}{} compression_type={} size={size}",
+        "', fmt=qcow2{crypt_line} cluster_size={} extended_l2={}{} compression_type={} size={size}",
         cluster_size_s
             .as_deref()
             .map(|s| parse_size(s)
@@ -404,6 +418,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             "{file}: Backing file and preallocation can only be used at the same time if extended_l2 is on"
         )));
     }
+    opts.encryption =
+        encryption(&crypt, &a.object).map_err(|m| Fail::new(format!("{file}: {m}")))?;
     // qemu rounds the virtual size up to whole 512-byte sectors.
     let size = size.div_ceil(512) * 512;
     let fail = |e: qcow2_ops::Error| Fail::new(format!("{file}: {}", error_text(&e)));
@@ -418,10 +434,15 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     // the preallocation, and only then given its backing file (so the
     // preallocated clusters read as zeroes, not as the backing file).
     Image::create(&a.file, 0, &opts).map_err(fail)?;
+    let key_secret = match &opts.encryption {
+        Some(Encryption::Luks { secret, .. } | Encryption::Aes { secret }) => Some(secret.clone()),
+        None => None,
+    };
     let img = Image::open(
         &a.file,
         &OpenOptions {
             open_backing: false,
+            key_secret,
             ..OpenOptions::read_write()
         },
     )
@@ -465,6 +486,87 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
         }
     }
     Ok(0)
+}
+
+/// The `encryption` and `encrypt.*` options qemu-img knows, in its order.
+const ENCRYPT_OPTS: [&str; 10] = [
+    "encryption",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
+    "encrypt.slot",
+];
+
+/// The encryption the `encryption` / `encrypt.*` options ask for, the
+/// secrets defined by `objects`; errors in qemu-img's words.
+pub fn encryption(
+    crypt: &[(&'static str, String)],
+    objects: &[String],
+) -> Result<Option<Encryption>, String> {
+    if crypt.is_empty() {
+        return Ok(None);
+    }
+    for o in objects {
+        crate::secrets::define(o)?;
+    }
+    let get = |k: &str| crypt.iter().find(|(o, _)| *o == k).map(|(_, v)| v.as_str());
+    let format = match (get("encryption"), get("encrypt.format")) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time".into(),
+            )
+        }
+        (Some("on"), None) => "aes",
+        (Some("off"), None) if crypt.len() == 1 => return Ok(None),
+        (Some("off"), None) | (None, None) => {
+            return Err("Parameter 'encrypt.format' is missing".into())
+        }
+        (Some(v), None) => {
+            return Err(format!(
+                "Parameter 'encryption' expects 'on' or 'off', not '{v}'"
+            ))
+        }
+        (None, Some(f)) => f,
+    };
+    if format != "luks" && format != "aes" {
+        return Err(format!(
+            "Parameter 'format' does not accept value '{format}'"
+        ));
+    }
+    let secret = match get("encrypt.key-secret") {
+        Some(id) => crate::secrets::lookup(id)?,
+        None => return Err("Parameter 'encrypt.key-secret' is required for cipher".into()),
+    };
+    if format == "aes" {
+        return Ok(Some(Encryption::Aes { secret }));
+    }
+    let mut params = LuksParams::default();
+    if let Some(v) = get("encrypt.cipher-alg") {
+        params.cipher_alg = v.to_string();
+    }
+    if let Some(v) = get("encrypt.cipher-mode") {
+        params.cipher_mode = v.to_string();
+    }
+    if let Some(v) = get("encrypt.ivgen-alg") {
+        params.ivgen_alg = v.to_string();
+    }
+    if let Some(v) = get("encrypt.ivgen-hash-alg") {
+        params.ivgen_hash_alg = Some(v.to_string());
+    }
+    if let Some(v) = get("encrypt.hash-alg") {
+        params.hash_alg = v.to_string();
+    }
+    if let Some(v) = get("encrypt.iter-time") {
+        params.iter_time_ms = v
+            .parse()
+            .map_err(|_| "Parameter 'iter-time' expects an integer".to_string())?;
+    }
+    Ok(Some(Encryption::Luks { secret, params }))
 }
 
 /// "qcow2" when the file starts with the qcow2 magic, else "raw"; None when unreadable.

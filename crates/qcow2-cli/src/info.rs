@@ -4,7 +4,7 @@ use crate::num::size_to_str;
 use crate::qjson::{pretty, J};
 use crate::{check_format, error_text, open_image, strerror, Fail, OutputFormat};
 use clap::Args;
-use qcow2_ops::{BitmapInfo, ImageInfo, OpenOptions, SnapshotInfo};
+use qcow2_ops::{BitmapInfo, EncryptionInfo, ImageInfo, OpenOptions, SnapshotInfo};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -26,6 +26,8 @@ pub struct InfoArgs {
     /// Accepted for compatibility (the image is always opened read-only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    spec: crate::imgspec::SpecArgs,
     /// The image.
     file: PathBuf,
 }
@@ -40,19 +42,63 @@ fn format_specific(info: &ImageInfo, bitmaps: &[BitmapInfo]) -> Vec<(&'static st
         if !bitmaps.is_empty() {
             v.push(("bitmaps", bitmaps_json(bitmaps)));
         }
+        v.push(("refcount-bits", J::U(info.refcount_bits as u64)));
+        v.extend(encrypt_json(info));
         v.extend([
-            ("refcount-bits", J::U(info.refcount_bits as u64)),
             ("corrupt", J::B(info.corrupt)),
             ("extended-l2", J::B(info.extended_l2)),
         ]);
         v
     } else {
-        vec![
+        let mut v = vec![
             ("compat", J::S("0.10".into())),
             ("compression-type", J::S(info.compression_type.into())),
             ("refcount-bits", J::U(info.refcount_bits as u64)),
-        ]
+        ];
+        v.extend(encrypt_json(info));
+        v
     }
+}
+
+/// The `"encrypt"` object of the format-specific data (keys in QEMU's order).
+fn encrypt_json(info: &ImageInfo) -> Option<(&'static str, J)> {
+    let l = match info.encryption.as_ref()? {
+        EncryptionInfo::Aes => {
+            return Some(("encrypt", J::O(vec![("format", J::S("aes".into()))])))
+        }
+        EncryptionInfo::Luks(l) => l,
+    };
+    let mut v = vec![
+        ("ivgen-alg", J::S(l.ivgen_alg.clone())),
+        ("detached-header", J::B(false)),
+        ("hash-alg", J::S(l.hash_alg.clone())),
+        ("cipher-alg", J::S(l.cipher_alg.clone())),
+        ("uuid", J::S(l.uuid.clone())),
+    ];
+    if let Some(h) = &l.ivgen_hash_alg {
+        v.push(("ivgen-hash-alg", J::S(h.clone())));
+    }
+    v.push(("format", J::S("luks".into())));
+    v.push(("cipher-mode", J::S(l.cipher_mode.clone())));
+    let slots = l
+        .slots
+        .iter()
+        .map(|s| {
+            let mut o = vec![("active", J::B(s.active))];
+            if let Some(i) = s.iters {
+                o.push(("iters", J::U(i as u64)));
+            }
+            o.push(("key-offset", J::U(s.key_offset)));
+            if let Some(n) = s.stripes {
+                o.push(("stripes", J::U(n as u64)));
+            }
+            J::O(o)
+        })
+        .collect();
+    v.push(("slots", J::A(slots)));
+    v.push(("payload-offset", J::U(l.payload_offset)));
+    v.push(("master-key-iters", J::U(l.master_key_iters as u64)));
+    Some(("encrypt", J::O(v)))
 }
 
 /// One image of the chain, described as qemu-img describes it.
@@ -228,6 +274,8 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
     }
     let opts = OpenOptions {
         open_backing: false,
+        // As QEMU's info: an encrypted image needs no key.
+        metadata_only: true,
         ..OpenOptions::read_only()
     };
     let img = open_image(path, &opts)?;
@@ -272,6 +320,9 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
         top.push(("full-backing-filename", J::R(fb.clone())));
         top.push(("backing-filename", J::R(b.clone())));
     }
+    if info.encryption.is_some() {
+        top.push(("encrypted", J::B(true)));
+    }
     top.push(("dirty-flag", J::B(info.dirty)));
 
     let mut h = Vec::new();
@@ -279,10 +330,11 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
     h.extend_from_slice(fname);
     h.extend_from_slice(
         format!(
-            "\nfile format: qcow2\nvirtual size: {} ({} bytes)\ndisk size: {}\ncluster_size: {}\n",
+            "\nfile format: qcow2\nvirtual size: {} ({} bytes)\ndisk size: {}\n{}cluster_size: {}\n",
             size_to_str(info.virtual_size),
             info.virtual_size,
             size_to_str(actual),
+            if info.encryption.is_some() { "encrypted: yes\n" } else { "" },
             info.cluster_size
         )
         .as_bytes(),
@@ -339,7 +391,17 @@ fn probe_format(path: &Path) -> &'static str {
 }
 
 /// Runs `qcow2 info`.
-pub fn run(a: InfoArgs) -> Result<u8, Fail> {
+pub fn run(mut a: InfoArgs) -> Result<u8, Fail> {
+    // An encrypted image needs no key here; `--image-opts` and `json:`
+    // operands name the file.
+    a.spec.define()?;
+    if a.spec.image_opts || a.file.as_os_str().as_bytes().starts_with(b"json:") {
+        let s = a
+            .spec
+            .resolve(&a.file, a.format.as_deref(), &mut OpenOptions::default())?;
+        a.file = s.path;
+        a.format = s.fmt;
+    }
     // qcow2 or raw, given or probed (raw images show as qemu-img shows
     // them, notably as the base of a chain).
     let mut format = match a.format.as_deref() {

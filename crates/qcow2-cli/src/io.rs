@@ -18,6 +18,7 @@ use std::time::Instant;
 mod cmds;
 mod dev;
 mod open;
+pub(crate) use open::{flatten, parse_opt_string, single_quotes};
 
 use dev::Dev;
 use open::{OpenSpec, Opened};
@@ -1140,7 +1141,7 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
                 return 0;
             }
             'O' => {
-                if let Err(m) = check_object(&v) {
+                if let Err(m) = crate::secrets::define(&v) {
                     report_err!("{m}");
                     return 1;
                 }
@@ -1265,26 +1266,6 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
     }
 }
 
-/// `--object TYPE,id=ID,...`: parsed and accepted (only its syntax is
-/// checked; no object type changes what the engine does).
-fn check_object(s: &str) -> Result<(), String> {
-    let o = open::parse_opt_string(s, Some("qom-type"))?;
-    let ty = o
-        .iter()
-        .find(|(k, _)| k == "qom-type")
-        .map(|(_, v)| v.clone());
-    let Some(ty) = ty else {
-        return Err("Parameter 'qom-type' is missing".into());
-    };
-    if !o.iter().any(|(k, _)| k == "id") {
-        return Err("Parameter 'id' is missing".into());
-    }
-    match ty.as_str() {
-        "secret" | "iothread" | "throttle-group" | "tls-creds-x509" | "tls-creds-psk"
-        | "tls-creds-anon" | "authz-simple" => Ok(()),
-        _ => Err(format!("invalid object type: {ty}")),
-    }
-}
 /// Parses the OFF LEN operands with qemu-io's messages. `limit` is `None`
 /// when the request length is unlimited, else the note inserted in the
 /// length-limit message ("" or " without -n").

@@ -10,6 +10,7 @@ mod compare;
 mod convert;
 mod create;
 mod disk;
+mod imgspec;
 mod info;
 mod io;
 mod map;
@@ -19,6 +20,7 @@ mod qjson;
 mod qopt;
 mod rebase;
 mod resize;
+mod secrets;
 mod snapshot;
 
 use clap::{Parser, Subcommand, ValueEnum};

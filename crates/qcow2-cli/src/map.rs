@@ -20,6 +20,9 @@ pub struct MapArgs {
     /// Accepted for compatibility (the image is always opened read-only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    spec: crate::imgspec::SpecArgs,
+
     /// The image.
     file: PathBuf,
 }
@@ -84,7 +87,10 @@ fn chain_names(file: &[u8], max_depth: u32) -> Vec<Vec<u8>> {
 pub fn run(a: MapArgs) -> Result<u8, Fail> {
     check_format(&a.format)?;
     let _ = a.force_share;
-    let img = open_image(&a.file, &OpenOptions::read_only())?;
+    a.spec.define()?;
+    let mut opts = OpenOptions::read_only();
+    let spec = a.spec.resolve(&a.file, None, &mut opts)?;
+    let img = open_image(&spec.path, &opts)?;
     let entries = img.map().map_err(|e| {
         Fail::new(format!(
             "{}: Could not read the allocation map: {}",

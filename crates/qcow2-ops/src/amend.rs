@@ -56,6 +56,20 @@ impl Image {
 }
 
 impl Inner {
+    /// Writes a cluster of zeroes at `host` for a zero cluster that a
+    /// version 2 image cannot express (encrypted as the image's data is).
+    fn write_zero_cluster(&mut self, host: u64, zeros: &[u8]) -> Result<()> {
+        if self.iv_from_guest() {
+            // Shared tables do not tell one guest offset per cluster.
+            return Err(Error::NotSupported(format!(
+                "'{}': cannot expand zero clusters of a legacy AES-encrypted image",
+                self.name
+            )));
+        }
+        // The IV of LUKS data is its host sector: the guest offset is not needed.
+        self.write_guest_data(host, 0, zeros)
+    }
+
     fn validate(&mut self, o: &AmendOptions) -> Result<()> {
         self.check_writable()?;
         let cur = self.header.version;
@@ -313,9 +327,7 @@ impl Inner {
                         == 1
                 {
                     self.overlap_check(host, cs, "zero cluster expansion")?;
-                    self.file
-                        .write_at(&zeros, host)
-                        .map_err(ioerr("write zero cluster", &name))?;
+                    self.write_zero_cluster(host, &zeros)?;
                     e & !1
                 } else {
                     let c = self.alloc_clusters(1)?;
@@ -325,9 +337,7 @@ impl Inner {
                             .map_err(|e| refcount_err(&name, e))?;
                     }
                     self.overlap_check(c * cs, cs, "zero cluster expansion")?;
-                    self.file
-                        .write_at(&zeros, c * cs)
-                        .map_err(ioerr("write zero cluster", &name))?;
+                    self.write_zero_cluster(c * cs, &zeros)?;
                     if host != 0 {
                         release.push(host >> cb);
                     }

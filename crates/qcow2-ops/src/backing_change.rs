@@ -64,8 +64,9 @@ impl Image {
         if g.backing.is_some() || g.opts.open_backing {
             let path = g.path.clone();
             let fmt = g.header.backing_format();
+            let key = g.opts.backing_key_secret.clone();
             g.backing = match &g.header.backing_file {
-                Some(b) => crate::image::open_backing(&path, b, fmt.as_deref()).ok(),
+                Some(b) => crate::image::open_backing(&path, b, fmt.as_deref(), key.as_ref()).ok(),
                 None => None,
             };
         }

@@ -420,6 +420,11 @@ impl Checker<'_> {
         self.extra_metadata.clear();
         // Header.
         self.inc(imrt, 0, self.cs);
+        // LUKS header clusters.
+        if let Some(a) = self.inner.crypt_area.clone() {
+            self.inc(imrt, a.start, a.end - a.start);
+            self.extra_metadata.push((a.start, a.end - a.start));
+        }
         // Active L1 table.
         let (l1_off, l1_size) = (
             self.inner.header.l1_table_offset,

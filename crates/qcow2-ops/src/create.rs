@@ -1,7 +1,7 @@
 //! Image creation with qemu-img's options.
 
 use crate::error::{Error, Result};
-use crate::types::CreateOptions;
+use crate::types::{CreateOptions, Encryption};
 use qcow2_format::header::{self, Extension, Header};
 use qcow2_format::refcount as rc;
 use qcow2_format::{put_be64, Geometry};
@@ -92,10 +92,22 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         )));
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    // The LUKS header and key material, in clusters after the L1 table
+    // (where qemu-img puts them).
+    let (crypt_method, luks) = match &o.encryption {
+        None => (0, None),
+        Some(Encryption::Aes { .. }) => (crate::crypt::METHOD_AES, None),
+        Some(Encryption::Luks { secret, params }) => {
+            let (area, _) = qcow2_crypto::luks::create(params, &secret.0)
+                .map_err(|e| crate::crypt::key_err(&name, e))?;
+            (crate::crypt::METHOD_LUKS, Some(area))
+        }
+    };
+    let luks_clusters = luks.as_ref().map_or(0, |a| (a.len() as u64).div_ceil(cs));
     let epb = rc::entries_per_block(cluster_bits, order);
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
-        let total = 1 + rt + rb + l1_clusters;
+        let total = 1 + rt + rb + l1_clusters + luks_clusters;
         let need_rb = total.div_ceil(epb);
         let need_rt = (need_rb * 8).div_ceil(cs);
         if need_rb == rb && need_rt == rt {
@@ -115,7 +127,8 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     } else {
         (1 + rt + rb) * cs
     };
-    let total = 1 + rt + rb + l1_clusters;
+    let luks_off = (1 + rt + rb + l1_clusters) * cs;
+    let total = 1 + rt + rb + l1_clusters + luks_clusters;
 
     let mut incompat = 0;
     if o.extended_l2 {
@@ -131,6 +144,12 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             data: f.as_bytes().to_vec(),
         });
     }
+    if let Some(a) = &luks {
+        extensions.push(Extension {
+            kind: header::EXT_FULL_DISK_ENCRYPTION,
+            data: crate::crypt::header_extension(luks_off, a.len() as u64),
+        });
+    }
     if o.version == 3 {
         extensions.push(Extension {
             kind: header::EXT_FEATURE_TABLE,
@@ -143,7 +162,7 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         backing_file_size: 0,
         cluster_bits,
         size,
-        crypt_method: 0,
+        crypt_method,
         l1_size: l1_entries as u32,
         l1_table_offset: l1_off,
         refcount_table_offset: rt_off,
@@ -204,6 +223,9 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     w(&first, 0)?;
     w(&table, rt_off)?;
     w(&blocks, rb_off)?;
+    if let Some(a) = &luks {
+        w(a, luks_off)?;
+    }
     f.set_len(total * cs)
         .map_err(|e| Error::io(format!("{name}: truncate"), e))?;
     f.sync()

@@ -22,6 +22,7 @@
 //!   is written to the file only after that data is durable (`Durability`).
 
 use crate::backing::{self, Layer};
+use crate::crypt::{self, Crypt};
 use crate::error::{Error, Result};
 use crate::image::{ioerr, Inner};
 use qcow2_format::entry::{L2Entry, SubclusterType, FLAG_COPIED, OFFSET_MASK};
@@ -133,6 +134,8 @@ pub(crate) struct Fill {
 /// clusters it fills anew.
 #[derive(Default)]
 pub(crate) struct WritePlan {
+    /// Guest offset of the request's buffer.
+    offset: u64,
     /// (host offset, range of the request's buffer).
     direct: SmallVec<[(u64, Range<usize>); 4]>,
     fills: SmallVec<[Fill; 2]>,
@@ -198,18 +201,24 @@ pub(crate) struct Io<'a> {
     pub(crate) compression: CompressionType,
     pub(crate) cluster_bits: u32,
     pub(crate) name: &'a str,
+    /// The data cipher of an encrypted image.
+    pub(crate) crypt: Option<&'a Crypt>,
 }
 
 impl Io<'_> {
-    /// Fills `buf` as `plan` says.
-    pub(crate) fn read(&self, plan: &[Seg], buf: &mut [u8]) -> Result<()> {
+    /// Fills `buf`, the guest data at `guest`, as `plan` says.
+    pub(crate) fn read(&self, plan: &[Seg], buf: &mut [u8], guest: u64) -> Result<()> {
         for s in plan {
             let b = &mut buf[s.at..s.at + s.len];
             match s.src {
-                Src::Host(h) => self
-                    .file
-                    .read_at(b, h)
-                    .map_err(ioerr("read data", self.name))?,
+                Src::Host(h) => {
+                    self.file
+                        .read_at(b, h)
+                        .map_err(ioerr("read data", self.name))?;
+                    if let Some(c) = self.crypt {
+                        c.decrypt(h, guest + s.at as u64, b, self.name)?;
+                    }
+                }
                 Src::Zero => b.fill(0),
                 Src::Backing(g) => match self.backing {
                     Some(l) => backing::read(l, g, b)?,
@@ -277,18 +286,31 @@ impl Io<'_> {
         let mut pieces: SmallVec<[(u64, usize, Range<usize>); 8]> = SmallVec::new();
         const CALLER: usize = usize::MAX;
         for (h, r) in &plan.direct {
+            if let Some(c) = self.crypt {
+                // Ciphertext for this place in the file.
+                let mut b = buf[r.clone()].to_vec();
+                c.encrypt(*h, plan.offset + r.start as u64, &mut b, self.name)?;
+                pieces.push((*h, owned.len(), 0..b.len()));
+                owned.push(b);
+                continue;
+            }
             pieces.push((*h, CALLER, r.clone()));
         }
         for f in &plan.fills {
-            if f.base.is_none() && f.data_at == 0 && f.data.len() == f.len {
+            // Guest offset of the region.
+            let guest = f.cg + (f.host - f.new.host_offset());
+            if f.base.is_none() && f.data_at == 0 && f.data.len() == f.len && self.crypt.is_none() {
                 pieces.push((f.host, CALLER, f.data.clone()));
                 continue;
             }
             let mut region = vec![0u8; f.len];
             if let Some(base) = &f.base {
-                self.read(base, &mut region)?;
+                self.read(base, &mut region, guest)?;
             }
             region[f.data_at..f.data_at + f.data.len()].copy_from_slice(&buf[f.data.clone()]);
+            if let Some(c) = self.crypt {
+                c.encrypt(f.host, guest, &mut region, self.name)?;
+            }
             pieces.push((f.host, owned.len(), 0..f.len));
             owned.push(region);
         }
@@ -358,6 +380,7 @@ impl Inner {
             compression: self.header.compression(),
             cluster_bits: self.geo.cluster_bits,
             name: &self.name,
+            crypt: self.crypt.as_deref(),
         }
     }
 
@@ -430,13 +453,31 @@ impl Inner {
 
     /// Reads guest data under the lock (range already validated).
     pub(crate) fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.crypt.is_some() && !crypt::aligned(offset, buf.len() as u64) {
+            let w = crypt::widen(offset, buf.len() as u64);
+            let mut whole = vec![0u8; (w.end - w.start) as usize];
+            self.read(w.start, &mut whole)?;
+            let at = (offset - w.start) as usize;
+            buf.copy_from_slice(&whole[at..at + buf.len()]);
+            return Ok(());
+        }
+        self.check_key()?;
         let mut plan = ReadPlan::new();
         self.plan_read(offset, buf.len(), 0, &mut plan)?;
-        self.io().read(&plan, buf)
+        self.io().read(&plan, buf, offset)
     }
 
     /// Writes guest data under the lock (range validated, image writable).
     pub(crate) fn write(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.crypt.is_some() && !crypt::aligned(offset, buf.len() as u64) {
+            // Whole sectors only: the rest of the edge sectors as they read now.
+            let w = crypt::widen(offset, buf.len() as u64);
+            let mut whole = vec![0u8; (w.end - w.start) as usize];
+            self.read(w.start, &mut whole)?;
+            let at = (offset - w.start) as usize;
+            whole[at..at + buf.len()].copy_from_slice(buf);
+            return self.write(w.start, &whole);
+        }
         let mut plan = WritePlan::default();
         let r = self
             .plan_write(offset, buf.len(), &mut plan)
@@ -464,6 +505,7 @@ impl Inner {
         len: usize,
         plan: &mut WritePlan,
     ) -> Result<()> {
+        plan.offset = offset;
         for (cg, in_c, done, n) in cluster_pieces(offset, len, self.geo.cluster_size()) {
             self.plan_write_cluster(cg, in_c, done..done + n, plan)?;
         }

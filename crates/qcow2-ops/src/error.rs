@@ -43,6 +43,10 @@ pub enum Error {
     /// No space left (file too large, refcount overflow, table limits).
     #[error("no space: {0}")]
     NoSpace(String),
+    /// An encrypted image cannot be unlocked: no secret, or a wrong one.
+    /// The message is QEMU's ("Invalid password, cannot unlock any keyslot").
+    #[error("{0}")]
+    Key(String),
 }
 
 impl Error {
@@ -61,6 +65,7 @@ impl Error {
             Error::ReadOnly(_) => libc::EROFS,
             Error::Corrupt(_) => libc::EIO,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::Key(_) => libc::EACCES,
         }
     }
     /// Wraps an I/O error with context.

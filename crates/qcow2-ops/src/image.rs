@@ -2,6 +2,7 @@
 //! (L1, L2 cache, refcounts, ordering) shared by the request paths.
 
 use crate::backing::{Backing, Layer};
+use crate::crypt::{self, Crypt};
 use crate::datapath::{Io, ReadPlan, Src, WritePlan, ZCache};
 use crate::durability::Durability;
 use crate::error::{Error, Result};
@@ -51,6 +52,8 @@ pub struct Image {
     cluster_bits: u32,
     /// Every write is made durable before it completes (writethrough, directsync).
     writethrough: bool,
+    /// The data cipher of an encrypted image.
+    crypt: Option<Arc<Crypt>>,
     /// Mutating requests completed so far.
     req_gen: AtomicU64,
     /// `req_gen` as it was when the last successful flush started: every
@@ -135,6 +138,13 @@ pub(crate) struct Inner {
     pub(crate) meta: MetaRanges,
     /// Where the next compressed cluster goes (0: a new host cluster).
     pub(crate) free_byte_offset: u64,
+    /// The data cipher of an encrypted image (`None`: not encrypted, or
+    /// opened for metadata only).
+    pub(crate) crypt: Option<Arc<Crypt>>,
+    /// How the image is encrypted.
+    pub(crate) encryption: Option<crate::types::EncryptionInfo>,
+    /// The clusters of the LUKS header.
+    pub(crate) crypt_area: Option<std::ops::Range<u64>>,
 }
 
 impl Image {
@@ -157,6 +167,7 @@ impl Image {
 
     fn from_inner(inner: Inner) -> Image {
         Image {
+            crypt: inner.crypt.clone(),
             gate: RwLock::new(()),
             ranges: RangeLocks::new(),
             sh: Arc::clone(&inner.sh),
@@ -220,9 +231,25 @@ impl Image {
     /// backing file, decompression) run without it.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let _gate = self.shared();
+        if self.crypt.is_some() && !crypt::aligned(offset, buf.len() as u64) {
+            // Whole sectors only.
+            self.lock().check_range(offset, buf.len() as u64)?;
+            let w = crypt::widen(offset, buf.len() as u64);
+            let mut whole = vec![0u8; (w.end - w.start) as usize];
+            self.read_in(w.start, &mut whole)?;
+            let at = (offset - w.start) as usize;
+            buf.copy_from_slice(&whole[at..at + buf.len()]);
+            return Ok(());
+        }
+        self.read_in(offset, buf)
+    }
+
+    /// [`Image::read`] with the gate held.
+    fn read_in(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut plan = ReadPlan::new();
         let mut g = self.lock();
         g.check_range(offset, buf.len() as u64)?;
+        g.check_key()?;
         g.plan_read(offset, buf.len(), 0, &mut plan)?;
         if plan.iter().all(|s| s.src == Src::Zero) {
             drop(g);
@@ -241,7 +268,7 @@ impl Image {
             ..self.io(&g)
         };
         drop(g);
-        io.read(&plan, buf)
+        io.read(&plan, buf, offset)
     }
 
     /// The data path's view of the image (`g`: the image lock, held while
@@ -255,6 +282,7 @@ impl Image {
             compression: g.header.compression(),
             cluster_bits: self.cluster_bits,
             name: &self.name,
+            crypt: self.crypt.as_deref(),
         }
     }
 
@@ -265,9 +293,44 @@ impl Image {
     /// metadata overlap checks), written without it, then the L2 entries of
     /// new clusters are set under the lock again; a write into clusters it
     /// owns takes the lock once.
-    pub fn write(&self, offset: u64, buf: &[u8], flags: u32) -> Result<()> {
+    pub fn write(&self, offset: u64, buf: &[u8], mut flags: u32) -> Result<()> {
         let _gate = self.shared();
+        if self.crypt.is_some() {
+            // As QEMU: compressed writes to an encrypted image are written
+            // normally (compressed data would not be encrypted).
+            if flags & REQ_COMPRESSED != 0 {
+                self.lock().check_flags(flags, REQ_FUA | REQ_COMPRESSED)?;
+                flags &= !REQ_COMPRESSED;
+            }
+            if !crypt::aligned(offset, buf.len() as u64) {
+                // Whole sectors only: the edges as they read now, read and
+                // written under the range lock of the widened request.
+                {
+                    let g = self.lock();
+                    g.check_writable()?;
+                    g.check_range(offset, buf.len() as u64)?;
+                }
+                let w = crypt::widen(offset, buf.len() as u64);
+                let range = self.lock_clusters(w.start, w.end - w.start);
+                let mut whole = vec![0u8; (w.end - w.start) as usize];
+                self.read_in(w.start, &mut whole)?;
+                let at = (offset - w.start) as usize;
+                whole[at..at + buf.len()].copy_from_slice(buf);
+                return self.write_in(range, w.start, &whole, flags);
+            }
+        }
         let range = self.lock_clusters(offset, buf.len() as u64);
+        self.write_in(range, offset, buf, flags)
+    }
+
+    /// [`Image::write`] with the gate and the range lock held.
+    fn write_in(
+        &self,
+        range: qcow2_inflight::RangeGuard<'_>,
+        offset: u64,
+        buf: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         let mut g = self.lock();
         g.check_flags(flags, REQ_FUA | REQ_COMPRESSED)?;
         g.check_writable()?;
@@ -508,9 +571,18 @@ impl Drop for Image {
 
 /// Opens the backing chain of the image at `image`: a qcow2 layer is an
 /// [`Image`] opened read-only.
-pub(crate) fn open_backing(image: &Path, name: &[u8], format: Option<&str>) -> Result<Backing> {
+pub(crate) fn open_backing(
+    image: &Path,
+    name: &[u8],
+    format: Option<&str>,
+    key: Option<&Secret>,
+) -> Result<Backing> {
     crate::backing::open(image, name, format, |file, path| {
-        let inner = Inner::open_storage(file, path, &OpenOptions::read_only())?;
+        let opts = OpenOptions {
+            key_secret: key.cloned(),
+            ..OpenOptions::read_only()
+        };
+        let inner = Inner::open_storage(file, path, &opts)?;
         Ok(Arc::new(Image::from_inner(inner)) as Backing)
     })
 }
@@ -570,18 +642,14 @@ impl Inner {
                 source: e,
             },
         })?;
-        if header.crypt_method != 0 {
-            return Err(Error::NotSupported(format!(
-                "'{name}': encrypted images are not supported"
-            )));
-        }
+        let crypto = crate::crypt::open(&*file, &header, file_len, &name, opts)?;
         if header.has_data_file() {
             return Err(Error::NotSupported(format!(
                 "'{name}': external data files are not supported"
             )));
         }
         let geo = header.geometry();
-        let read_only = !opts.writable;
+        let read_only = !opts.writable || opts.metadata_only;
         if header.is_corrupt() && opts.writable && !opts.for_repair {
             return Err(Error::Corrupt(format!(
                 "'{name}' is marked corrupt; repair it with 'qcow2 check -r all' or open it read-only"
@@ -620,7 +688,12 @@ impl Inner {
         });
         let backing = if opts.open_backing {
             match &header.backing_file {
-                Some(b) => Some(open_backing(path, b, header.backing_format().as_deref())?),
+                Some(b) => Some(open_backing(
+                    path,
+                    b,
+                    header.backing_format().as_deref(),
+                    opts.backing_key_secret.as_ref(),
+                )?),
                 None => None,
             }
         } else {
@@ -654,6 +727,9 @@ impl Inner {
             frees: Frees::default(),
             sync_failed,
             meta: MetaRanges::default(),
+            crypt: crypto.crypt,
+            encryption: crypto.info,
+            crypt_area: crypto.area,
         };
         me.l2_tables = me
             .l1
@@ -672,6 +748,10 @@ impl Inner {
                 ),
             ],
         );
+        if let Some(a) = me.crypt_area.clone() {
+            me.meta
+                .replace(Kind::CryptoHeader.bit(), [(a, Kind::CryptoHeader)]);
+        }
         me.protect_in_refcounts();
         me.refresh_snapshot_ranges()?;
         me.refresh_bitmap_ranges()?;
@@ -717,6 +797,7 @@ impl Inner {
             data_file: h.data_file(),
             file_length: self.file.len().unwrap_or(0),
             snapshots: h.nb_snapshots,
+            encryption: self.encryption.clone(),
         }
     }
 
@@ -741,6 +822,18 @@ impl Inner {
             return Err(Error::Invalid(format!(
                 "unknown request flags {:#x}",
                 flags & !allowed
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fails when the data of an encrypted image cannot be read (opened
+    /// for metadata only).
+    pub(crate) fn check_key(&self) -> Result<()> {
+        if self.encryption.is_some() && self.crypt.is_none() {
+            return Err(Error::Key(format!(
+                "'{}': opened without its key: the data cannot be read",
+                self.name
             )));
         }
         Ok(())
@@ -873,7 +966,11 @@ impl Inner {
         let cs = self.geo.cluster_size();
         let l1 = self.header.l1_table_offset;
         let l1_end = l1.saturating_add((self.l1.len() as u64 * 8).div_ceil(cs) * cs);
-        self.refs.set_protected(vec![(0, cs), (l1, l1_end)]);
+        let mut keep = vec![(0, cs), (l1, l1_end)];
+        if let Some(a) = &self.crypt_area {
+            keep.push((a.start, a.end));
+        }
+        self.refs.set_protected(keep);
     }
 
     /// Reads the snapshot table and registers it and every snapshot's L1

@@ -14,6 +14,7 @@ mod bitmaps;
 mod check;
 mod compress;
 mod create;
+mod crypt;
 mod datapath;
 mod durability;
 mod error;

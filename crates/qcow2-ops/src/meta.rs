@@ -23,10 +23,11 @@ pub(crate) enum Kind {
     InactiveL1 = 1 << 6,
     BitmapDirectory = 1 << 8,
     BitmapTable = 1 << 9,
+    CryptoHeader = 1 << 10,
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Header,
         Kind::ActiveL1,
         Kind::ActiveL2,
@@ -36,6 +37,7 @@ impl Kind {
         Kind::InactiveL1,
         Kind::BitmapDirectory,
         Kind::BitmapTable,
+        Kind::CryptoHeader,
     ];
 
     /// The bit of this kind.
@@ -56,6 +58,8 @@ impl Kind {
             Kind::BitmapDirectory => "bitmap directory",
             // Not checked by QEMU; this engine protects them too.
             Kind::BitmapTable => "bitmap table",
+            // Not checked by QEMU either: the LUKS header and key material.
+            Kind::CryptoHeader => "crypto header",
         }
     }
 

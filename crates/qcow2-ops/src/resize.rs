@@ -213,18 +213,19 @@ impl Inner {
                 // cut them off.
                 file_end = self.file.len().map_err(ioerr("stat", &name))?;
             }
-            if host < file_end || write {
-                // A reused cluster must read as zeroes.
+            if host < file_end || write || self.crypt.is_some() {
+                // A reused cluster must read as zeroes (so must a new one
+                // of an encrypted image: zeroes in the file are not).
                 let mut buf = zeros.clone();
                 buf[..head.len()].copy_from_slice(&head);
-                self.write_data(host, &buf)?;
+                self.write_guest_data(host, guest, &buf)?;
             } else {
                 self.file
                     .set_len(host + cs)
                     .map_err(ioerr("extend file", &name))?;
                 if !head.is_empty() {
                     // Copied like QEMU's copy-on-write of the head.
-                    self.write_data(host, &head)?;
+                    self.write_guest_data(host, guest, &head)?;
                 }
             }
             file_end = file_end.max(host + cs);
@@ -265,12 +266,12 @@ impl Inner {
             let mut head = vec![0u8; (old - guest) as usize];
             self.read(guest, &mut head)?;
             head.resize(cs as usize, 0);
-            self.write_data(e.host_offset(), &head)?;
+            self.write_guest_data(e.host_offset(), guest, &head)?;
             let bitmap = 0xffff_ffff;
             self.set_l2_entry(table, guest, L2Entry { raw: e.raw, bitmap })?;
         } else {
             let zeros = vec![0u8; (guest + cs - old) as usize];
-            self.write_data(e.host_offset() + (old - guest), &zeros)?;
+            self.write_guest_data(e.host_offset() + (old - guest), old, &zeros)?;
         }
         Ok(())
     }

@@ -24,6 +24,15 @@ impl Inner {
     ) -> Result<Vec<MapEntry>> {
         let mut out = Vec::new();
         self.status_into(offset, len, 0, limit, &mut out)?;
+        if self.encryption.is_some() {
+            // As QEMU: where encrypted data lies in the file is not told
+            // (it is not the guest's data there).
+            let mut plain = Vec::with_capacity(out.len());
+            for e in out {
+                push_merged(&mut plain, MapEntry { offset: None, ..e });
+            }
+            out = plain;
+        }
         // Entries before the last are complete (a later one has started).
         out.truncate(limit);
         Ok(out)

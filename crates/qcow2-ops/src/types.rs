@@ -97,6 +97,15 @@ pub struct OpenOptions {
     /// corrupt may be opened read-write; a successful `check(RepairMode::All)`
     /// clears the corrupt bit.
     pub for_repair: bool,
+    /// Passphrase of an encrypted image (QEMU's `encrypt.key-secret`).
+    pub key_secret: Option<Secret>,
+    /// Passphrase of an encrypted backing file (QEMU's
+    /// `backing.encrypt.key-secret`).
+    pub backing_key_secret: Option<Secret>,
+    /// Open without unlocking the data (an encrypted image needs no
+    /// secret; reading or writing guest data fails): what `qemu-img info`
+    /// needs, as QEMU's no-I/O open.
+    pub metadata_only: bool,
 }
 
 impl OpenOptions {
@@ -135,8 +144,60 @@ impl Default for OpenOptions {
             dirty_granularity: Self::DEFAULT_DIRTY_GRANULARITY,
             open_backing: true,
             for_repair: false,
+            key_secret: None,
+            backing_key_secret: None,
+            metadata_only: false,
         }
     }
+}
+
+/// A passphrase, as bytes. Its `Debug` form does not show it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.as_bytes().to_vec())
+    }
+}
+
+/// LUKS parameters of a new encrypted image (qemu-img's `encrypt.*` options).
+pub use qcow2_crypto::luks::CreateParams as LuksParams;
+/// What `qemu-img info` shows of a LUKS header.
+pub use qcow2_crypto::luks::{Info as LuksInfo, SlotInfo as LuksSlotInfo};
+
+/// Encryption of a new image.
+#[derive(Debug, Clone)]
+pub enum Encryption {
+    /// `encrypt.format=luks`: a LUKS1 header in the image, data encrypted
+    /// with its master key.
+    Luks {
+        /// Passphrase of key slot 0.
+        secret: Secret,
+        /// Cipher, mode, IV generator, hash, iteration time.
+        params: LuksParams,
+    },
+    /// `encrypt.format=aes` (`encryption=on`): QEMU's legacy AES-CBC with a
+    /// key made from the passphrase. For reading old images; weak.
+    Aes {
+        /// Passphrase.
+        secret: Secret,
+    },
+}
+
+/// How an image is encrypted, for `qemu-img info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncryptionInfo {
+    /// Legacy AES (crypt method 1).
+    Aes,
+    /// LUKS (crypt method 2) and what its header says.
+    Luks(LuksInfo),
 }
 
 /// Options of [`crate::Image::create`], named as qemu-img's `-o` options.
@@ -161,6 +222,8 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Do not check that the backing file opens (qemu-img's `-u`).
     pub unsafe_backing: bool,
+    /// Encrypt the image's data.
+    pub encryption: Option<Encryption>,
 }
 
 impl Default for CreateOptions {
@@ -175,6 +238,7 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             unsafe_backing: false,
+            encryption: None,
         }
     }
 }
@@ -266,6 +330,8 @@ pub struct ImageInfo {
     pub file_length: u64,
     /// Number of internal snapshots.
     pub snapshots: u32,
+    /// How the data is encrypted (`None`: it is not).
+    pub encryption: Option<EncryptionInfo>,
 }
 
 /// Repair mode of check.

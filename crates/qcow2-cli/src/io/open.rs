@@ -99,7 +99,7 @@ pub fn parse_opt_string(s: &str, implied: Option<&str>) -> Result<Vec<(String, S
     Ok(out)
 }
 
-fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+pub(crate) fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
@@ -119,7 +119,7 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
 
 /// QEMU's JSON parser also takes 'single-quoted' strings: turn them into
 /// standard JSON strings.
-fn single_quotes(s: &str) -> String {
+pub(crate) fn single_quotes(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut it = s.chars();
     let mut in_double = false;
@@ -267,6 +267,11 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                 native_aio = v == "native";
             }
             "backing" if v == "null" || v.is_empty() => tuning.open_backing = false,
+            "encrypt.key-secret" => tuning.key_secret = Some(crate::secrets::lookup(&v)?),
+            "backing.encrypt.key-secret" => {
+                tuning.backing_key_secret = Some(crate::secrets::lookup(&v)?)
+            }
+            "encrypt.format" if v == "luks" || v == "aes" => {}
             "l2-cache-size" | "refcount-cache-size" | "cache-size" | "l2-cache-entry-size" => {
                 // 0 asks for the smallest cache, as in QEMU.
                 let n = crate::num::parse_size(&v)
