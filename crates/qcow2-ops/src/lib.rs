@@ -22,6 +22,7 @@ mod frees;
 mod image;
 mod meta;
 mod resize;
+mod shadow;
 mod snapshots;
 mod status;
 mod types;

@@ -6,21 +6,21 @@
 //! so the request paths copy shared tables and clusters before changing
 //! them.
 //!
-//! Crash safety: every new structure (L1 copy, snapshot table) and every
-//! refcount increment is durable before the header switch, which is the
-//! commit point (one write of the header fields concerned); refcount
-//! decrements and frees follow it, so a crash leaves at most leaks. The
-//! COPIED flags of the active tables and the refcounts of the clusters they
-//! reference live in different clusters, so no ordering makes them change
-//! together: the flags are cleared (create) durably before the increments,
-//! and set (delete) only after the decrements are durable, so between the
-//! two `qemu-img check` reports an `OFLAG_COPIED` mismatch of the harmless
-//! kind only (flag clear, refcount one: at worst one needless copy on
-//! write), which `check -r all` repairs. QEMU's own snapshot code has the
-//! same window.
+//! Crash safety: create and delete are shadow-paged (`shadow`): the new
+//! state (L2 table copies with the COPIED flags it needs, L1 table,
+//! snapshot table, refcount structures) is built in clusters free in both
+//! states and made durable, then one header write switches to it. A crash
+//! leaves the old or the new state, both consistent: no OFLAG_COPIED window
+//! (QEMU's in-place code has one, between the flags and the refcounts,
+//! which live in different clusters). Create copies the active L2 tables
+//! (the old ones stay with the snapshot), where QEMU shares them and copies
+//! each on its first write afterwards. Apply changes only the snapshot's
+//! tables before its header switch (the active L1 table moves) and
+//! decrements after it, so a crash there leaves at most leaks.
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Inner};
+use crate::shadow::{Commit, Shadow};
 use qcow2_format::entry::{L2Entry, FLAG_COPIED, OFFSET_MASK};
 use qcow2_format::snapshot::{self, SnapshotEntry};
 use qcow2_format::{be64, put_be32, put_be64};
@@ -411,37 +411,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes the new snapshot table (new clusters), then switches the
-    /// header to it (the commit point), then frees the old table.
-    fn commit_snapshot_table(&mut self, entries: &[SnapshotEntry]) -> Result<()> {
-        let old_off = self.header.snapshots_offset;
-        let old_len: u64 = self
-            .read_snapshot_table()?
-            .iter()
-            .map(|e| e.encoded_len() as u64)
-            .sum();
-        let new_off = if entries.is_empty() {
-            0
-        } else {
-            let t = snapshot::encode_table(entries);
-            self.write_new(&t, "write snapshot table")?
-        };
-        self.flush_refs()?;
-        self.sync()?;
-        let mut b = [0u8; 12];
-        put_be32(&mut b, 0, entries.len() as u32);
-        put_be64(&mut b, 4, new_off);
-        self.file
-            .write_at(&b, 60)
-            .map_err(ioerr("write header", &self.name))?;
-        self.set_unsynced();
-        self.sync()?;
-        self.header.nb_snapshots = entries.len() as u32;
-        self.header.snapshots_offset = new_off;
-        self.free_range(old_off, old_len)?;
-        Ok(())
-    }
-
     /// Tail of every operation: refcount decrements written (not synced:
     /// a crash merely leaks), in-memory state in line with the file.
     fn snapshot_finish(&mut self) -> Result<()> {
@@ -502,59 +471,48 @@ impl Inner {
             )));
         }
         let active = self.l1.clone();
-        self.refcount_walk_dry(&active)?;
-        // 1. The snapshot's L1 table: a copy of the active one (its COPIED
-        //    flags mean nothing there and are left clear).
-        let copy: Vec<u64> = self.l1.iter().map(|&e| e & !FLAG_COPIED).collect();
-        let l1_off = if copy.is_empty() {
-            0
-        } else {
-            self.write_new(&Self::l1_bytes(&copy), "write snapshot L1 table")?
-        };
-        // 2. The active tables become shared: COPIED cleared everywhere.
+        self.check_l2_offsets(&active, "the active L1 table")?;
         let cs = self.geo.cluster_size();
         let es = self.geo.l2_entry_size() as usize;
-        for &l1e in &active {
+        let iname = self.name.clone();
+        // Shadow-paged (see `shadow`): the active L1 table becomes the
+        // snapshot's as it is; the active state gets copies of its L2
+        // tables without COPIED flags, a new L1 table, and one more
+        // reference to every cluster those copies reach.
+        let mut sh = self.shadow_load()?;
+        let mut new_l1 = vec![0u64; active.len()];
+        for (i, &l1e) in active.iter().enumerate() {
             let t = l1e & OFFSET_MASK;
             if t == 0 {
                 continue;
             }
             let mut tbl = self.read_table(t, cs, "read L2 table")?;
-            let mut dirty = std::collections::BTreeSet::new();
             for p in (0..tbl.len()).step_by(es) {
                 let raw = be64(&tbl, p);
+                if let Some((a, b)) = self.entry_clusters(raw, t)? {
+                    for c in a..=b {
+                        sh.add(c, 1, &iname)?;
+                    }
+                }
                 if raw & FLAG_COPIED != 0 {
                     put_be64(&mut tbl, p, raw & !FLAG_COPIED);
-                    dirty.insert(p / 512);
                 }
             }
-            for (s, n) in crate::image::runs(dirty.into_iter().map(|s| s as u64)) {
-                let (a, b) = ((s * 512) as usize, ((s + n) * 512) as usize);
-                self.file
-                    .write_at(&tbl[a..b], t + a as u64)
-                    .map_err(ioerr("write L2 table", &self.name))?;
-                self.set_unsynced();
-            }
+            let t2 = self.shadow_write(&mut sh, &tbl, "write L2 table")?;
+            new_l1[i] = t2 | FLAG_COPIED;
         }
-        if active.iter().any(|&e| e & FLAG_COPIED != 0) {
-            let b = Self::l1_bytes(&copy);
-            self.file
-                .write_at(&b, self.header.l1_table_offset)
-                .map_err(ioerr("write L1 table", &self.name))?;
-            self.set_unsynced();
-            self.l1 = copy.clone();
-        }
-        // The cleared flags durable before the increments: a crash between
-        // them leaves only flags clear where the refcount is still one.
-        if self.sh.dur.needs_sync() {
-            self.sync()?;
-        }
-        // 3. One more reference to everything the active L1 reaches.
-        self.refcount_walk(&copy, 1)?;
-        // 4. The new table, then the header (commit), then the old table freed.
+        let l1_off = if new_l1.is_empty() {
+            0
+        } else {
+            self.shadow_write(&mut sh, &Self::l1_bytes(&new_l1), "write L1 table")?
+        };
         let entry = SnapshotEntry {
-            l1_table_offset: l1_off,
-            l1_size: copy.len() as u32,
+            l1_table_offset: if active.is_empty() {
+                0
+            } else {
+                self.header.l1_table_offset
+            },
+            l1_size: active.len() as u32,
             id: id.to_string().into_bytes(),
             name: name.to_vec(),
             date_sec: now.as_secs() as u32,
@@ -564,9 +522,45 @@ impl Inner {
             extra,
         };
         table.push(entry.clone());
-        self.commit_snapshot_table(&table)?;
-        self.snapshot_finish()?;
+        let snaps = self.shadow_snapshot_table(&mut sh, &table)?;
+        self.shadow_commit(
+            sh,
+            Commit {
+                l1: Some((l1_off, new_l1)),
+                snapshots: snaps,
+            },
+        )?;
+        self.forget_freed();
         Ok(SnapshotInfo::from_entry(&entry))
+    }
+
+    /// The snapshot table `entries` written in the shadow state, the old
+    /// one counted free there: (number, offset) for the header.
+    fn shadow_snapshot_table(
+        &mut self,
+        sh: &mut Shadow,
+        entries: &[SnapshotEntry],
+    ) -> Result<(u32, u64)> {
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let old_off = self.header.snapshots_offset;
+        let old_len: u64 = self
+            .read_snapshot_table()?
+            .iter()
+            .map(|e| e.encoded_len() as u64)
+            .sum();
+        if old_off != 0 && old_len != 0 {
+            for c in (old_off >> cb)..(old_off + old_len).div_ceil(cs) {
+                sh.add(c, -1, &self.name.clone())?;
+            }
+        }
+        let off = if entries.is_empty() {
+            0
+        } else {
+            let t = snapshot::encode_table(entries);
+            self.shadow_write(sh, &t, "write snapshot table")?
+        };
+        Ok((entries.len() as u32, off))
     }
 
     /// A snapshot's L1 table must be cluster aligned, past the header, of
@@ -690,30 +684,94 @@ impl Inner {
         )?;
         let active = self.l1.clone();
         self.check_l2_offsets(&active, "the active L1 table")?;
-        // 1. Commit: the table without the entry.
-        self.commit_snapshot_table(&table)?;
-        // 2. What the snapshot reached loses one reference, its L1 is freed.
+        let cs = self.geo.cluster_size();
+        let cb = self.geo.cluster_bits;
+        let es = self.geo.l2_entry_size() as usize;
+        let iname = self.name.clone();
+        // Shadow-paged (see `shadow`): the new state loses the snapshot's
+        // L1 table and one reference to everything it reaches; active L2
+        // tables whose COPIED flags that changes are copied with the flags
+        // right, under a new active L1 table.
+        let mut sh = self.shadow_load()?;
         if sn.l1_size > 0 {
-            self.refcount_walk(&l1, -1)?;
-            self.free_range(sn.l1_table_offset, sn.l1_size as u64 * 8)?;
-        }
-        // 3. Where the active tables are now the only user: COPIED again,
-        //    after the decrements are durable.
-        self.flush_refs()?;
-        if !l1.is_empty() {
-            self.sync()?;
-            let active = self.l1.clone();
-            let fixed = self.fix_copied(&active)?;
-            if fixed != active {
-                let b = Self::l1_bytes(&fixed);
-                self.file
-                    .write_at(&b, self.header.l1_table_offset)
-                    .map_err(ioerr("write L1 table", &self.name))?;
-                self.set_unsynced();
-                self.l1 = fixed;
+            let l1_bytes = sn.l1_size as u64 * 8;
+            for c in (sn.l1_table_offset >> cb)..(sn.l1_table_offset + l1_bytes).div_ceil(cs) {
+                sh.add(c, -1, &iname)?;
             }
         }
-        self.snapshot_finish()
+        for &l1e in &l1 {
+            let t = l1e & OFFSET_MASK;
+            if t == 0 {
+                continue;
+            }
+            sh.add(t >> cb, -1, &iname)?;
+            let tbl = self.read_table(t, cs, "read L2 table")?;
+            for p in (0..tbl.len()).step_by(es) {
+                if let Some((a, b)) = self.entry_clusters(be64(&tbl, p), t)? {
+                    for c in a..=b {
+                        sh.add(c, -1, &iname)?;
+                    }
+                }
+            }
+        }
+        let mut new_l1 = active.clone();
+        for (i, &l1e) in active.iter().enumerate() {
+            let t = l1e & OFFSET_MASK;
+            if t == 0 {
+                continue;
+            }
+            let mut tbl = self.read_table(t, cs, "read L2 table")?;
+            let mut changed = false;
+            for p in (0..tbl.len()).step_by(es) {
+                let raw = be64(&tbl, p);
+                let le = L2Entry::standard(raw);
+                let want = if le.is_compressed() {
+                    raw & !FLAG_COPIED
+                } else if le.host_offset() == 0 {
+                    raw
+                } else if sh.get(le.host_offset() >> cb) == 1 {
+                    raw | FLAG_COPIED
+                } else {
+                    raw & !FLAG_COPIED
+                };
+                if want != raw {
+                    put_be64(&mut tbl, p, want);
+                    changed = true;
+                }
+            }
+            let table = if changed {
+                let t2 = self.shadow_write(&mut sh, &tbl, "write L2 table")?;
+                sh.add(t >> cb, -1, &iname)?;
+                t2
+            } else {
+                t
+            };
+            new_l1[i] = if sh.get(table >> cb) == 1 {
+                table | FLAG_COPIED
+            } else {
+                table
+            };
+        }
+        let l1 = if new_l1 != active {
+            let old = self.header.l1_table_offset;
+            for c in (old >> cb)..(old + active.len() as u64 * 8).div_ceil(cs) {
+                sh.add(c, -1, &iname)?;
+            }
+            let off = self.shadow_write(&mut sh, &Self::l1_bytes(&new_l1), "write L1 table")?;
+            Some((off, new_l1))
+        } else {
+            None
+        };
+        let snaps = self.shadow_snapshot_table(&mut sh, &table)?;
+        self.shadow_commit(
+            sh,
+            Commit {
+                l1,
+                snapshots: snaps,
+            },
+        )?;
+        self.forget_freed();
+        Ok(())
     }
 }
 
