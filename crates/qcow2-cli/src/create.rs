@@ -93,6 +93,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     let mut backing = a.backing.clone().map(OsString::into_vec);
     // encryption= and encrypt.* options, in the order qemu-img prints them.
     let mut crypt: Vec<(&'static str, String)> = Vec::new();
+    let mut data_file: Option<String> = None;
+    let mut data_file_raw_s: Option<String> = None;
     let mut backing_fmt = a.backing_format.clone();
     for o in a.options.iter().flat_map(|s| split_opts(s.as_bytes())) {
         let (k, raw) = match o.iter().position(|&c| c == b'=') {
@@ -118,6 +120,8 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
             "backing_fmt" => backing_fmt = Some(v),
             "preallocation" => prealloc_s = Some(v),
             "extent_size_hint" => extent_hint_s = Some(v),
+            "data_file" => data_file = Some(v),
+            "data_file_raw" => data_file_raw_s = Some(v),
             _ if ENCRYPT_OPTS.contains(&k.as_str()) => {
                 let k = ENCRYPT_OPTS[ENCRYPT_OPTS.iter().position(|o| *o == k).unwrap_or(0)];
                 crypt.retain(|(o, _)| *o != k);
@@ -298,6 +302,12 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     if let Some(f) = &backing_fmt {
         tail.push_str(&format!(" backing_fmt={f}"));
     }
+    if let Some(d) = &data_file {
+        tail.push_str(&format!(" data_file={d}"));
+    }
+    if let Some(r) = &data_file_raw_s {
+        tail.push_str(&format!(" data_file_raw={r}"));
+    }
     tail.push_str(&format!(
         " lazy_refcounts={} refcount_bits={}",
         lazy_s.as_deref().unwrap_or("off"),
@@ -420,6 +430,31 @@ pub fn run(a: CreateArgs) -> Result<u8, Fail> {
     }
     opts.encryption =
         encryption(&crypt, &a.object).map_err(|m| Fail::new(format!("{file}: {m}")))?;
+    if let Some(v) = &data_file_raw_s {
+        opts.data_file_raw = parse_bool("data_file_raw", v, &file)?;
+    }
+    if opts.data_file_raw && data_file.is_none() {
+        return Err(Fail::new(format!(
+            "{file}: data-file-raw requires data-file"
+        )));
+    }
+    if data_file.is_some() && opts.version < 3 {
+        return Err(Fail::new(format!(
+            "{file}: External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+        )));
+    }
+    if opts.data_file_raw && backing.is_some() {
+        return Err(Fail::new(format!(
+            "{file}: Backing file and data-file-raw cannot be used at the same time"
+        )));
+    }
+    opts.data_file = data_file.clone();
+    // As QEMU: a raw data file maps every cluster from the start.
+    let prealloc = if opts.data_file_raw && prealloc == Prealloc::Off {
+        Prealloc::Metadata
+    } else {
+        prealloc
+    };
     // qemu rounds the virtual size up to whole 512-byte sectors.
     let size = size.div_ceil(512) * 512;
     let fail = |e: qcow2_ops::Error| Fail::new(format!("{file}: {}", error_text(&e)));

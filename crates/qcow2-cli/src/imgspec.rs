@@ -79,6 +79,8 @@ impl SpecArgs {
                 "encrypt.key-secret" => {
                     opts.key_secret = Some(crate::secrets::lookup(&v).map_err(Fail::new)?)
                 }
+                "data-file.filename" => opts.data_file = Some(PathBuf::from(&v)),
+                "data-file.driver" if v == "file" => {}
                 "backing.encrypt.key-secret" => {
                     opts.backing_key_secret = Some(crate::secrets::lookup(&v).map_err(Fail::new)?)
                 }

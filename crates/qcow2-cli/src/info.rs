@@ -43,6 +43,10 @@ fn format_specific(info: &ImageInfo, bitmaps: &[BitmapInfo]) -> Vec<(&'static st
             v.push(("bitmaps", bitmaps_json(bitmaps)));
         }
         v.push(("refcount-bits", J::U(info.refcount_bits as u64)));
+        if let Some(d) = &info.data_file {
+            v.push(("data-file", J::S(d.clone())));
+            v.push(("data-file-raw", J::B(info.data_file_raw)));
+        }
         v.extend(encrypt_json(info));
         v.extend([
             ("corrupt", J::B(info.corrupt)),
@@ -360,9 +364,6 @@ fn describe(fname: &[u8], format: &str) -> Result<Described, Fail> {
     }
     h.extend_from_slice(b"Format specific information:\n");
     dump_human(&format_specific(&info, &bitmaps), 1, &mut h);
-    if let Some(d) = &info.data_file {
-        h.extend_from_slice(format!("    data file: {d}\n").as_bytes());
-    }
     file_child_human(&mut h, fname, file_len, actual);
 
     let backing = full_backing.map(|fb| {

@@ -62,23 +62,33 @@ pub fn json_map(entries: &[MapEntry]) -> String {
 }
 
 /// File names of the backing chain (bytes, need not be UTF-8), index = depth.
+/// A layer with an external data file shows that file (where its data is).
 fn chain_names(file: &[u8], max_depth: u32) -> Vec<Vec<u8>> {
-    let mut names = vec![file.to_vec()];
+    let mut names = Vec::new();
     let mut cur = file.to_vec();
     let mut is_qcow2 = true;
-    while (names.len() as u32) <= max_depth && is_qcow2 {
+    while (names.len() as u32) <= max_depth {
         let opts = OpenOptions {
             open_backing: false,
+            metadata_only: true,
             ..OpenOptions::read_only()
         };
-        let Ok(img) = qcow2_ops::Image::open(OsStr::from_bytes(&cur), &opts) else {
+        let img = match is_qcow2 {
+            true => qcow2_ops::Image::open(OsStr::from_bytes(&cur), &opts).ok(),
+            false => None,
+        };
+        let Some(img) = img else {
+            names.push(cur);
             break;
         };
         let info = img.info();
+        names.push(match &info.data_file {
+            Some(d) => resolve_backing(&cur, d.as_bytes()),
+            None => cur.clone(),
+        });
         let Some(b) = info.backing_file else { break };
         is_qcow2 = info.backing_format.as_deref() != Some("raw");
         cur = resolve_backing(&cur, &b);
-        names.push(cur.clone());
     }
     names
 }

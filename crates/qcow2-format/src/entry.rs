@@ -156,25 +156,38 @@ impl L2Entry {
     }
     /// Type of subcluster `sc` (0..31; for standard entries, pass 0).
     pub fn subcluster_type(self, extended: bool, sc: u32) -> SubclusterType {
+        self.subcluster_type_in(extended, sc, false)
+    }
+    /// Whether the entry names a host cluster. With an external data file
+    /// (`data_file`) host offset 0 is a valid one (guest cluster 0, where
+    /// host = guest): there the COPIED flag, always set on allocated
+    /// clusters of such images, tells an allocated entry from an empty one.
+    pub fn has_host(self, data_file: bool) -> bool {
+        !self.is_compressed()
+            && (self.raw & OFFSET_MASK != 0 || (data_file && self.raw & FLAG_COPIED != 0))
+    }
+    /// [`L2Entry::subcluster_type`] in an image with an external data file
+    /// or not (see [`L2Entry::has_host`]).
+    pub fn subcluster_type_in(self, extended: bool, sc: u32, data_file: bool) -> SubclusterType {
         if self.is_compressed() {
             return SubclusterType::Compressed;
         }
-        let off = self.raw & OFFSET_MASK;
+        let host = self.has_host(data_file);
         if !extended {
-            return match (self.zero_flag(), off != 0) {
+            return match (self.zero_flag(), host) {
                 (true, true) => SubclusterType::ZeroAlloc,
                 (true, false) => SubclusterType::ZeroPlain,
                 (false, true) => SubclusterType::Normal,
                 (false, false) => SubclusterType::UnallocatedPlain,
             };
         }
-        if self.bitmap_invalid() {
+        if self.bitmap_invalid_in(data_file) {
             // One bad subcluster makes the whole entry invalid.
             return SubclusterType::Invalid;
         }
         let alloc = (self.bitmap >> sc) & 1 != 0;
         let zero = (self.bitmap >> (32 + sc)) & 1 != 0;
-        match (zero, alloc, off != 0) {
+        match (zero, alloc, host) {
             (true, _, true) => SubclusterType::ZeroAlloc,
             (true, _, false) => SubclusterType::ZeroPlain,
             (false, true, _) => SubclusterType::Normal,
@@ -188,11 +201,15 @@ impl L2Entry {
     /// (every subcluster reads as [`SubclusterType::Invalid`]). Compressed
     /// entries have no subclusters: always false for them.
     pub fn bitmap_invalid(self) -> bool {
+        self.bitmap_invalid_in(false)
+    }
+    /// [`L2Entry::bitmap_invalid`] with or without an external data file.
+    pub fn bitmap_invalid_in(self, data_file: bool) -> bool {
         if self.is_compressed() {
             return false;
         }
         let alloc = self.bitmap & 0xffff_ffff;
-        if self.raw & OFFSET_MASK != 0 {
+        if self.has_host(data_file) {
             alloc & (self.bitmap >> 32) != 0
         } else {
             alloc != 0

@@ -48,6 +48,10 @@ impl Inner {
 
     /// [`releasable`] for this image; a corrupt refcount block marks it corrupt.
     pub(crate) fn can_free(&mut self, e: L2Entry) -> Result<bool> {
+        if self.df {
+            // Not refcounted: `free_entry_clusters` only passes the discard on.
+            return Ok(e.has_host(true));
+        }
         let cb = self.geo.cluster_bits;
         if points_into_metadata(&self.meta, &self.l2_tables, &self.refs, cb, e) {
             return Ok(false);
@@ -139,6 +143,20 @@ impl Inner {
     /// refcount drops only after the L2 change is durable.
     pub(crate) fn free_entry_clusters(&mut self, e: L2Entry, punch: bool) {
         let cb = self.geo.cluster_bits;
+        if self.df {
+            // Data in an external data file is not refcounted. Discarded
+            // data is punched there at once, as QEMU passes the discard on:
+            // the caller holds the range lock of the cluster (host = guest,
+            // so nothing else writes it meanwhile), and a crash before the
+            // entry change merely leaves it reading zeroes, which a discard
+            // allows.
+            if punch && e.has_host(true) {
+                if let Some(d) = &self.data {
+                    let _ = d.punch_hole(e.host_offset(), 1 << cb);
+                }
+            }
+            return;
+        }
         if e.is_compressed() {
             let d = e.compressed(cb);
             let first = d.first_cluster(cb) >> cb;

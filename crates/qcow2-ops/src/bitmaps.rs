@@ -116,7 +116,15 @@ impl Inner {
         }
         let has_ext = self.header.extension(EXT_BITMAPS).is_some();
         let vouched = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        let autoclear = self.header.autoclear_features & AUTOCLEAR_BITMAPS;
+        // Kept: the bitmaps bit (maintained here) and, with an external
+        // data file, the raw bit (every write keeps the data file raw).
+        let kept = AUTOCLEAR_BITMAPS
+            | if self.df {
+                qcow2_format::header::AUTOCLEAR_DATA_FILE_RAW
+            } else {
+                0
+            };
+        let autoclear = self.header.autoclear_features & kept;
         let drop_ext = has_ext && !vouched;
         let mut wrote = false;
         if drop_ext || autoclear != self.header.autoclear_features {

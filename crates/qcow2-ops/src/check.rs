@@ -260,16 +260,19 @@ enum QType {
     Unallocated,
 }
 
-fn qtype(raw: u64, extended: bool) -> QType {
+/// QEMU's cluster type of an L2 entry; `df`: the image has an external
+/// data file (offset 0 with COPIED is guest cluster 0's data there).
+fn qtype(raw: u64, extended: bool, df: bool) -> QType {
+    let host = raw & OFFSET_MASK != 0 || (df && raw & FLAG_COPIED != 0);
     if raw & FLAG_COMPRESSED != 0 {
         QType::Compressed
     } else if raw & FLAG_ZERO != 0 && !extended {
-        if raw & OFFSET_MASK != 0 {
+        if host {
             QType::ZeroAlloc
         } else {
             QType::ZeroPlain
         }
-    } else if raw & OFFSET_MASK == 0 {
+    } else if !host {
         QType::Unallocated
     } else {
         QType::Normal
@@ -653,6 +656,7 @@ impl Checker<'_> {
         n: u64,
     ) -> Result<()> {
         let ext = self.inner.geo.extended_l2;
+        let df = self.inner.df;
         let es = self.inner.geo.l2_entry_size() as usize;
         let cs = self.cs;
         // Entries past the end of the file are zero: unallocated, no effect.
@@ -669,7 +673,7 @@ impl Checker<'_> {
         for i in 0..tbl.len() / es {
             let mut raw = be64(&tbl, i * es);
             let bitmap = if ext { be64(&tbl, i * es + 8) } else { 0 };
-            let ty = qtype(raw, ext);
+            let ty = qtype(raw, ext, df);
             let mut bad = 0u64;
             if ty != QType::Compressed && raw & L2_STD_RESERVED != 0 {
                 note!(self, "ERROR found l2 entry with reserved bits set: {raw:x}");
@@ -685,6 +689,14 @@ impl Checker<'_> {
                         );
                         raw &= !FLAG_COPIED;
                         bad += 1;
+                    }
+                    if df {
+                        note!(
+                            self,
+                            "ERROR compressed cluster {i} with data file, entry=0x{raw:x}"
+                        );
+                        self.res.corruptions += (bad + 1) * n;
+                        continue;
                     }
                     if bitmap != 0 {
                         note!(self,
@@ -744,7 +756,10 @@ impl Checker<'_> {
                         }
                         next_contiguous = offset + cs;
                     }
-                    self.inc_n(imrt, offset, cs, n);
+                    // Data in an external data file is not refcounted.
+                    if !df {
+                        self.inc_n(imrt, offset, cs, n);
+                    }
                 }
                 QType::ZeroPlain => {}
                 QType::Unallocated => {
@@ -1416,12 +1431,18 @@ impl Checker<'_> {
             for j in 0..tbl.len() / es {
                 let raw = be64(&tbl, j * es);
                 let data = raw & OFFSET_MASK;
-                let ty = qtype(raw, ext);
+                let ty = qtype(raw, ext, self.inner.df);
                 if ty != QType::Normal && ty != QType::ZeroAlloc {
                     continue;
                 }
-                let Ok(rc) = self.inner.refs.get(&*self.inner.file, data >> cb) else {
-                    continue;
+                // Data in an external data file has an implicit refcount of 1.
+                let rc = if self.inner.df {
+                    1
+                } else {
+                    let Ok(rc) = self.inner.refs.get(&*self.inner.file, data >> cb) else {
+                        continue;
+                    };
+                    rc
                 };
                 if (rc == 1) != (raw & FLAG_COPIED != 0) {
                     // Repaired at the first reference; else each counts.

@@ -65,6 +65,13 @@ pub(crate) fn compress_cluster(ty: CompressionType, src: &[u8], limit: usize) ->
 impl Inner {
     /// Writes whole clusters compressed (range validated, image writable).
     pub(crate) fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.df {
+            // The spec allows no compressed clusters there (QEMU: ENOTSUP).
+            return Err(Error::NotSupported(format!(
+                "'{}': compressed writes to an image with an external data file",
+                self.name
+            )));
+        }
         let cs = self.geo.cluster_size();
         let end = offset + buf.len() as u64;
         if offset & (cs - 1) != 0 || (buf.len() as u64 & (cs - 1) != 0 && end != self.header.size) {

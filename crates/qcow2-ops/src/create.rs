@@ -79,6 +79,17 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             "{name}: backing format given without a backing file"
         )));
     }
+    if o.data_file_raw && o.data_file.is_none() {
+        return Err(invalid(format!("{name}: data-file-raw requires data-file")));
+    }
+    if o.data_file.is_some() && o.version < 3 {
+        return Err(invalid(format!("{name}: External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)")));
+    }
+    if o.data_file_raw && o.backing_file.is_some() {
+        return Err(invalid(format!(
+            "{name}: Backing file and data-file-raw cannot be used at the same time"
+        )));
+    }
     if size % 512 != 0 {
         return Err(invalid(format!(
             "{name}: image size must be a multiple of 512 bytes"
@@ -137,6 +148,9 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     if o.zstd {
         incompat |= header::INCOMPAT_COMPRESSION;
     }
+    if o.data_file.is_some() {
+        incompat |= header::INCOMPAT_DATA_FILE;
+    }
     let mut extensions = Vec::new();
     if let Some(f) = &o.backing_format {
         extensions.push(Extension {
@@ -148,6 +162,12 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         extensions.push(Extension {
             kind: header::EXT_FULL_DISK_ENCRYPTION,
             data: crate::crypt::header_extension(luks_off, a.len() as u64),
+        });
+    }
+    if let Some(d) = &o.data_file {
+        extensions.push(Extension {
+            kind: header::EXT_DATA_FILE,
+            data: d.as_bytes().to_vec(),
         });
     }
     if o.version == 3 {
@@ -175,7 +195,11 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         } else {
             0
         },
-        autoclear_features: 0,
+        autoclear_features: if o.data_file_raw {
+            header::AUTOCLEAR_DATA_FILE_RAW
+        } else {
+            0
+        },
         refcount_order: order,
         header_length: if o.version == 3 {
             header::V3_HEADER_LEN
@@ -206,6 +230,24 @@ pub(crate) fn create(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         let idx = (c % epb) as usize;
         let s = blk * cs as usize;
         rc::set(&mut blocks[s..s + cs as usize], idx, order, 1);
+    }
+    if let Some(d) = &o.data_file {
+        // As qemu-img: a new (or emptied) raw file of the virtual size.
+        let dp = crate::backing::resolve(path, d.as_bytes());
+        let df = FileStorage::open(
+            &dp,
+            OpenMode {
+                writable: true,
+                direct: false,
+                create: true,
+            },
+        )
+        .map_err(|e| Error::io(format!("could not create '{}'", dp.display()), e))?;
+        let io = |e| Error::io(format!("{}: truncate", dp.display()), e);
+        df.set_len(0).map_err(io)?;
+        df.set_len(size).map_err(io)?;
+        df.sync()
+            .map_err(|e| Error::io(format!("{}: sync", dp.display()), e))?;
     }
     let f = FileStorage::open(
         path,

@@ -203,6 +203,8 @@ pub(crate) struct Io<'a> {
     pub(crate) name: &'a str,
     /// The data cipher of an encrypted image.
     pub(crate) crypt: Option<&'a Crypt>,
+    /// Where guest data lives (the image file or its external data file).
+    pub(crate) data: &'a dyn Storage,
 }
 
 impl Io<'_> {
@@ -212,7 +214,7 @@ impl Io<'_> {
             let b = &mut buf[s.at..s.at + s.len];
             match s.src {
                 Src::Host(h) => {
-                    self.file
+                    self.data
                         .read_at(b, h)
                         .map_err(ioerr("read data", self.name))?;
                     if let Some(c) = self.crypt {
@@ -334,9 +336,9 @@ impl Io<'_> {
             }
             let run: SmallVec<[&[u8]; 8]> = pieces[i..j].iter().map(bytes).collect();
             if run.len() == 1 {
-                self.file.write_at(run[0], start)
+                self.data.write_at(run[0], start)
             } else {
-                self.file.write_vectored_at(&run, start)
+                self.data.write_vectored_at(&run, start)
             }
             .map_err(ioerr("write data", self.name))?;
             total += end - start;
@@ -351,7 +353,7 @@ impl Inner {
     pub(crate) fn segments(&self, e: L2Entry, in_c: u64, n: u64) -> SmallVec<[Segment; 4]> {
         let ext = self.geo.extended_l2;
         if !ext || e.is_compressed() {
-            return smallvec::smallvec![(e.subcluster_type(ext, 0), in_c, n)];
+            return smallvec::smallvec![(e.subcluster_type_in(ext, 0, self.df), in_c, n)];
         }
         let sub = self.geo.subcluster_size();
         let mut out: SmallVec<[Segment; 4]> = SmallVec::new();
@@ -359,7 +361,7 @@ impl Inner {
         let end = in_c + n;
         while pos < end {
             let sc = (pos / sub) as u32;
-            let t = e.subcluster_type(true, sc);
+            let t = e.subcluster_type_in(true, sc, self.df);
             let seg_end = ((sc as u64 + 1) * sub).min(end);
             match out.last_mut() {
                 Some((lt, _, len)) if *lt == t => *len += seg_end - pos,
@@ -381,6 +383,7 @@ impl Inner {
             cluster_bits: self.geo.cluster_bits,
             name: &self.name,
             crypt: self.crypt.as_deref(),
+            data: self.data.as_deref().unwrap_or(&*self.file),
         }
     }
 
@@ -527,8 +530,14 @@ impl Inner {
         self.ensure_l2_table(cg)?;
         let e = self.l2_entry(cg)?;
         let host = e.host_offset();
-        let reuse = !e.is_compressed() && host != 0 && e.copied();
-        if host != 0 && !self.within_file(host)? {
+        // With an external data file every allocated cluster is the
+        // guest's own (host = guest), never shared: always written in place.
+        let reuse = if self.df {
+            e.has_host(true)
+        } else {
+            !e.is_compressed() && host != 0 && e.copied()
+        };
+        if !self.df && host != 0 && !self.within_file(host)? {
             // A data cluster past the end of the file is not ours to write.
             let msg = format!(
                 "{}: data cluster {host:#x} for guest offset {cg:#x} lies past the end of the file",
@@ -543,18 +552,18 @@ impl Inner {
             let s0 = in_c / sub;
             let s1 = (in_c + n).div_ceil(sub);
             let (start, end) = (s0 * sub, s1 * sub);
-            let all_normal =
-                (s0..s1).all(|s| e.subcluster_type(true, s as u32) == SubclusterType::Normal);
+            let all_normal = (s0..s1)
+                .all(|s| e.subcluster_type_in(true, s as u32, self.df) == SubclusterType::Normal);
             if reuse && all_normal {
                 // All touched subclusters hold data already: write in place.
-                self.overlap_check(host + in_c, n, "data")?;
+                self.data_overlap_check(host + in_c, n)?;
                 plan.direct.push((host + in_c, data));
                 return Ok(());
             }
             let partial = start != in_c || end != in_c + n;
             // A cluster shared with a snapshot: the copy gets the whole
             // cluster as it reads now, then the touched subclusters.
-            let whole = host != 0 && !reuse;
+            let whole = !self.df && host != 0 && !reuse;
             let (r0, r1) = if whole { (0, cs) } else { (start, end) };
             let base = if whole || partial {
                 let mut b = ReadPlan::new();
@@ -565,6 +574,8 @@ impl Inner {
             };
             let (new_host, fresh) = if reuse {
                 (host, None)
+            } else if self.df {
+                (cg, None)
             } else {
                 let c = self.alloc_clusters(1)?;
                 (c * cs, Some(c))
@@ -589,11 +600,11 @@ impl Inner {
                 fresh,
                 release_old: whole,
             });
-            return self.overlap_check(new_host + r0, r1 - r0, "data");
+            return self.data_overlap_check(new_host + r0, r1 - r0);
         }
         if reuse && !e.zero_flag() {
             // Plain overwrite of an allocated data cluster.
-            self.overlap_check(host + in_c, n, "data")?;
+            self.data_overlap_check(host + in_c, n)?;
             plan.direct.push((host + in_c, data));
             return Ok(());
         }
@@ -608,6 +619,8 @@ impl Inner {
         };
         let (new_host, fresh) = if reuse {
             (host, None)
+        } else if self.df {
+            (cg, None)
         } else {
             let c = self.alloc_clusters(1)?;
             (c * cs, Some(c))
@@ -631,7 +644,16 @@ impl Inner {
             fresh,
             release_old: !reuse,
         });
-        self.overlap_check(new_host, cs, "data")
+        self.data_overlap_check(new_host, cs)
+    }
+
+    /// The metadata overlap check before a data write at `host`: none with
+    /// an external data file (the data is not in the image file).
+    fn data_overlap_check(&mut self, host: u64, len: u64) -> Result<()> {
+        if self.df {
+            return Ok(());
+        }
+        self.overlap_check(host, len, "data")
     }
 
     /// Counts data bytes written outside the metadata paths.

@@ -54,6 +54,8 @@ pub struct Image {
     writethrough: bool,
     /// The data cipher of an encrypted image.
     crypt: Option<Arc<Crypt>>,
+    /// Where guest data lives: the image file, or its external data file.
+    data: Arc<dyn Storage>,
     /// Mutating requests completed so far.
     req_gen: AtomicU64,
     /// `req_gen` as it was when the last successful flush started: every
@@ -145,6 +147,11 @@ pub(crate) struct Inner {
     pub(crate) encryption: Option<crate::types::EncryptionInfo>,
     /// The clusters of the LUKS header.
     pub(crate) crypt_area: Option<std::ops::Range<u64>>,
+    /// The image has an external data file (host offset = guest offset,
+    /// data clusters not refcounted).
+    pub(crate) df: bool,
+    /// The external data file (`None`: none, or opened for metadata only).
+    pub(crate) data: Option<Arc<dyn Storage>>,
 }
 
 impl Image {
@@ -168,6 +175,10 @@ impl Image {
     fn from_inner(inner: Inner) -> Image {
         Image {
             crypt: inner.crypt.clone(),
+            data: inner
+                .data
+                .clone()
+                .unwrap_or_else(|| Arc::clone(&inner.file)),
             gate: RwLock::new(()),
             ranges: RangeLocks::new(),
             sh: Arc::clone(&inner.sh),
@@ -283,6 +294,7 @@ impl Image {
             cluster_bits: self.cluster_bits,
             name: &self.name,
             crypt: self.crypt.as_deref(),
+            data: &*self.data,
         }
     }
 
@@ -422,7 +434,9 @@ impl Image {
         g.check_writable()?;
         g.check_range(offset, len)?;
         g.mark_bitmaps(offset, len);
-        let r = g.write_zeroes(offset, len, flags);
+        let r = g
+            .zero_raw_data_file(offset, len)
+            .and_then(|()| g.write_zeroes(offset, len, flags));
         self.complete(g, range, r, flags)
     }
     /// Discards whole clusters in the range (partial clusters: no-op).
@@ -473,7 +487,7 @@ impl Image {
         }
         let seen = self.sh.dur.sync_start();
         drop(g);
-        let r = self.file.sync();
+        let r = crate::writeback::sync_files(&*self.file, &*self.data);
         let mut g = self.lock();
         g.stats.file_syncs += 1;
         g.note_sync(r)?;
@@ -643,11 +657,8 @@ impl Inner {
             },
         })?;
         let crypto = crate::crypt::open(&*file, &header, file_len, &name, opts)?;
-        if header.has_data_file() {
-            return Err(Error::NotSupported(format!(
-                "'{name}': external data files are not supported"
-            )));
-        }
+        let data = crate::datafile::open(path, &header, &name, opts)?;
+        let has_df = header.has_data_file();
         let geo = header.geometry();
         let read_only = !opts.writable || opts.metadata_only;
         if header.is_corrupt() && opts.writable && !opts.for_repair {
@@ -730,6 +741,8 @@ impl Inner {
             crypt: crypto.crypt,
             encryption: crypto.info,
             crypt_area: crypto.area,
+            df: has_df,
+            data,
         };
         me.l2_tables = me
             .l1
@@ -795,6 +808,8 @@ impl Inner {
                     .into_vec()
             }),
             data_file: h.data_file(),
+            data_file_raw: h.has_data_file()
+                && h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
             file_length: self.file.len().unwrap_or(0),
             snapshots: h.nb_snapshots,
             encryption: self.encryption.clone(),
@@ -880,6 +895,14 @@ impl Inner {
     // ----- low-level file access with counters -----
 
     pub(crate) fn write_data(&mut self, host: u64, buf: &[u8]) -> Result<()> {
+        if let Some(d) = &self.data {
+            // External data file: not the image file, no metadata there.
+            d.write_at(buf, host)
+                .map_err(ioerr("write data", &self.name))?;
+            self.stats.data_bytes_written += buf.len() as u64;
+            self.set_unsynced();
+            return Ok(());
+        }
         self.overlap_check(host, buf.len() as u64, "data")?;
         self.file
             .write_at(buf, host)
@@ -1227,8 +1250,15 @@ impl Inner {
         let v2_zero = self.header.version < 3 && !e.is_compressed() && e.zero_flag();
         let problem = if v2_zero {
             Some("zero cluster entry in a pre-v3 image")
-        } else if self.geo.extended_l2 && e.bitmap_invalid() {
+        } else if self.geo.extended_l2 && e.bitmap_invalid_in(self.df) {
             Some("invalid subcluster allocation bitmap")
+        } else if self.df && e.is_compressed() {
+            Some("compressed cluster entry in an image with an external data file")
+        } else if self.df
+            && e.has_host(true)
+            && e.host_offset() != guest & !(self.geo.cluster_size() - 1)
+        {
+            Some("external data file host cluster offset does not match the guest cluster offset")
         } else {
             l2_entry_problem(e, self.geo.cluster_size())
         };

@@ -15,6 +15,7 @@ mod check;
 mod compress;
 mod create;
 mod crypt;
+mod datafile;
 mod datapath;
 mod durability;
 mod error;

@@ -183,6 +183,9 @@ impl Inner {
     /// way to reserve space that the file systems report as allocated);
     /// `over_backing`: they must hide a longer backing file.
     fn preallocate(&mut self, old: u64, new: u64, write: bool, over_backing: bool) -> Result<()> {
+        if self.df {
+            return self.preallocate_data_file(old, new);
+        }
         let cs = self.geo.cluster_size();
         let name = self.name.clone();
         let mut guest = old / cs * cs;
@@ -240,6 +243,39 @@ impl Inner {
             let raw = host | FLAG_COPIED;
             self.set_l2_entry(table, guest, L2Entry { raw, bitmap })?;
             self.set_alloc_unsynced();
+            guest += cs;
+        }
+        Ok(())
+    }
+
+    /// [`Self::preallocate`] with an external data file: every cluster
+    /// maps its own guest offset there; the data file is extended to the new
+    /// size (its new part reads as zeroes).
+    fn preallocate_data_file(&mut self, old: u64, new: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let name = self.name.clone();
+        if let Some(d) = self.data.clone() {
+            if d.len().map_err(ioerr("stat data file", &name))? < new {
+                d.set_len(new).map_err(ioerr("extend data file", &name))?;
+                self.set_unsynced();
+            }
+        }
+        let mut guest = old / cs * cs;
+        while guest < new {
+            let table = self.ensure_l2_table(guest)?;
+            let e = self.l2_entry_unchecked(guest)?;
+            if !e.has_host(true) {
+                if guest < old {
+                    // A partial first cluster keeps what its head reads now.
+                    let mut head = vec![0u8; (old - guest) as usize];
+                    self.read(guest, &mut head)?;
+                    self.write_data(guest, &head)?;
+                }
+                let bitmap = if self.geo.extended_l2 { 0xffff_ffff } else { 0 };
+                let raw = guest | FLAG_COPIED;
+                self.set_l2_entry(table, guest, L2Entry { raw, bitmap })?;
+                self.set_alloc_unsynced();
+            }
             guest += cs;
         }
         Ok(())

@@ -125,7 +125,8 @@ impl Inner {
             let m = match t {
                 SubclusterType::Normal if self.is_metadata_preallocated()? => {
                     // As QEMU: ask the file where it really holds data.
-                    host_status(&*self.file, base, host, out)?;
+                    let data = self.data.clone().unwrap_or_else(|| self.file.clone());
+                    host_status(&*data, base, host, out)?;
                     continue;
                 }
                 SubclusterType::Normal => MapEntry {
@@ -172,6 +173,7 @@ impl Inner {
         let v = match self
             .file
             .allocated_size()
+            .map(|a| a.filter(|_| !self.df))
             .map_err(ioerr("stat", &self.name))?
         {
             None => false,

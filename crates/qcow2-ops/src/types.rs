@@ -102,6 +102,9 @@ pub struct OpenOptions {
     /// Passphrase of an encrypted backing file (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_key_secret: Option<Secret>,
+    /// The external data file to use instead of the one the header names
+    /// (QEMU's `data-file` option).
+    pub data_file: Option<std::path::PathBuf>,
     /// Open without unlocking the data (an encrypted image needs no
     /// secret; reading or writing guest data fails): what `qemu-img info`
     /// needs, as QEMU's no-I/O open.
@@ -146,6 +149,7 @@ impl Default for OpenOptions {
             for_repair: false,
             key_secret: None,
             backing_key_secret: None,
+            data_file: None,
             metadata_only: false,
         }
     }
@@ -224,6 +228,12 @@ pub struct CreateOptions {
     pub unsafe_backing: bool,
     /// Encrypt the image's data.
     pub encryption: Option<Encryption>,
+    /// External data file name, stored as given (relative names are
+    /// relative to the image's directory); the file is created (or
+    /// truncated) with the virtual size.
+    pub data_file: Option<String>,
+    /// The data file is also a consistent raw image (`data_file_raw`).
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -239,6 +249,8 @@ impl Default for CreateOptions {
             backing_format: None,
             unsafe_backing: false,
             encryption: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -326,6 +338,8 @@ pub struct ImageInfo {
     pub full_backing_file: Option<Vec<u8>>,
     /// External data file name.
     pub data_file: Option<String>,
+    /// The external data file is a consistent raw image too.
+    pub data_file_raw: bool,
     /// Image file length.
     pub file_length: u64,
     /// Number of internal snapshots.

@@ -15,7 +15,10 @@ impl Inner {
         let start = self.sh.dur.sync_start();
         if self.opts.cache != CacheMode::Unsafe {
             self.check_sync_failed()?;
-            let r = self.file.sync();
+            let r = match &self.data {
+                Some(d) => sync_files(&*self.file, &**d),
+                None => self.file.sync(),
+            };
             self.stats.file_syncs += 1;
             self.note_sync(r)?;
         }
@@ -177,4 +180,19 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Syncs the external data file `data` (when it is not `file` itself),
+/// then the image file: data is durable before the metadata naming it.
+pub(crate) fn sync_files(
+    file: &dyn qcow2_io::Storage,
+    data: &dyn qcow2_io::Storage,
+) -> std::io::Result<()> {
+    if !std::ptr::addr_eq(
+        file as *const dyn qcow2_io::Storage,
+        data as *const dyn qcow2_io::Storage,
+    ) {
+        data.sync()?;
+    }
+    file.sync()
 }

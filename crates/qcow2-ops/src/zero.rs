@@ -95,7 +95,7 @@ impl Inner {
             bytes = sub.min(size - offset);
             let e = self.l2_entry(offset)?;
             let sc = ((offset % self.geo.cluster_size()) / sub) as u32;
-            let t = e.subcluster_type(self.geo.extended_l2, sc);
+            let t = e.subcluster_type_in(self.geo.extended_l2, sc, self.df);
             if !matches!(
                 t,
                 SubclusterType::UnallocatedPlain
@@ -201,8 +201,9 @@ impl Inner {
                 n -= cnt;
                 continue;
             }
+            let df = self.df;
             self.rewrite_slice(id, pos, cnt, offset, |old| {
-                let (new, unmap) = zero_target(old, ext, may_unmap);
+                let (new, unmap) = zero_target(old, ext, may_unmap, df);
                 (new, unmap)
             })?;
             offset += cnt << cb;
@@ -228,6 +229,7 @@ impl Inner {
         let ext = self.geo.extended_l2;
         let es = self.geo.l2_entry_size() as usize;
         let cb = self.geo.cluster_bits;
+        let df = self.df;
         let mut frees: Vec<L2Entry> = Vec::new();
         let mut dirty: Vec<(usize, usize)> = Vec::new();
         let mut skipped = 0u64;
@@ -250,20 +252,21 @@ impl Inner {
                 // entry changes: a refcount block that cannot take the
                 // decrement fails the request here, not the flush.
                 let release = release
-                    && !crate::alloc::points_into_metadata(
-                        &self.meta,
-                        &self.l2_tables,
-                        &self.refs,
-                        cb,
-                        old,
-                    )
-                    && match crate::alloc::releasable(&mut self.refs, &*self.file, cb, old) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            failed = Some((e, offset + ((i as u64) << cb)));
-                            break;
-                        }
-                    };
+                    && (df
+                        || !crate::alloc::points_into_metadata(
+                            &self.meta,
+                            &self.l2_tables,
+                            &self.refs,
+                            cb,
+                            old,
+                        ) && match crate::alloc::releasable(&mut self.refs, &*self.file, cb, old)
+                        {
+                            Ok(r) => r,
+                            Err(e) => {
+                                failed = Some((e, offset + ((i as u64) << cb)));
+                                break;
+                            }
+                        });
                 put_be64(d, p, new.raw);
                 if ext {
                     put_be64(d, p + 8, new.bitmap);
@@ -351,8 +354,9 @@ impl Inner {
             let es = self.geo.l2_entry_size() as usize;
             let in_slice = ((self.l2.slice_size() - pos) / es) as u64;
             let cnt = in_slice.min((end - guest).div_ceil(cs));
+            let df = self.df;
             self.rewrite_slice(id, pos, cnt, guest, |old| {
-                let allocated = old.is_compressed() || old.host_offset() != 0;
+                let allocated = old.is_compressed() || old.has_host(df);
                 let new = if full {
                     L2Entry::default()
                 } else if has_backing || allocated {
@@ -407,9 +411,9 @@ fn already_zero(entries: &[u8], may_unmap: bool) -> bool {
 
 /// Target entry of a whole-cluster zeroing, and whether the old clusters are released.
 #[inline]
-fn zero_target(old: L2Entry, ext: bool, may_unmap: bool) -> (L2Entry, bool) {
+fn zero_target(old: L2Entry, ext: bool, may_unmap: bool, df: bool) -> (L2Entry, bool) {
     let compressed = old.is_compressed();
-    let allocated = compressed || old.host_offset() != 0;
+    let allocated = compressed || old.has_host(df);
     let unmap = compressed || (may_unmap && allocated);
     let mut new = if unmap { L2Entry::default() } else { old };
     if ext {
@@ -446,28 +450,41 @@ mod tests {
     #[test]
     fn target_table() {
         let data = L2Entry::standard(0x8000_0000_0005_0000);
-        let (n, u) = zero_target(data, false, false);
+        let (n, u) = zero_target(data, false, false, false);
         assert_eq!((n.raw, u), (0x8000_0000_0005_0001, false));
-        let (n, u) = zero_target(data, false, true);
+        let (n, u) = zero_target(data, false, true, false);
         assert_eq!((n.raw, u), (1, true));
         let comp = L2Entry::standard(0x4000_0000_0012_3456);
         assert_eq!(
-            zero_target(comp, false, false),
+            zero_target(comp, false, false, false),
             (L2Entry::standard(1), true)
         );
         let zp = L2Entry::standard(1);
-        assert_eq!(zero_target(zp, false, true).0, zp);
+        assert_eq!(zero_target(zp, false, true, false).0, zp);
         let za = L2Entry::standard(0x8000_0000_0005_0001);
-        assert_eq!(zero_target(za, false, false).0, za);
-        assert_eq!(zero_target(za, false, true), (L2Entry::standard(1), true));
-        assert_eq!(zero_target(L2Entry::default(), false, true).0, zp);
+        assert_eq!(zero_target(za, false, false, false).0, za);
+        assert_eq!(
+            zero_target(za, false, true, false),
+            (L2Entry::standard(1), true)
+        );
+        assert_eq!(zero_target(L2Entry::default(), false, true, false).0, zp);
         let ext = L2Entry {
             raw: 0x8000_0000_0005_0000,
             bitmap: 0xffff_ffff,
         };
-        let (n, u) = zero_target(ext, true, false);
+        let (n, u) = zero_target(ext, true, false, false);
         assert_eq!((n.raw, n.bitmap, u), (ext.raw, L2_BITMAP_ALL_ZERO, false));
-        let (n, u) = zero_target(ext, true, true);
+        let (n, u) = zero_target(ext, true, true, false);
         assert_eq!((n.raw, n.bitmap, u), (0, L2_BITMAP_ALL_ZERO, true));
+        // External data file: guest cluster 0's entry (offset 0, COPIED) is allocated.
+        let c0 = L2Entry::standard(0x8000_0000_0000_0000);
+        assert_eq!(
+            zero_target(c0, false, true, false),
+            (L2Entry::standard(0x8000_0000_0000_0001), false)
+        );
+        assert_eq!(
+            zero_target(c0, false, true, true),
+            (L2Entry::standard(1), true)
+        );
     }
 }

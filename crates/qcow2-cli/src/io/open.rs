@@ -268,6 +268,8 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             }
             "backing" if v == "null" || v.is_empty() => tuning.open_backing = false,
             "encrypt.key-secret" => tuning.key_secret = Some(crate::secrets::lookup(&v)?),
+            "data-file.filename" => tuning.data_file = Some(PathBuf::from(&v)),
+            "data-file.driver" if v == "file" => {}
             "backing.encrypt.key-secret" => {
                 tuning.backing_key_secret = Some(crate::secrets::lookup(&v)?)
             }
