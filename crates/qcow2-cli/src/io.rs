@@ -248,7 +248,8 @@ pub(crate) fn dump(offset: u64, buf: &[u8]) {
         }
         line.push(' ');
         for &b in chunk {
-            line.push(if (b' '..=b'~').contains(&b) {
+            // As qemu-io: letters and digits only (isalnum in the C locale).
+            line.push(if b.is_ascii_alphanumeric() {
                 b as char
             } else {
                 '.'
@@ -256,6 +257,39 @@ pub(crate) fn dump(offset: u64, buf: &[u8]) {
         }
         out!("{line}");
     }
+}
+
+/// qemu-io's `-s FILE` buffer: the file's first `len` bytes, repeated to
+/// fill `len`; its messages (stderr) for a missing or empty file.
+fn data_from_file(name: &str, len: usize) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(name) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{name}: {}", strerror(e.raw_os_error().unwrap_or(5)));
+            return None;
+        }
+    };
+    let mut buf = vec![0u8; len];
+    let mut n = 0;
+    while n < len {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => {
+                eprintln!("{name}: {}", strerror(e.raw_os_error().unwrap_or(5)));
+                return None;
+            }
+        }
+    }
+    if n == 0 && len > 0 {
+        eprintln!("{name}: file is empty");
+        return None;
+    }
+    for i in n..len {
+        buf[i] = buf[i % n];
+    }
+    Some(buf)
 }
 
 pub(crate) fn in_bounds(ctx: &Ctx, off: u64, len: u64) -> bool {
@@ -267,6 +301,7 @@ pub(crate) fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         return false;
     };
     let (mut pattern, mut quiet, mut verbose, mut machine) = (None, false, false, false);
+    let mut vmstate = false;
     let (mut p_off, mut p_len): (Option<u64>, Option<u64>) = (None, None);
     for (c, v) in opts {
         match c {
@@ -285,10 +320,7 @@ pub(crate) fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
             'q' => quiet = true,
             'v' => verbose = true,
             'C' => machine = true,
-            'b' => {
-                out!("read failed: {}", strerror(95));
-                return false;
-            }
+            'b' => vmstate = true,
             _ => {}
         }
     }
@@ -309,13 +341,25 @@ pub(crate) fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         out!("pattern verification range exceeds end of read data");
         return false;
     }
-    if !in_bounds(ctx, offset, count) {
+    if vmstate {
+        for (v, what) in [(offset, "offset"), (count, "count")] {
+            if v % 512 != 0 {
+                out!("{v} is not a sector-aligned value for '{what}'");
+                return false;
+            }
+        }
+    } else if !in_bounds(ctx, offset, count) {
         eio("read");
         return false;
     }
     let mut buf = vec![0u8; count as usize];
     let t = Instant::now();
-    if count > 0 {
+    if vmstate {
+        if let Err(e) = ctx.dev().vmstate_read(offset, &mut buf) {
+            failed("read", &e);
+            return false;
+        }
+    } else if count > 0 {
         if let Err(e) = cmds::read_cor(ctx, offset, &mut buf) {
             failed("read", &e);
             return false;
@@ -348,8 +392,9 @@ pub(crate) fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
     let Some((opts, pos)) = getopt(name, args, "bcCfnpP:qrs:uz", WRITE_USAGE) else {
         return false;
     };
-    let (mut pattern, mut quiet, mut machine, mut zero, mut compressed, mut vmstate, mut source) =
-        (None, false, false, false, false, false, false);
+    let (mut pattern, mut quiet, mut machine, mut zero, mut compressed, mut vmstate) =
+        (None, false, false, false, false, false);
+    let mut source: Option<String> = None;
     let mut flags = 0u32;
     for (c, v) in opts {
         match c {
@@ -365,7 +410,7 @@ pub(crate) fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
             'f' => flags |= REQ_FUA,
             'c' => compressed = true,
             'b' => vmstate = true,
-            's' => source = true,
+            's' => source = v.clone(),
             _ => {}
         }
     }
@@ -373,7 +418,23 @@ pub(crate) fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         out!("{WRITE_USAGE}");
         return false;
     }
-    if [zero, pattern.is_some(), source]
+    if vmstate && zero {
+        out!("-b and -z cannot be specified at the same time");
+        return false;
+    }
+    if flags & REQ_FUA != 0 && (vmstate || compressed) {
+        out!("-f and -b or -c cannot be specified at the same time");
+        return false;
+    }
+    if flags & REQ_NO_FALLBACK != 0 && !zero {
+        out!("-n requires -z to be specified");
+        return false;
+    }
+    if flags & REQ_MAY_UNMAP != 0 && !zero {
+        out!("-u requires -z to be specified");
+        return false;
+    }
+    if [zero, pattern.is_some(), source.is_some()]
         .iter()
         .filter(|&&b| b)
         .count()
@@ -382,21 +443,13 @@ pub(crate) fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         out!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
-    if flags & REQ_MAY_UNMAP != 0 && !zero {
-        out!("-u requires -z to be specified");
-        return false;
-    }
-    if flags & REQ_NO_FALLBACK != 0 && !zero {
-        out!("-n requires -z to be specified");
-        return false;
-    }
     // qemu-io lifts the length limit for -n requests.
     let limit = (flags & REQ_NO_FALLBACK == 0).then_some(" without -n");
     let Some((offset, count)) = offset_and_length(&pos, limit) else {
         return false;
     };
-    if compressed {
-        // As qemu-io: compressed requests are sector aligned.
+    if compressed || vmstate {
+        // As qemu-io: compressed and VM state requests are sector aligned.
         for (v, what) in [(offset, "offset"), (count, "count")] {
             if v % 512 != 0 {
                 out!("{v} is not a sector-aligned value for '{what}'");
@@ -407,24 +460,31 @@ pub(crate) fn cmd_write(ctx: &Ctx, name: &str, args: &[String]) -> bool {
             flags |= qcow2_ops::REQ_COMPRESSED;
         }
     }
-    if vmstate || source {
-        // Not provided by the engine's API.
-        out!("write failed: {}", strerror(95));
-        return false;
-    }
-    if !in_bounds(ctx, offset, count) {
+    // The data: from -s FILE (repeated to the length), else the pattern.
+    let data = if zero {
+        Vec::new()
+    } else if let Some(f) = &source {
+        match data_from_file(f, count as usize) {
+            Some(d) => d,
+            None => return false,
+        }
+    } else {
+        vec![pattern.unwrap_or(0xcd); count as usize]
+    };
+    if !vmstate && !in_bounds(ctx, offset, count) {
         eio("write");
         return false;
     }
     let t = Instant::now();
-    let r = if count == 0 {
+    let r = if vmstate {
+        ctx.dev().vmstate_write(offset, &data)
+    } else if count == 0 {
         Ok(())
     } else if zero {
         ctx.dev().write_zeroes(offset, count, flags)
     } else {
-        let buf = vec![pattern.unwrap_or(0xcd); count as usize];
         ctx.dev()
-            .write(offset, &buf, flags & (REQ_FUA | qcow2_ops::REQ_COMPRESSED))
+            .write(offset, &data, flags & (REQ_FUA | qcow2_ops::REQ_COMPRESSED))
     };
     let secs = t.elapsed().as_secs_f64();
     if let Err(e) = r {

@@ -810,3 +810,42 @@ fn truncate_qcow2() {
         stdout: true,
     });
 }
+
+/// The VM state area (`write -b` / `read -b`: past the disk, through the
+/// same tables, growing the L1 table) and `write -s FILE` (the file's bytes,
+/// repeated), with qemu-io's checks and messages.
+#[test]
+fn vmstate_and_source_file() {
+    run_case(&Case {
+        name: "vmstate and -s",
+        setup: &|d: &Path| {
+            plain(d);
+            std::fs::write(d.join("pat.bin"), b"0123456789abcdef!").unwrap();
+            std::fs::write(d.join("empty.bin"), b"").unwrap();
+        },
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "write -b -P 0x51 0 4k",
+                "read -b -P 0x51 0 4k",
+                "read -b -P 0 4k 4k",
+                "write -b -P 0x52 1T 64k",
+                "read -b -P 0x52 1T 64k",
+                "read -b -v 1T 32",
+                "write -b 100 512",
+                "read -b 0 100",
+                "write -b -z 0 512",
+                "write -b -f 0 512",
+                "write -s pat.bin 1M 100k",
+                "read -v 1M 48",
+                "write -s empty.bin 2M 4k",
+                "write -s missing.bin 2M 4k",
+                "write -s pat.bin -P 1 2M 4k",
+                "read -P 0x11 0 4k",
+            ],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}

@@ -229,6 +229,11 @@ impl Image {
     pub fn virtual_size(&self) -> u64 {
         self.lock().header.size
     }
+    /// Whether every write is durable before it completes (writethrough,
+    /// directsync).
+    pub(crate) fn writethrough(&self) -> bool {
+        self.writethrough
+    }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits

@@ -27,6 +27,7 @@ mod shadow;
 mod snapshots;
 mod status;
 mod types;
+mod vmstate;
 mod writeback;
 mod zero;
 

@@ -313,7 +313,7 @@ impl Inner {
     }
 
     /// Replaces the L1 table by one of `new_l1` entries at a new place.
-    fn grow_l1_table(&mut self, new_l1: u64) -> Result<()> {
+    pub(crate) fn grow_l1_table(&mut self, new_l1: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let cb = self.geo.cluster_bits;
         let name = self.name.clone();

@@ -85,6 +85,22 @@ impl Dev {
         }
     }
 
+    /// Writes `buf` at `pos` of the VM state area (qcow2 only, as QEMU).
+    pub fn vmstate_write(&self, pos: u64, buf: &[u8]) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.vmstate_write(pos, buf),
+            _ => Err(Error::NotSupported("no VM state area".into())),
+        }
+    }
+
+    /// Reads from `pos` of the VM state area.
+    pub fn vmstate_read(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Dev::Qcow2(i) => i.vmstate_read(pos, buf),
+            _ => Err(Error::NotSupported("no VM state area".into())),
+        }
+    }
+
     /// Writes zeroes over `[off, off + len)`.
     pub fn write_zeroes(&self, off: u64, len: u64, flags: u32) -> Result<()> {
         match self {
