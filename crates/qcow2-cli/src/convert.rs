@@ -244,9 +244,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
                     })?;
                 }
             }
-            let size = f.len().map_err(|e| {
-                Fail::new(format!("Could not stat '{}': {e}", dst.display()))
-            })?;
+            let size = f
+                .len()
+                .map_err(|e| Fail::new(format!("Could not stat '{}': {e}", dst.display())))?;
             Disk::Raw {
                 file: f,
                 size,

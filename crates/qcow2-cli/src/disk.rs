@@ -146,12 +146,7 @@ impl Disk {
 }
 
 /// The status of `[off, off + len)` of a raw file from `off`.
-fn raw_status(
-    file: &FileStorage,
-    size: u64,
-    off: u64,
-    len: u64,
-) -> std::io::Result<(u64, Status)> {
+fn raw_status(file: &FileStorage, size: u64, off: u64, len: u64) -> std::io::Result<(u64, Status)> {
     let end = off.saturating_add(len).min(size);
     let data = file.next_data(off)?;
     // A raw file is allocated everywhere as far as QEMU's block status
@@ -192,9 +187,9 @@ impl CopySource for Disk {
     fn read(&self, offset: u64, buf: &mut [u8]) -> qcow2_ops::Result<()> {
         match self {
             Disk::Qcow2(i) => CopySource::read(&**i, offset, buf),
-            Disk::Raw { file, path, .. } => file
-                .read_at(buf, offset)
-                .map_err(|e| qcow2_ops::Error::io(format!("could not read '{}'", path.display()), e)),
+            Disk::Raw { file, path, .. } => file.read_at(buf, offset).map_err(|e| {
+                qcow2_ops::Error::io(format!("could not read '{}'", path.display()), e)
+            }),
         }
     }
 }

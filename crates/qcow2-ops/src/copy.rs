@@ -573,6 +573,14 @@ impl Image {
                 self.name()
             )));
         }
+        let (sp, dp) = (self.lock().path.clone(), dst.lock().path.clone());
+        if file_id(&sp).is_some() && file_id(&sp) == file_id(&dp) {
+            return Err(Error::Invalid(format!(
+                "'{}' and '{}' are the same file",
+                sp.display(),
+                dp.display()
+            )));
+        }
         dst.lock().check_writable()?;
         if self.virtual_size() > dst.virtual_size() {
             return Err(Error::Invalid(format!(
@@ -667,6 +675,15 @@ impl Image {
         format: Option<&str>,
         progress: Option<ProgressFn<'_>>,
     ) -> Result<()> {
+        // The name checks of `set_backing`, before anything is copied.
+        if let Some(n) = new_backing {
+            if n.len() > 1023 || n.contains(&0) {
+                return Err(Error::Invalid(format!(
+                    "'{}': backing file name longer than 1023 bytes or with a NUL byte",
+                    self.name()
+                )));
+            }
+        }
         self.rebase_copy(new_backing, format, progress)?;
         self.set_backing(new_backing, format)
     }
