@@ -76,10 +76,11 @@ unsafe fn closure(f: Qcow2ProgressFn, opaque: *mut c_void) -> Option<impl FnMut(
 ///
 /// Returns 0 on success; -EINVAL for a NULL `src` or `dst`, `src` and `dst`
 /// the same handle or file, unknown flags, a bad sparse size, or a `dst`
-/// smaller than `src`; -EROFS when `dst` is read-only; -ENOTSUP for what the
-/// target cannot store (compression on an encrypted image); -EIO for a
-/// compressed write onto a cluster that is already allocated; other
-/// negative errno values if a file fails (what was copied until then stays).
+/// smaller than `src`; -EROFS when `dst` is read-only; -EIO for a
+/// compressed write onto a cluster that is already allocated (on an
+/// encrypted target compressed clusters are written normally, as QEMU
+/// does); other negative errno values if a file fails (what was copied
+/// until then stays).
 /// The message is in `qcow2_last_error()`.
 ///
 /// Thread safety: may be called while other threads use `src` and `dst`

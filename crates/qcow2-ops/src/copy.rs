@@ -721,3 +721,103 @@ impl Image {
         self.lock().name.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A target recording what it is asked to do.
+    #[derive(Default)]
+    struct Log {
+        ops: RefCell<Vec<(char, u64, u64)>>,
+    }
+
+    impl CopyTarget for Log {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn cluster_size(&self) -> u64 {
+            65536
+        }
+        fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
+            self.ops.borrow_mut().push(('w', off, buf.len() as u64));
+            Ok(())
+        }
+        fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+            self.ops.borrow_mut().push(('z', off, len));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn zero_runs_shorter_than_the_sparse_size_are_written() {
+        let mut b = vec![1u8; 16384];
+        b[4096..12288].fill(0); // two aligned 4 KiB units of zeroes
+        b[12288..12800].fill(0); // 512 bytes: shorter than a unit
+        let t = Log::default();
+        copy_runs(&t, 0, &b, 4096, false).unwrap();
+        assert_eq!(
+            *t.ops.borrow(),
+            vec![('w', 0, 4096), ('z', 4096, 8192), ('w', 12288, 4096)]
+        );
+        // On a target that reads as zeroes they are skipped; -S 0 writes all.
+        let t = Log::default();
+        copy_runs(&t, 0, &b, 4096, true).unwrap();
+        assert_eq!(*t.ops.borrow(), vec![('w', 0, 4096), ('w', 12288, 4096)]);
+        let t = Log::default();
+        copy_runs(&t, 0, &b, 0, false).unwrap();
+        assert_eq!(*t.ops.borrow(), vec![('w', 0, 16384)]);
+        // Units are aligned to guest offsets: at 2 KiB the first zero unit
+        // starts at 4 KiB of the guest.
+        let t = Log::default();
+        copy_runs(&t, 2048, &vec![0u8; 8192], 4096, false).unwrap();
+        assert_eq!(
+            *t.ops.borrow(),
+            vec![('w', 2048, 2048), ('z', 4096, 4096), ('w', 8192, 2048)]
+        );
+    }
+
+    #[test]
+    fn progress_is_monotone_and_ends_at_the_total() {
+        let mut seen = Vec::new();
+        let mut f = |d: u64, t: u64| seen.push((d, t));
+        let mut r = Report::new(Some(&mut f), 100);
+        r.set(40);
+        r.set(30);
+        r.set(40);
+        r.set(500);
+        r.finish();
+        drop(r);
+        assert_eq!(seen, vec![(0, 100), (40, 100), (100, 100)]);
+    }
+
+    #[test]
+    fn a_target_too_small_or_a_bad_sparse_size_is_refused() {
+        struct Big;
+        impl CopySource for Big {
+            fn size(&self) -> u64 {
+                2 << 20
+            }
+            fn extent(&self, _: u64, len: u64) -> Result<SourceExtent> {
+                Ok(SourceExtent {
+                    len,
+                    zero: true,
+                    from_below: false,
+                })
+            }
+            fn read(&self, _: u64, _: &mut [u8]) -> Result<()> {
+                Ok(())
+            }
+        }
+        let t = Log::default();
+        let e = convert(&Big, &t, ConvertOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+        let o = ConvertOptions {
+            sparse_size: 1000,
+            ..Default::default()
+        };
+        assert!(matches!(convert(&Big, &t, o), Err(Error::Invalid(_))));
+        assert!(t.ops.borrow().is_empty());
+    }
+}
