@@ -782,13 +782,14 @@ mod tests {
     fn progress_is_monotone_and_ends_at_the_total() {
         let mut seen = Vec::new();
         let mut f = |d: u64, t: u64| seen.push((d, t));
-        let mut r = Report::new(Some(&mut f), 100);
-        r.set(40);
-        r.set(30);
-        r.set(40);
-        r.set(500);
-        r.finish();
-        drop(r);
+        {
+            let mut r = Report::new(Some(&mut f), 100);
+            r.set(40);
+            r.set(30);
+            r.set(40);
+            r.set(500);
+            r.finish();
+        }
         assert_eq!(seen, vec![(0, 100), (40, 100), (100, 100)]);
     }
 
