@@ -570,7 +570,7 @@ impl Image {
         if std::ptr::eq(self, dst) {
             return Err(Error::Invalid(format!(
                 "'{}': source and target are the same image",
-                self.name()
+                self.shown_name()
             )));
         }
         let (sp, dp) = (self.lock().path.clone(), dst.lock().path.clone());
@@ -585,7 +585,7 @@ impl Image {
         if self.virtual_size() > dst.virtual_size() {
             return Err(Error::Invalid(format!(
                 "'{}': target too small: {} bytes, need {}",
-                dst.name(),
+                dst.shown_name(),
                 dst.virtual_size(),
                 self.virtual_size()
             )));
@@ -610,7 +610,7 @@ impl Image {
         if std::ptr::eq(self, base) {
             return Err(Error::Invalid(format!(
                 "'{}': top and base are the same image",
-                self.name()
+                self.shown_name()
             )));
         }
         base.lock().check_writable()?;
@@ -629,7 +629,7 @@ impl Image {
         let Some(backing) = backing else {
             return Err(Error::Invalid(format!(
                 "'{}' has no backing file",
-                self.name()
+                self.shown_name()
             )));
         };
         let id = file_id(&backing);
@@ -637,7 +637,7 @@ impl Image {
             return Err(Error::Invalid(format!(
                 "'{}' is not the backing file of '{}' ('{}')",
                 base_path.display(),
-                self.name(),
+                self.shown_name(),
                 backing.display()
             )));
         }
@@ -645,7 +645,7 @@ impl Image {
         if base.virtual_size() < self.virtual_size() {
             return Err(Error::Invalid(format!(
                 "'{}' ({} bytes) is larger than its base '{}' ({} bytes)",
-                self.name(),
+                self.shown_name(),
                 self.virtual_size(),
                 base_path.display(),
                 base.virtual_size()
@@ -680,7 +680,7 @@ impl Image {
             if n.len() > 1023 || n.contains(&0) {
                 return Err(Error::Invalid(format!(
                     "'{}': backing file name longer than 1023 bytes or with a NUL byte",
-                    self.name()
+                    self.shown_name()
                 )));
             }
         }
@@ -717,7 +717,8 @@ impl Image {
         rebase_into(self, new.as_ref().map(|l| l as &dyn CopySource), progress)
     }
 
-    fn name(&self) -> String {
+    /// The image as messages name it.
+    fn shown_name(&self) -> String {
         self.lock().name.clone()
     }
 }
