@@ -210,6 +210,63 @@
 #define QCOW2_ENCRYPT_LUKS 2
 
 /**
+ * Qcow2ConvertOptions.flags: write every cluster that is not all zeroes
+ * compressed, with the target's compression type (as `qemu-img convert -c`);
+ * all-zero clusters are zeroed (or skipped with
+ * QCOW2_CONVERT_TARGET_IS_ZERO). Clusters of the target that already have a
+ * host cluster fail with -EIO, so the target should be empty.
+ */
+#define QCOW2_CONVERT_COMPRESS 1
+
+/**
+ * Qcow2ConvertOptions.flags: the target already reads as zeroes
+ * everywhere (`qemu-img convert --target-is-zero`): ranges that read as
+ * zeroes in the source are not written at all.
+ */
+#define QCOW2_CONVERT_TARGET_IS_ZERO 2
+
+/**
+ * Qcow2ConvertOptions.flags: copy only what the source allocates in its own
+ * top layer (as `qemu-img convert -B`): ranges it leaves to its backing
+ * chain are not written, so a target whose backing file holds the same data
+ * as the source's reads the same. Without it the whole chain is copied.
+ */
+#define QCOW2_CONVERT_TOP_ONLY 4
+
+/**
+ * Every Qcow2ConvertOptions flag known; other bits: -EINVAL.
+ */
+#define QCOW2_CONVERT_KNOWN ((QCOW2_CONVERT_COMPRESS | QCOW2_CONVERT_TARGET_IS_ZERO) | QCOW2_CONVERT_TOP_ONLY)
+
+/**
+ * Qcow2ConvertOptions.sparse_size: write every byte, zeroes included, as
+ * data (`qemu-img convert -S 0`: a fully allocated target).
+ */
+#define QCOW2_CONVERT_SPARSE_NONE UINT64_MAX
+
+/**
+ * qcow2_commit flag: keep the top image's data after committing it (as
+ * `qemu-img commit -d`); without it the top image is emptied.
+ */
+#define QCOW2_COMMIT_KEEP_TOP 1
+
+/**
+ * Every qcow2_commit flag known; other bits: -EINVAL.
+ */
+#define QCOW2_COMMIT_KNOWN QCOW2_COMMIT_KEEP_TOP
+
+/**
+ * qcow2_rebase flag: only the header changes, no data is copied (as
+ * `qemu-img rebase -u`; the same as qcow2_set_backing).
+ */
+#define QCOW2_REBASE_UNSAFE 1
+
+/**
+ * Every qcow2_rebase flag known; other bits: -EINVAL.
+ */
+#define QCOW2_REBASE_KNOWN QCOW2_REBASE_UNSAFE
+
+/**
  * Bytes of [`Qcow2SnapshotInfo::id`], NUL included.
  */
 #define QCOW2_SNAPSHOT_ID_LEN 128
@@ -228,6 +285,45 @@
  * exactly once, after every other call on the handle has returned.
  */
 typedef struct Qcow2Image Qcow2Image;
+
+/**
+ * A progress callback: called with `opaque` as given, the bytes done so
+ * far and the total (the guest size being walked). `done` never decreases;
+ * the last call has `done == total`. Called on the thread that made the
+ * call, before it returns; it must not call into the library with the
+ * same handles.
+ */
+typedef void (*Qcow2ProgressFn)(void *opaque, uint64_t done, uint64_t total);
+
+/**
+ * Options of qcow2_convert. A zero-filled struct (or a NULL pointer) means
+ * the defaults: no flags, qemu-img's sparse size (4096), no progress
+ * callback.
+ */
+typedef struct Qcow2ConvertOptions {
+    /**
+     * QCOW2_CONVERT_COMPRESS, QCOW2_CONVERT_TARGET_IS_ZERO,
+     * QCOW2_CONVERT_TOP_ONLY, or'ed; other bits: -EINVAL.
+     */
+    uint32_t flags;
+    /**
+     * Runs of zero bytes at least this long (aligned to it) are not written
+     * as data but through write-zeroes (not at all with
+     * QCOW2_CONVERT_TARGET_IS_ZERO), as `qemu-img convert -S`: a multiple of
+     * 512 up to 16 MiB; 0 means 4096 (qemu-img's default);
+     * QCOW2_CONVERT_SPARSE_NONE (UINT64_MAX) writes everything, zeroes
+     * included (`-S 0`). Other values: -EINVAL.
+     */
+    uint64_t sparse_size;
+    /**
+     * Progress callback; NULL for none.
+     */
+    Qcow2ProgressFn progress;
+    /**
+     * Passed to `progress` as given.
+     */
+    void *opaque;
+} Qcow2ConvertOptions;
 
 /**
  * Options of qcow2_create. A zero-filled struct (or a NULL pointer) means the
@@ -564,6 +660,135 @@ int qcow2_bitmap_merge(struct Qcow2Image *img,
                        const char *name,
                        const char *source,
                        const struct Qcow2Image *source_img);
+
+/**
+ * Copies the guest content of `src` into `dst`, as `qemu-img convert -n`
+ * does: `dst` is an existing image at least as large as `src` (a larger
+ * `dst` keeps its content past the end of `src`). Ranges of `src` that read
+ * as zeroes go through the write-zeroes path of `dst` (with
+ * QCOW2_REQ_MAY_UNMAP, which takes effect when `dst` was opened with
+ * QCOW2_OPEN_UNMAP), so they cost no data clusters; data is read through
+ * the backing chain of `src` (unless QCOW2_CONVERT_TOP_ONLY) and written
+ * (compressed with QCOW2_CONVERT_COMPRESS). `dst` is flushed before the call
+ * returns.
+ *
+ * Parameters:
+ * - `src`: the source image (read-only or read-write).
+ * - `dst`: the target image, opened with QCOW2_OPEN_RDWR; not the same
+ *   handle nor the same file as `src`.
+ * - `opts`: options (Qcow2ConvertOptions); NULL for the defaults.
+ *
+ * Returns 0 on success; -EINVAL for a NULL `src` or `dst`, `src` and `dst`
+ * the same handle or file, unknown flags, a bad sparse size, or a `dst`
+ * smaller than `src`; -EROFS when `dst` is read-only; -EIO for a
+ * compressed write onto a cluster that is already allocated (on an
+ * encrypted target compressed clusters are written normally, as QEMU
+ * does); other negative errno values if a file fails (what was copied
+ * until then stays).
+ * The message is in `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use `src` and `dst`
+ * (requests are serialised), but not concurrently with `qcow2_close` on
+ * either.
+ *
+ * # Safety
+ * `src` and `dst` must be NULL or open handles; `opts` NULL or a valid
+ * Qcow2ConvertOptions whose `progress` is NULL or a function safe to call
+ * with its `opaque`.
+ */
+int qcow2_convert(struct Qcow2Image *src,
+                  struct Qcow2Image *dst,
+                  const struct Qcow2ConvertOptions *opts);
+
+/**
+ * Commits the top image into its backing file, as `qemu-img commit` does:
+ * every range `top` allocates is written into `base` (data as data, ranges
+ * that read as zeroes as zeroes, in granules of the base's cluster size, at
+ * least 4 KiB), `base` is flushed, and then `top` is emptied (all its
+ * clusters unallocated, as qcow2_make_empty) unless QCOW2_COMMIT_KEEP_TOP.
+ * Afterwards the backing chain of `top` is reopened, so that reads through
+ * `top` see the committed data at once (the content seen through `top` is
+ * the same before and after).
+ *
+ * Parameters:
+ * - `top`: the overlay, opened with its backing chain (without
+ *   QCOW2_OPEN_NO_BACKING) and, unless QCOW2_COMMIT_KEEP_TOP, with
+ *   QCOW2_OPEN_RDWR.
+ * - `base`: the file `top` names as its backing file (the same file:
+ *   device and inode), opened by the caller with QCOW2_OPEN_RDWR; at least
+ *   as large as `top`. Deeper layers of the chain cannot be the base.
+ * - `flags`: 0 or QCOW2_COMMIT_KEEP_TOP.
+ * - `progress`, `opaque`: progress callback (over the size of `top`) and
+ *   its argument; `progress` NULL for none.
+ *
+ * Returns 0 on success; -EINVAL for a NULL `top` or `base`, unknown flags,
+ * `top` and `base` the same handle, a `top` without a backing file, a
+ * `base` that is not the file `top` names, or a `base` smaller than `top`;
+ * -EROFS when `base` (or, without QCOW2_COMMIT_KEEP_TOP, `top`) is
+ * read-only; -ENOTSUP when `top` was opened without its backing chain;
+ * other negative errno values if a file fails. The message is in
+ * `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use `top` and `base`
+ * (requests are serialised), but not concurrently with `qcow2_close` on
+ * either.
+ *
+ * # Safety
+ * `top` and `base` must be NULL or open handles; `progress` NULL or a
+ * function safe to call with `opaque`.
+ */
+int qcow2_commit(struct Qcow2Image *top,
+                 struct Qcow2Image *base,
+                 uint32_t flags,
+                 Qcow2ProgressFn progress,
+                 void *opaque);
+
+/**
+ * Changes the backing file of the image. Safe mode (the default, as
+ * `qemu-img rebase -b`): first copies into `img`, for every range it does
+ * not allocate itself, the data of its current chain wherever the new
+ * backing file (or nothing) reads differently, so that the guest content
+ * stays the same; then records the new name and format in the header (as
+ * qcow2_set_backing). With QCOW2_REBASE_UNSAFE only the header changes
+ * (`qemu-img rebase -u`).
+ *
+ * Parameters:
+ * - `img`: the image, opened with QCOW2_OPEN_RDWR and (safe mode) with its
+ *   backing chain (without QCOW2_OPEN_NO_BACKING).
+ * - `backing_file`: the new backing file name, stored as given (relative
+ *   names are relative to the image's directory; bytes, need not be UTF-8,
+ *   at most 1023 bytes); NULL or "" for none (safe mode then copies
+ *   everything the image reads through its chain).
+ * - `backing_format`: its format ("qcow2", "raw", UTF-8), recorded in the
+ *   header; NULL records none (safe mode probes the file to read it).
+ *   Must be NULL when `backing_file` is NULL or "".
+ * - `flags`: 0 or QCOW2_REBASE_UNSAFE.
+ * - `progress`, `opaque`: progress callback of the safe mode's copy (over
+ *   the image's size) and its argument; `progress` NULL for none.
+ *
+ * Returns 0 on success; -EINVAL for a NULL `img`, unknown flags, a name
+ * longer than 1023 bytes, a format that is not UTF-8 or given without a
+ * backing file; -ENOENT (or another errno) when the new backing file
+ * cannot be opened; -ENOTSUP (safe mode) when `img` was opened without its
+ * backing chain, or for an unknown backing format; -ENOSPC when the header
+ * does not fit in the first cluster; -EROFS on a read-only image; other
+ * negative errno values if a file fails (the header is then unchanged).
+ * The message is in `qcow2_last_error()`.
+ *
+ * Thread safety: may be called while other threads use the handle
+ * (requests are serialised), but not concurrently with `qcow2_close` on it.
+ *
+ * # Safety
+ * `img` must be NULL or an open handle; `backing_file` and
+ * `backing_format` NULL or NUL-terminated strings; `progress` NULL or a
+ * function safe to call with `opaque`.
+ */
+int qcow2_rebase(struct Qcow2Image *img,
+                 const char *backing_file,
+                 const char *backing_format,
+                 uint32_t flags,
+                 Qcow2ProgressFn progress,
+                 void *opaque);
 
 /**
  * Creates a new encrypted qcow2 image, as `qemu-img create -o

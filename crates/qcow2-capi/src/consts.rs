@@ -89,3 +89,37 @@ pub const QCOW2_ENCRYPT_NONE: u32 = 0;
 pub const QCOW2_ENCRYPT_AES: u32 = 1;
 /// Encryption: LUKS (crypt method 2), `encrypt.format=luks`.
 pub const QCOW2_ENCRYPT_LUKS: u32 = 2;
+
+/// Qcow2ConvertOptions.flags: write every cluster that is not all zeroes
+/// compressed, with the target's compression type (as `qemu-img convert -c`);
+/// all-zero clusters are zeroed (or skipped with
+/// QCOW2_CONVERT_TARGET_IS_ZERO). Clusters of the target that already have a
+/// host cluster fail with -EIO, so the target should be empty.
+pub const QCOW2_CONVERT_COMPRESS: u32 = 0x1;
+/// Qcow2ConvertOptions.flags: the target already reads as zeroes
+/// everywhere (`qemu-img convert --target-is-zero`): ranges that read as
+/// zeroes in the source are not written at all.
+pub const QCOW2_CONVERT_TARGET_IS_ZERO: u32 = 0x2;
+/// Qcow2ConvertOptions.flags: copy only what the source allocates in its own
+/// top layer (as `qemu-img convert -B`): ranges it leaves to its backing
+/// chain are not written, so a target whose backing file holds the same data
+/// as the source's reads the same. Without it the whole chain is copied.
+pub const QCOW2_CONVERT_TOP_ONLY: u32 = 0x4;
+/// Every Qcow2ConvertOptions flag known; other bits: -EINVAL.
+pub const QCOW2_CONVERT_KNOWN: u32 =
+    QCOW2_CONVERT_COMPRESS | QCOW2_CONVERT_TARGET_IS_ZERO | QCOW2_CONVERT_TOP_ONLY;
+/// Qcow2ConvertOptions.sparse_size: write every byte, zeroes included, as
+/// data (`qemu-img convert -S 0`: a fully allocated target).
+pub const QCOW2_CONVERT_SPARSE_NONE: u64 = u64::MAX;
+
+/// qcow2_commit flag: keep the top image's data after committing it (as
+/// `qemu-img commit -d`); without it the top image is emptied.
+pub const QCOW2_COMMIT_KEEP_TOP: u32 = 0x1;
+/// Every qcow2_commit flag known; other bits: -EINVAL.
+pub const QCOW2_COMMIT_KNOWN: u32 = QCOW2_COMMIT_KEEP_TOP;
+
+/// qcow2_rebase flag: only the header changes, no data is copied (as
+/// `qemu-img rebase -u`; the same as qcow2_set_backing).
+pub const QCOW2_REBASE_UNSAFE: u32 = 0x1;
+/// Every qcow2_rebase flag known; other bits: -EINVAL.
+pub const QCOW2_REBASE_KNOWN: u32 = QCOW2_REBASE_UNSAFE;

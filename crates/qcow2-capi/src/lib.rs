@@ -6,7 +6,8 @@
 //! and length checks), `error` (errno values, the thread's last error
 //! message, `qcow2_strerror`), `image` (the exported functions), `bitmaps`
 //! (persistent dirty bitmap management), `lifecycle` (backing file change,
-//! emptying, amend), `crypt` (encrypted images).
+//! emptying, amend), `copy` (convert, commit, safe rebase), `crypt`
+//! (encrypted images).
 //!
 //! Conventions, shared by every exported function:
 //!
@@ -28,6 +29,7 @@
 
 mod bitmaps;
 mod consts;
+mod copy;
 mod crypt;
 mod error;
 mod image;
@@ -40,6 +42,7 @@ mod types;
 
 pub use bitmaps::*;
 pub use consts::*;
+pub use copy::*;
 pub use crypt::*;
 pub use error::{qcow2_last_errno, qcow2_last_error, qcow2_strerror};
 pub use image::*;

@@ -244,4 +244,7 @@ c_tests! {
     crypt_static => ("test_crypt", Static),
     crypt_asan => ("test_crypt", Asan),
     crypt_valgrind => ("test_crypt", Valgrind),
+    copy_static => ("test_copy", Static),
+    copy_asan => ("test_copy", Asan),
+    copy_valgrind => ("test_copy", Valgrind),
 }

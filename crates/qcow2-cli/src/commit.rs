@@ -14,7 +14,7 @@ use crate::rebase::getopt;
 use crate::{error_text, Fail};
 use clap::Args;
 use qcow2_ops::io::Storage;
-use qcow2_ops::{Image, OpenOptions, REQ_MAY_UNMAP};
+use qcow2_ops::{CopyTarget, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `qcow2 commit` (parsed by hand, as qemu-img's getopt does).
@@ -125,7 +125,7 @@ pub fn run(a: CommitArgs) -> Result<u8, Fail> {
             base_path.display()
         )));
     }
-    copy_above(&img, &file, &base, &base_path, base_depth, progress)?;
+    copy_above(&img, &base, &base_path, base_depth, progress)?;
     match base {
         Disk::Qcow2(b) => b.close().map_err(|e| {
             Fail::new(format!(
@@ -193,94 +193,25 @@ fn chain_of(file: &Path, img: &Image) -> Result<Vec<(PathBuf, Option<String>)>, 
 }
 
 /// Writes every range of `img` allocated above layer `base_depth` into
-/// `base`. As QEMU's commit (a mirror job), the work is done in granules of
-/// the base's cluster size, at least 4 KiB (64 KiB for a raw base): a granule with any byte
-/// allocated above the base is copied whole, or zeroed (unmapping) when all
-/// of it reads as zeroes from above.
+/// `base` (the engine's commit loop, in granules of the base's cluster
+/// size, at least 4 KiB; 64 KiB for a raw base, as QEMU's mirror job).
 fn copy_above(
     img: &Image,
-    file: &Path,
     base: &Disk,
     base_path: &Path,
     base_depth: u32,
     progress: bool,
 ) -> Result<(), Fail> {
-    let size = img.virtual_size();
-    let gran = match base {
-        Disk::Qcow2(b) => b.cluster_size().max(4096),
-        Disk::Raw { .. } => 64 << 10,
-    };
-    let bar = Progress::new(progress, size, "commit");
-    let werr = |e: String| {
+    let bar = Progress::new(progress, img.virtual_size(), "commit");
+    let mut report = |done: u64, _total: u64| bar.set(done);
+    let gran = CopyTarget::cluster_size(base).max(4096);
+    qcow2_ops::commit_into(img, base, base_depth, gran, Some(&mut report)).map_err(|e| {
         Fail::new(format!(
-            "Error while committing: could not write to '{}': {e}",
-            base_path.display()
+            "Error while committing into '{}': {}",
+            base_path.display(),
+            error_text(&e)
         ))
-    };
-    let mut buf = vec![0u8; gran as usize];
-    let mut off = 0u64;
-    while off < size {
-        let end = (off + gran).min(size);
-        // What the granule holds above the base.
-        let (mut any_above, mut all_zero) = (false, true);
-        let mut p = off;
-        while p < end {
-            let m = img.block_status_limit(p, end - p, 1).map_err(|e| {
-                Fail::new(format!(
-                    "Error while committing: block status of '{}' at offset {p}: {}",
-                    file.display(),
-                    error_text(&e)
-                ))
-            })?;
-            let (n_end, above, zero) = match m.first() {
-                Some(e) => (
-                    (e.start + e.length).clamp(p + 1, end),
-                    e.present && e.depth < base_depth,
-                    e.zero,
-                ),
-                None => (end, false, false),
-            };
-            any_above |= above;
-            all_zero &= above && zero;
-            p = n_end;
-        }
-        if any_above {
-            let n = end - off;
-            if all_zero {
-                match base {
-                    Disk::Qcow2(b) => b
-                        .write_zeroes(off, n, REQ_MAY_UNMAP)
-                        .map_err(|e| werr(error_text(&e)))?,
-                    Disk::Raw { file: f, .. } => {
-                        // Unmapping zeroes on a file: a hole, as QEMU punches.
-                        if !f.punch_hole(off, n).unwrap_or(false) {
-                            let z = vec![0u8; n as usize];
-                            f.write_at(&z, off).map_err(|e| {
-                                werr(crate::strerror(e.raw_os_error().unwrap_or(5)))
-                            })?;
-                        }
-                    }
-                }
-            } else {
-                let b = &mut buf[..n as usize];
-                img.read(off, b).map_err(|e| {
-                    Fail::new(format!(
-                        "Error while committing: could not read '{}': {}",
-                        file.display(),
-                        error_text(&e)
-                    ))
-                })?;
-                match base {
-                    Disk::Qcow2(bi) => bi.write(off, b, 0).map_err(|e| werr(error_text(&e)))?,
-                    Disk::Raw { file: f, .. } => f
-                        .write_at(b, off)
-                        .map_err(|e| werr(crate::strerror(e.raw_os_error().unwrap_or(5))))?,
-                }
-            }
-        }
-        off = end;
-        bar.set(off);
-    }
+    })?;
     bar.finish();
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::num::parse_size;
 use crate::{error_text, Fail};
 use clap::{Args, Parser};
 use qcow2_ops::io::{FileStorage, OpenMode, Storage};
-use qcow2_ops::{CacheMode, DiscardMode, Image, OpenOptions, REQ_MAY_UNMAP};
+use qcow2_ops::{CacheMode, ConvertOptions, CopySource, DiscardMode, OpenOptions, SourceExtent};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `qcow2 convert`.
@@ -80,8 +80,6 @@ pub struct ConvertArgs {
     files: Vec<PathBuf>,
 }
 
-/// Bytes copied per step (QEMU's default buffer size).
-const CHUNK: u64 = 2 << 20;
 /// Largest -S value.
 const MAX_SPARSE: u64 = 16 << 20;
 
@@ -92,68 +90,56 @@ struct CreateCmd {
     args: crate::create::CreateArgs,
 }
 
-/// Where converted data goes.
-enum Target {
-    Qcow2(Box<Image>),
-    Raw(FileStorage),
+/// Flushes and closes the target.
+fn finish(target: Disk, path: &Path) -> Result<(), Fail> {
+    match target {
+        Disk::Qcow2(i) => i.close().map_err(|e| {
+            Fail::new(format!(
+                "Could not close the new image '{}': {}",
+                path.display(),
+                error_text(&e)
+            ))
+        }),
+        Disk::Raw { file, .. } => file
+            .sync()
+            .map_err(|e| Fail::new(format!("Could not sync '{}': {e}", path.display()))),
+    }
 }
 
-impl Target {
-    fn write(&self, path: &Path, off: u64, buf: &[u8]) -> Result<(), Fail> {
-        match self {
-            Target::Qcow2(i) => i.write(off, buf, 0).map_err(|e| {
-                Fail::new(format!(
-                    "error while writing at byte {off}: {}",
-                    error_text(&e)
-                ))
-            }),
-            Target::Raw(f) => f.write_at(buf, off).map_err(|e| {
-                Fail::new(format!(
-                    "error while writing at byte {off} of '{}': {e}",
-                    path.display()
-                ))
-            }),
-        }
-    }
+/// The sources laid end to end, as one copy source.
+struct Concat<'a>(&'a [(PathBuf, Disk)]);
 
-    /// Makes `[off, off + len)` read as zeroes.
-    fn zero(&self, path: &Path, off: u64, len: u64) -> Result<(), Fail> {
-        match self {
-            Target::Qcow2(i) => i.write_zeroes(off, len, REQ_MAY_UNMAP).map_err(|e| {
-                Fail::new(format!(
-                    "error while writing zeroes at byte {off}: {}",
-                    error_text(&e)
-                ))
-            }),
-            Target::Raw(f) => {
-                let punched = f.punch_hole(off, len).unwrap_or(false);
-                if !punched {
-                    let z = vec![0u8; len.min(CHUNK) as usize];
-                    let mut p = off;
-                    while p < off + len {
-                        let n = (off + len - p).min(CHUNK) as usize;
-                        self.write(path, p, &z[..n])?;
-                        p += n as u64;
-                    }
-                }
-                Ok(())
+impl Concat<'_> {
+    /// The source holding guest offset `off`, and where it starts.
+    fn at(&self, off: u64) -> Option<(&Disk, u64)> {
+        let mut base = 0u64;
+        for (_, d) in self.0 {
+            if off < base + d.size() {
+                return Some((d, base));
             }
+            base += d.size();
         }
+        None
     }
+}
 
-    fn finish(self, path: &Path) -> Result<(), Fail> {
-        match self {
-            Target::Qcow2(i) => i.close().map_err(|e| {
-                Fail::new(format!(
-                    "Could not close the new image '{}': {}",
-                    path.display(),
-                    error_text(&e)
-                ))
-            }),
-            Target::Raw(f) => f
-                .sync()
-                .map_err(|e| Fail::new(format!("Could not sync '{}': {e}", path.display()))),
-        }
+impl CopySource for Concat<'_> {
+    fn size(&self) -> u64 {
+        self.0.iter().map(|(_, d)| d.size()).sum()
+    }
+    fn extent(&self, off: u64, len: u64) -> qcow2_ops::Result<SourceExtent> {
+        let (d, base) = self
+            .at(off)
+            .ok_or_else(|| qcow2_ops::Error::Invalid(format!("offset {off} past the end")))?;
+        let len = len.min(base + d.size() - off);
+        d.extent(off - base, len)
+    }
+    /// Reads within one source (the copy loops read extent by extent).
+    fn read(&self, off: u64, buf: &mut [u8]) -> qcow2_ops::Result<()> {
+        let (d, base) = self
+            .at(off)
+            .ok_or_else(|| qcow2_ops::Error::Invalid(format!("offset {off} past the end")))?;
+        CopySource::read(d, off - base, buf)
     }
 }
 
@@ -236,7 +222,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
                     img.virtual_size()
                 )));
             }
-            Target::Qcow2(Box::new(img))
+            Disk::Qcow2(Box::new(img))
         }
         _ => {
             let f = FileStorage::open(dst, OpenMode::READ_WRITE).map_err(|e| {
@@ -258,7 +244,14 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
                     })?;
                 }
             }
-            Target::Raw(f)
+            let size = f
+                .len()
+                .map_err(|e| Fail::new(format!("Could not stat '{}': {e}", dst.display())))?;
+            Disk::Raw {
+                file: f,
+                size,
+                path: dst.clone(),
+            }
         }
     };
     // A new target without a backing file reads as zeroes already.
@@ -269,252 +262,30 @@ pub fn run(a: ConvertArgs) -> Result<u8, Fail> {
             || create_option(&a.options, "encryption").is_some_and(|v| v == "on"));
     let zero_init = (created && a.backing.is_none() && !encrypted_prealloc) || a.target_is_zero;
     let overlay = a.backing.is_some();
-    // Past the end of the target's backing file the target reads as zeroes
-    // too: zero ranges there need no write (QEMU's post-backing zero).
-    let backing_end = match &a.backing {
-        Some(b) => {
-            use std::os::unix::ffi::OsStrExt;
-            let p = crate::info::resolve_backing(dst.as_os_str().as_bytes(), b.as_bytes());
-            let p = Path::new(std::ffi::OsStr::from_bytes(&p));
-            Disk::open(p, a.backing_fmt.as_deref(), &sopts)?.size()
-        }
-        None => 0,
-    };
     let bar = Progress::new(a.progress && !a.quiet, total, "convert");
-    if a.compress {
-        let z = ZeroTarget {
-            zero_init,
-            overlay,
-            backing_end,
-        };
-        copy_compressed(&sources, &target, dst, total, &z, &bar)?;
-        bar.finish();
-        target.finish(dst)?;
-        return Ok(0);
-    }
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut base = 0u64;
-    for (path, src) in &sources {
-        let size = src.size();
-        let src_has_backing = match src {
-            Disk::Qcow2(i) => i.info().backing_file.is_some(),
-            Disk::Raw { .. } => false,
-        };
-        let mut off = 0u64;
-        while off < size {
-            let (n, st) = src.status(path, off, (size - off).min(CHUNK))?;
-            let dst_off = base + off;
-            // With -B only the source's top layer is copied; what it leaves
-            // unallocated (over its own backing file) stays unallocated.
-            let from_backing = overlay && !st.top && src_has_backing;
-            if from_backing {
-            } else if st.zero && sparse != 0 {
-                let len = if overlay {
-                    n.min(backing_end.saturating_sub(dst_off))
-                } else {
-                    n
-                };
-                if !zero_init && len > 0 {
-                    target.zero(dst, dst_off, len)?;
-                }
-            } else {
-                let b = &mut buf[..n as usize];
-                if st.zero {
-                    b.fill(0);
-                } else {
-                    src.read(path, off, b)?;
-                }
-                copy_runs(&target, dst, dst_off, b, sparse, zero_init)?;
-            }
-            off += n;
-            bar.set(base + off);
-        }
-        base += size;
-    }
+    let mut report = |done: u64, _total: u64| bar.set(done);
+    let opts = ConvertOptions {
+        compress: a.compress,
+        sparse_size: sparse,
+        target_is_zero: zero_init,
+        top_only: overlay,
+        progress: Some(&mut report),
+    };
+    qcow2_ops::convert(&Concat(&sources), &target, opts)
+        .map_err(|e| Fail::new(format!("error while converting: {}", error_text(&e))))?;
     bar.finish();
-    target.finish(dst)?;
+    if a.compress {
+        // As QEMU at the end of a compressed conversion: the file ends on a
+        // sector boundary.
+        let len = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+        if len % 512 != 0 {
+            let f = std::fs::OpenOptions::new().write(true).open(dst);
+            f.and_then(|f| f.set_len(len.next_multiple_of(512)))
+                .map_err(|e| Fail::new(format!("Could not resize '{}': {e}", dst.display())))?;
+        }
+    }
+    finish(target, dst)?;
     Ok(0)
-}
-
-/// What a target reads as where nothing is written (for `convert -c`).
-struct ZeroTarget {
-    /// It reads as zeroes everywhere.
-    zero_init: bool,
-    /// It has a backing file (-B): only the sources' top layers are copied.
-    overlay: bool,
-    /// Where the backing file ends (past it the target reads as zeroes).
-    backing_end: u64,
-}
-
-/// `convert -c`: every target cluster that is not all zeroes is written
-/// compressed (as `qemu-img convert -c`: whole clusters, the last one of the
-/// image possibly short, read through the sources' chains); all-zero
-/// clusters are skipped on a target that reads as zeroes, zeroed otherwise;
-/// with -B, clusters the sources' top layers leave wholly unallocated are
-/// left unallocated.
-fn copy_compressed(
-    sources: &[(PathBuf, Disk)],
-    target: &Target,
-    dst: &Path,
-    total: u64,
-    z: &ZeroTarget,
-    bar: &Progress,
-) -> Result<(), Fail> {
-    let Target::Qcow2(img) = target else {
-        return Err(Fail::new("Compression not supported for this file format"));
-    };
-    let cs = img.cluster_size();
-    // The image size is rounded up to whole sectors: its last cluster may
-    // be longer than what the sources give.
-    let img_size = img.virtual_size();
-    let step = CHUNK.max(cs);
-    let mut buf = vec![0u8; step as usize];
-    let mut off = 0u64;
-    while off < total {
-        let n = step.min(total - off);
-        let b = &mut buf[..n as usize];
-        let (backing_runs, zero_runs) = read_concat(sources, off, b, z.overlay)?;
-        let mut i = 0u64;
-        while i < n {
-            let m = cs.min(n - i);
-            let c = &b[i as usize..(i + m) as usize];
-            let at = off + i;
-            i += m;
-            let within = |runs: &[(u64, u64)]| runs.iter().any(|&(s, e)| s <= at && at + m <= e);
-            if within(&backing_runs) {
-                continue;
-            }
-            if c.iter().all(|&x| x == 0) {
-                // Zero in the source's block status: past the end of the
-                // target's backing file it reads as zeroes already (zero
-                // data there is still written as zeroes, as QEMU does).
-                let len = if z.overlay && within(&zero_runs) {
-                    m.min(z.backing_end.saturating_sub(at))
-                } else {
-                    m
-                };
-                if !z.zero_init && len > 0 {
-                    target.zero(dst, at, len)?;
-                }
-                continue;
-            }
-            let end = (at + cs).min(img_size);
-            let padded;
-            let c = if at + m < end {
-                let mut v = vec![0u8; (end - at) as usize];
-                v[..c.len()].copy_from_slice(c);
-                padded = v;
-                &padded[..]
-            } else {
-                c
-            };
-            img.write(at, c, qcow2_ops::REQ_COMPRESSED).map_err(|e| {
-                Fail::new(format!(
-                    "error while compressing sector {}: {}",
-                    at / 512,
-                    error_text(&e)
-                ))
-            })?;
-        }
-        off += n;
-        bar.set(off);
-    }
-    // As QEMU at the end of a compressed conversion: the file ends on a
-    // sector boundary.
-    let len = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
-    if len % 512 != 0 {
-        let f = std::fs::OpenOptions::new().write(true).open(dst);
-        f.and_then(|f| f.set_len(len.next_multiple_of(512)))
-            .map_err(|e| Fail::new(format!("Could not resize '{}': {e}", dst.display())))?;
-    }
-    Ok(())
-}
-
-/// Byte ranges `[start, end)` in guest offsets.
-type Runs = Vec<(u64, u64)>;
-
-/// Reads `b.len()` bytes at `off` of the sources laid end to end; ranges
-/// their block status calls zero are not read. Returns the ranges (global
-/// offsets) that only the sources' backing files hold, when `overlay`, and
-/// those whose block status is zero.
-fn read_concat(
-    sources: &[(PathBuf, Disk)],
-    mut off: u64,
-    b: &mut [u8],
-    overlay: bool,
-) -> Result<(Runs, Runs), Fail> {
-    let mut backing: Runs = Vec::new();
-    let mut zeroes: Runs = Vec::new();
-    let add = |runs: &mut Runs, s: u64, n: u64| match runs.last_mut() {
-        Some((_, e)) if *e == s => *e = s + n,
-        _ => runs.push((s, s + n)),
-    };
-    let mut done = 0usize;
-    let mut base = 0u64;
-    for (path, src) in sources {
-        let size = src.size();
-        let has_backing = match src {
-            Disk::Qcow2(i) => i.info().backing_file.is_some(),
-            Disk::Raw { .. } => false,
-        };
-        while done < b.len() && off < base + size {
-            let so = off - base;
-            let want = (size - so).min((b.len() - done) as u64);
-            let (n, st) = src.status(path, so, want)?;
-            let part = &mut b[done..done + n as usize];
-            if st.zero {
-                part.fill(0);
-                add(&mut zeroes, off, n);
-            } else {
-                src.read(path, so, part)?;
-            }
-            if overlay && has_backing && !st.top {
-                add(&mut backing, off, n);
-            }
-            done += n as usize;
-            off += n;
-        }
-        base += size;
-    }
-    Ok((backing, zeroes))
-}
-
-/// Writes `b` at `off`, except runs of zero bytes of at least `sparse`
-/// bytes (aligned to `sparse`), which are zeroed (or skipped on a target
-/// that reads as zeroes). `sparse == 0` writes everything.
-fn copy_runs(
-    t: &Target,
-    path: &Path,
-    off: u64,
-    b: &[u8],
-    sparse: u64,
-    zero_init: bool,
-) -> Result<(), Fail> {
-    if sparse == 0 {
-        return t.write(path, off, b);
-    }
-    let unit = sparse as usize;
-    // Units aligned to guest offsets; a short unit at either edge counts as
-    // data (a zero run shorter than -S is written).
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    let mut i = 0usize;
-    while i < b.len() {
-        let n = (unit - (off as usize + i) % unit).min(b.len() - i);
-        let zero = n == unit && b[i..i + n].iter().all(|&x| x == 0);
-        match runs.last_mut() {
-            Some((_, e, z)) if *z == zero => *e = i + n,
-            _ => runs.push((i, i + n, zero)),
-        }
-        i += n;
-    }
-    for (s, e, zero) in runs {
-        if !zero {
-            t.write(path, off + s as u64, &b[s..e])?;
-        } else if !zero_init {
-            t.zero(path, off + s as u64, (e - s) as u64)?;
-        }
-    }
-    Ok(())
 }
 
 /// Creates the target as `qcow2 create` does (quietly), with -o options and

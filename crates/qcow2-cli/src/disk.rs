@@ -3,7 +3,7 @@
 
 use crate::{error_text, open_image, strerror, Fail};
 use qcow2_ops::io::{FileStorage, OpenMode, Storage};
-use qcow2_ops::{Image, OpenOptions};
+use qcow2_ops::{CopySource, CopyTarget, Image, OpenOptions, SourceExtent, REQ_MAY_UNMAP};
 use std::path::Path;
 
 /// What a range of a disk holds.
@@ -34,6 +34,8 @@ pub enum Disk {
         file: FileStorage,
         /// Its length (the virtual size).
         size: u64,
+        /// Its path (for messages).
+        path: std::path::PathBuf,
     },
 }
 
@@ -79,7 +81,11 @@ impl Disk {
                     ))
                 })?;
                 let size = file.len().map_err(|e| io_fail(path, "stat", e))?;
-                Ok(Disk::Raw { file, size })
+                Ok(Disk::Raw {
+                    file,
+                    size,
+                    path: path.to_path_buf(),
+                })
             }
             other => Err(Fail::new(format!(
                 "Unknown or unsupported format '{other}' (qcow2 or raw)"
@@ -132,21 +138,113 @@ impl Disk {
                     },
                 ))
             }
-            Disk::Raw { file, size } => {
-                let end = off.saturating_add(len).min(*size);
-                let data = file.next_data(off).map_err(|e| io_fail(path, "seek", e))?;
-                // A raw file is allocated everywhere as far as QEMU's block
-                // status goes; holes read as zeroes.
-                let hole = Status { zero: true, ..DATA };
-                match data {
-                    None => Ok((end - off, hole)),
-                    Some(d) if d > off => Ok((d.min(end) - off, hole)),
-                    Some(_) => {
-                        let hole = file.next_hole(off).map_err(|e| io_fail(path, "seek", e))?;
-                        Ok((hole.clamp(off + 1, end) - off, DATA))
+            Disk::Raw { file, size, .. } => {
+                raw_status(file, *size, off, len).map_err(|e| io_fail(path, "seek", e))
+            }
+        }
+    }
+}
+
+/// The status of `[off, off + len)` of a raw file from `off`.
+fn raw_status(file: &FileStorage, size: u64, off: u64, len: u64) -> std::io::Result<(u64, Status)> {
+    let end = off.saturating_add(len).min(size);
+    let data = file.next_data(off)?;
+    // A raw file is allocated everywhere as far as QEMU's block status
+    // goes; holes read as zeroes.
+    let hole = Status { zero: true, ..DATA };
+    match data {
+        None => Ok((end - off, hole)),
+        Some(d) if d > off => Ok((d.min(end) - off, hole)),
+        Some(_) => {
+            let h = file.next_hole(off)?;
+            Ok((h.clamp(off + 1, end) - off, DATA))
+        }
+    }
+}
+
+/// A disk as a source of the engine's copy loops (convert, rebase).
+impl CopySource for Disk {
+    fn size(&self) -> u64 {
+        Disk::size(self)
+    }
+    fn extent(&self, offset: u64, len: u64) -> qcow2_ops::Result<SourceExtent> {
+        match self {
+            Disk::Qcow2(i) => i.extent(offset, len),
+            Disk::Raw {
+                file, size, path, ..
+            } => {
+                let (n, st) = raw_status(file, *size, offset, len).map_err(|e| {
+                    qcow2_ops::Error::io(format!("could not seek '{}'", path.display()), e)
+                })?;
+                Ok(SourceExtent {
+                    len: n,
+                    zero: st.zero,
+                    from_below: false,
+                })
+            }
+        }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> qcow2_ops::Result<()> {
+        match self {
+            Disk::Qcow2(i) => CopySource::read(&**i, offset, buf),
+            Disk::Raw { file, path, .. } => file.read_at(buf, offset).map_err(|e| {
+                qcow2_ops::Error::io(format!("could not read '{}'", path.display()), e)
+            }),
+        }
+    }
+}
+
+/// A disk as a target of the engine's copy loops (convert, commit).
+impl CopyTarget for Disk {
+    fn size(&self) -> u64 {
+        Disk::size(self)
+    }
+    /// A raw file: QEMU's mirror granularity on a file (64 KiB).
+    fn cluster_size(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.cluster_size(),
+            Disk::Raw { .. } => 64 << 10,
+        }
+    }
+    fn write(&self, off: u64, buf: &[u8]) -> qcow2_ops::Result<()> {
+        match self {
+            Disk::Qcow2(i) => i.write(off, buf, 0),
+            Disk::Raw { file, path, .. } => file.write_at(buf, off).map_err(|e| {
+                qcow2_ops::Error::io(format!("could not write to '{}'", path.display()), e)
+            }),
+        }
+    }
+    /// Makes `[off, off + len)` read as zeroes: unmapping on qcow2, a hole
+    /// in a raw file (zero data where the file system cannot punch one).
+    fn write_zeroes(&self, off: u64, len: u64) -> qcow2_ops::Result<()> {
+        match self {
+            Disk::Qcow2(i) => i.write_zeroes(off, len, REQ_MAY_UNMAP),
+            Disk::Raw { file, .. } => {
+                if !file.punch_hole(off, len).unwrap_or(false) {
+                    let z = vec![0u8; len.min(qcow2_ops::COPY_CHUNK) as usize];
+                    let mut p = off;
+                    while p < off + len {
+                        let n = (off + len - p).min(qcow2_ops::COPY_CHUNK) as usize;
+                        self.write(p, &z[..n])?;
+                        p += n as u64;
                     }
                 }
+                Ok(())
             }
+        }
+    }
+    fn write_compressed(&self, off: u64, buf: &[u8]) -> qcow2_ops::Result<()> {
+        match self {
+            Disk::Qcow2(i) => i.write_compressed(off, buf),
+            Disk::Raw { .. } => Err(qcow2_ops::Error::NotSupported(
+                "compression on a raw target".into(),
+            )),
+        }
+    }
+    fn backing_end(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.backing_end(),
+            Disk::Raw { .. } => 0,
         }
     }
 }

@@ -13,7 +13,7 @@
 use crate::disk::{Disk, Progress};
 use crate::{error_text, Fail};
 use clap::Args;
-use qcow2_ops::{Error, Image, OpenOptions};
+use qcow2_ops::{CopySource, Error, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `qcow2 rebase` (parsed by hand, as qemu-img's getopt does).
@@ -228,94 +228,26 @@ pub fn run(a: RebaseArgs) -> Result<u8, Fail> {
 }
 
 /// Copies into `img` the old chain's data of every range not allocated in
-/// its top layer where the new chain (`new`, or zeroes) reads differently.
+/// its top layer where the new chain (`new`, or zeroes) reads differently
+/// (the engine's safe-rebase loop).
 fn copy_differences(
     img: &Image,
     file: &Path,
     new: Option<(&Disk, &Path)>,
     progress: bool,
 ) -> Result<(), Fail> {
-    let size = img.virtual_size();
-    let cs = img.cluster_size();
-    let bar = Progress::new(progress, size, "rebase");
-    let rerr = |off: u64, e: qcow2_ops::Error| {
+    let bar = Progress::new(progress, img.virtual_size(), "rebase");
+    let mut report = |done: u64, _total: u64| bar.set(done);
+    let new = new.map(|(d, _)| d as &dyn CopySource);
+    qcow2_ops::rebase_into(img, new, Some(&mut report)).map_err(|e| {
         Fail::new(format!(
-            "error while reading image metadata at offset {off} of '{}': {}",
+            "error while rebasing '{}': {}",
             file.display(),
             error_text(&e)
         ))
-    };
-    // QEMU works in chunks of 2 MiB and writes each run of differing
-    // clusters of a chunk with one request; doing the same gives the same
-    // allocation order (and so the same host layout).
-    const CHUNK: u64 = 2 << 20;
-    let mut off = 0u64;
-    let mut old = vec![0u8; CHUNK as usize];
-    let mut newb = vec![0u8; cs as usize];
-    while off < size {
-        let chunk_end = ((off / CHUNK + 1) * CHUNK).min(size);
-        let m = img
-            .block_status_limit(off, chunk_end - off, 1)
-            .map_err(|e| rerr(off, e))?;
-        let end = match m.first() {
-            Some(e) => (e.start + e.length).clamp(off + 1, chunk_end),
-            None => chunk_end,
-        };
-        let top = m.first().is_some_and(|e| e.present && e.depth == 0);
-        if !top {
-            let o = &mut old[..(end - off) as usize];
-            img.read(off, o).map_err(|e| {
-                Fail::new(format!(
-                    "error while reading from old backing file: {}",
-                    error_text(&e)
-                ))
-            })?;
-            // The run of differing pieces not yet written: [run, p).
-            let mut run: Option<u64> = None;
-            let mut p = off;
-            while p < end {
-                let n = ((p / cs + 1) * cs).min(end) - p;
-                let nb = &mut newb[..n as usize];
-                nb.fill(0);
-                if let Some((d, dp)) = new {
-                    let dsize = d.size();
-                    if p < dsize {
-                        let k = n.min(dsize - p) as usize;
-                        d.read(dp, p, &mut nb[..k]).map_err(|f| {
-                            Fail::new(format!(
-                                "error while reading from new backing file: {}",
-                                f.msg
-                            ))
-                        })?;
-                    }
-                }
-                let i = (p - off) as usize;
-                let differs = &o[i..i + n as usize] != nb;
-                if differs {
-                    run.get_or_insert(p);
-                } else if let Some(r) = run.take() {
-                    write_run(img, r, &o[(r - off) as usize..i])?;
-                }
-                p += n;
-            }
-            if let Some(r) = run {
-                write_run(img, r, &o[(r - off) as usize..])?;
-            }
-        }
-        off = end;
-        bar.set(off);
-    }
+    })?;
     bar.finish();
     Ok(())
-}
-
-fn write_run(img: &Image, off: u64, data: &[u8]) -> Result<(), Fail> {
-    img.write(off, data, 0).map_err(|e| {
-        Fail::new(format!(
-            "error while writing to COW image: {}",
-            error_text(&e)
-        ))
-    })
 }
 
 /// Opens the qcow2 image at `path` (with its backing chain when `opts`

@@ -62,15 +62,22 @@ impl Image {
         g.set_unsynced();
         g.sync()?;
         if g.backing.is_some() || g.opts.open_backing {
-            let path = g.path.clone();
-            let fmt = g.header.backing_format();
-            let key = g.opts.backing_key_secret.clone();
-            g.backing = match &g.header.backing_file {
-                Some(b) => crate::image::open_backing(&path, b, fmt.as_deref(), key.as_ref()).ok(),
-                None => None,
-            };
+            g.backing = g.open_named_backing().ok().flatten();
         }
         Ok(())
+    }
+}
+
+impl crate::image::Inner {
+    /// Opens the backing chain the header names afresh (with empty caches);
+    /// `None` when it names none.
+    pub(crate) fn open_named_backing(&self) -> Result<Option<crate::backing::Backing>> {
+        let fmt = self.header.backing_format();
+        let key = self.opts.backing_key_secret.as_ref();
+        match &self.header.backing_file {
+            Some(b) => crate::image::open_backing(&self.path, b, fmt.as_deref(), key).map(Some),
+            None => Ok(None),
+        }
     }
 }
 

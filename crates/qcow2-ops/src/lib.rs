@@ -13,6 +13,7 @@ mod backing_change;
 mod bitmaps;
 mod check;
 mod compress;
+mod copy;
 mod create;
 mod crypt;
 mod datafile;
@@ -33,6 +34,10 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use bitmaps::{BitmapInfo, BitmapOp};
+pub use copy::{
+    commit_into, convert, rebase_into, ConvertOptions, CopySource, CopyTarget, ProgressFn,
+    SourceExtent, COPY_CHUNK, DEFAULT_SPARSE_SIZE, MAX_SPARSE_SIZE,
+};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use qcow2_format as format;
