@@ -38,18 +38,27 @@ impl Image {
             let cs = g.geo.cluster_size();
             let size = g.header.size;
             let backing = g.header.backing_file.is_some();
+            // The guest reads zeroes there before and after: no bitmap bit
+            // is set for it (QEMU's expansion sets none either).
+            g.pause_bitmaps(true);
             drop(g);
             let buf = vec![0u8; cs as usize];
+            let mut r = Ok(());
             for (guest, plain) in zeros {
                 let n = cs.min(size - guest);
                 // Plain zero without a backing file becomes unallocated, as
                 // in QEMU (done with the snapshot tables' entries below).
                 if !plain || backing {
-                    self.write(guest, &buf[..n as usize], 0)?;
+                    r = self.write(guest, &buf[..n as usize], 0);
+                    if r.is_err() {
+                        break;
+                    }
                 }
             }
-            self.flush()?;
+            let r = r.and_then(|()| self.flush());
             g = self.exclusive();
+            g.pause_bitmaps(false);
+            r?;
         }
         g.amend(o)
     }
@@ -202,13 +211,6 @@ impl Inner {
         if incompat != 0 {
             return Err(Error::Invalid(format!(
                 "Cannot downgrade an image with incompatible features {incompat:#x} set"
-            )));
-        }
-        if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
-            return Err(Error::NotSupported(format!(
-                "{}: cannot downgrade an image with persistent bitmaps (compat=0.10 cannot \
-                 store them); remove them first",
-                self.name
             )));
         }
         Ok(())
@@ -555,13 +557,21 @@ impl Inner {
                 self.name
             )));
         }
+        let to_v2 = |h: &mut header::Header| {
+            h.version = 2;
+            h.header_length = V2_HEADER_LEN;
+            h.incompatible_features = 0;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.extensions.retain(|e| e.kind != header::EXT_FEATURE_TABLE);
+        };
+        if self.has_bitmaps() {
+            // The bitmaps extension stays, as in QEMU 10 (see
+            // `downgrade_with_bitmaps`); the header is written last there too.
+            return self.downgrade_with_bitmaps(to_v2);
+        }
         let mut h = self.header.clone();
-        h.version = 2;
-        h.header_length = V2_HEADER_LEN;
-        h.incompatible_features = 0;
-        h.compatible_features = 0;
-        h.autoclear_features = 0;
-        h.extensions.retain(|e| e.kind != header::EXT_FEATURE_TABLE);
+        to_v2(&mut h);
         self.write_header(h)
     }
 }

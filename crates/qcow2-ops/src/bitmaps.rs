@@ -26,7 +26,7 @@
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Inner};
 use qcow2_format::bitmap::{self, BitmapEntry, BitmapsExt};
-use qcow2_format::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+use qcow2_format::header::{Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use qcow2_format::{be64, put_be32, put_be64};
 use std::collections::{BTreeMap, HashSet};
 
@@ -41,6 +41,8 @@ pub(crate) struct Bitmaps {
     pos: Vec<usize>,
     /// Bitmaps maintained while open.
     live: Vec<Live>,
+    /// Writes set no bits (they rewrite what the guest already reads).
+    paused: bool,
 }
 
 /// One maintained (enabled, consistent at open) bitmap.
@@ -317,6 +319,7 @@ impl Inner {
             dir_raw: raw,
             pos,
             live,
+            paused: false,
         };
         Ok(true)
     }
@@ -362,7 +365,7 @@ impl Inner {
     /// Sets the bits of `[offset, offset+len)` in every maintained bitmap
     /// (in memory; stored at close).
     pub(crate) fn mark_bitmaps(&mut self, offset: u64, len: u64) {
-        if len == 0 || self.bitmaps.live.is_empty() {
+        if len == 0 || self.bitmaps.live.is_empty() || self.bitmaps.paused {
             return;
         }
         let cs = self.geo.cluster_size();
@@ -911,7 +914,7 @@ impl Inner {
             list.push((e, Content::Zero));
         }
         let old_dir = (dir_size > 0).then_some((dir_off, dir_size));
-        self.commit_directory(list, old_dir, dropped)?;
+        self.commit_directory(list, old_dir, dropped, |_| {})?;
         // 3. Enabled bitmaps maintained again (marked in use).
         self.bitmaps = Bitmaps::default();
         if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
@@ -930,6 +933,7 @@ impl Inner {
         list: Vec<(BitmapEntry, Content)>,
         old_dir: Option<(u64, u64)>,
         dropped: Vec<BitmapEntry>,
+        edit: impl FnOnce(&mut Header),
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let name = self.name.clone();
@@ -1002,6 +1006,7 @@ impl Inner {
             }
             h.autoclear_features |= AUTOCLEAR_BITMAPS;
         }
+        edit(&mut h);
         let hbuf = h.serialize().map_err(|e| Error::BadHeader {
             image: name.clone(),
             source: e,
@@ -1072,6 +1077,52 @@ impl Inner {
 }
 
 impl Inner {
+    /// Stops (`true`) or resumes setting bits for writes: for writes that
+    /// leave what the guest reads unchanged (zero clusters rewritten as
+    /// clusters of zeroes).
+    pub(crate) fn pause_bitmaps(&mut self, paused: bool) {
+        self.bitmaps.paused = paused;
+    }
+
+    /// Whether the image holds persistent bitmaps (a vouched extension).
+    pub(crate) fn has_bitmaps(&self) -> bool {
+        self.header.extension(EXT_BITMAPS).is_some()
+            && self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0
+    }
+
+    /// compat=0.10 with persistent bitmaps, as QEMU 10 does it: the v2
+    /// header keeps the bitmaps extension (a v2 header has no autoclear
+    /// field, so every reader then treats the bitmaps as inconsistent and
+    /// their clusters as leaked), and every consistent bitmap is stored
+    /// anew, not in use, as QEMU's close stores them: new data clusters and
+    /// tables, then a new directory, in new clusters, durable with their
+    /// refcounts; then `to_v2` edits the header, written in one write and
+    /// synced (the commit point); then the old directory, tables and data
+    /// are freed (a crash before only leaks). Inconsistent bitmaps are kept
+    /// as they are. The bitmaps are no longer maintained afterwards.
+    pub(crate) fn downgrade_with_bitmaps(&mut self, to_v2: impl FnOnce(&mut Header)) -> Result<()> {
+        let live: Vec<usize> = self.bitmaps.live.iter().map(|l| l.idx).collect();
+        let (dir_off, dir_size, entries) = self.read_directory()?;
+        let mut list = Vec::with_capacity(entries.len());
+        let mut dropped = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.in_use() && !live.contains(&i) {
+                list.push((e.clone(), Content::Keep));
+                continue;
+            }
+            let bits = self.entry_bits(i, e)?;
+            let mut ne = e.clone();
+            ne.flags &= !bitmap::FLAG_IN_USE;
+            dropped.push(e.clone());
+            list.push((ne, Content::Bits(bits)));
+        }
+        // Nothing is maintained from here: a failure below leaves the
+        // bitmaps in use on disk (inconsistent), never wrong.
+        self.bitmaps = Bitmaps::default();
+        let old_dir = (dir_size > 0).then_some((dir_off, dir_size));
+        self.commit_directory(list, old_dir, dropped, to_v2)
+    }
+
     /// Resizes every bitmap with the image, as QEMU 10 does: bits past the
     /// new end are dropped, the added area is clean. `resize` changes the
     /// image in between, while every bitmap is flagged in use on disk: a
@@ -1127,7 +1178,7 @@ impl Inner {
                 (e, Content::Keep)
             })
             .collect();
-        self.commit_directory(list, Some((dir_off, dir_size)), Vec::new())?;
+        self.commit_directory(list, Some((dir_off, dir_size)), Vec::new(), |_| {})?;
         self.bitmaps = Bitmaps::default();
         // 2. The image.
         let r = resize(self);
@@ -1149,7 +1200,7 @@ impl Inner {
             }
             list.push((ne, Content::Bits(nb)));
         }
-        self.commit_directory(list, Some((dir_off, dir_size)), in_use)?;
+        self.commit_directory(list, Some((dir_off, dir_size)), in_use, |_| {})?;
         if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
             self.sync()?;
         }
