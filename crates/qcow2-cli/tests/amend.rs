@@ -478,6 +478,8 @@ fn amend_backing_and_data_file_match_qemu() {
         ("plain.qcow2", "data_file=x,cluster_size=4k"),
         ("plain.qcow2", "data_file=x,foo=bar"),
         ("plain.qcow2", "refcount_bits=3,foo=bar"),
+        ("plain.qcow2", "encryption=on"),
+        ("ov.qcow2", "data_file_raw=off,backing_file=x"),
     ];
     for (base, opts) in cases {
         both_exact(dir, base, &["-o", opts], &format!("{base} -o {opts}"));

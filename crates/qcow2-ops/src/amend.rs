@@ -19,6 +19,16 @@ pub struct AmendOptions {
     /// Refcount width in bits, a power of two from 1 to 64 (v2 images: 16
     /// only); the refcount structures are rebuilt at the new width.
     pub refcount_bits: Option<u32>,
+    /// Backing file name, as `qemu-img amend -o backing_file=`. Like QEMU
+    /// 10, amend does not change the backing file (that is
+    /// [`Image::set_backing`], `qemu-img rebase -u`): with `backing_fmt`,
+    /// it must name the current backing file and format, else amend fails
+    /// with [`Error::Invalid`], after the upgrade and the refcount width
+    /// change asked for with it (those stay done) and before any other
+    /// change, as QEMU does.
+    pub backing_file: Option<String>,
+    /// Backing file format, as `-o backing_fmt=` (see `backing_file`).
+    pub backing_fmt: Option<String>,
 }
 
 impl Image {
@@ -27,7 +37,7 @@ impl Image {
         let mut g = self.exclusive();
         // Every refusal comes before anything is written.
         g.validate(o)?;
-        if o.version == Some(2) && g.header.version > 2 {
+        if o.version == Some(2) && g.header.version > 2 && !g.backing_refused(o) {
             // compat=0.10 has no zero clusters: expand those of the active
             // table first by writing zeroes through the ordinary write path,
             // which copies a host cluster shared with a snapshot instead of
@@ -79,7 +89,29 @@ impl Inner {
         self.write_guest_data(host, 0, zeros)
     }
 
+    /// Whether `o` asks for another backing file or format than the
+    /// image's (compared as QEMU compares them: the names as stored, a
+    /// missing one differing from any given one).
+    fn backing_refused(&self, o: &AmendOptions) -> bool {
+        if o.backing_file.is_none() && o.backing_fmt.is_none() {
+            return false;
+        }
+        o.backing_file.as_deref().map(str::as_bytes) != self.header.backing_file.as_deref()
+            || o.backing_fmt != self.header.backing_format()
+    }
+
+    /// The refusals QEMU makes before it changes anything; with a backing
+    /// file change (refused after the upgrade and refcount width change)
+    /// only those, else also the others ([`Inner::validate_rest`]).
     fn validate(&mut self, o: &AmendOptions) -> Result<()> {
+        self.validate_first(o)?;
+        if !self.backing_refused(o) {
+            self.validate_rest(o)?;
+        }
+        Ok(())
+    }
+
+    fn validate_first(&mut self, o: &AmendOptions) -> Result<()> {
         self.check_writable()?;
         let cur = self.header.version;
         let target = o.version.unwrap_or(cur);
@@ -100,6 +132,12 @@ impl Inner {
                 self.check_refcount_width(bits)?;
             }
         }
+        Ok(())
+    }
+
+    fn validate_rest(&mut self, o: &AmendOptions) -> Result<()> {
+        let cur = self.header.version;
+        let target = o.version.unwrap_or(cur);
         if o.lazy_refcounts == Some(true) && target < 3 {
             return Err(Error::Invalid(
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use \
@@ -119,17 +157,24 @@ impl Inner {
         let target = o.version.unwrap_or(cur);
         // Everything written so far is durable before the header changes.
         self.flush_all(true)?;
+        // QEMU's order: upgrade, refcount width, the backing file refusal,
+        // lazy refcounts, downgrade.
         if target > cur {
             self.upgrade()?;
-        }
-        if let Some(lazy) = o.lazy_refcounts {
-            if target >= 3 && lazy != self.header.lazy_refcounts() {
-                self.set_lazy(lazy)?;
-            }
         }
         if let Some(bits) = o.refcount_bits {
             if bits != self.header.refcount_bits() {
                 self.change_refcount_width(bits.trailing_zeros())?;
+            }
+        }
+        if self.backing_refused(o) {
+            return Err(Error::Invalid(
+                "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+            ));
+        }
+        if let Some(lazy) = o.lazy_refcounts {
+            if target >= 3 && lazy != self.header.lazy_refcounts() {
+                self.set_lazy(lazy)?;
             }
         }
         if target < cur {
