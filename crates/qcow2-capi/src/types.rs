@@ -264,6 +264,7 @@ mod tests {
                 version: Some(2),
                 lazy_refcounts: Some(false),
                 refcount_bits: Some(1),
+                ..Default::default()
             }
         );
         let on = Qcow2AmendOptions {
