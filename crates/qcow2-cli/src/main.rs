@@ -16,6 +16,7 @@ mod io;
 mod map;
 mod measure;
 mod num;
+mod progress;
 mod qjson;
 mod qopt;
 mod rebase;

@@ -659,6 +659,16 @@ impl Inner {
     /// Current bits of entry `idx` (disk data plus bits set since open),
     /// `table_size × cluster_size` bytes, bits past the disk end clear.
     fn entry_bits(&mut self, idx: usize, e: &BitmapEntry) -> Result<Vec<u8>> {
+        self.entry_bits_ticking(idx, e, &mut || {})
+    }
+
+    /// [`Inner::entry_bits`], calling `tick` after each table entry read.
+    fn entry_bits_ticking(
+        &mut self,
+        idx: usize,
+        e: &BitmapEntry,
+        tick: &mut dyn FnMut(),
+    ) -> Result<Vec<u8>> {
         let cs = self.geo.cluster_size();
         let n = e.table_size as usize;
         let name = self.name.clone();
@@ -689,6 +699,7 @@ impl Inner {
             } else if t & bitmap::BTE_ALL_ONES != 0 {
                 chunk.fill(0xff);
             }
+            tick();
         }
         if let Some(l) = self.bitmaps.live.iter().find(|l| l.idx == idx) {
             for (ci, chunk) in &l.set {
@@ -711,8 +722,12 @@ impl Inner {
     }
 
     /// Bits and granularity of bitmap `name`, for merging into another
-    /// bitmap (refused when inconsistent).
-    pub(crate) fn source_bits(&mut self, name: &str) -> Result<(u8, Vec<u8>)> {
+    /// bitmap (refused when inconsistent); `tick` after each table entry.
+    pub(crate) fn source_bits(
+        &mut self,
+        name: &str,
+        tick: &mut dyn FnMut(),
+    ) -> Result<(u8, Vec<u8>)> {
         let (_, _, entries) = self.read_directory()?;
         let Some(idx) = entries.iter().position(|e| e.name == name.as_bytes()) else {
             return Err(not_found(name));
@@ -721,7 +736,16 @@ impl Inner {
         if e.in_use() && !self.is_live(idx) {
             return Err(inconsistent_msg(name));
         }
-        Ok((e.granularity_bits, self.entry_bits(idx, &e)?))
+        Ok((e.granularity_bits, self.entry_bits_ticking(idx, &e, tick)?))
+    }
+
+    /// Table entries (bitmap data clusters) of bitmap `name`, 0 without it.
+    pub(crate) fn bitmap_table_size(&mut self, name: &str) -> Result<u64> {
+        let (_, _, entries) = self.read_directory()?;
+        Ok(entries
+            .iter()
+            .find(|e| e.name == name.as_bytes())
+            .map_or(0, |e| e.table_size as u64))
     }
 
     /// Refusals of QEMU for a new persistent bitmap.
@@ -788,12 +812,16 @@ impl Inner {
 
     /// Applies one management operation to bitmap `name`. `source` holds
     /// the merge source's granularity bits, bits and disk size when it
-    /// comes from another image.
+    /// comes from another image. A merge tells `progress` (done, total) in
+    /// bitmap clusters: the source's read (`done` of them already when it
+    /// came from another image), then the target's read and written.
     pub(crate) fn bitmap_op(
         &mut self,
         name: &str,
         op: &BitmapOp,
         source: Option<(u8, Vec<u8>, u64)>,
+        done: u64,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         self.check_writable()?;
         // 1. Refusals, before anything is written.
@@ -856,6 +884,30 @@ impl Inner {
             }
         }
         let idx = entries.iter().position(|e| e.name == name.as_bytes());
+        let table_size = |n: &[u8]| {
+            entries
+                .iter()
+                .find(|e| e.name == n)
+                .map_or(0, |e| e.table_size as u64)
+        };
+        let total = match op {
+            BitmapOp::Merge { source: sname } => {
+                let src_n = if source.is_some() {
+                    done
+                } else {
+                    table_size(sname.as_bytes())
+                };
+                src_n + 2 * table_size(name.as_bytes())
+            }
+            _ => 0,
+        };
+        let mut done = if source.is_some() { done } else { 0 };
+        let mut tick = || {
+            if total > 0 {
+                done += 1;
+                progress(done.min(total), total);
+            }
+        };
         let src = match (op, source) {
             (BitmapOp::Merge { source: sname }, None) => {
                 let si = entries
@@ -863,7 +915,10 @@ impl Inner {
                     .position(|e| e.name == sname.as_bytes())
                     .ok_or_else(|| not_found(sname))?;
                 let e = entries[si].clone();
-                Some((e.granularity_bits, self.entry_bits(si, &e)?))
+                Some((
+                    e.granularity_bits,
+                    self.entry_bits_ticking(si, &e, &mut tick)?,
+                ))
             }
             (_, s) => s.map(|(g, b, _)| (g, b)),
         };
@@ -892,7 +947,7 @@ impl Inner {
                     list.push((ne, Content::Zero));
                 }
                 BitmapOp::Merge { .. } => {
-                    let mut bits = self.entry_bits(i, e)?;
+                    let mut bits = self.entry_bits_ticking(i, e, &mut tick)?;
                     if let Some((gs, sb)) = &src {
                         merge_into(&mut bits, e.granularity_bits, sb, *gs, size);
                     }
@@ -914,7 +969,10 @@ impl Inner {
             list.push((e, Content::Zero));
         }
         let old_dir = (dir_size > 0).then_some((dir_off, dir_size));
-        self.commit_directory(list, old_dir, dropped, |_| {})?;
+        self.commit_directory(list, old_dir, dropped, |_| {}, &mut tick)?;
+        if total > 0 {
+            progress(total, total);
+        }
         // 3. Enabled bitmaps maintained again (marked in use).
         self.bitmaps = Bitmaps::default();
         if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
@@ -934,6 +992,7 @@ impl Inner {
         old_dir: Option<(u64, u64)>,
         dropped: Vec<BitmapEntry>,
         edit: impl FnOnce(&mut Header),
+        tick: &mut dyn FnMut(),
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let name = self.name.clone();
@@ -951,6 +1010,7 @@ impl Inner {
             let mut table = vec![0u64; n];
             if let Some(bits) = &bits {
                 for (i, chunk) in bits.chunks(cs as usize).enumerate().take(n) {
+                    tick();
                     if chunk.iter().all(|&b| b == 0) {
                         continue;
                     }
@@ -1120,7 +1180,7 @@ impl Inner {
         // bitmaps in use on disk (inconsistent), never wrong.
         self.bitmaps = Bitmaps::default();
         let old_dir = (dir_size > 0).then_some((dir_off, dir_size));
-        self.commit_directory(list, old_dir, dropped, to_v2)
+        self.commit_directory(list, old_dir, dropped, to_v2, &mut || {})
     }
 
     /// Resizes every bitmap with the image, as QEMU 10 does: bits past the
@@ -1178,7 +1238,13 @@ impl Inner {
                 (e, Content::Keep)
             })
             .collect();
-        self.commit_directory(list, Some((dir_off, dir_size)), Vec::new(), |_| {})?;
+        self.commit_directory(
+            list,
+            Some((dir_off, dir_size)),
+            Vec::new(),
+            |_| {},
+            &mut || {},
+        )?;
         self.bitmaps = Bitmaps::default();
         // 2. The image.
         let r = resize(self);
@@ -1200,7 +1266,7 @@ impl Inner {
             }
             list.push((ne, Content::Bits(nb)));
         }
-        self.commit_directory(list, Some((dir_off, dir_size)), in_use, |_| {})?;
+        self.commit_directory(list, Some((dir_off, dir_size)), in_use, |_| {}, &mut || {})?;
         if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
             self.sync()?;
         }
@@ -1225,11 +1291,32 @@ impl crate::Image {
         op: &BitmapOp,
         source_image: Option<&crate::Image>,
     ) -> Result<()> {
+        self.bitmap_with_progress(name, op, source_image, &mut |_, _| {})
+    }
+
+    /// [`Image::bitmap`], telling `progress` (done, total) how far a merge
+    /// is, in bitmap clusters: those of the source read, then those of the
+    /// target read and written (other operations report nothing). Called
+    /// at most once per cluster, and last with done == total.
+    pub fn bitmap_with_progress(
+        &self,
+        name: &str,
+        op: &BitmapOp,
+        source_image: Option<&crate::Image>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let other = source_image.filter(|s| !std::ptr::eq(*s, self));
+        let mut done = 0u64;
         let source = match (op, other) {
             (BitmapOp::Merge { source }, Some(img)) => {
+                let dst_n = self.lock().bitmap_table_size(name)?;
                 let mut g = img.lock();
-                match g.source_bits(source) {
+                let total = g.bitmap_table_size(source)? + 2 * dst_n;
+                let mut tick = || {
+                    done += 1;
+                    progress(done.min(total), total);
+                };
+                match g.source_bits(source, &mut tick) {
                     Ok((gb, bits)) => Some((gb, bits, g.header.size)),
                     Err(e) => {
                         drop(g);
@@ -1244,7 +1331,7 @@ impl crate::Image {
             }
             _ => None,
         };
-        self.exclusive().bitmap_op(name, op, source)
+        self.exclusive().bitmap_op(name, op, source, done, progress)
     }
 }
 
