@@ -1088,9 +1088,11 @@ impl Inner {
         self.sync()?;
         self.refresh_bitmap_ranges()?;
         // Frees last: a crash before them only leaks.
-        let mut frees: Vec<(u64, u64)> = Vec::new();
+        // (offset, length, bitmap data: punched once free, as QEMU does;
+        // tables and directories are not).
+        let mut frees: Vec<(u64, u64, bool)> = Vec::new();
         if let Some((off, size)) = old_dir {
-            frees.push((off, size));
+            frees.push((off, size, false));
         }
         for e in &dropped {
             let n = e.table_size as u64;
@@ -1101,16 +1103,17 @@ impl Inner {
             if self.file.read_at(&mut raw, e.table_offset).is_err() {
                 continue;
             }
-            frees.push((e.table_offset, n * 8));
+            frees.push((e.table_offset, n * 8, false));
             for c in raw.chunks_exact(8) {
                 let t = be64(c, 0);
                 let off = t & bitmap::BTE_OFFSET_MASK;
                 if off != 0 && bitmap::table_entry_problem(t, cs).is_none() {
-                    frees.push((off, cs));
+                    frees.push((off, cs, true));
                 }
             }
         }
-        for (off, len) in frees {
+        let mut data = Vec::new();
+        for (off, len, is_data) in frees {
             // Clusters that are not what they should be are leaked, not freed.
             if !self.bitmap_clusters_ok(off, len, false)? {
                 continue;
@@ -1120,10 +1123,25 @@ impl Inner {
                 self.refs
                     .update(&*self.file, c, -1)
                     .map_err(|e| refcount_err(&name, e))?;
+                if is_data {
+                    data.push(c);
+                }
                 c += 1;
             }
         }
-        self.forget_freed();
+        let freed: HashSet<u64> = self.refs.take_freed().into_iter().collect();
+        if freed.contains(&(self.free_byte_offset >> self.geo.cluster_bits)) {
+            self.free_byte_offset = 0;
+        }
+        // Nothing durable points at them any more (the header switched):
+        // a crash leaves them leaked, zeroes or not.
+        for c in data.into_iter().filter(|c| freed.contains(c)) {
+            self.file
+                .punch_hole(c * cs, cs)
+                .map_err(ioerr("punch hole", &name))?;
+            self.stats.holes_punched += 1;
+            self.set_tail_unsynced();
+        }
         if self.refs.is_dirty()
             && self
                 .refs
