@@ -2,7 +2,10 @@
 //! lazy refcounts), as `qemu-img amend` does.
 //!
 //! Every header change is one write within the first cluster followed by a
-//! sync, so a crash leaves either the old or the new header.
+//! sync, so a crash leaves either the old or the new header. Structures the
+//! new header no longer uses (old refcount structures, the old bitmap
+//! directory, tables and data of a downgrade) are freed only after it is
+//! durable; new ones are durable, with their refcounts, before it is written.
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Image, Inner};
@@ -32,10 +35,14 @@ pub struct AmendOptions {
 }
 
 impl Image {
-    /// Changes the image's format options (see [`AmendOptions`]).
+    /// Changes the image's format options (see [`AmendOptions`]). A
+    /// downgrade to version 2 keeps persistent bitmaps in the header's
+    /// extension, as QEMU 10 does (a v2 header cannot vouch for them: they
+    /// are inconsistent from then on).
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
         let mut g = self.exclusive();
-        // Every refusal comes before anything is written.
+        // Every refusal comes before anything is written, but that of a
+        // backing file change: QEMU's order (see `Inner::amend`).
         g.validate(o)?;
         if o.version == Some(2) && g.header.version > 2 && !g.backing_refused(o) {
             // compat=0.10 has no zero clusters: expand those of the active
