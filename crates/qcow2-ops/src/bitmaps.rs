@@ -1312,7 +1312,7 @@ impl crate::Image {
         self.bitmap_with_progress(name, op, source_image, &mut |_, _| {})
     }
 
-    /// [`Image::bitmap`], telling `progress` (done, total) how far a merge
+    /// [`Image::bitmap`](crate::Image::bitmap), telling `progress` (done, total) how far a merge
     /// is, in bitmap clusters: those of the source read, then those of the
     /// target read and written (other operations report nothing). Called
     /// at most once per cluster, and last with done == total.
