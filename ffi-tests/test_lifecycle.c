@@ -297,7 +297,9 @@ static void test_amend(void) {
     CHECK_RC(qcow2_close(img), 0);
     CHECK(qemu_info_has(a, "\"lazy-refcounts\": true"));
 
-    /* Persistent bitmaps prevent a downgrade (-ENOTSUP). */
+    /* A downgrade keeps persistent bitmaps in the v2 header, as QEMU 10
+     * does; a v2 reader cannot vouch for them, so qemu-img check calls
+     * their clusters leaked (exit 3), as after qemu-img amend. */
     CHECK(h_sh("qemu-img create -q -f qcow2 '%s' 1M && qemu-img bitmap --add '%s' b0", bm,
                bm) == 0);
     img = NULL;
@@ -306,10 +308,10 @@ static void test_amend(void) {
         return;
     memset(&o, 0, sizeof o);
     o.version = 2;
-    CHECK_RC(qcow2_amend(img, &o), -ENOTSUP);
+    CHECK_RC(qcow2_amend(img, &o), 0);
     CHECK_RC(qcow2_close(img), 0);
-    CHECK(qemu_info_has(bm, "\"compat\": \"1.1\""));
-    CHECK(h_qemu_check(bm));
+    CHECK(qemu_info_has(bm, "\"compat\": \"0.10\""));
+    CHECK(h_sh("qemu-img check -q '%s' >/dev/null 2>&1; test $? -eq 3", bm) == 0);
 }
 
 int main(int argc, char **argv) {

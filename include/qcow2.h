@@ -510,8 +510,9 @@ typedef struct Qcow2AmendOptions {
      * Target version: 2 (compat=0.10) or 3 (compat=1.1); 0 keeps the
      * current one. Downgrading to 2 fails with -EINVAL when the image uses
      * v3-only features (refcount width other than 16, extended L2,
-     * compression type zstd, ...) and -ENOTSUP with persistent bitmaps;
-     * zero clusters are expanded as QEMU does.
+     * compression type zstd, ...); zero clusters are expanded and
+     * persistent bitmaps kept in the v2 header as QEMU 10 does (v2 readers
+     * then treat them as inconsistent).
      */
     uint32_t version;
     /**

@@ -50,8 +50,9 @@ pub struct Qcow2AmendOptions {
     /// Target version: 2 (compat=0.10) or 3 (compat=1.1); 0 keeps the
     /// current one. Downgrading to 2 fails with -EINVAL when the image uses
     /// v3-only features (refcount width other than 16, extended L2,
-    /// compression type zstd, ...) and -ENOTSUP with persistent bitmaps;
-    /// zero clusters are expanded as QEMU does.
+    /// compression type zstd, ...); zero clusters are expanded and
+    /// persistent bitmaps kept in the v2 header as QEMU 10 does (v2 readers
+    /// then treat them as inconsistent).
     pub version: u32,
     /// QCOW2_AMEND_LAZY_KEEP (0), QCOW2_AMEND_LAZY_OFF or QCOW2_AMEND_LAZY_ON
     /// (v3 only); other values: -EINVAL.
@@ -99,6 +100,7 @@ impl Qcow2AmendOptions {
             version,
             lazy_refcounts,
             refcount_bits,
+            ..Default::default()
         })
     }
 }
@@ -262,6 +264,7 @@ mod tests {
                 version: Some(2),
                 lazy_refcounts: Some(false),
                 refcount_bits: Some(1),
+                ..Default::default()
             }
         );
         let on = Qcow2AmendOptions {

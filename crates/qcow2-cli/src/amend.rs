@@ -32,44 +32,44 @@ const CREATE_ONLY: &[&str] = &[
     "compression_type",
     "encrypt",
     "encrypt.format",
-    "data_file_raw",
+    "encryption",
 ];
 
+fn on_off(k: &str, v: &str) -> Result<bool, Fail> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(Fail::new(format!("Parameter '{k}' expects 'on' or 'off'"))),
+    }
+}
+
+/// Parses the `-o` options as qemu-img does after opening the image: first
+/// the syntax of every option in command-line order (unknown and
+/// creation-only names, values of the wrong type), then what the values
+/// mean, in the order of qcow2's option list (compat, data_file,
+/// data_file_raw, refcount_bits). The engine does not support external
+/// data files, so an image open here has none: `data_file` is refused and
+/// `data_file_raw=on` too, with QEMU's messages; `data_file_raw=off` is
+/// nothing to do. A changed backing file is refused by the engine (after
+/// the changes QEMU makes before that refusal).
 fn parse_opts(all: &[String]) -> Result<(AmendOptions, Option<u64>), Fail> {
     let mut o = AmendOptions::default();
     let mut size = None;
+    let mut compat: Option<String> = None;
+    let mut data_file = false;
+    let mut data_file_raw = false;
+    let mut refcount_bits: Option<u64> = None;
     for s in all {
         for kv in s.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             match k {
-                "compat" => {
-                    o.version = Some(match v {
-                        "0.10" | "v2" => 2,
-                        "1.1" | "v3" => 3,
-                        _ => return Err(Fail::new(format!("Unknown compatibility level {v}"))),
-                    })
-                }
-                "lazy_refcounts" => {
-                    o.lazy_refcounts = Some(match v {
-                        "on" => true,
-                        "off" => false,
-                        _ => {
-                            return Err(Fail::new(
-                                "Parameter 'lazy_refcounts' expects 'on' or 'off'",
-                            ))
-                        }
-                    })
-                }
+                "compat" => compat = Some(v.to_string()),
+                "lazy_refcounts" => o.lazy_refcounts = Some(on_off(k, v)?),
                 "refcount_bits" => {
-                    let n: u32 = v
-                        .parse()
-                        .map_err(|_| Fail::new("Parameter 'refcount_bits' expects a number"))?;
-                    if n == 0 || n > 64 || !n.is_power_of_two() {
-                        return Err(Fail::new(
-                            "Refcount width must be a power of two and may not exceed 64 bits",
-                        ));
-                    }
-                    o.refcount_bits = Some(n);
+                    refcount_bits = Some(
+                        v.parse()
+                            .map_err(|_| Fail::new("Parameter 'refcount_bits' expects a number"))?,
+                    )
                 }
                 "size" => {
                     size = Some(
@@ -77,19 +77,41 @@ fn parse_opts(all: &[String]) -> Result<(AmendOptions, Option<u64>), Fail> {
                             .map_err(|_| Fail::new("Parameter 'size' expects a size"))?,
                     )
                 }
+                "backing_file" => o.backing_file = Some(v.to_string()),
+                "backing_fmt" => o.backing_fmt = Some(v.to_string()),
+                "data_file" => data_file = true,
+                "data_file_raw" => data_file_raw = on_off(k, v)?,
                 k if CREATE_ONLY.contains(&k) => {
                     return Err(Fail::new(format!(
                         "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     )))
                 }
-                "backing_file" | "backing_fmt" | "data_file" | "encryption" => {
-                    return Err(Fail::new(format!(
-                        "{k}: changing this option with amend is not supported"
-                    )))
-                }
                 _ => return Err(Fail::new(format!("Invalid parameter '{k}'"))),
             }
         }
+    }
+    if let Some(v) = compat {
+        o.version = Some(match v.as_str() {
+            "0.10" | "v2" => 2,
+            "1.1" | "v3" => 3,
+            _ => return Err(Fail::new(format!("Unknown compatibility level {v}"))),
+        });
+    }
+    if data_file {
+        return Err(Fail::new(
+            "data-file can only be set for images that use an external data file",
+        ));
+    }
+    if data_file_raw {
+        return Err(Fail::new("data-file-raw cannot be set on existing images"));
+    }
+    if let Some(n) = refcount_bits {
+        if n == 0 || n > 64 || !n.is_power_of_two() {
+            return Err(Fail::new(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        o.refcount_bits = Some(n as u32);
     }
     Ok((o, size))
 }
@@ -136,8 +158,15 @@ pub fn run(a: AmendArgs) -> Result<u8, Fail> {
     }
     let file = &pos[0];
     check_format(&fmt)?;
-    let (o, size) = parse_opts(&opts)?;
+    // qemu-img opens the image before it reads the options.
     let img = open_image(Path::new(file), &OpenOptions::read_write())?;
+    let (o, size) = match parse_opts(&opts) {
+        Ok(p) => p,
+        Err(f) => {
+            let _ = img.close();
+            return Err(f);
+        }
+    };
     let mut status = img.amend(&o).map_err(|e| {
         Fail::new(match &e {
             Error::Invalid(m) | Error::NotSupported(m) | Error::NoSpace(m) => m.clone(),

@@ -7,6 +7,10 @@
 //!
 //! The operations run in command-line order; the first that fails ends the
 //! program with status 1 (the ones before it stay done), as in qemu-img.
+//!
+//! Beyond qemu-img (which has no progress option here): a merge shows a
+//! progress bar on stderr when it is a terminal, never piped, and never
+//! with `-q` (accepted here only for that; qemu-img bitmap refuses it).
 
 use crate::num::{parse_size, SizeError};
 use crate::{check_format, error_text, open_image, Fail};
@@ -43,6 +47,7 @@ pub fn run(a: BitmapArgs) -> Result<u8, Fail> {
     let mut src_file: Option<String> = None;
     let mut src_fmt: Option<String> = None;
     let mut granularity = 0u64;
+    let mut quiet = false;
     let mut pos = Vec::new();
     let mut it = a.args.into_iter();
     let need = |it: &mut std::vec::IntoIter<String>, opt: &str| {
@@ -80,6 +85,7 @@ pub fn run(a: BitmapArgs) -> Result<u8, Fail> {
             "--enable" => acts.push(Act::Enable),
             "--disable" => acts.push(Act::Disable),
             "--merge" => acts.push(Act::Merge(val(&mut it)?)),
+            "-q" | "--quiet" => quiet = true,
             "-f" | "--format" => fmt = Some(val(&mut it)?),
             "-b" | "--source-file" => src_file = Some(val(&mut it)?),
             "-F" | "--source-format" => src_fmt = Some(val(&mut it)?),
@@ -156,7 +162,13 @@ pub fn run(a: BitmapArgs) -> Result<u8, Fail> {
             Act::Disable => BitmapOp::Disable,
             Act::Merge(source) => BitmapOp::Merge { source },
         };
-        if let Err(e) = img.bitmap(name, &op, src.as_ref()) {
+        let mut bar = crate::progress::Bar::new(
+            !quiet,
+            "Merging [{bar:40}] {percent:>3}% {pos}/{len} bitmap clusters ({eta})",
+        );
+        let done = img.bitmap_with_progress(name, &op, src.as_ref(), &mut |d, t| bar.update(d, t));
+        bar.finish();
+        if let Err(e) = done {
             let msg = match &e {
                 Error::Invalid(m) => m.clone(),
                 _ => error_text(&e),
@@ -186,4 +198,4 @@ fn range_fail() -> Fail {
 
 const HELP: &str = "Usage: qcow2 bitmap (--merge SOURCE | --add | --remove | --clear | \
 --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object ...] \
-[-f fmt] filename bitmap";
+[-f fmt] [-q] filename bitmap";

@@ -138,36 +138,12 @@ pub fn run(a: CheckArgs) -> Result<u8, Fail> {
     let img = open_image(&spec.path, &opts)?;
     // A bar at a terminal while the L2 tables are walked (long on large
     // images); qemu-img shows none, so never in quiet, JSON or piped use.
-    let show = {
-        use std::io::IsTerminal;
-        !a.quiet && matches!(a.output, OutputFormat::Human) && std::io::stderr().is_terminal()
-    };
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let mut shown = u64::MAX;
-    let mut tick = |done: u64, total: u64| {
-        // Redrawn per percent, not per table.
-        if !show || total < 256 || done * 100 / total == shown {
-            return;
-        }
-        shown = done * 100 / total;
-        let pb = bar.get_or_insert_with(|| {
-            let pb = indicatif::ProgressBar::new(total);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "Checking [{bar:40}] {percent:>3}% {pos}/{len} L2 tables ({eta})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            pb
-        });
-        pb.set_length(total);
-        pb.set_position(done);
-    };
-    let checked = img.check_with_progress(mode, &mut tick);
-    if let Some(pb) = bar.take() {
-        pb.finish_and_clear();
-    }
+    let mut bar = crate::progress::Bar::new(
+        !a.quiet && matches!(a.output, OutputFormat::Human),
+        "Checking [{bar:40}] {percent:>3}% {pos}/{len} L2 tables ({eta})",
+    );
+    let checked = img.check_with_progress(mode, &mut |done, total| bar.update(done, total));
+    bar.finish();
     let report = match checked {
         Ok(r) => r,
         Err(e) => {

@@ -16,6 +16,7 @@ mod io;
 mod map;
 mod measure;
 mod num;
+mod progress;
 mod qjson;
 mod qopt;
 mod rebase;
@@ -136,6 +137,7 @@ pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Image, F
             strerror(e.raw_os_error().unwrap_or(libc_eio()))
         )));
     }
+    warn_unvouched_bitmaps(path);
     Image::open(path, opts).map_err(|e| {
         Fail::new(format!(
             "Could not open '{}': {}",
@@ -143,6 +145,55 @@ pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Image, F
             error_text(&e)
         ))
     })
+}
+
+/// The warning qemu-img prints when it opens an image whose bitmaps
+/// extension no autoclear bit vouches for (a v2 header has none: after
+/// `amend -o compat=0.10` of an image with bitmaps): the bitmaps are
+/// inconsistent, their clusters leaked. The same wording, without a final
+/// newline, as QEMU prints it.
+fn warn_unvouched_bitmaps(path: &std::path::Path) {
+    use qcow2_ops::format::header::{Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let mut head = vec![0u8; 4096.min(len as usize)];
+    if head.len() < 24 || f.read_exact(&mut head).is_err() {
+        return;
+    }
+    let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+    if !(9..=21).contains(&cluster_bits) {
+        return;
+    }
+    let want = (1usize << cluster_bits).min(len as usize);
+    if want > head.len() {
+        let mut rest = vec![0u8; want - head.len()];
+        if f.read_exact(&mut rest).is_err() {
+            return;
+        }
+        head.extend_from_slice(&rest);
+    }
+    let Ok(h) = Header::parse(&head, len) else {
+        return;
+    };
+    if h.extension(EXT_BITMAPS).is_none() || h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+        return;
+    }
+    let what = if h.version < 3 {
+        "This qcow2 v2 image contains bitmaps, but they may have been modified by a program \
+         without persistent bitmap support; so now they must all be considered inconsistent"
+    } else {
+        "a program lacking bitmap support modified this file, so all bitmaps are now \
+         considered inconsistent"
+    };
+    eprint!(
+        "qcow2: warning: {what}\nSome clusters may be leaked, run 'qcow2 check -r' on the image \
+         file to fix."
+    );
 }
 
 fn libc_eio() -> i32 {

@@ -289,3 +289,217 @@ fn downgrade_keeps_snapshots_intact() {
         assert_eq!(qemu_content(dir, "o.qcow2"), before_sn, "{ctx}: reverted");
     }
 }
+
+/// `info --output=json` of `img` by qemu-img, its name replaced by `X` and
+/// `actual-size` left out (st_blocks: QEMU writes whole metadata tables,
+/// ours only their dirty sectors, so a sparse copy fills differently).
+fn info_json(dir: &Path, img: &str) -> String {
+    let r = qemu_img(dir, &["info", "--output=json", img]);
+    r.stdout
+        .lines()
+        .filter(|l| !l.contains("\"actual-size\""))
+        .map(|l| l.replace(img, "X"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `qemu-img check` of `img`: exit status, stdout and stderr, the name
+/// replaced by `X`.
+fn check_all(dir: &Path, img: &str) -> (i32, String, String) {
+    let r = qemu_img(dir, &["check", img]);
+    (
+        r.code,
+        r.stdout.replace(img, "X"),
+        r.stderr.replace(img, "X"),
+    )
+}
+
+/// Runs `amend args` through both tools on copies of `base`: the same exit
+/// status, stdout and stderr; then qemu-img's `info --output=json` and
+/// `check` (status, stdout, stderr) of the two copies are the same, and
+/// `qemu-img compare` finds them equal.
+fn both_exact(dir: &Path, base: &str, args: &[&str], ctx: &str) {
+    copy(dir, base, "q.qcow2");
+    copy(dir, base, "o.qcow2");
+    let mut qa = vec!["amend"];
+    qa.extend_from_slice(args);
+    let mut oa = qa.clone();
+    qa.push("q.qcow2");
+    oa.push("o.qcow2");
+    let q = qemu_img(dir, &qa);
+    let o = ours(dir, &oa);
+    assert_eq!(
+        (o.code, &o.stdout, msg(&o.stderr, "qcow2")),
+        (q.code, &q.stdout, msg(&q.stderr, "qemu-img")),
+        "{ctx}: amend status, stdout, stderr"
+    );
+    assert_eq!(
+        info_json(dir, "o.qcow2"),
+        info_json(dir, "q.qcow2"),
+        "{ctx}: qemu-img info"
+    );
+    assert_eq!(
+        check_all(dir, "o.qcow2"),
+        check_all(dir, "q.qcow2"),
+        "{ctx}: qemu-img check"
+    );
+    qemu_img(dir, &["compare", "-q", "q.qcow2", "o.qcow2"]).ok(ctx);
+}
+
+/// compat=0.10 on images with persistent dirty bitmaps: QEMU 10 downgrades
+/// (no message, status 0) and keeps the bitmaps extension in the v2 header,
+/// every bitmap stored anew; qemu-img then warns that the bitmaps are
+/// inconsistent and `check` counts their clusters as leaks. Ours gives the
+/// same image: the same `info`, the same `check` (leaked cluster numbers
+/// and image end offset included).
+#[test]
+fn downgrade_with_bitmaps_matches_qemu() {
+    if !tools() {
+        return;
+    }
+    let d = tmpdir();
+    let dir = d.path();
+    for (cs, backing) in [("65536", false), ("65536", true), ("4096", false)] {
+        let ctx = format!("cluster_size={cs} backing={backing}");
+        let _ = std::fs::remove_file(dir.join("bm.qcow2"));
+        let o = format!("cluster_size={cs}");
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+        if backing {
+            qemu_img(dir, &["create", "-q", "-f", "raw", "bb.raw", "4M"]).ok("raw");
+            qemu_io(dir, &["-f", "raw", "-c", "write -P 9 0 4M", "bb.raw"]).ok("fill");
+            args.extend(["-b", "bb.raw", "-F", "raw"]);
+        }
+        args.extend(["bm.qcow2", "4M"]);
+        qemu_img(dir, &args).ok("create");
+        io(dir, "bm.qcow2", &["write -P 1 0 1M"]);
+        qemu_img(dir, &["bitmap", "--add", "bm.qcow2", "b1"]).ok("add b1");
+        qemu_img(dir, &["bitmap", "--add", "-g", "512", "bm.qcow2", "b2"]).ok("add b2");
+        io(
+            dir,
+            "bm.qcow2",
+            &[
+                "write -P 2 1M 1M",
+                "write -z 64k 64k",
+                "write -z -u 2M 128k",
+                "write -P 3 3M 64k",
+            ],
+        );
+        qemu_img(dir, &["bitmap", "--disable", "bm.qcow2", "b2"]).ok("disable b2");
+        qemu_img(dir, &["bitmap", "--add", "bm.qcow2", "empty"]).ok("add empty");
+        both_exact(dir, "bm.qcow2", &["-o", "compat=0.10"], &ctx);
+        // Our check and info of the result print what qemu-img's print for
+        // it, the warning included (the bitmaps are inconsistent in a v2
+        // image).
+        let tool = |s: &str| {
+            s.replace("qemu-img", "TOOL")
+                .replace("qcow2 check", "TOOL check")
+                .replace("qcow2: ", "TOOL: ")
+                .replace("o.qcow2", "X")
+        };
+        for cmd in ["check", "info"] {
+            let q = qemu_img(dir, &[cmd, "o.qcow2"]);
+            let o = ours(dir, &[cmd, "o.qcow2"]);
+            assert_eq!(
+                (o.code, tool(&o.stdout), tool(&o.stderr)),
+                (q.code, tool(&q.stdout), tool(&q.stderr)),
+                "{ctx}: our {cmd} of the downgraded image"
+            );
+        }
+        both_exact(
+            dir,
+            "bm.qcow2",
+            &["-f", "qcow2", "-o", "compat=0.10,refcount_bits=16"],
+            &format!("{ctx} +16"),
+        );
+    }
+}
+
+/// `-o backing_file=...,backing_fmt=...` and the external data file options:
+/// QEMU 10 refuses any change of the backing file (pointing at `rebase`)
+/// and accepts the current values unchanged; its refusal comes after an
+/// upgrade or a refcount width change asked for with it (those stay done)
+/// and before lazy refcounts and a downgrade. `data_file` is refused on an
+/// image without one, `data_file_raw=on` on every existing image,
+/// `data_file_raw=off` is nothing to do there.
+#[test]
+fn amend_backing_and_data_file_match_qemu() {
+    if !tools() {
+        return;
+    }
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_img(dir, &["create", "-q", "-f", "raw", "b.raw", "1M"]).ok("raw");
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "b2.qcow2", "1M"]).ok("b2");
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "plain.qcow2", "1M"]).ok("plain");
+    qemu_img(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "ov.qcow2", "1M",
+        ],
+    )
+    .ok("overlay");
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "1M",
+        ],
+    )
+    .ok("v2");
+    let cases: &[(&str, &str)] = &[
+        ("plain.qcow2", "backing_file=b.raw"),
+        ("plain.qcow2", "backing_file=b.raw,backing_fmt=raw"),
+        ("plain.qcow2", "backing_fmt=raw"),
+        ("plain.qcow2", "backing_file=missing,backing_fmt=raw"),
+        ("plain.qcow2", "backing_file="),
+        ("plain.qcow2", "backing_file=b2.qcow2,backing_fmt=qcow2"),
+        ("ov.qcow2", "backing_file=b.raw,backing_fmt=raw"),
+        ("ov.qcow2", "backing_file=b.raw"),
+        ("ov.qcow2", "backing_fmt=raw"),
+        ("ov.qcow2", "backing_file=./b.raw,backing_fmt=raw"),
+        ("ov.qcow2", "backing_file=b2.qcow2,backing_fmt=qcow2"),
+        ("ov.qcow2", "backing_file=b.raw,backing_fmt=raw,compat=0.10"),
+        (
+            "ov.qcow2",
+            "backing_file=b.raw,backing_fmt=raw,lazy_refcounts=on",
+        ),
+        ("plain.qcow2", "compat=0.10,backing_file=b2.qcow2"),
+        (
+            "plain.qcow2",
+            "compat=0.10,lazy_refcounts=on,backing_file=x",
+        ),
+        ("plain.qcow2", "lazy_refcounts=on,backing_file=x"),
+        ("plain.qcow2", "refcount_bits=8,backing_file=x"),
+        ("plain.qcow2", "refcount_bits=3,backing_file=x"),
+        ("plain.qcow2", "backing_file=x,compat=2"),
+        ("v2.qcow2", "compat=1.1,backing_file=x"),
+        ("v2.qcow2", "refcount_bits=8,backing_file=x"),
+        ("plain.qcow2", "data_file=x"),
+        ("plain.qcow2", "data_file="),
+        ("plain.qcow2", "data_file_raw=on"),
+        ("plain.qcow2", "data_file_raw=off"),
+        ("plain.qcow2", "data_file_raw=maybe"),
+        ("plain.qcow2", "data_file=x,backing_file=b2.qcow2"),
+        ("plain.qcow2", "backing_file=b2.qcow2,data_file=x"),
+        ("plain.qcow2", "data_file_raw=on,data_file=x"),
+        ("plain.qcow2", "data_file=x,compat=2"),
+        ("plain.qcow2", "refcount_bits=3,data_file=x"),
+        ("plain.qcow2", "data_file=x,refcount_bits=abc"),
+        ("plain.qcow2", "data_file=x,lazy_refcounts=maybe"),
+        ("plain.qcow2", "data_file_raw=on,refcount_bits=3"),
+        ("plain.qcow2", "data_file=x,cluster_size=4k"),
+        ("plain.qcow2", "data_file=x,foo=bar"),
+        ("plain.qcow2", "refcount_bits=3,foo=bar"),
+        ("plain.qcow2", "encryption=on"),
+        ("ov.qcow2", "data_file_raw=off,backing_file=x"),
+    ];
+    for (base, opts) in cases {
+        both_exact(dir, base, &["-o", opts], &format!("{base} -o {opts}"));
+    }
+}

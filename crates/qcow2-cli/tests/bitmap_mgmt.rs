@@ -308,3 +308,104 @@ fn inconsistent_bitmaps() {
         ],
     );
 }
+
+/// `--merge` shows a progress bar at a terminal only (qemu-img bitmap has
+/// none, and no -p or -q): under `script` (a pseudo-terminal) the bar
+/// appears, for a merge within the image and one from another image (-b);
+/// piped, stdout, stderr and status are qemu-img's (nothing, 0); with `-q`
+/// no bar at a terminal either. The merged bitmaps are qemu-img's.
+#[test]
+fn merge_bar_at_a_terminal_only() {
+    if !nbd_tools() || qcow2_testutil::require("bitmap progress", &["script"]).is_none() {
+        return;
+    }
+    let d = tmpdir();
+    let dir = d.path();
+    // 512-byte clusters and granularity: 128 bitmap clusters per bitmap.
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "m.qcow2",
+            "256M",
+        ],
+    )
+    .ok("create");
+    for b in ["b0", "b1"] {
+        qemu_img(dir, &["bitmap", "--add", "-g", "512", "m.qcow2", b]).ok("add");
+    }
+    qemu_io(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write 0 1M",
+            "-c",
+            "write 100M 64k",
+            "-c",
+            "write 200M 512",
+            "m.qcow2",
+        ],
+    )
+    .ok("write");
+    qemu_img(dir, &["bitmap", "--disable", "m.qcow2", "b0"]).ok("disable");
+    copy(dir, "m.qcow2", "src.qcow2");
+    let ours_bin = qcow2_bin();
+    let tty = |args: &str| -> String {
+        let cmd = format!("cd '{}' && {ours_bin} bitmap {args}", dir.display());
+        let r = run_in(dir, "script", &["-qec", &cmd, "/dev/null"]);
+        r.stdout
+    };
+    for (what, args) in [
+        ("in image", vec!["--merge", "b0"]),
+        ("from -b", vec!["--merge", "b0", "-b", "src.qcow2"]),
+    ] {
+        copy(dir, "m.qcow2", "q.qcow2");
+        copy(dir, "m.qcow2", "o.qcow2");
+        copy(dir, "m.qcow2", "t.qcow2");
+        copy(dir, "m.qcow2", "tq.qcow2");
+        let mut qa = vec!["bitmap"];
+        qa.extend(&args);
+        qa.extend(["q.qcow2", "b1"]);
+        let q = qemu_img(dir, &qa);
+        let mut oa = vec!["bitmap"];
+        oa.extend(&args);
+        oa.extend(["o.qcow2", "b1"]);
+        let o = ours(dir, &oa);
+        assert_eq!(
+            (o.code, &o.stdout, &o.stderr),
+            (q.code, &q.stdout, &q.stderr),
+            "{what}: piped, as qemu-img"
+        );
+        let a = args.join(" ");
+        let shown = tty(&format!("{a} t.qcow2 b1"));
+        assert!(
+            shown.contains("bitmap clusters"),
+            "{what}: no bar at a terminal: {shown:?}"
+        );
+        let quiet = tty(&format!("-q {a} tq.qcow2 b1"));
+        assert!(
+            !quiet.contains("bitmap clusters"),
+            "{what}: bar with -q: {quiet:?}"
+        );
+        for img in ["o.qcow2", "t.qcow2", "tq.qcow2"] {
+            assert_eq!(
+                info_bitmaps(dir, img),
+                info_bitmaps(dir, "q.qcow2"),
+                "{what}: {img} bitmaps"
+            );
+            assert_eq!(
+                nbd_map(dir, img, "b1"),
+                nbd_map(dir, "q.qcow2", "b1"),
+                "{what}: {img} merged bits"
+            );
+            assert_qemu_check_clean(dir, img, what);
+        }
+    }
+}

@@ -11,8 +11,9 @@ use qcow2_io::Storage;
 use qcow2_refcount::{RefcountError, Refcounts};
 
 impl Inner {
-    /// Clusters freed outside `flush_all` (bitmap, snapshot and resize
-    /// operations): nothing is punched, but the host cluster compressed
+    /// Clusters freed outside `flush_all` (snapshot and resize operations;
+    /// bitmap operations punch their freed data clusters themselves):
+    /// nothing is punched, but the host cluster compressed
     /// clusters are being packed into must not be appended to any more.
     pub(crate) fn forget_freed(&mut self) {
         let freed = self.refs.take_freed();

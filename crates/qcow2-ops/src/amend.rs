@@ -2,7 +2,10 @@
 //! lazy refcounts), as `qemu-img amend` does.
 //!
 //! Every header change is one write within the first cluster followed by a
-//! sync, so a crash leaves either the old or the new header.
+//! sync, so a crash leaves either the old or the new header. Structures the
+//! new header no longer uses (old refcount structures, the old bitmap
+//! directory, tables and data of a downgrade) are freed only after it is
+//! durable; new ones are durable, with their refcounts, before it is written.
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Image, Inner};
@@ -19,15 +22,29 @@ pub struct AmendOptions {
     /// Refcount width in bits, a power of two from 1 to 64 (v2 images: 16
     /// only); the refcount structures are rebuilt at the new width.
     pub refcount_bits: Option<u32>,
+    /// Backing file name, as `qemu-img amend -o backing_file=`. Like QEMU
+    /// 10, amend does not change the backing file (that is
+    /// [`Image::set_backing`], `qemu-img rebase -u`): with `backing_fmt`,
+    /// it must name the current backing file and format, else amend fails
+    /// with [`Error::Invalid`], after the upgrade and the refcount width
+    /// change asked for with it (those stay done) and before any other
+    /// change, as QEMU does.
+    pub backing_file: Option<String>,
+    /// Backing file format, as `-o backing_fmt=` (see `backing_file`).
+    pub backing_fmt: Option<String>,
 }
 
 impl Image {
-    /// Changes the image's format options (see [`AmendOptions`]).
+    /// Changes the image's format options (see [`AmendOptions`]). A
+    /// downgrade to version 2 keeps persistent bitmaps in the header's
+    /// extension, as QEMU 10 does (a v2 header cannot vouch for them: they
+    /// are inconsistent from then on).
     pub fn amend(&self, o: &AmendOptions) -> Result<()> {
         let mut g = self.exclusive();
-        // Every refusal comes before anything is written.
+        // Every refusal comes before anything is written, but that of a
+        // backing file change: QEMU's order (see `Inner::amend`).
         g.validate(o)?;
-        if o.version == Some(2) && g.header.version > 2 {
+        if o.version == Some(2) && g.header.version > 2 && !g.backing_refused(o) {
             // compat=0.10 has no zero clusters: expand those of the active
             // table first by writing zeroes through the ordinary write path,
             // which copies a host cluster shared with a snapshot instead of
@@ -38,18 +55,27 @@ impl Image {
             let cs = g.geo.cluster_size();
             let size = g.header.size;
             let backing = g.header.backing_file.is_some();
+            // The guest reads zeroes there before and after: no bitmap bit
+            // is set for it (QEMU's expansion sets none either).
+            g.pause_bitmaps(true);
             drop(g);
             let buf = vec![0u8; cs as usize];
+            let mut r = Ok(());
             for (guest, plain) in zeros {
                 let n = cs.min(size - guest);
                 // Plain zero without a backing file becomes unallocated, as
                 // in QEMU (done with the snapshot tables' entries below).
                 if !plain || backing {
-                    self.write(guest, &buf[..n as usize], 0)?;
+                    r = self.write(guest, &buf[..n as usize], 0);
+                    if r.is_err() {
+                        break;
+                    }
                 }
             }
-            self.flush()?;
+            let r = r.and_then(|()| self.flush());
             g = self.exclusive();
+            g.pause_bitmaps(false);
+            r?;
         }
         g.amend(o)
     }
@@ -70,7 +96,29 @@ impl Inner {
         self.write_guest_data(host, 0, zeros)
     }
 
+    /// Whether `o` asks for another backing file or format than the
+    /// image's (compared as QEMU compares them: the names as stored, a
+    /// missing one differing from any given one).
+    fn backing_refused(&self, o: &AmendOptions) -> bool {
+        if o.backing_file.is_none() && o.backing_fmt.is_none() {
+            return false;
+        }
+        o.backing_file.as_deref().map(str::as_bytes) != self.header.backing_file.as_deref()
+            || o.backing_fmt != self.header.backing_format()
+    }
+
+    /// The refusals QEMU makes before it changes anything; with a backing
+    /// file change (refused after the upgrade and refcount width change)
+    /// only those, else also the others ([`Inner::validate_rest`]).
     fn validate(&mut self, o: &AmendOptions) -> Result<()> {
+        self.validate_first(o)?;
+        if !self.backing_refused(o) {
+            self.validate_rest(o)?;
+        }
+        Ok(())
+    }
+
+    fn validate_first(&mut self, o: &AmendOptions) -> Result<()> {
         self.check_writable()?;
         let cur = self.header.version;
         let target = o.version.unwrap_or(cur);
@@ -91,6 +139,12 @@ impl Inner {
                 self.check_refcount_width(bits)?;
             }
         }
+        Ok(())
+    }
+
+    fn validate_rest(&mut self, o: &AmendOptions) -> Result<()> {
+        let cur = self.header.version;
+        let target = o.version.unwrap_or(cur);
         if o.lazy_refcounts == Some(true) && target < 3 {
             return Err(Error::Invalid(
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use \
@@ -110,17 +164,24 @@ impl Inner {
         let target = o.version.unwrap_or(cur);
         // Everything written so far is durable before the header changes.
         self.flush_all(true)?;
+        // QEMU's order: upgrade, refcount width, the backing file refusal,
+        // lazy refcounts, downgrade.
         if target > cur {
             self.upgrade()?;
-        }
-        if let Some(lazy) = o.lazy_refcounts {
-            if target >= 3 && lazy != self.header.lazy_refcounts() {
-                self.set_lazy(lazy)?;
-            }
         }
         if let Some(bits) = o.refcount_bits {
             if bits != self.header.refcount_bits() {
                 self.change_refcount_width(bits.trailing_zeros())?;
+            }
+        }
+        if self.backing_refused(o) {
+            return Err(Error::Invalid(
+                "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+            ));
+        }
+        if let Some(lazy) = o.lazy_refcounts {
+            if target >= 3 && lazy != self.header.lazy_refcounts() {
+                self.set_lazy(lazy)?;
             }
         }
         if target < cur {
@@ -202,13 +263,6 @@ impl Inner {
         if incompat != 0 {
             return Err(Error::Invalid(format!(
                 "Cannot downgrade an image with incompatible features {incompat:#x} set"
-            )));
-        }
-        if h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
-            return Err(Error::NotSupported(format!(
-                "{}: cannot downgrade an image with persistent bitmaps (compat=0.10 cannot \
-                 store them); remove them first",
-                self.name
             )));
         }
         Ok(())
@@ -555,13 +609,21 @@ impl Inner {
                 self.name
             )));
         }
+        let to_v2 = |h: &mut header::Header| {
+            h.version = 2;
+            h.header_length = V2_HEADER_LEN;
+            h.incompatible_features = 0;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.extensions.retain(|e| e.kind != header::EXT_FEATURE_TABLE);
+        };
+        if self.has_bitmaps() {
+            // The bitmaps extension stays, as in QEMU 10 (see
+            // `downgrade_with_bitmaps`); the header is written last there too.
+            return self.downgrade_with_bitmaps(to_v2);
+        }
         let mut h = self.header.clone();
-        h.version = 2;
-        h.header_length = V2_HEADER_LEN;
-        h.incompatible_features = 0;
-        h.compatible_features = 0;
-        h.autoclear_features = 0;
-        h.extensions.retain(|e| e.kind != header::EXT_FEATURE_TABLE);
+        to_v2(&mut h);
         self.write_header(h)
     }
 }

@@ -26,7 +26,7 @@
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Inner};
 use qcow2_format::bitmap::{self, BitmapEntry, BitmapsExt};
-use qcow2_format::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+use qcow2_format::header::{Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use qcow2_format::{be64, put_be32, put_be64};
 use std::collections::{BTreeMap, HashSet};
 
@@ -41,6 +41,8 @@ pub(crate) struct Bitmaps {
     pos: Vec<usize>,
     /// Bitmaps maintained while open.
     live: Vec<Live>,
+    /// Writes set no bits (they rewrite what the guest already reads).
+    paused: bool,
 }
 
 /// One maintained (enabled, consistent at open) bitmap.
@@ -325,6 +327,7 @@ impl Inner {
             dir_raw: raw,
             pos,
             live,
+            paused: false,
         };
         Ok(true)
     }
@@ -370,7 +373,7 @@ impl Inner {
     /// Sets the bits of `[offset, offset+len)` in every maintained bitmap
     /// (in memory; stored at close).
     pub(crate) fn mark_bitmaps(&mut self, offset: u64, len: u64) {
-        if len == 0 || self.bitmaps.live.is_empty() {
+        if len == 0 || self.bitmaps.live.is_empty() || self.bitmaps.paused {
             return;
         }
         let cs = self.geo.cluster_size();
@@ -664,6 +667,16 @@ impl Inner {
     /// Current bits of entry `idx` (disk data plus bits set since open),
     /// `table_size × cluster_size` bytes, bits past the disk end clear.
     fn entry_bits(&mut self, idx: usize, e: &BitmapEntry) -> Result<Vec<u8>> {
+        self.entry_bits_ticking(idx, e, &mut || {})
+    }
+
+    /// [`Inner::entry_bits`], calling `tick` after each table entry read.
+    fn entry_bits_ticking(
+        &mut self,
+        idx: usize,
+        e: &BitmapEntry,
+        tick: &mut dyn FnMut(),
+    ) -> Result<Vec<u8>> {
         let cs = self.geo.cluster_size();
         let n = e.table_size as usize;
         let name = self.name.clone();
@@ -694,6 +707,7 @@ impl Inner {
             } else if t & bitmap::BTE_ALL_ONES != 0 {
                 chunk.fill(0xff);
             }
+            tick();
         }
         if let Some(l) = self.bitmaps.live.iter().find(|l| l.idx == idx) {
             for (ci, chunk) in &l.set {
@@ -716,8 +730,12 @@ impl Inner {
     }
 
     /// Bits and granularity of bitmap `name`, for merging into another
-    /// bitmap (refused when inconsistent).
-    pub(crate) fn source_bits(&mut self, name: &str) -> Result<(u8, Vec<u8>)> {
+    /// bitmap (refused when inconsistent); `tick` after each table entry.
+    pub(crate) fn source_bits(
+        &mut self,
+        name: &str,
+        tick: &mut dyn FnMut(),
+    ) -> Result<(u8, Vec<u8>)> {
         let (_, _, entries) = self.read_directory()?;
         let Some(idx) = entries.iter().position(|e| e.name == name.as_bytes()) else {
             return Err(not_found(name));
@@ -726,7 +744,16 @@ impl Inner {
         if e.in_use() && !self.is_live(idx) {
             return Err(inconsistent_msg(name));
         }
-        Ok((e.granularity_bits, self.entry_bits(idx, &e)?))
+        Ok((e.granularity_bits, self.entry_bits_ticking(idx, &e, tick)?))
+    }
+
+    /// Table entries (bitmap data clusters) of bitmap `name`, 0 without it.
+    pub(crate) fn bitmap_table_size(&mut self, name: &str) -> Result<u64> {
+        let (_, _, entries) = self.read_directory()?;
+        Ok(entries
+            .iter()
+            .find(|e| e.name == name.as_bytes())
+            .map_or(0, |e| e.table_size as u64))
     }
 
     /// Refusals of QEMU for a new persistent bitmap.
@@ -793,12 +820,16 @@ impl Inner {
 
     /// Applies one management operation to bitmap `name`. `source` holds
     /// the merge source's granularity bits, bits and disk size when it
-    /// comes from another image.
+    /// comes from another image. A merge tells `progress` (done, total) in
+    /// bitmap clusters: the source's read (`done` of them already when it
+    /// came from another image), then the target's read and written.
     pub(crate) fn bitmap_op(
         &mut self,
         name: &str,
         op: &BitmapOp,
         source: Option<(u8, Vec<u8>, u64)>,
+        done: u64,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         self.check_writable()?;
         // 1. Refusals, before anything is written.
@@ -861,6 +892,30 @@ impl Inner {
             }
         }
         let idx = entries.iter().position(|e| e.name == name.as_bytes());
+        let table_size = |n: &[u8]| {
+            entries
+                .iter()
+                .find(|e| e.name == n)
+                .map_or(0, |e| e.table_size as u64)
+        };
+        let total = match op {
+            BitmapOp::Merge { source: sname } => {
+                let src_n = if source.is_some() {
+                    done
+                } else {
+                    table_size(sname.as_bytes())
+                };
+                src_n + 2 * table_size(name.as_bytes())
+            }
+            _ => 0,
+        };
+        let mut done = if source.is_some() { done } else { 0 };
+        let mut tick = || {
+            if total > 0 {
+                done += 1;
+                progress(done.min(total), total);
+            }
+        };
         let src = match (op, source) {
             (BitmapOp::Merge { source: sname }, None) => {
                 let si = entries
@@ -868,7 +923,10 @@ impl Inner {
                     .position(|e| e.name == sname.as_bytes())
                     .ok_or_else(|| not_found(sname))?;
                 let e = entries[si].clone();
-                Some((e.granularity_bits, self.entry_bits(si, &e)?))
+                Some((
+                    e.granularity_bits,
+                    self.entry_bits_ticking(si, &e, &mut tick)?,
+                ))
             }
             (_, s) => s.map(|(g, b, _)| (g, b)),
         };
@@ -897,7 +955,7 @@ impl Inner {
                     list.push((ne, Content::Zero));
                 }
                 BitmapOp::Merge { .. } => {
-                    let mut bits = self.entry_bits(i, e)?;
+                    let mut bits = self.entry_bits_ticking(i, e, &mut tick)?;
                     if let Some((gs, sb)) = &src {
                         merge_into(&mut bits, e.granularity_bits, sb, *gs, size);
                     }
@@ -919,7 +977,10 @@ impl Inner {
             list.push((e, Content::Zero));
         }
         let old_dir = (dir_size > 0).then_some((dir_off, dir_size));
-        self.commit_directory(list, old_dir, dropped)?;
+        self.commit_directory(list, old_dir, dropped, |_| {}, &mut tick)?;
+        if total > 0 {
+            progress(total, total);
+        }
         // 3. Enabled bitmaps maintained again (marked in use).
         self.bitmaps = Bitmaps::default();
         if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
@@ -938,6 +999,8 @@ impl Inner {
         list: Vec<(BitmapEntry, Content)>,
         old_dir: Option<(u64, u64)>,
         dropped: Vec<BitmapEntry>,
+        edit: impl FnOnce(&mut Header),
+        tick: &mut dyn FnMut(),
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let name = self.name.clone();
@@ -955,6 +1018,7 @@ impl Inner {
             let mut table = vec![0u64; n];
             if let Some(bits) = &bits {
                 for (i, chunk) in bits.chunks(cs as usize).enumerate().take(n) {
+                    tick();
                     if chunk.iter().all(|&b| b == 0) {
                         continue;
                     }
@@ -1010,6 +1074,7 @@ impl Inner {
             }
             h.autoclear_features |= AUTOCLEAR_BITMAPS;
         }
+        edit(&mut h);
         let hbuf = h.serialize().map_err(|e| Error::BadHeader {
             image: name.clone(),
             source: e,
@@ -1031,9 +1096,11 @@ impl Inner {
         self.sync()?;
         self.refresh_bitmap_ranges()?;
         // Frees last: a crash before them only leaks.
-        let mut frees: Vec<(u64, u64)> = Vec::new();
+        // (offset, length, bitmap data: punched once free, as QEMU does;
+        // tables and directories are not).
+        let mut frees: Vec<(u64, u64, bool)> = Vec::new();
         if let Some((off, size)) = old_dir {
-            frees.push((off, size));
+            frees.push((off, size, false));
         }
         for e in &dropped {
             let n = e.table_size as u64;
@@ -1044,16 +1111,17 @@ impl Inner {
             if self.file.read_at(&mut raw, e.table_offset).is_err() {
                 continue;
             }
-            frees.push((e.table_offset, n * 8));
+            frees.push((e.table_offset, n * 8, false));
             for c in raw.chunks_exact(8) {
                 let t = be64(c, 0);
                 let off = t & bitmap::BTE_OFFSET_MASK;
                 if off != 0 && bitmap::table_entry_problem(t, cs).is_none() {
-                    frees.push((off, cs));
+                    frees.push((off, cs, true));
                 }
             }
         }
-        for (off, len) in frees {
+        let mut data = Vec::new();
+        for (off, len, is_data) in frees {
             // Clusters that are not what they should be are leaked, not freed.
             if !self.bitmap_clusters_ok(off, len, false)? {
                 continue;
@@ -1063,10 +1131,25 @@ impl Inner {
                 self.refs
                     .update(&*self.file, c, -1)
                     .map_err(|e| refcount_err(&name, e))?;
+                if is_data {
+                    data.push(c);
+                }
                 c += 1;
             }
         }
-        self.forget_freed();
+        let freed: HashSet<u64> = self.refs.take_freed().into_iter().collect();
+        if freed.contains(&(self.free_byte_offset >> self.geo.cluster_bits)) {
+            self.free_byte_offset = 0;
+        }
+        // Nothing durable points at them any more (the header switched):
+        // a crash leaves them leaked, zeroes or not.
+        for c in data.into_iter().filter(|c| freed.contains(c)) {
+            self.file
+                .punch_hole(c * cs, cs)
+                .map_err(ioerr("punch hole", &name))?;
+            self.stats.holes_punched += 1;
+            self.set_tail_unsynced();
+        }
         if self.refs.is_dirty()
             && self
                 .refs
@@ -1080,6 +1163,52 @@ impl Inner {
 }
 
 impl Inner {
+    /// Stops (`true`) or resumes setting bits for writes: for writes that
+    /// leave what the guest reads unchanged (zero clusters rewritten as
+    /// clusters of zeroes).
+    pub(crate) fn pause_bitmaps(&mut self, paused: bool) {
+        self.bitmaps.paused = paused;
+    }
+
+    /// Whether the image holds persistent bitmaps (a vouched extension).
+    pub(crate) fn has_bitmaps(&self) -> bool {
+        self.header.extension(EXT_BITMAPS).is_some()
+            && self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0
+    }
+
+    /// compat=0.10 with persistent bitmaps, as QEMU 10 does it: the v2
+    /// header keeps the bitmaps extension (a v2 header has no autoclear
+    /// field, so every reader then treats the bitmaps as inconsistent and
+    /// their clusters as leaked), and every consistent bitmap is stored
+    /// anew, not in use, as QEMU's close stores them: new data clusters and
+    /// tables, then a new directory, in new clusters, durable with their
+    /// refcounts; then `to_v2` edits the header, written in one write and
+    /// synced (the commit point); then the old directory, tables and data
+    /// are freed (a crash before only leaks). Inconsistent bitmaps are kept
+    /// as they are. The bitmaps are no longer maintained afterwards.
+    pub(crate) fn downgrade_with_bitmaps(&mut self, to_v2: impl FnOnce(&mut Header)) -> Result<()> {
+        let live: Vec<usize> = self.bitmaps.live.iter().map(|l| l.idx).collect();
+        let (dir_off, dir_size, entries) = self.read_directory()?;
+        let mut list = Vec::with_capacity(entries.len());
+        let mut dropped = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.in_use() && !live.contains(&i) {
+                list.push((e.clone(), Content::Keep));
+                continue;
+            }
+            let bits = self.entry_bits(i, e)?;
+            let mut ne = e.clone();
+            ne.flags &= !bitmap::FLAG_IN_USE;
+            dropped.push(e.clone());
+            list.push((ne, Content::Bits(bits)));
+        }
+        // Nothing is maintained from here: a failure below leaves the
+        // bitmaps in use on disk (inconsistent), never wrong.
+        self.bitmaps = Bitmaps::default();
+        let old_dir = (dir_size > 0).then_some((dir_off, dir_size));
+        self.commit_directory(list, old_dir, dropped, to_v2, &mut || {})
+    }
+
     /// Resizes every bitmap with the image, as QEMU 10 does: bits past the
     /// new end are dropped, the added area is clean. `resize` changes the
     /// image in between, while every bitmap is flagged in use on disk: a
@@ -1135,7 +1264,13 @@ impl Inner {
                 (e, Content::Keep)
             })
             .collect();
-        self.commit_directory(list, Some((dir_off, dir_size)), Vec::new())?;
+        self.commit_directory(
+            list,
+            Some((dir_off, dir_size)),
+            Vec::new(),
+            |_| {},
+            &mut || {},
+        )?;
         self.bitmaps = Bitmaps::default();
         // 2. The image.
         let r = resize(self);
@@ -1157,7 +1292,7 @@ impl Inner {
             }
             list.push((ne, Content::Bits(nb)));
         }
-        self.commit_directory(list, Some((dir_off, dir_size)), in_use)?;
+        self.commit_directory(list, Some((dir_off, dir_size)), in_use, |_| {}, &mut || {})?;
         if self.header.extension(EXT_BITMAPS).is_some() && self.load_bitmaps()? {
             self.sync()?;
         }
@@ -1182,11 +1317,32 @@ impl crate::Image {
         op: &BitmapOp,
         source_image: Option<&crate::Image>,
     ) -> Result<()> {
+        self.bitmap_with_progress(name, op, source_image, &mut |_, _| {})
+    }
+
+    /// [`Image::bitmap`](crate::Image::bitmap), telling `progress` (done, total) how far a merge
+    /// is, in bitmap clusters: those of the source read, then those of the
+    /// target read and written (other operations report nothing). Called
+    /// at most once per cluster, and last with done == total.
+    pub fn bitmap_with_progress(
+        &self,
+        name: &str,
+        op: &BitmapOp,
+        source_image: Option<&crate::Image>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let other = source_image.filter(|s| !std::ptr::eq(*s, self));
+        let mut done = 0u64;
         let source = match (op, other) {
             (BitmapOp::Merge { source }, Some(img)) => {
+                let dst_n = self.lock().bitmap_table_size(name)?;
                 let mut g = img.lock();
-                match g.source_bits(source) {
+                let total = g.bitmap_table_size(source)? + 2 * dst_n;
+                let mut tick = || {
+                    done += 1;
+                    progress(done.min(total), total);
+                };
+                match g.source_bits(source, &mut tick) {
                     Ok((gb, bits)) => Some((gb, bits, g.header.size)),
                     Err(e) => {
                         drop(g);
@@ -1201,7 +1357,7 @@ impl crate::Image {
             }
             _ => None,
         };
-        self.exclusive().bitmap_op(name, op, source)
+        self.exclusive().bitmap_op(name, op, source, done, progress)
     }
 }
 
