@@ -190,6 +190,8 @@ impl Inner {
         let name = self.name.clone();
         let mut guest = old / cs * cs;
         let mut file_end = self.file.len().map_err(ioerr("stat", &name))?;
+        // Clusters from here on never held data: they read as zeroes.
+        let orig_end = file_end;
         let zeros = vec![0u8; cs as usize];
         while guest < new {
             let table = self.ensure_l2_table(guest)?;
@@ -209,41 +211,70 @@ impl Inner {
                 head = vec![0u8; (old - guest) as usize];
                 self.read(guest, &mut head)?;
             }
-            let host = self.alloc_clusters(1)? * cs;
-            if host >= file_end {
-                // The allocation may have grown the refcount structures
-                // past the old end: extending to `host + cs` must never
-                // cut them off.
-                file_end = self.file.len().map_err(ioerr("stat", &name))?;
-            }
-            if host < file_end || write || self.crypt.is_some() {
-                // A reused cluster must read as zeroes (so must a new one
-                // of an encrypted image: zeroes in the file are not).
-                let mut buf = zeros.clone();
-                buf[..head.len()].copy_from_slice(&head);
-                self.write_guest_data(host, guest, &buf)?;
-            } else {
-                self.file
-                    .set_len(host + cs)
-                    .map_err(ioerr("extend file", &name))?;
-                if !head.is_empty() {
-                    // Copied like QEMU's copy-on-write of the head.
-                    self.write_guest_data(host, guest, &head)?;
+            // As QEMU: the clusters of one L2 table without a host cluster
+            // are allocated as one run (so a refcount block that run needs
+            // lands after it, where QEMU puts it).
+            let mut n = 1u64;
+            if head.is_empty() {
+                let table_end = (guest / self.geo.l2_coverage() + 1) * self.geo.l2_coverage();
+                let stop = table_end.min(new.div_ceil(cs) * cs);
+                // A run never covers a whole refcount block's range: a new
+                // block needs a cluster of its range to describe itself.
+                let max = self.refs.entries_per_block().saturating_sub(1).max(1);
+                while guest + n * cs < stop && n < max {
+                    let next = self.l2_entry_unchecked(guest + n * cs)?;
+                    if next.is_compressed() || next.host_offset() != 0 {
+                        break;
+                    }
+                    n += 1;
                 }
             }
-            file_end = file_end.max(host + cs);
-            // Normal entries: the cluster; extended ones keep their
-            // subcluster bits (unallocated subclusters read from below),
-            // except where written zeroes must hide a backing file.
-            let bitmap = match (self.geo.extended_l2, write && over_backing) {
-                (false, _) => 0,
-                (true, false) => e.bitmap,
-                (true, true) => 0xffff_ffff,
-            };
-            let raw = host | FLAG_COPIED;
-            self.set_l2_entry(table, guest, L2Entry { raw, bitmap })?;
-            self.set_alloc_unsynced();
-            guest += cs;
+            let first = self.alloc_clusters(n)?;
+            for k in 0..n {
+                let g = guest + k * cs;
+                let host = (first + k) * cs;
+                let e = if k == 0 {
+                    e
+                } else {
+                    self.l2_entry_unchecked(g)?
+                };
+                if host < orig_end || write || self.crypt.is_some() {
+                    // A reused cluster must read as zeroes (so must a new one
+                    // of an encrypted image: zeroes in the file are not).
+                    let mut buf = zeros.clone();
+                    buf[..head.len()].copy_from_slice(&head);
+                    self.write_guest_data(host, g, &buf)?;
+                } else {
+                    // Past the old end of the file: a hole reads as zeroes.
+                    // The file is only ever extended here (the allocation
+                    // may have put refcount structures past this cluster).
+                    if host + cs > file_end {
+                        file_end = self.file.len().map_err(ioerr("stat", &name))?;
+                    }
+                    if host + cs > file_end {
+                        self.file
+                            .set_len(host + cs)
+                            .map_err(ioerr("extend file", &name))?;
+                        file_end = host + cs;
+                    }
+                    if !head.is_empty() {
+                        // Copied like QEMU's copy-on-write of the head.
+                        self.write_guest_data(host, g, &head)?;
+                    }
+                }
+                // Normal entries: the cluster; extended ones keep their
+                // subcluster bits (unallocated subclusters read from below),
+                // except where written zeroes must hide a backing file.
+                let bitmap = match (self.geo.extended_l2, write && over_backing) {
+                    (false, _) => 0,
+                    (true, false) => e.bitmap,
+                    (true, true) => 0xffff_ffff,
+                };
+                let raw = host | FLAG_COPIED;
+                self.set_l2_entry(table, g, L2Entry { raw, bitmap })?;
+                self.set_alloc_unsynced();
+            }
+            guest += n * cs;
         }
         Ok(())
     }
