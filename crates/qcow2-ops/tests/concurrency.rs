@@ -1014,3 +1014,39 @@ fn power_loss_extended_l2() {
         60,
     );
 }
+
+/// The torn-read allowance of the shared-area check accepts only mixes of
+/// things this very sector held, never another offset's data.
+#[test]
+fn torn_reads_are_told_from_wrong_data() {
+    let off = 0x1a8c00;
+    let start: Vec<u8> = (0..SEC).map(|i| (i * 7) as u8).collect();
+    let (mut a, mut b, mut other) = (
+        vec![0u8; SEC as usize],
+        vec![0u8; SEC as usize],
+        vec![0u8; SEC as usize],
+    );
+    sector(0, 217, off, &mut a);
+    sector(3, 12, off, &mut b);
+    sector(0, 217, off + SEC, &mut other);
+    let mix = |x: &[u8], y: &[u8], p: usize| [&x[..p], &y[p..]].concat();
+    assert!(torn(&mix(&a, &b, 100), &start, off, 6));
+    assert!(torn(&mix(&b, &start, 17), &start, off, 6));
+    assert!(torn(
+        &mix(&a, &vec![0u8; SEC as usize], 300),
+        &start,
+        off,
+        6
+    ));
+    assert!(!torn(&other, &start, off, 6), "another offset's sector");
+    assert!(
+        !torn(&mix(&a, &other, 100), &start, off, 6),
+        "tail of another offset"
+    );
+    assert!(
+        !torn(&mix(&a, &b, 100), &start, off, 3),
+        "thread 3 of 3 does not exist"
+    );
+    let junk: Vec<u8> = (0..SEC).map(|i| (i * 13 + 5) as u8).collect();
+    assert!(!torn(&junk, &start, off, 6));
+}

@@ -325,11 +325,48 @@ pub fn loose_sector(
     }
     match classify(got, off) {
         Some((t, s)) if (t as usize) < threads => Ok(Some((t, s))),
+        _ if torn(got, start, off, threads) => Ok(None),
         _ => Err(format!(
             "sector at guest {off:#x} reads {:02x?}.. : neither zero, nor its start content, nor a sector written for this offset",
             &got[..16]
         )),
     }
+}
+
+/// Whether `got` is a read torn by a write of the same sector in flight:
+/// a prefix of one thing the sector held (zeroes, its start content or a
+/// sector written for `off`) and the rest of another. The page cache gives
+/// a buffered read that overlaps a write in flight no sector atomicity (the
+/// engine, like QEMU, does not order reads against in-place writes), so a
+/// concurrent shared read may see that; a stale or misplaced mapping never
+/// produces it (every part still belongs to this offset).
+pub fn torn(got: &[u8], start: &[u8], off: u64, threads: usize) -> bool {
+    let zero = vec![0u8; got.len()];
+    let mut heads: Vec<Vec<u8>> = vec![zero.clone(), start.to_vec()];
+    let w = u32::from_le_bytes(got[0..4].try_into().unwrap());
+    if w & 0xffff_0000 == MARK && ((w ^ MARK) as usize) < threads {
+        let seq = u32::from_le_bytes(got[4..8].try_into().unwrap());
+        let mut s = vec![0u8; got.len()];
+        sector(w ^ MARK, seq, off, &mut s);
+        heads.push(s);
+    }
+    let common = |a: &[u8]| a.iter().zip(got).take_while(|(x, y)| x == y).count();
+    let Some(split) = heads.iter().map(|h| common(h)).max().filter(|&p| p >= 1) else {
+        return false;
+    };
+    let tail = &got[split..];
+    if zero[split..] == *tail || start[split..] == *tail {
+        return true;
+    }
+    let mut s = vec![0u8; got.len()];
+    // Any sector a thread may have written there (sequence numbers are
+    // small: a few thousand requests per run at most).
+    (0..threads as u32).any(|t| {
+        (0..8192u32).any(|q| {
+            sector(t, q, off, &mut s);
+            s[split..] == *tail
+        })
+    })
 }
 
 /// Keeps a failing image for reproduction; returns where.
