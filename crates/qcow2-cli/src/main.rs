@@ -112,6 +112,18 @@ pub fn strerror(errno: i32) -> String {
 
 /// The text of an engine error: its own message with any `(os error N)` removed.
 pub fn error_text(e: &Error) -> String {
+    // Messages the engine words as QEMU does, shown without its prefix.
+    match e {
+        Error::NotSupported(m) if m.starts_with("Could not open backing file: ") => {
+            return m.clone()
+        }
+        Error::BadHeader {
+            source: qcow2_ops::format::FormatError::Qemu(m),
+            ..
+        }
+        | Error::Format(qcow2_ops::format::FormatError::Qemu(m)) => return m.clone(),
+        _ => {}
+    }
     let s = e.to_string();
     let mut out = String::with_capacity(s.len());
     let mut rest = s.as_str();

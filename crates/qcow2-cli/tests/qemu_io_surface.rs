@@ -849,3 +849,101 @@ fn vmstate_and_source_file() {
         stdout: true,
     });
 }
+
+/// Header fields QEMU refuses, each poked into an image qemu-img made:
+/// qemu-io's messages ("... too large", "... offset invalid", "Header
+/// extension too large", ...) and exit status, and a table past the end
+/// of the file that QEMU reads as zeroes.
+#[test]
+fn header_errors_match_qemu() {
+    type Pokes = &'static [(u64, &'static [u8])];
+    let cases: &[(&str, Pokes)] = &[
+        ("header_length huge", &[(100, b"\xff\xff\xff\xff")]),
+        ("header_length short", &[(100, b"\x00\x00\x00\x40")]),
+        (
+            "backing_file_offset huge",
+            &[(8, b"\xff\xff\xff\xff\xff\xff\xff\xff")],
+        ),
+        (
+            "extension past the backing name",
+            &[
+                (8, b"\x00\x00\x00\x00\x00\x00\x00\x74"),
+                (112, b"\x12\x34\x56\x78\x7f\xff\xff\xff"),
+            ],
+        ),
+        (
+            "extension too long",
+            &[(112, b"\x12\x34\x56\x78\x7f\xff\xff\xff")],
+        ),
+        ("refcount table clusters", &[(56, b"\x00\x02\x00\x01")]),
+        ("refcount table none", &[(56, b"\x00\x00\x00\x00")]),
+        (
+            "refcount table misaligned",
+            &[(48, b"\x12\x34\x56\x78\x90\xab\xcd\xef")],
+        ),
+        (
+            "refcount table overflow",
+            &[
+                (48, b"\xff\xff\xff\xff\xff\xff\x00\x00"),
+                (56, b"\x00\x00\x00\x7f"),
+            ],
+        ),
+        ("snapshots too many", &[(60, b"\x7f\xff\xff\xff")]),
+        (
+            "snapshots overflow",
+            &[
+                (64, b"\xff\xff\xff\xff\xff\xff\x00\x00"),
+                (60, b"\x00\x00\xff\xff"),
+            ],
+        ),
+        (
+            "snapshots misaligned",
+            &[(64, b"\x12\x34\x56\x78\x90\xab\xcd\xef")],
+        ),
+        (
+            "snapshots past the end",
+            &[
+                (64, b"\x00\x00\x00\x00\x01\x00\x00\x00"),
+                (60, b"\x00\x00\x00\x10"),
+            ],
+        ),
+        ("l1 too large", &[(36, b"\x7f\xff\xff\xff")]),
+        ("l1 too small", &[(36, b"\x00\x00\x00\x00")]),
+        (
+            "l1 overflow",
+            &[
+                (40, b"\x7f\xff\xff\xff\xff\xff\x00\x00"),
+                (36, b"\x00\x00\xff\xff"),
+            ],
+        ),
+        (
+            "l1 misaligned",
+            &[(40, b"\x12\x34\x56\x78\x90\xab\xcd\xef")],
+        ),
+        (
+            "backing name too long",
+            &[
+                (8, b"\x00\x00\x00\x00\x00\x00\x10\x00"),
+                (16, b"\xff\xff\xff\xff"),
+            ],
+        ),
+    ];
+    for (name, pokes) in cases {
+        let setup = move |d: &Path| {
+            qemu_create(d, "img.qcow2", 64 << 20, &ImgOpts::default(), None);
+            let p = d.join("img.qcow2");
+            let mut b = std::fs::read(&p).unwrap();
+            for (off, bytes) in pokes.iter() {
+                b[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes);
+            }
+            std::fs::write(&p, b).unwrap();
+        };
+        run_case(&Case {
+            name,
+            setup: &setup,
+            args: sv(&["-c", "read 0 512", "img.qcow2"]),
+            images: vec![],
+            stdout: true,
+        });
+    }
+}

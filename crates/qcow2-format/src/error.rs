@@ -28,6 +28,10 @@ pub enum FormatError {
     /// A feature that is known but not supported.
     #[error("unsupported feature: {0}")]
     Unsupported(String),
+    /// A header QEMU refuses, with QEMU's own words for it (what its tools
+    /// print, e.g. "Reference count table offset invalid").
+    #[error("{0}")]
+    Qemu(String),
 }
 
 impl FormatError {

@@ -203,16 +203,13 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if h.header_length < V3_MIN_HEADER_LEN {
-                return Err(invalid(
-                    "header_length",
-                    format!("{} (below 104)", h.header_length),
-                ));
+                return Err(qemu("qcow2 header too short"));
             }
-            if h.header_length as u64 > cs || h.header_length as usize > buf.len() {
-                return Err(invalid(
-                    "header_length",
-                    format!("{} (beyond the first cluster)", h.header_length),
-                ));
+            if h.header_length as u64 > cs {
+                return Err(qemu("qcow2 header exceeds cluster size"));
+            }
+            if h.header_length as usize > buf.len() {
+                return Err(FormatError::Truncated("header"));
             }
             if h.header_length > V3_MIN_HEADER_LEN {
                 h.compression_type = buf[104];
@@ -228,14 +225,22 @@ impl Header {
         if version == 2 && h.refcount_order != 4 {
             return Err(invalid("refcount_order", "v2 images have 16-bit refcounts"));
         }
-        // Extensions follow the header, up to the end of the first cluster.
+        if h.backing_file_offset > cs {
+            return Err(qemu("Invalid backing file offset"));
+        }
+        // Extensions follow the header, up to the backing file name or the
+        // end of the first cluster. Read leniently first (the feature table
+        // names unknown features); checked strictly below, in QEMU's order.
         let ext_end = if h.backing_file_offset != 0 {
-            h.backing_file_offset.min(cs)
+            h.backing_file_offset
         } else {
             cs
-        }
-        .min(buf.len() as u64) as usize;
-        h.extensions = parse_extensions(buf, h.header_length as usize, ext_end)?;
+        } as usize;
+        let strict = parse_extensions(buf, h.header_length as usize, ext_end);
+        h.extensions = match &strict {
+            Ok(e) => e.clone(),
+            Err(_) => Vec::new(),
+        };
 
         let unknown = h.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -267,12 +272,13 @@ impl Header {
                 "extended L2 entries need clusters of at least 16 KiB",
             ));
         }
+        h.validate_layout(file_len)?;
+        h.extensions = strict?;
         if h.backing_file_offset != 0 {
-            if h.backing_file_size > MAX_BACKING_NAME {
-                return Err(invalid(
-                    "backing_file_size",
-                    format!("{} (max 1023)", h.backing_file_size),
-                ));
+            if h.backing_file_size > MAX_BACKING_NAME
+                || h.backing_file_size as u64 > cs - h.backing_file_offset
+            {
+                return Err(qemu("Backing file name too long"));
             }
             let start = h.backing_file_offset;
             let end = start
@@ -289,18 +295,48 @@ impl Header {
                 h.backing_file = Some(name.to_vec());
             }
         }
-        h.validate_layout(file_len)?;
         Ok(h)
     }
 
     /// Range and alignment checks of the table offsets and sizes.
     fn validate_layout(&self, file_len: u64) -> Result<(), FormatError> {
         let cs = self.cluster_size();
+        // QEMU's checks first, in its order and words.
+        if self.refcount_table_clusters == 0 {
+            return Err(qemu("Image does not contain a reference count table"));
+        }
+        qemu_table(
+            "Reference count table",
+            self.refcount_table_offset,
+            self.refcount_table_clusters as u64,
+            cs,
+            MAX_REFTABLE_BYTES,
+            cs,
+        )?;
+        qemu_table(
+            "Snapshot table",
+            self.snapshots_offset,
+            self.nb_snapshots as u64,
+            40,
+            40 * 65536,
+            cs,
+        )?;
+        qemu_table(
+            "Active L1 table",
+            self.l1_table_offset,
+            self.l1_size as u64,
+            8,
+            MAX_L1_BYTES,
+            cs,
+        )?;
         if self.size > (1u64 << 62) {
-            return Err(invalid("size", format!("{} is too large", self.size)));
+            return Err(qemu("Image is too big"));
         }
         let geo = Geometry::new(self.cluster_bits, self.extended_l2());
         let needed_l1 = geo.l1_entries_for(self.size);
+        if (self.l1_size as u64) < needed_l1 {
+            return Err(qemu("L1 table is too small"));
+        }
         if (self.l1_size as u64) < needed_l1 {
             return Err(invalid(
                 "l1_size",
@@ -345,14 +381,11 @@ impl Header {
             cs,
             file_len,
         )?;
-        if self.nb_snapshots > 0 {
-            check_table(
-                "snapshots_offset",
-                self.snapshots_offset,
-                self.nb_snapshots as u64 * 40,
-                cs,
-                file_len,
-            )?;
+        // The snapshot table is not checked against the end of the file:
+        // QEMU reads what lies past it as zeroes (and so does the engine,
+        // which reads the table lazily and bounded).
+        if self.nb_snapshots > 0 && self.snapshots_offset == 0 {
+            return Err(invalid("snapshots_offset", "table overlaps the header"));
         }
         Ok(())
     }
@@ -416,8 +449,12 @@ impl Header {
 
     /// Backing file format from its extension.
     pub fn backing_format(&self) -> Option<String> {
-        self.extension(EXT_BACKING_FORMAT)
-            .map(|d| String::from_utf8_lossy(trim_nul(d)).into_owned())
+        // As QEMU reads the extensions: a later one of this type wins.
+        self.extensions
+            .iter()
+            .rev()
+            .find(|e| e.kind == EXT_BACKING_FORMAT)
+            .map(|e| String::from_utf8_lossy(trim_nul(&e.data)).into_owned())
     }
 
     /// External data file name from its extension.
@@ -539,6 +576,29 @@ fn trim_nul(d: &[u8]) -> &[u8] {
     &d[..end]
 }
 
+fn qemu(msg: &str) -> FormatError {
+    FormatError::Qemu(msg.to_string())
+}
+
+/// QEMU's qcow2_validate_table: `entries` of `entry_len` bytes at most
+/// `max` bytes, at a cluster-aligned offset whose end fits in an i64.
+fn qemu_table(
+    name: &str,
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max: u64,
+    cluster_size: u64,
+) -> Result<(), FormatError> {
+    if entries > max / entry_len {
+        return Err(FormatError::Qemu(format!("{name} too large")));
+    }
+    if (i64::MAX as u64) - entries * entry_len < offset || offset % cluster_size != 0 {
+        return Err(FormatError::Qemu(format!("{name} offset invalid")));
+    }
+    Ok(())
+}
+
 fn check_table(
     field: &'static str,
     offset: u64,
@@ -570,26 +630,24 @@ fn check_table(
 fn parse_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Extension>, FormatError> {
     let mut out = Vec::new();
     let mut pos = start;
-    loop {
-        if pos + 8 > end {
-            // No end marker within the area: treat as end (QEMU does the same).
-            break;
-        }
-        let kind = be32(buf, pos);
-        let len = be32(buf, pos + 4) as usize;
+    // As QEMU reads them: bytes past what the buffer holds read as zeroes,
+    // and an extension header or body past `end` is an error (also for the
+    // end marker).
+    let byte = |i: usize| buf.get(i).copied().unwrap_or(0);
+    let word = |i: usize| u32::from_be_bytes([byte(i), byte(i + 1), byte(i + 2), byte(i + 3)]);
+    while pos < end {
+        let kind = word(pos);
+        let len = word(pos + 4) as usize;
         pos += 8;
+        if pos > end || len > end - pos {
+            return Err(qemu("Header extension too large"));
+        }
         if kind == EXT_END {
             break;
         }
-        if len > end - pos {
-            return Err(invalid(
-                "header extension",
-                format!("extension {kind:#x} of {len} bytes overruns the header cluster"),
-            ));
-        }
         out.push(Extension {
             kind,
-            data: buf[pos..pos + len].to_vec(),
+            data: (pos..pos + len).map(byte).collect(),
         });
         pos += len.div_ceil(8) * 8;
         if out.len() > 4096 {

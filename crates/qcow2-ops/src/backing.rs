@@ -103,7 +103,7 @@ pub(crate) fn open(
             r
         }
         other => Err(Error::NotSupported(format!(
-            "backing file format '{other}' of '{shown}'"
+            "Could not open backing file: Unknown driver '{other}'"
         ))),
     }
 }

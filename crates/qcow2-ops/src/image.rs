@@ -707,7 +707,10 @@ impl Inner {
                 Some(b) => Some(open_backing(
                     path,
                     b,
-                    header.backing_format().as_deref(),
+                    opts.backing_driver
+                        .clone()
+                        .or_else(|| header.backing_format())
+                        .as_deref(),
                     opts.backing_key_secret.as_ref(),
                 )?),
                 None => None,

@@ -102,6 +102,9 @@ pub struct OpenOptions {
     /// Passphrase of an encrypted backing file (QEMU's
     /// `backing.encrypt.key-secret`).
     pub backing_key_secret: Option<Secret>,
+    /// The backing file's format, instead of what the header says (QEMU's
+    /// `backing.driver`).
+    pub backing_driver: Option<String>,
     /// The external data file to use instead of the one the header names
     /// (QEMU's `data-file` option).
     pub data_file: Option<std::path::PathBuf>,
@@ -151,6 +154,7 @@ impl Default for OpenOptions {
             backing_key_secret: None,
             data_file: None,
             metadata_only: false,
+            backing_driver: None,
         }
     }
 }

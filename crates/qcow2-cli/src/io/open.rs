@@ -269,6 +269,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             "backing" if v == "null" || v.is_empty() => tuning.open_backing = false,
             "encrypt.key-secret" => tuning.key_secret = Some(crate::secrets::lookup(&v)?),
             "data-file.filename" => tuning.data_file = Some(PathBuf::from(&v)),
+            "backing.driver" => tuning.backing_driver = Some(v.clone()),
             "data-file.driver" if v == "file" => {}
             "backing.encrypt.key-secret" => {
                 tuning.backing_key_secret = Some(crate::secrets::lookup(&v)?)
