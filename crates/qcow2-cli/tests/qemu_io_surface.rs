@@ -947,3 +947,27 @@ fn header_errors_match_qemu() {
         });
     }
 }
+
+/// Protocol drivers and what they open: `file` regular files only,
+/// `host_device` / `host_cdrom` character or block devices only (a
+/// directory, /dev/null), read-only and read-write, with QEMU's messages.
+#[test]
+fn protocol_driver_file_types() {
+    for proto in ["file", "host_device", "host_cdrom"] {
+        for ro in [true, false] {
+            for target in [".", "/dev/null"] {
+                let open = format!(
+                    "open {}-o driver={proto},filename={target},locking=off",
+                    if ro { "-r " } else { "" }
+                );
+                run_case(&Case {
+                    name: &format!("{proto} {target} ro={ro}"),
+                    setup: &plain,
+                    args: sv(&["-c", &open]),
+                    images: vec![],
+                    stdout: true,
+                });
+            }
+        }
+    }
+}

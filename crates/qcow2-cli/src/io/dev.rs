@@ -26,6 +26,11 @@ pub enum Dev {
     },
 }
 
+/// EINVAL (the CLI has no libc dependency).
+fn libc_einval() -> i32 {
+    22
+}
+
 fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Io {
         context: what.to_string(),
@@ -146,7 +151,12 @@ impl Dev {
             Dev::Qcow2(i) => i.flush(),
             Dev::Raw { file, flush, .. } => {
                 if *flush {
-                    file.sync().map_err(|e| io_err("flush", e))?;
+                    match file.sync() {
+                        // A character device (e.g. /dev/null) cannot sync:
+                        // nothing of it is cached, as QEMU treats it.
+                        Err(e) if e.raw_os_error() == Some(libc_einval()) => {}
+                        r => r.map_err(|e| io_err("flush", e))?,
+                    }
                 }
                 Ok(())
             }
@@ -189,13 +199,7 @@ impl Dev {
     pub fn close(self) -> Result<()> {
         match self {
             Dev::Qcow2(i) => i.close(),
-            Dev::Raw { file, flush, .. } => {
-                if flush {
-                    file.sync().map_err(|e| io_err("flush", e))?;
-                }
-                Ok(())
-            }
-            Dev::Null { .. } => Ok(()),
+            raw => raw.flush(),
         }
     }
 }

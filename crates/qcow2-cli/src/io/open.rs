@@ -412,7 +412,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             }
             Dev::Qcow2(Box::new(img))
         }
-        "raw" | "file" => open_raw(&path, &tuning)?,
+        "raw" | "file" | "host_device" | "host_cdrom" => open_raw(&path, &tuning, &fmt)?,
         other => return Err(format!("Unknown driver '{other}'")),
     };
     Ok(Opened {
@@ -449,7 +449,10 @@ fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
     })
 }
 
-fn open_raw(path: &Path, o: &OpenOptions) -> Result<Dev, String> {
+/// A raw device through QEMU's protocol driver `proto`: `file` takes
+/// regular files only, `host_device` / `host_cdrom` character or block
+/// devices only (QEMU's checks, after the open itself).
+fn open_raw(path: &Path, o: &OpenOptions, proto: &str) -> Result<Dev, String> {
     let mode = if o.writable {
         OpenMode::READ_WRITE
     } else {
@@ -457,6 +460,26 @@ fn open_raw(path: &Path, o: &OpenOptions) -> Result<Dev, String> {
     };
     let file = FileStorage::open(path, mode)
         .map_err(|e| could_not_open(path, e.raw_os_error().unwrap_or(5)))?;
+    if let Ok(m) = std::fs::metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        let t = m.file_type();
+        let device = t.is_char_device() || t.is_block_device();
+        match proto {
+            "file" if !t.is_file() => {
+                return Err(format!(
+                    "'file' driver requires '{}' to be a regular file",
+                    path.display()
+                ))
+            }
+            "host_device" | "host_cdrom" if !device => {
+                return Err(format!(
+                    "'{proto}' driver requires '{}' to be either a character or block device",
+                    path.display()
+                ))
+            }
+            _ => {}
+        }
+    }
     if let Err(e) = file.len() {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
@@ -477,7 +500,9 @@ fn open_snapshot(path: &Path, fmt: &str, o: &OpenOptions) -> Result<Dev, String>
         };
         match fmt {
             "qcow2" => open_qcow2(path, &ro)?.virtual_size(),
-            _ => open_raw(path, &ro)?.size().map_err(|e| error_text(&e))?,
+            _ => open_raw(path, &ro, "raw")?
+                .size()
+                .map_err(|e| error_text(&e))?,
         }
     };
     let abs = std::fs::canonicalize(path)
