@@ -971,3 +971,42 @@ fn protocol_driver_file_types() {
         }
     }
 }
+
+/// Overlap-check and cache options at reopen: accepted and validated as
+/// QEMU does (template values, conflicting template, per-structure flags,
+/// cache size limits and combinations, clean interval), each reopen's
+/// values replacing the previous ones of the same group.
+#[test]
+fn reopen_overlap_and_cache_options() {
+    run_case(&Case {
+        name: "reopen overlap/cache",
+        setup: &plain,
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "reopen -o overlap-check=constant",
+                "reopen -o overlap-check.template=all",
+                "reopen -o overlap-check.main-header=off",
+                "reopen -o overlap-check.inactive-l2=on",
+                "reopen -o cache-size=1M",
+                "reopen -o l2-cache-size=512k",
+                "reopen -o refcount-cache-size=128k",
+                "reopen -o l2-cache-entry-size=4k",
+                "reopen -o cache-clean-interval=5",
+                "write -P 7 0 1M",
+                "read -P 7 0 1M",
+                "reopen -o overlap-check=cached,overlap-check.template=none",
+                "reopen -o overlap-check=bogus",
+                "reopen -o overlap-check.template=bogus",
+                "reopen -o overlap-check.active-l1=maybe",
+                "reopen -o cache-size=1M,l2-cache-size=2M",
+                "reopen -o refcount-cache-size=256T",
+                "reopen -o cache-clean-interval=-1",
+                "reopen -o l2-cache-entry-size=33k",
+            ],
+            &["img.qcow2"],
+        ),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}

@@ -568,6 +568,9 @@ fn open_cmd(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
 /// Options `reopen -o` may change.
 const REOPENABLE: &[&str] = &[
     "auto-read-only",
+    "cache-size",
+    "l2-cache-entry-size",
+    "cache-clean-interval",
     "cache.direct",
     "cache.no-flush",
     "discard",
@@ -677,7 +680,10 @@ fn reopen(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
         }
     }
     for (k, v) in &extra {
-        if REOPENABLE.contains(&k.as_str()) || unchanged(cur, k, v) {
+        if REOPENABLE.contains(&k.as_str())
+            || k.starts_with("overlap-check")
+            || unchanged(cur, k, v)
+        {
             continue;
         }
         // QEMU names the option of the node it belongs to.
@@ -698,8 +704,23 @@ fn reopen(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
         spec.read_only = !w;
     }
     // Later options win over earlier ones of the same name.
-    spec.opts
-        .retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    // A new value replaces the old one; options that QEMU checks together
+    // (the overlap-check template and its flags, the cache sizes) are
+    // replaced as a group, so an earlier reopen's value cannot conflict.
+    let group = |k: &str| -> Option<&'static str> {
+        if k.starts_with("overlap-check") {
+            Some("overlap")
+        } else if matches!(k, "cache-size" | "l2-cache-size" | "refcount-cache-size") {
+            Some("cache")
+        } else {
+            None
+        }
+    };
+    spec.opts.retain(|(k, _)| {
+        !extra
+            .iter()
+            .any(|(e, _)| e == k || (group(e).is_some() && group(e) == group(k)))
+    });
     spec.opts.extend(extra);
     let old = cur.spec.clone();
     close(ctx);

@@ -180,8 +180,6 @@ const IGNORED: &[&str] = &[
     "pass-discard-snapshot",
     "pass-discard-other",
     "discard-no-unref",
-    "overlap-check",
-    "cache-clean-interval",
     "locking",
     "file.locking",
     "file.node-name",
@@ -224,6 +222,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut direct: Option<bool> = None;
     let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
     let mut no_flush: Option<bool> = None;
+    let mut overlap: BTreeMap<String, String> = BTreeMap::new();
     let driver = opts.remove("driver");
     let file_driver = opts.remove("file.driver");
     let mut filename = opts
@@ -282,6 +281,37 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                     .and_then(|n| usize::try_from(n).ok())
                     .ok_or_else(|| format!("Invalid {k}: '{v}'"))?;
                 sizes.insert(k.clone(), n);
+            }
+            // Overlap checks: the engine always checks what QEMU's
+            // "cached" template does (plus bitmap tables); the options are
+            // validated as QEMU does.
+            "overlap-check" | "overlap-check.template" => {
+                if !matches!(v.as_str(), "none" | "constant" | "cached" | "all") {
+                    return Err(format!(
+                        "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+                    ));
+                }
+                overlap.insert(k.clone(), v.clone());
+            }
+            _ if k.starts_with("overlap-check.") => {
+                on_off(&k, &v)?;
+            }
+            "cache-clean-interval" => {
+                let n = if v.trim_start().starts_with('-') {
+                    Some(u64::MAX)
+                } else {
+                    crate::num::parse_size(&v).ok()
+                };
+                match n {
+                    Some(n) if n > u32::MAX as u64 => {
+                        return Err("Cache clean interval too big".into())
+                    }
+                    Some(_) => {}
+                    None => return Err(
+                        "Parameter 'cache-clean-interval' expects a non-negative number below 2^64"
+                            .into(),
+                    ),
+                }
             }
             _ if k.starts_with("backing.") => {}
             _ if IGNORED.contains(&k.as_str()) => {}
@@ -359,6 +389,16 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     tuning.l2_cache_bytes = tuning.l2_cache_bytes.max(1);
     tuning.refcount_cache_bytes = tuning.refcount_cache_bytes.max(1);
     let entry_size = sizes.get("l2-cache-entry-size").copied();
+    if let (Some(a), Some(b)) = (
+        overlap.get("overlap-check"),
+        overlap.get("overlap-check.template"),
+    ) {
+        if a != b {
+            return Err(format!(
+                "Conflicting values for qcow2 options 'overlap-check' ('{a}') and 'overlap-check.template' ('{b}')"
+            ));
+        }
+    }
     if native_aio && !cache.direct() {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not specified."
@@ -400,6 +440,18 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         "qcow2" if spec.snapshot => open_snapshot(&path, "qcow2", &tuning)?,
         "raw" | "file" if spec.snapshot => open_snapshot(&path, "raw", &tuning)?,
         "qcow2" => {
+            // QEMU's cache limits: at most INT_MAX cache entries.
+            if let Some(cs) = peek_cluster_size(&path) {
+                let e = entry_size.map_or(cs, |e| e as u64).max(1);
+                if (sizes.contains_key("l2-cache-size") || sizes.contains_key("cache-size"))
+                    && tuning.l2_cache_bytes as u64 / e > i32::MAX as u64
+                {
+                    return Err("L2 cache size too big".into());
+                }
+                if tuning.refcount_cache_bytes as u64 / cs > i32::MAX as u64 {
+                    return Err("Refcount cache size too big".into());
+                }
+            }
             let img = open_qcow2(&path, &tuning)?;
             if let Some(e) = entry_size {
                 let cs = img.cluster_size();
@@ -421,6 +473,15 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         copy_on_read: spec.copy_on_read,
         spec: spec.clone(),
     })
+}
+
+/// The cluster size a qcow2 file's header names (None: unreadable).
+fn peek_cluster_size(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut b = [0u8; 24];
+    std::fs::File::open(path).ok()?.read_exact(&mut b).ok()?;
+    let bits = u32::from_be_bytes([b[20], b[21], b[22], b[23]]);
+    (9..=21).contains(&bits).then(|| 1u64 << bits)
 }
 
 fn could_not_open(path: &Path, errno: i32) -> String {
