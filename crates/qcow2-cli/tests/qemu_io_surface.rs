@@ -1010,3 +1010,66 @@ fn reopen_overlap_and_cache_options() {
         stdout: true,
     });
 }
+
+/// QEMU's blkdebug driver as a layer with request limits (below or above
+/// the qcow2 layer, `blkdebug::IMAGE`): the same results as qemu-io.
+#[test]
+fn blkdebug_limits() {
+    for open in [
+        "open -o driver=qcow2,file.align=4k blkdebug::img.qcow2",
+        "open -o driver=blkdebug,image.driver=qcow2,align=4k,max-transfer=64k blkdebug::img.qcow2",
+        "open -o driver=blkdebug,image.driver=qcow2,align=512,max-transfer=64k,opt-write-zero=64k blkdebug::img.qcow2",
+    ] {
+        run_case(&Case {
+            name: open,
+            setup: &plain,
+            args: sv(&[
+                "-c",
+                open,
+                "-c",
+                "write -P 0x33 1000 128k",
+                "-c",
+                "read -P 0x33 1000 128k",
+                "-c",
+                "write -z 3M 192k",
+                "-c",
+                "read -P 0 3M 192k",
+            ]),
+            images: vec![("img.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+}
+
+/// blkdebug's error injection is not implemented: a configuration with
+/// rules, or rules given as options, is refused with a message saying so
+/// (never accepted and ignored).
+#[test]
+fn blkdebug_rules_are_refused() {
+    let d = tmpdir();
+    let dir = d.path();
+    plain(dir);
+    std::fs::write(
+        dir.join("rules.conf"),
+        "[inject-error]\nevent = \"l2_load\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["io", "-c", "read 0 512", "blkdebug:rules.conf:img.qcow2"],
+        vec![
+            "io",
+            "-c",
+            "read 0 512",
+            "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"blkdebug\",\"inject-error\":[{\"event\":\"l2_load\"}],\"image\":{\"driver\":\"file\",\"filename\":\"img.qcow2\"}}}",
+        ],
+    ] {
+        let r = ours(dir, &args);
+        assert_eq!(r.code, 1, "{args:?}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains("not supported by this engine"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stdout.contains("read 512/512"), "{args:?}: {}", r.stdout);
+    }
+}

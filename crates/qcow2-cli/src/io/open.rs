@@ -223,13 +223,54 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
     let mut no_flush: Option<bool> = None;
     let mut overlap: BTreeMap<String, String> = BTreeMap::new();
-    let driver = opts.remove("driver");
-    let file_driver = opts.remove("file.driver");
+    let mut driver = opts.remove("driver");
+    let mut file_driver = opts.remove("file.driver");
+    // QEMU's blkdebug driver as a layer above the image
+    // (`driver=blkdebug,image.driver=qcow2`) or below it
+    // (`file.driver=blkdebug`, a `blkdebug:CONF:IMAGE` file name).
+    let mut blkdebug = false;
+    if driver.as_deref() == Some("blkdebug") {
+        blkdebug = true;
+        driver = opts.remove("image.driver");
+        for (from, to) in [
+            ("image.filename", "filename"),
+            ("image.file.filename", "filename"),
+        ] {
+            if let Some(v) = opts.remove(from) {
+                opts.insert(to.to_string(), v);
+            }
+        }
+        blkdebug_options(&mut opts, "")?;
+    }
+    if file_driver.as_deref() == Some("blkdebug") {
+        blkdebug = true;
+        file_driver = opts.remove("file.image.driver");
+        if let Some(v) = opts.remove("file.image.filename") {
+            opts.insert("file.filename".into(), v);
+        }
+        blkdebug_options(&mut opts, "file.")?;
+    }
     let mut filename = opts
         .remove("file.filename")
         .or_else(|| opts.remove("filename"))
         .or_else(|| opts.remove("file"))
         .or(name);
+    if let Some(rest) = filename
+        .as_deref()
+        .and_then(|f| f.strip_prefix("blkdebug:"))
+    {
+        let Some((conf, image)) = rest.split_once(':') else {
+            return Err("Could not parse blkdebug filename".into());
+        };
+        if !conf.is_empty() {
+            blkdebug_config(conf)?;
+        }
+        filename = Some(image.to_string());
+        blkdebug = true;
+    }
+    if blkdebug {
+        blkdebug_options(&mut opts, "file.")?;
+    }
     if let Some(d) = &file_driver {
         if d != "file" {
             return Err(format!("Unknown driver '{d}'"));
@@ -473,6 +514,66 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         copy_on_read: spec.copy_on_read,
         spec: spec.clone(),
     })
+}
+
+/// Request limits of QEMU's blkdebug driver: accepted (the engine takes
+/// requests of any size and alignment, so they change nothing it does);
+/// its error injection (`config`, `inject-error`, `set-state`) is not
+/// implemented: refused, never silently ignored.
+fn blkdebug_options(opts: &mut BTreeMap<String, String>, prefix: &str) -> Result<(), String> {
+    for limit in [
+        "align",
+        "max-transfer",
+        "opt-write-zero",
+        "max-write-zero",
+        "opt-discard",
+        "max-discard",
+    ] {
+        if let Some(v) = opts.remove(&format!("{prefix}{limit}")) {
+            if crate::num::parse_size(&v).is_err() {
+                return Err(format!(
+                    "Parameter '{limit}' expects a non-negative number below 2^64"
+                ));
+            }
+        }
+    }
+    if let Some(c) = opts.remove(&format!("{prefix}config")) {
+        blkdebug_config(&c)?;
+    }
+    let rules: Vec<String> = opts
+        .keys()
+        .filter(|k| {
+            let k = k.strip_prefix(prefix).unwrap_or(k);
+            k.starts_with("inject-error") || k.starts_with("set-state")
+        })
+        .cloned()
+        .collect();
+    if let Some(k) = rules.first() {
+        return Err(format!(
+            "blkdebug: '{k}': error injection is not supported by this engine"
+        ));
+    }
+    Ok(())
+}
+
+/// A blkdebug configuration file: only one without rules is accepted.
+fn blkdebug_config(path: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "Could not read blkdebug config file: {}",
+            strerror(e.raw_os_error().unwrap_or(5))
+        )
+    })?;
+    let rule = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("#"));
+    if let Some(r) = rule {
+        return Err(format!(
+            "blkdebug: {r} rules ({path}) are not supported by this engine: error injection is not implemented"
+        ));
+    }
+    Ok(())
 }
 
 /// The cluster size a qcow2 file's header names (None: unreadable).
