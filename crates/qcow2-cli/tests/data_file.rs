@@ -61,21 +61,7 @@ fn script_case(dir: &Path, what: &str, image: &str) {
     let mut oa = vec!["io"];
     oa.extend(&args);
     let ro = ours(&o, &oa);
-    assert_eq!(
-        rq.code, ro.code,
-        "{what}: exit codes\n{}\n{}",
-        rq.stderr, ro.stderr
-    );
-    assert_eq!(
-        result_lines(&rq.stdout),
-        result_lines(&ro.stdout),
-        "{what}: stdout"
-    );
-    assert_eq!(
-        rq.stderr.replace("qemu-io:", "qcow2:"),
-        ro.stderr,
-        "{what}: stderr"
-    );
+    assert_same_run(&rq, &ro, "qemu-io", what);
     files_equal(&q.join("a.qcow2"), &o.join("a.qcow2"), what);
     files_equal(&q.join("d.raw"), &o.join("d.raw"), what);
     for args in [
@@ -85,14 +71,7 @@ fn script_case(dir: &Path, what: &str, image: &str) {
         vec!["info", "a.qcow2"],
         vec!["info", "--output=json", "a.qcow2"],
     ] {
-        let rq = qemu_img(&o, &args);
-        let ro = ours(&o, &args);
-        assert_eq!(
-            (rq.code, rq.stdout.clone()),
-            (ro.code, ro.stdout.clone()),
-            "{what}: {args:?}\n{}",
-            ro.stderr
-        );
+        assert_same_as_qemu_img(&o, &args, what);
     }
 }
 
@@ -214,9 +193,7 @@ fn errors_match_qemu() {
     ] {
         let q = qemu_img(dir, &["create", "-f", "qcow2", "-o", opts, "e.qcow2", "1M"]);
         let o = ours(dir, &["create", "-f", "qcow2", "-o", opts, "e.qcow2", "1M"]);
-        assert_eq!(q.code, o.code, "{opts}: {}\n{}", q.stderr, o.stderr);
-        assert_eq!(q.stdout, o.stdout, "{opts}");
-        assert_eq!(q.stderr.replace("qemu-img:", "qcow2:"), o.stderr, "{opts}");
+        assert_same_run(&q, &o, "qemu-img", opts);
     }
     // A missing data file, and operations the format forbids.
     qemu_img(

@@ -343,14 +343,7 @@ fn info_check_and_map_match_qemu() {
                 &s,
             ],
         ] {
-            let q = qemu_img(dir, &args);
-            let o = ours(dir, &args);
-            assert_eq!(
-                (q.code, q.stdout.clone()),
-                (o.code, o.stdout.clone()),
-                "{args:?}: {}",
-                o.stderr
-            );
+            assert_same_as_qemu_img(dir, &args, name);
         }
     }
 }
@@ -409,9 +402,7 @@ fn errors_match_qemu() {
         let mut a = vec!["io"];
         a.extend(&c);
         let o = ours(dir, &a);
-        assert_eq!(q.code, o.code, "{c:?}: {}\n{}", q.stderr, o.stderr);
-        assert_eq!(result_lines(&q.stdout), result_lines(&o.stdout), "{c:?}");
-        assert_eq!(q.stderr.replace("qemu-io:", "qcow2:"), o.stderr, "{c:?}");
+        assert_same_run(&q, &o, "qemu-io", &format!("{c:?}"));
     }
     // qemu-img create's option errors.
     for opts in [
@@ -433,9 +424,7 @@ fn errors_match_qemu() {
                 "create", "-f", "qcow2", "--object", OBJ, "-o", opts, "c.qcow2", "1M",
             ],
         );
-        assert_eq!(q.code, o.code, "{opts}: {}\n{}", q.stderr, o.stderr);
-        assert_eq!(q.stdout, o.stdout, "{opts}");
-        assert_eq!(q.stderr.replace("qemu-img:", "qcow2:"), o.stderr, "{opts}");
+        assert_same_run(&q, &o, "qemu-img", opts);
     }
 }
 

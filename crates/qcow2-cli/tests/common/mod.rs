@@ -540,3 +540,37 @@ pub fn tool_or_skip(tool: &str, probe: &[&str], what: &str) -> bool {
     }
     ok
 }
+
+/// Runs `qemu-img args` and `qcow2 args` in `dir`: the same exit status
+/// and standard output.
+pub fn assert_same_as_qemu_img(dir: &Path, args: &[&str], what: &str) {
+    let q = qemu_img(dir, args);
+    let o = ours(dir, args);
+    assert_eq!(
+        (q.code, &q.stdout),
+        (o.code, &o.stdout),
+        "{what}: {args:?}\n{}",
+        o.stderr
+    );
+}
+
+/// Two runs of the same command line, QEMU's (`prog`: qemu-img or qemu-io)
+/// and ours: same exit status, result lines and messages (QEMU's program
+/// prefix read as ours).
+pub fn assert_same_run(q: &Run, o: &Run, prog: &str, what: &str) {
+    assert_eq!(
+        q.code, o.code,
+        "{what}: exit status\n{}\n{}",
+        q.stderr, o.stderr
+    );
+    assert_eq!(
+        result_lines(&q.stdout),
+        result_lines(&o.stdout),
+        "{what}: stdout"
+    );
+    assert_eq!(
+        q.stderr.replace(&format!("{prog}:"), "qcow2:"),
+        o.stderr,
+        "{what}: stderr"
+    );
+}
