@@ -229,8 +229,25 @@ pub(crate) fn report(verb: &str, done: u64, offset: u64, secs: f64, machine: boo
 
 pub(crate) fn failed(cmd: &str, e: &Error) {
     if let Error::Corrupt(m) = e {
-        // What QEMU reports on stderr when it marks an image corrupt.
-        report_err!("{m}");
+        // QEMU reports an image's first corruption event on stderr, in
+        // these words (the detail is the engine's, without the image name).
+        static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !REPORTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let mut detail = match m.split_once(": ") {
+                Some((name, rest)) if std::path::Path::new(name.trim_matches('\'')).exists() => {
+                    rest
+                }
+                _ => m.as_str(),
+            };
+            // QEMU names the structure only (the engine adds the request).
+            let overlap = "Preventing invalid write on metadata (overlaps with ";
+            if let Some(end) = detail.strip_prefix(overlap).and_then(|r| r.find(')')) {
+                detail = &detail[..overlap.len() + end + 1];
+            }
+            eprintln!(
+                "qcow2: Marking image as corrupt: {detail}; further corruption events will be suppressed"
+            );
+        }
     }
     out!("{cmd} failed: {}", strerror(e.errno()));
 }

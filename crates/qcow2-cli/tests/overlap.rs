@@ -240,6 +240,16 @@ fn data_writes_over_metadata_fail_like_qemu() {
         let cmd = ["write -P 0x5a 0 64k".to_string()];
         let qr = qemu_io_script(dir, &q, "qcow2", &cmd);
         let or = ours_io_script(dir, &o, &[], &cmd);
+        // QEMU's corruption event, word for word.
+        let event = |r: &Run| {
+            r.stderr
+                .lines()
+                .find(|l| l.starts_with("qcow2: Marking image as corrupt: "))
+                .map(str::to_string)
+        };
+        if event(&qr).is_some() {
+            assert_eq!(event(&or), event(&qr), "{what}: corruption event on stderr");
+        }
         let check = |who: &str, r: &Run, file: &str, want: &Option<&str>| -> Vec<String> {
             let mut bad = Vec::new();
             let named = overlap_named(r);

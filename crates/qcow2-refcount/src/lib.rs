@@ -252,8 +252,13 @@ impl Refcounts {
         }
         let cs = self.cluster_size();
         let rt_end = self.table_offset + self.table_clusters as u64 * cs;
-        if boff & (cs - 1) != 0
-            || boff < cs
+        if boff & (cs - 1) != 0 {
+            // QEMU's words for it.
+            return Err(RefcountError::Corrupt(format!(
+                "Refblock offset {boff:#x} unaligned (reftable index: {block:#x})"
+            )));
+        }
+        if boff < cs
             || (boff < rt_end && self.table_offset < boff.saturating_add(cs))
             || self
                 .protected
