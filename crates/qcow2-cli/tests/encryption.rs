@@ -12,6 +12,8 @@ use common::*;
 use std::path::Path;
 
 const OBJ: &str = "secret,id=sec0,data=astrochicken";
+/// A LUKS image with the defaults, fast to unlock.
+const LUKS: &str = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
 
 fn tools() -> bool {
     tool_or_skip("qemu-img", &["--version"], "encryption")
@@ -130,10 +132,7 @@ fn scripts_match_qemu_io_byte_for_byte() {
     let d = tmpdir();
     let dir = d.path();
     let cases = [
-        (
-            "luks.qcow2",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        ),
+        ("luks.qcow2", LUKS),
         (
             "cbc.qcow2",
             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
@@ -153,12 +152,7 @@ fn scripts_match_qemu_io_byte_for_byte() {
     }
     // Copy-on-write over a backing file, and of a cluster shared with a
     // snapshot: the copy is re-encrypted for its new place.
-    qemu_create_enc(
-        dir,
-        "snap.qcow2",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        "1M",
-    );
+    qemu_create_enc(dir, "snap.qcow2", LUKS, "1M");
     script(dir, false, "snap.qcow2", &["write -P 0x55 0 192k"]).ok("qemu-io fill");
     qemu_img(
         dir,
@@ -188,12 +182,7 @@ fn compressed_writes_stay_encrypted() {
     }
     let d = tmpdir();
     let dir = d.path();
-    qemu_create_enc(
-        dir,
-        "c.qcow2",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        "1M",
-    );
+    qemu_create_enc(dir, "c.qcow2", LUKS, "1M");
     let pattern = [0x3cu8; 65536];
     let has_clear = |name: &str| {
         let b = std::fs::read(dir.join(name)).unwrap();
@@ -249,7 +238,7 @@ fn created_images_are_qemus() {
     let d = tmpdir();
     let dir = d.path();
     for (i, opts) in [
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        LUKS,
         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,\
          encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1",
         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4k,compat=0.10",
@@ -307,10 +296,7 @@ fn info_check_and_map_match_qemu() {
     let d = tmpdir();
     let dir = d.path();
     for (name, opts) in [
-        (
-            "i.qcow2",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        ),
+        ("i.qcow2", LUKS),
         ("a.qcow2", "encryption=on,encrypt.key-secret=sec0"),
     ] {
         qemu_create_enc(dir, name, opts, "4M");
@@ -355,12 +341,7 @@ fn errors_match_qemu() {
     }
     let d = tmpdir();
     let dir = d.path();
-    qemu_create_enc(
-        dir,
-        "e.qcow2",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        "1M",
-    );
+    qemu_create_enc(dir, "e.qcow2", LUKS, "1M");
     let s = spec("e.qcow2");
     let s1 = "driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=sec1".to_string();
     let cases: Vec<Vec<&str>> = vec![
