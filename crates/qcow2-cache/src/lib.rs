@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use qcow2_io::Storage;
+use qcow2_io::{DebugEvent, Storage};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -39,6 +39,10 @@ pub struct CacheConfig {
     pub capacity: usize,
     /// Dirty tracking unit (power of two, 512..=slice_size).
     pub granularity: usize,
+    /// Event reported to the storage before a slice is read from it.
+    pub load_event: Option<DebugEvent>,
+    /// Event reported to the storage before a dirty slice is written back.
+    pub write_event: Option<DebugEvent>,
 }
 
 struct Slot {
@@ -180,6 +184,9 @@ impl TableCache {
         }
         self.stats.misses += 1;
         let id = self.take_slot(storage, offset)?;
+        if let Some(ev) = self.cfg.load_event {
+            storage.event(ev);
+        }
         if let Err(e) = storage.read_at(&mut self.slots[id].data, offset) {
             self.index.remove(&offset);
             self.slots.swap_remove(id);
@@ -277,6 +284,11 @@ impl TableCache {
     }
 
     fn write_slot(&mut self, storage: &dyn Storage, id: SlotId) -> io::Result<()> {
+        if let Some(ev) = self.cfg.write_event {
+            if self.slots[id].is_dirty {
+                storage.event(ev);
+            }
+        }
         let g = self.cfg.granularity;
         let n = self.cfg.slice_size / g;
         let mut i = 0;
@@ -358,6 +370,8 @@ mod tests {
             slice_size: 4096,
             capacity: cap,
             granularity: 512,
+            load_event: None,
+            write_event: None,
         })
     }
 

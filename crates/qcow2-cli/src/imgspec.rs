@@ -54,14 +54,7 @@ impl SpecArgs {
             }
             crate::io::parse_opt_string(&s, None).map_err(Fail::new)?
         } else if let Some(j) = s.strip_prefix("json:") {
-            let v: serde_json::Value = serde_json::from_str(&crate::io::single_quotes(j))
-                .map_err(|e| Fail::new(format!("Could not parse the JSON options: {e}")))?;
-            if !v.is_object() {
-                return Err(Fail::new("Invalid JSON object given"));
-            }
-            let mut flat = Vec::new();
-            crate::io::flatten("", &v, &mut flat);
-            flat
+            qcow2_ops::json_options(j).map_err(Fail::new)?
         } else {
             return Ok(Spec {
                 path: operand.to_path_buf(),

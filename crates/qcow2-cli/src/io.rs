@@ -18,7 +18,7 @@ use std::time::Instant;
 mod cmds;
 mod dev;
 mod open;
-pub(crate) use open::{flatten, parse_opt_string, single_quotes};
+pub(crate) use open::parse_opt_string;
 
 use dev::Dev;
 use open::{OpenSpec, Opened};
@@ -1322,7 +1322,7 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
     }
     if let Some(o) = ctx.cur.take() {
         let name = o.spec.name.clone().unwrap_or_default();
-        if let (Some(fmt), Dev::Qcow2(img)) = (stats, &o.dev) {
+        if let (Some(fmt), Dev::Qcow2(img)) = (stats, o.dev.base()) {
             // The counters cover the whole run, the flush that closing does included.
             if let Err(e) = img.flush() {
                 report_err!("{name}: flush failed: {}", error_text(&e));
@@ -1331,8 +1331,7 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
             print_stats(img, fmt);
         }
         if let Err(e) = o.dev.close() {
-            report_err!("{name}: close failed: {}", error_text(&e));
-            ok = false;
+            ok &= report_close_error(&name, &e);
         }
     }
     let _ = std::io::stdout().flush();
@@ -1356,4 +1355,21 @@ pub(crate) fn offset_and_length(pos: &[String], limit: Option<&str>) -> Option<(
         }
     }
     Some((offset, count))
+}
+
+/// Reports a failed close. An I/O error is told in QEMU's words: its close
+/// flushes the L2 table cache and then the refcount block cache, each
+/// ending with a flush of the file, and reports each failure without
+/// failing the program (a persistent error fails both). Other errors are
+/// told with the image name and fail the program. Returns whether the
+/// program may still succeed.
+pub(crate) fn report_close_error(name: &str, e: &qcow2_ops::Error) -> bool {
+    if let qcow2_ops::Error::Io { source, .. } = e {
+        let text = strerror(source.raw_os_error().unwrap_or(5));
+        report_err!("Failed to flush the L2 table cache: {text}");
+        report_err!("Failed to flush the refcount block cache: {text}");
+        return true;
+    }
+    report_err!("{name}: close failed: {}", error_text(e));
+    false
 }

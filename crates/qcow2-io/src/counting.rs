@@ -98,4 +98,7 @@ impl<S: Storage> Storage for CountingStorage<S> {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         self.inner.allocated_size()
     }
+    fn event(&self, ev: crate::DebugEvent) {
+        self.inner.event(ev)
+    }
 }

@@ -10,15 +10,19 @@
 //! failed.
 #![warn(missing_docs)]
 
+mod blkdebug;
 #[cfg(any(test, feature = "test-support"))]
 mod counting;
+mod events;
 #[cfg(any(test, feature = "test-support"))]
 mod fault;
 mod file;
 mod mem;
 
+pub use blkdebug::{take_rules, Action, Blkdebug, IoType, RawEvents, Rule, Rules};
 #[cfg(any(test, feature = "test-support"))]
 pub use counting::{CountingStorage, IoCounts};
+pub use events::DebugEvent;
 #[cfg(any(test, feature = "test-support"))]
 pub use fault::{FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenMode};
@@ -75,6 +79,11 @@ pub trait Storage: Send + Sync {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// The driver above reached a named point of its work (see
+    /// [`DebugEvent`]). Plain storage ignores it; error injection acts on it.
+    fn event(&self, ev: DebugEvent) {
+        let _ = ev;
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for Box<T> {
@@ -108,6 +117,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
     }
+    fn event(&self, ev: DebugEvent) {
+        (**self).event(ev)
+    }
 }
 
 impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
@@ -140,6 +152,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
+    }
+    fn event(&self, ev: DebugEvent) {
+        (**self).event(ev)
     }
 }
 
@@ -212,6 +227,9 @@ impl<S: Storage> Storage for StickySync<S> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         self.inner.allocated_size()
+    }
+    fn event(&self, ev: DebugEvent) {
+        self.inner.event(ev)
     }
 }
 

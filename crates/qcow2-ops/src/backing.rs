@@ -7,7 +7,7 @@ use crate::error::ioerr;
 use crate::error::{Error, Result};
 use crate::types::push_merged;
 use crate::types::MapEntry;
-use qcow2_io::{FileStorage, OpenMode, Storage};
+use qcow2_io::{take_rules, Blkdebug, FileStorage, OpenMode, Storage};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -73,10 +73,26 @@ pub(crate) fn open(
     format: Option<&str>,
     qcow2: impl FnOnce(Box<dyn Storage>, &Path) -> Result<Backing>,
 ) -> Result<Backing> {
-    let path = resolve(image, name);
+    let (path, file, format) = match name.strip_prefix(b"json:") {
+        Some(j) => {
+            let j = std::str::from_utf8(j).map_err(|_| {
+                Error::Invalid("Could not open backing file: json: name is not UTF-8".into())
+            })?;
+            let (path, file, fmt) = open_json(j)?;
+            (path, file, fmt.or(format.map(str::to_string)))
+        }
+        None => {
+            let path = resolve(image, name);
+            let shown = path.display().to_string();
+            let file: Box<dyn Storage> = Box::new(
+                FileStorage::open(&path, OpenMode::READ_ONLY)
+                    .map_err(|e| Error::io(format!("could not open backing file '{shown}'"), e))?,
+            );
+            (path, file, format.map(str::to_string))
+        }
+    };
+    let format = format.as_deref();
     let shown = path.display().to_string();
-    let file = FileStorage::open(&path, OpenMode::READ_ONLY)
-        .map_err(|e| Error::io(format!("could not open backing file '{shown}'"), e))?;
     let fmt = match format {
         Some(f) => f.to_string(),
         None => {
@@ -98,7 +114,7 @@ pub(crate) fn open(
                 )));
             }
             DEPTH.with(|d| d.set(depth + 1));
-            let r = qcow2(Box::new(file), &path);
+            let r = qcow2(file, &path);
             DEPTH.with(|d| d.set(depth));
             r
         }
@@ -108,9 +124,55 @@ pub(crate) fn open(
     }
 }
 
+/// A backing file named by QEMU's `json:{...}` syntax: its path, its
+/// storage (under an error-injection layer for a `blkdebug` file), its
+/// format when the name says.
+fn open_json(text: &str) -> Result<(PathBuf, Box<dyn Storage>, Option<String>)> {
+    let bad = |m: String| Error::NotSupported(format!("Could not open backing file: {m}"));
+    let mut opts: std::collections::BTreeMap<String, String> = crate::json_options(text)
+        .map_err(bad)?
+        .into_iter()
+        .collect();
+    let format = opts.remove("driver");
+    let mut file_driver = opts.remove("file.driver");
+    let mut rules = None;
+    if file_driver.as_deref() == Some("blkdebug") {
+        file_driver = opts.remove("file.image.driver");
+        if let Some(f) = opts.remove("file.image.filename") {
+            opts.insert("file.filename".into(), f);
+        }
+        rules = Some(take_rules(&mut opts, "file.", &crate::blkdebug_accepts).map_err(bad)?);
+    }
+    if let Some(d) = file_driver.filter(|d| d != "file") {
+        return Err(bad(format!("Unknown driver '{d}'")));
+    }
+    let Some(name) = opts
+        .remove("file.filename")
+        .or_else(|| opts.remove("filename"))
+    else {
+        return Err(bad(
+            "A block device must be specified for \"filename\"".into()
+        ));
+    };
+    if let Some(k) = opts.keys().next() {
+        return Err(bad(format!(
+            "option '{k}' of a json: backing file name is not supported by this engine"
+        )));
+    }
+    let path = PathBuf::from(name);
+    let shown = path.display().to_string();
+    let f = FileStorage::open(&path, OpenMode::READ_ONLY)
+        .map_err(|e| Error::io(format!("could not open backing file '{shown}'"), e))?;
+    let file: Box<dyn Storage> = match rules {
+        Some(r) => Box::new(Blkdebug::new(f, r)),
+        None => Box::new(f),
+    };
+    Ok((path, file, format))
+}
+
 /// A raw backing file: guest offset == file offset.
 pub(crate) struct RawLayer {
-    file: FileStorage,
+    file: Box<dyn Storage>,
     size: u64,
 }
 

@@ -94,6 +94,7 @@ impl Image {
         let cs = g.geo.cluster_size();
         let len = g.header.size.div_ceil(cs) * cs;
         let r = (|| {
+            g.file.event(qcow2_io::DebugEvent::EmptyImagePrepare);
             if len > 0 {
                 g.discard_clusters(0, len, true)?;
             }

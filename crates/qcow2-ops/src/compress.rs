@@ -127,8 +127,10 @@ impl Inner {
         .encode(cb)
         .map_err(|e| Error::NoSpace(format!("{}: {e}", self.name)))?;
         self.sh.zcache.invalidate();
+        self.file.event(qcow2_io::DebugEvent::WriteCompressed);
         self.write_data(host, &out)?;
         self.set_alloc_unsynced();
+        self.file.event(qcow2_io::DebugEvent::L2UpdateCompressed);
         self.set_l2_entry(table, cg, L2Entry { raw, bitmap: 0 })
     }
 
@@ -141,6 +143,7 @@ impl Inner {
     fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
         let cs = self.geo.cluster_size();
         let cb = self.geo.cluster_bits;
+        self.file.event(qcow2_io::DebugEvent::ClusterAllocBytes);
         let mut off = self.free_byte_offset;
         if off != 0 {
             let c = off >> cb;

@@ -52,7 +52,11 @@ pub(crate) fn open(
     };
     let f = FileStorage::open(&path, mode)
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
-    let f = qcow2_io::StickySync::new(Box::new(f) as Box<dyn Storage>, !opts.cache.direct());
+    let mut f: Box<dyn Storage> = Box::new(f);
+    if let Some(layer) = &opts.data_file_layer {
+        f = (layer.0)(f);
+    }
+    let f = qcow2_io::StickySync::new(f, !opts.cache.direct());
     Ok(Some(Arc::new(f)))
 }
 

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::image::{ioerr, Inner};
 use qcow2_format::entry::{L2Entry, SubclusterType, FLAG_COPIED, OFFSET_MASK};
 use qcow2_format::CompressionType;
-use qcow2_io::Storage;
+use qcow2_io::{DebugEvent, Storage};
 use smallvec::SmallVec;
 use std::io::Read;
 use std::ops::Range;
@@ -214,6 +214,7 @@ impl Io<'_> {
             let b = &mut buf[s.at..s.at + s.len];
             match s.src {
                 Src::Host(h) => {
+                    self.file.event(DebugEvent::ReadAio);
                     self.data
                         .read_at(b, h)
                         .map_err(ioerr("read data", self.name))?;
@@ -223,7 +224,10 @@ impl Io<'_> {
                 }
                 Src::Zero => b.fill(0),
                 Src::Backing(g) => match self.backing {
-                    Some(l) => backing::read(l, g, b)?,
+                    Some(l) => {
+                        self.file.event(DebugEvent::ReadBackingAio);
+                        backing::read(l, g, b)?
+                    }
                     None => b.fill(0),
                 },
                 Src::Compressed { entry, guest, in_c } => {
@@ -248,6 +252,7 @@ impl Io<'_> {
         // the file reads as zeroes, and the data is good when it
         // decompresses to a whole cluster (the size field may overstate it).
         let mut src = vec![0u8; len as usize];
+        self.file.event(DebugEvent::ReadCompressed);
         self.file
             .read_at(&mut src, d.offset)
             .map_err(ioerr("read compressed cluster", self.name))?;
@@ -307,6 +312,7 @@ impl Io<'_> {
             }
             let mut region = vec![0u8; f.len];
             if let Some(base) = &f.base {
+                self.file.event(DebugEvent::CowRead);
                 self.read(base, &mut region, guest)?;
             }
             region[f.data_at..f.data_at + f.data.len()].copy_from_slice(&buf[f.data.clone()]);
@@ -324,6 +330,14 @@ impl Io<'_> {
                 &owned[p.1][p.2.clone()]
             }
         };
+        // As QEMU: guest data written together with copied-on-write
+        // regions is a COW write, otherwise a data write.
+        self.file
+            .event(if plan.fills.iter().any(|f| f.base.is_some()) {
+                DebugEvent::CowWrite
+            } else {
+                DebugEvent::WriteAio
+            });
         let mut total = 0u64;
         let mut i = 0;
         while i < pieces.len() {

@@ -14,7 +14,7 @@ use qcow2_format::entry::{L1Entry, L2Entry};
 use qcow2_format::header::{self, Header};
 use qcow2_format::{be64, put_be64, Geometry};
 use qcow2_inflight::{RangeLocks, Tickets};
-use qcow2_io::{FileStorage, OpenMode, Storage};
+use qcow2_io::{DebugEvent, FileStorage, OpenMode, Storage};
 use qcow2_refcount::{RefcountError, Refcounts};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -378,12 +378,15 @@ impl Image {
         }
         if plan.in_place() {
             // Nothing to publish: the write is complete once it is numbered
-            // (an empty one wrote nothing a flush would have to sync).
-            if r? > 0 {
+            // (an empty one wrote nothing a flush would have to sync). A
+            // failed one may have reached the file in part: the next flush
+            // syncs it, as QEMU's does after any write request.
+            if r.as_ref().map_or(true, |&n| n > 0) {
                 self.sh.dur.wrote();
             }
             drop(range);
             self.req_gen.fetch_add(1, Ordering::SeqCst);
+            r?;
             if self.writethrough || flags & REQ_FUA != 0 {
                 self.flush()?;
             }
@@ -701,6 +704,8 @@ impl Inner {
             slice_size: slice,
             capacity: (opts.l2_cache_bytes / slice).max(4),
             granularity,
+            load_event: Some(DebugEvent::L2Load),
+            write_event: Some(DebugEvent::L2Update),
         });
         let backing = if opts.open_backing {
             match &header.backing_file {
@@ -1323,6 +1328,7 @@ impl Inner {
         let slice = self.l2.slice_size() as u64;
         self.fresh_l2
             .extend((0..cs / slice).map(|i| off + i * slice));
+        self.file.event(DebugEvent::L2AllocWrite);
         // The new table's refcount and contents must be durable before the
         // L1 entry that points at it (flush_all syncs before writing L1).
         self.set_unsynced();
@@ -1354,6 +1360,7 @@ impl Inner {
             return Ok(old);
         }
         let mut t = vec![0u8; cs as usize];
+        self.file.event(DebugEvent::L2AllocCowRead);
         self.file
             .read_at(&mut t, old)
             .map_err(ioerr("read L2 table", &name))?;
@@ -1369,6 +1376,7 @@ impl Inner {
             }
         }
         self.overlap_check(new, cs, "L2 table copy")?;
+        self.file.event(DebugEvent::L2AllocWrite);
         self.file
             .write_at(&t, new)
             .map_err(ioerr("write L2 table", &name))?;

@@ -355,6 +355,7 @@ impl Inner {
         }
         let bytes = (new_l1 * 8).div_ceil(cs) * cs;
         let n = bytes / cs;
+        self.file.event(qcow2_io::DebugEvent::L1GrowAllocTable);
         let first = self.alloc_clusters(n)?;
         let off = first * cs;
         let mut t = vec![0u8; bytes as usize];
@@ -363,6 +364,7 @@ impl Inner {
         }
         // 1. The new table and its refcount, durable before the header
         //    points at it.
+        self.file.event(qcow2_io::DebugEvent::L1GrowWriteTable);
         self.file
             .write_at(&t, off)
             .map_err(ioerr("write L1 table", &name))?;
@@ -375,6 +377,7 @@ impl Inner {
         let mut h = [0u8; 12];
         h[..4].copy_from_slice(&(new_l1 as u32).to_be_bytes());
         put_be64(&mut h, 4, off);
+        self.file.event(qcow2_io::DebugEvent::L1GrowActivateTable);
         self.file
             .write_at(&h, 36)
             .map_err(ioerr("write header", &name))?;
@@ -416,11 +419,14 @@ impl Inner {
         if new_l1 < l1_len {
             // Clear the entries on disk first, then free their tables.
             let zeros = vec![0u8; ((l1_len - new_l1) * 8) as usize];
+            self.file.event(qcow2_io::DebugEvent::L1ShrinkWriteTable);
             self.file
                 .write_at(&zeros, self.header.l1_table_offset + new_l1 * 8)
                 .map_err(ioerr("write L1 table", &name))?;
             self.set_unsynced();
             self.sync()?;
+            self.file
+                .event(qcow2_io::DebugEvent::L1ShrinkFreeL2Clusters);
             for i in new_l1 as usize..l1_len as usize {
                 let t = L1Entry(self.l1[i]).l2_offset();
                 self.l1[i] = 0;

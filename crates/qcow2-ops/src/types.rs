@@ -112,6 +112,24 @@ pub struct OpenOptions {
     /// secret; reading or writing guest data fails): what `qemu-img info`
     /// needs, as QEMU's no-I/O open.
     pub metadata_only: bool,
+    /// A layer put over the external data file once it is open (error
+    /// injection, a format's debug events): QEMU's node graph above the
+    /// `data-file` child.
+    pub data_file_layer: Option<StorageLayer>,
+}
+
+/// A function putting a layer over a storage.
+pub type WrapStorage =
+    dyn Fn(Box<dyn qcow2_io::Storage>) -> Box<dyn qcow2_io::Storage> + Send + Sync;
+
+/// Wraps a storage in another (see [`OpenOptions::data_file_layer`]).
+#[derive(Clone)]
+pub struct StorageLayer(pub std::sync::Arc<WrapStorage>);
+
+impl std::fmt::Debug for StorageLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageLayer(..)")
+    }
 }
 
 impl OpenOptions {
@@ -154,6 +172,7 @@ impl Default for OpenOptions {
             backing_key_secret: None,
             data_file: None,
             metadata_only: false,
+            data_file_layer: None,
             backing_driver: None,
         }
     }

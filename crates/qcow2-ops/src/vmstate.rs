@@ -41,6 +41,7 @@ impl crate::Image {
         if need > g.l1.len() as u64 {
             g.grow_l1_table(need)?;
         }
+        g.file.event(qcow2_io::DebugEvent::VmstateSave);
         g.write(off, buf)?;
         drop(g);
         if self.writethrough() {
@@ -58,6 +59,7 @@ impl crate::Image {
         let n = (buf.len() as u64).min(mapped) as usize;
         buf[n..].fill(0);
         if n > 0 {
+            g.file.event(qcow2_io::DebugEvent::VmstateLoad);
             g.read(off, &mut buf[..n])?;
         }
         Ok(())

@@ -7,7 +7,7 @@ use crate::error::{ioerr, Result};
 use crate::image::{refcount_err, runs, Inner};
 use crate::types::*;
 use qcow2_format::put_be64;
-use qcow2_io::Storage;
+use qcow2_io::{DebugEvent, Storage};
 
 impl Inner {
     /// Syncs the file (per cache mode): everything written so far is durable.
@@ -169,6 +169,7 @@ impl Inner {
                 put_be64(&mut b, k * 8, self.l1[start as usize + k]);
             }
             let off = self.header.l1_table_offset + start * 8;
+            self.file.event(DebugEvent::L1Update);
             if let Err(e) = self.file.write_at(&b, off) {
                 // Keep the entries dirty: dropping them would leave the new
                 // L2 tables unreachable on disk for good, even after a later

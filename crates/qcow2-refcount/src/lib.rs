@@ -15,7 +15,7 @@ use qcow2_cache::{CacheConfig, CacheStats, TableCache};
 use qcow2_format::header::MAX_REFTABLE_BYTES;
 use qcow2_format::refcount as rc;
 use qcow2_format::{be64, put_be32, put_be64};
-use qcow2_io::Storage;
+use qcow2_io::{DebugEvent, Storage};
 use std::collections::HashSet;
 use std::io;
 use std::ops::Range;
@@ -109,6 +109,7 @@ impl Refcounts {
             return Err(RefcountError::Corrupt("refcount table too large".into()));
         }
         let mut raw = vec![0u8; bytes as usize];
+        storage.event(DebugEvent::ReftableLoad);
         storage.read_at(&mut raw, table_offset)?;
         // Entries are validated when used, so that check can still open
         // (and repair) an image with a broken entry.
@@ -124,6 +125,8 @@ impl Refcounts {
                 slice_size: slice,
                 capacity: (cache_bytes / slice).max(4),
                 granularity,
+                load_event: Some(DebugEvent::RefblockLoad),
+                write_event: Some(DebugEvent::RefblockUpdatePart),
             }),
             free_hint: 0,
             freed: Vec::new(),
@@ -330,6 +333,7 @@ impl Refcounts {
                 self.max_refcount()
             )));
         }
+        storage.event(DebugEvent::RefblockAlloc);
         let loc = match self.locate(storage, cluster)? {
             Some(l) => l,
             None => {
@@ -369,6 +373,9 @@ impl Refcounts {
                     RefcountError::NoSpace(format!("refcount of cluster {cluster} overflows"))
                 })?
         };
+        if delta < 0 {
+            storage.event(DebugEvent::ClusterFree);
+        }
         self.set(storage, cluster, new, cluster..cluster + 1)?;
         Ok(new)
     }
@@ -390,6 +397,7 @@ impl Refcounts {
         n: u64,
         guard: &dyn MetadataGuard,
     ) -> Result<u64> {
+        storage.event(DebugEvent::ClusterAlloc);
         let start = self.find_free(storage, n)?;
         if start
             .checked_add(n)
@@ -535,10 +543,12 @@ impl Refcounts {
             .ok_or_else(|| RefcountError::Corrupt("new block not found".into()))?;
         self.set_covered(id, i, 1);
         // The block must be on disk before the table entry that points at it.
+        storage.event(DebugEvent::RefblockAllocWrite);
         self.cache.flush(storage)?;
         storage.sync()?;
         let mut e = [0u8; 8];
         put_be64(&mut e, 0, boff);
+        storage.event(DebugEvent::RefblockAllocHookup);
         storage.write_at(&e, self.table_offset + block * 8)?;
         // Once written, the entry stands even if this sync fails.
         Ok(storage.sync().map_err(RefcountError::from))
@@ -566,13 +576,16 @@ impl Refcounts {
                 }
             }
         }
+        storage.event(DebugEvent::RefblockAllocWriteBlocks);
         self.cache.flush(storage)?;
         let mut raw = vec![0u8; (new_clusters * cs) as usize];
         for (i, &e) in self.table.iter().enumerate() {
             put_be64(&mut raw, i * 8, e);
         }
+        storage.event(DebugEvent::RefblockAllocWriteTable);
         storage.write_at(&raw, s * cs)?;
         storage.sync()?;
+        storage.event(DebugEvent::RefblockAllocSwitchTable);
         // Switch the header over in one write.
         let mut h = [0u8; 12];
         put_be64(&mut h, 0, s * cs);
@@ -614,6 +627,7 @@ impl Refcounts {
             return Ok(Vec::new());
         }
         for &i in &unused {
+            storage.event(DebugEvent::ReftableUpdate);
             storage.write_at(&[0u8; 8], self.table_offset + i as u64 * 8)?;
         }
         storage.sync()?;
@@ -645,6 +659,7 @@ impl Refcounts {
         avoid: Range<u64>,
         guard: &dyn MetadataGuard,
     ) -> Result<()> {
+        storage.event(DebugEvent::ReftableGrow);
         let cs = self.cluster_size();
         let epb = self.entries_per_block;
         let needed_entries = (block + 1).max(self.table.len() as u64 * 2);

@@ -89,11 +89,19 @@ pub(crate) fn read_cor(ctx: &Ctx, off: u64, buf: &mut [u8]) -> Result<()> {
     let dev = ctx.dev();
     dev.read(off, buf)?;
     let Some(o) = &ctx.cur else { return Ok(()) };
-    let Dev::Qcow2(img) = dev else { return Ok(()) };
+    let Dev::Qcow2(img) = dev.base() else {
+        return Ok(());
+    };
     if !o.copy_on_read || o.read_only || buf.is_empty() {
         return Ok(());
     }
-    let cs = img.cluster_size();
+    // Whole clusters, or subclusters of an image with extended L2
+    // entries, as QEMU copies them.
+    let cs = if img.info().extended_l2 {
+        img.cluster_size() / 32
+    } else {
+        img.cluster_size()
+    };
     let size = ctx.size;
     let start = off / cs * cs;
     let end = (off + buf.len() as u64)
@@ -109,6 +117,7 @@ pub(crate) fn read_cor(ctx: &Ctx, off: u64, buf: &mut [u8]) -> Result<()> {
         if !alloc {
             let mut data = vec![0u8; n as usize];
             dev.read(pos, &mut data)?;
+            dev.event(qcow2_ops::io::DebugEvent::CorWrite);
             if data.iter().all(|&b| b == 0) {
                 dev.write_zeroes(pos, n, 0)?;
             } else {
@@ -365,8 +374,8 @@ fn map(ctx: &Ctx) -> bool {
 
 fn info(ctx: &Ctx) -> bool {
     let dev = ctx.dev();
-    out!("format name: {}", dev.format_name());
-    match dev {
+    out!("format name: {}", dev.base().format_name());
+    match dev.base() {
         Dev::Qcow2(img) => {
             let i = img.info();
             let cs = i.cluster_size;
@@ -402,6 +411,7 @@ fn info(ctx: &Ctx) -> bool {
             out!("format name: null-co");
             return false;
         }
+        Dev::Debug { .. } => unreachable!("base() is below every blkdebug layer"),
     }
     true
 }
@@ -485,11 +495,7 @@ fn sigraise(args: &[String]) -> bool {
 pub(crate) fn close(ctx: &mut Ctx) {
     if let Some(o) = ctx.cur.take() {
         if let Err(e) = o.dev.close() {
-            report_err!(
-                "{}: close failed: {}",
-                o.spec.name.as_deref().unwrap_or(""),
-                crate::error_text(&e)
-            );
+            super::report_close_error(o.spec.name.as_deref().unwrap_or(""), &e);
         }
     }
     ctx.set(None);
@@ -609,7 +615,7 @@ fn unchanged(cur: &open::Opened, k: &str, v: &str) -> bool {
     match k {
         "driver" => v == cur.dev.format_name(),
         "file.driver" => v == "file" && !matches!(cur.dev, Dev::Null { .. }),
-        "backing.driver" => match &cur.dev {
+        "backing.driver" => match cur.dev.base() {
             Dev::Qcow2(img) => img.info().backing_format.as_deref() == Some(v),
             _ => false,
         },
@@ -687,7 +693,8 @@ fn reopen(ctx: &mut Ctx, ci: &CmdInfo, args: &[String]) -> bool {
             continue;
         }
         // QEMU names the option of the node it belongs to.
-        let has_backing = matches!(&cur.dev, Dev::Qcow2(img) if img.info().backing_file.is_some());
+        let has_backing =
+            matches!(cur.dev.base(), Dev::Qcow2(img) if img.info().backing_file.is_some());
         let short = k
             .strip_prefix("file.")
             .or_else(|| k.strip_prefix("backing.").filter(|_| has_backing))
@@ -765,7 +772,7 @@ fn truncate(ctx: &Ctx, ci: &CmdInfo, args: &[String]) -> bool {
     let Some(size) = cvtnum(&pos[0]) else {
         return false;
     };
-    match ctx.dev() {
+    match ctx.dev().base() {
         Dev::Raw { file, .. } => {
             use qcow2_ops::io::Storage;
             if let Err(e) = file.set_len(size) {
@@ -789,5 +796,6 @@ fn truncate(ctx: &Ctx, ci: &CmdInfo, args: &[String]) -> bool {
             report_err!("Image format driver does not support resize");
             false
         }
+        Dev::Debug { .. } => unreachable!("base() is below every blkdebug layer"),
     }
 }

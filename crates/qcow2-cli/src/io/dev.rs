@@ -1,7 +1,7 @@
 //! The device `qcow2 io` works on: a qcow2 image through the engine or a
 //! raw file (guest offset == file offset).
 
-use qcow2_ops::io::{FileStorage, Storage};
+use qcow2_ops::io::{DebugEvent, FileStorage, IoType, Rules, Storage};
 use qcow2_ops::{Error, Image, MapEntry, Result, REQ_MAY_UNMAP};
 
 /// A qcow2 image or a raw file.
@@ -24,6 +24,18 @@ pub enum Dev {
         /// Reads return zeroes (else the buffer is left as it was).
         read_zeroes: bool,
     },
+    /// QEMU's blkdebug driver above a device: its requests fail as the
+    /// error-injection rules say.
+    Debug {
+        /// The device below.
+        dev: Box<Dev>,
+        /// The rules and their state.
+        rules: Rules,
+    },
+}
+
+fn injected(e: std::io::Error) -> Error {
+    io_err("blkdebug", e)
 }
 
 /// EINVAL (the CLI has no libc dependency).
@@ -48,6 +60,23 @@ impl Dev {
             Dev::Qcow2(_) => "qcow2",
             Dev::Raw { .. } => "raw",
             Dev::Null { .. } => "null-co",
+            Dev::Debug { .. } => "blkdebug",
+        }
+    }
+
+    /// The device under any error-injection layers.
+    pub fn base(&self) -> &Dev {
+        match self {
+            Dev::Debug { dev, .. } => dev.base(),
+            d => d,
+        }
+    }
+
+    /// The device reached a named point of its work (`cor_write`).
+    pub fn event(&self, ev: DebugEvent) {
+        if let Dev::Debug { dev, rules } = self {
+            rules.event(ev);
+            dev.event(ev);
         }
     }
 
@@ -57,6 +86,7 @@ impl Dev {
             Dev::Qcow2(i) => Ok(i.virtual_size()),
             Dev::Raw { file, .. } => file.len().map_err(|e| io_err("stat", e)),
             Dev::Null { size, .. } => Ok(*size),
+            Dev::Debug { dev, .. } => dev.size(),
         }
     }
 
@@ -75,6 +105,12 @@ impl Dev {
                 }
                 Ok(())
             }
+            Dev::Debug { dev, rules } => {
+                rules
+                    .check(IoType::Read, off, buf.len() as u64)
+                    .map_err(injected)?;
+                dev.read(off, buf)
+            }
         }
     }
 
@@ -87,12 +123,21 @@ impl Dev {
             ),
             Dev::Raw { file, .. } => file.write_at(buf, off).map_err(|e| io_err("write", e)),
             Dev::Null { .. } => Ok(()),
+            Dev::Debug { dev, rules } => {
+                rules.event(DebugEvent::Pwritev);
+                rules
+                    .check(IoType::Write, off, buf.len() as u64)
+                    .map_err(injected)?;
+                dev.write(off, buf, flags)?;
+                rules.event(DebugEvent::PwritevDone);
+                Ok(())
+            }
         }
     }
 
     /// Writes `buf` at `pos` of the VM state area (qcow2 only, as QEMU).
     pub fn vmstate_write(&self, pos: u64, buf: &[u8]) -> Result<()> {
-        match self {
+        match self.base() {
             Dev::Qcow2(i) => i.vmstate_write(pos, buf),
             _ => Err(Error::NotSupported("no VM state area".into())),
         }
@@ -100,7 +145,7 @@ impl Dev {
 
     /// Reads from `pos` of the VM state area.
     pub fn vmstate_read(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        match self {
+        match self.base() {
             Dev::Qcow2(i) => i.vmstate_read(pos, buf),
             _ => Err(Error::NotSupported("no VM state area".into())),
         }
@@ -126,6 +171,12 @@ impl Dev {
                 Ok(())
             }
             Dev::Null { .. } => Ok(()),
+            Dev::Debug { dev, rules } => {
+                rules
+                    .check(IoType::WriteZeroes, off, len)
+                    .map_err(injected)?;
+                dev.write_zeroes(off, len, flags)
+            }
         }
     }
 
@@ -142,6 +193,10 @@ impl Dev {
                 Ok(())
             }
             Dev::Null { .. } => Ok(()),
+            Dev::Debug { dev, rules } => {
+                rules.check(IoType::Discard, off, len).map_err(injected)?;
+                dev.discard(off, len)
+            }
         }
     }
 
@@ -161,6 +216,12 @@ impl Dev {
                 Ok(())
             }
             Dev::Null { .. } => Ok(()),
+            Dev::Debug { dev, rules } => {
+                rules.event(DebugEvent::FlushToOs);
+                rules.event(DebugEvent::FlushToDisk);
+                rules.check(IoType::Flush, 0, 0).map_err(injected)?;
+                dev.flush()
+            }
         }
     }
 
@@ -192,6 +253,12 @@ impl Dev {
             }
             // A raw file is allocated everywhere for QEMU.
             Dev::Raw { .. } | Dev::Null { .. } => Ok((true, len)),
+            Dev::Debug { dev, rules } => {
+                rules
+                    .check(IoType::BlockStatus, off, len)
+                    .map_err(injected)?;
+                dev.is_allocated(off, len)
+            }
         }
     }
 
@@ -199,6 +266,7 @@ impl Dev {
     pub fn close(self) -> Result<()> {
         match self {
             Dev::Qcow2(i) => i.close(),
+            Dev::Debug { dev, .. } => dev.close(),
             raw => raw.flush(),
         }
     }

@@ -4,8 +4,8 @@
 
 use super::dev::Dev;
 use crate::{error_text, strerror};
-use qcow2_ops::io::{FileStorage, OpenMode, Storage};
-use qcow2_ops::{CacheMode, CreateOptions, DiscardMode, Image, OpenOptions};
+use qcow2_ops::io::{Blkdebug, DebugEvent, FileStorage, OpenMode, RawEvents, Rule, Rules, Storage};
+use qcow2_ops::{CacheMode, CreateOptions, DiscardMode, Image, OpenOptions, StorageLayer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -99,67 +99,6 @@ pub fn parse_opt_string(s: &str, implied: Option<&str>) -> Result<Vec<(String, S
     Ok(out)
 }
 
-pub(crate) fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, v) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, v, out);
-            }
-        }
-        serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
-        serde_json::Value::Null => out.push((prefix.to_string(), "null".to_string())),
-        other => out.push((prefix.to_string(), other.to_string())),
-    }
-}
-
-/// QEMU's JSON parser also takes 'single-quoted' strings: turn them into
-/// standard JSON strings.
-pub(crate) fn single_quotes(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    let mut in_double = false;
-    while let Some(c) = it.next() {
-        match c {
-            '"' => {
-                in_double = !in_double;
-                out.push(c);
-            }
-            '\\' => {
-                out.push(c);
-                if let Some(n) = it.next() {
-                    out.push(n);
-                }
-            }
-            '\'' if !in_double => {
-                out.push('"');
-                while let Some(c) = it.next() {
-                    match c {
-                        '\'' => break,
-                        '"' => out.push_str("\\\""),
-                        '\\' => match it.next() {
-                            Some('\'') => out.push('\''),
-                            Some(n) => {
-                                out.push('\\');
-                                out.push(n);
-                            }
-                            None => {}
-                        },
-                        c => out.push(c),
-                    }
-                }
-                out.push('"');
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Checks an on/off option value like QEMU.
 pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {
@@ -199,14 +138,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut name = spec.name.clone();
     if let Some(n) = name.as_deref() {
         if let Some(j) = n.strip_prefix("json:") {
-            let v: serde_json::Value = serde_json::from_str(&single_quotes(j))
-                .map_err(|e| format!("Could not parse the JSON options: {e}"))?;
-            if !v.is_object() {
-                return Err("Invalid JSON object given".into());
-            }
-            let mut flat = Vec::new();
-            flatten("", &v, &mut flat);
-            opts.extend(flat);
+            opts.extend(qcow2_ops::json_options(j)?);
             name = None;
         }
     }
@@ -223,12 +155,29 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
     let mut no_flush: Option<bool> = None;
     let mut overlap: BTreeMap<String, String> = BTreeMap::new();
+    let mut copy_on_read = spec.copy_on_read;
+    let mut cor_filter = false;
+    if opts.get("driver").map(String::as_str) == Some("copy-on-read") {
+        // QEMU's copy-on-read filter: its child's options move up.
+        opts.remove("driver");
+        copy_on_read = true;
+        cor_filter = true;
+        opts = std::mem::take(&mut opts)
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("file.") {
+                Some(rest) => (rest.to_string(), v),
+                None => (k, v),
+            })
+            .collect();
+    }
     let mut driver = opts.remove("driver");
     let mut file_driver = opts.remove("file.driver");
     // QEMU's blkdebug driver as a layer above the image
     // (`driver=blkdebug,image.driver=qcow2`) or below it
     // (`file.driver=blkdebug`, a `blkdebug:CONF:IMAGE` file name).
     let mut blkdebug = false;
+    let mut above: Option<Vec<Rule>> = None;
+    let mut below: Option<Vec<Rule>> = None;
     if driver.as_deref() == Some("blkdebug") {
         blkdebug = true;
         driver = opts.remove("image.driver");
@@ -240,7 +189,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                 opts.insert(to.to_string(), v);
             }
         }
-        blkdebug_options(&mut opts, "")?;
+        above = Some(blkdebug_options(&mut opts, "", &accepted_above)?);
     }
     if file_driver.as_deref() == Some("blkdebug") {
         blkdebug = true;
@@ -248,7 +197,60 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         if let Some(v) = opts.remove("file.image.filename") {
             opts.insert("file.filename".into(), v);
         }
-        blkdebug_options(&mut opts, "file.")?;
+        below = Some(blkdebug_options(&mut opts, "file.", &accepted_below)?);
+    }
+    // The data file's node graph: a raw node (which reports read_aio and
+    // write_aio below it), a blkdebug node, the file.
+    let mut df_raw = false;
+    if opts.get("data-file.driver").map(String::as_str) == Some("raw") {
+        opts.remove("data-file.driver");
+        df_raw = true;
+        opts = std::mem::take(&mut opts)
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("data-file.file.") {
+                Some(rest) => (format!("data-file.{rest}"), v),
+                None => (k, v),
+            })
+            .collect();
+    }
+    if opts.get("data-file.driver").map(String::as_str) == Some("blkdebug") {
+        opts.remove("data-file.driver");
+        if let Some(d) = opts.remove("data-file.image.driver") {
+            opts.insert("data-file.driver".into(), d);
+        }
+        if let Some(f) = opts.remove("data-file.image.filename") {
+            opts.insert("data-file.filename".into(), f);
+        }
+        let accepts = |e: DebugEvent| {
+            accepted_anywhere(e) || (df_raw && RawEvents::<FileStorage>::EVENTS.contains(&e))
+        };
+        let rules = blkdebug_options(&mut opts, "data-file.", &accepts)?;
+        tuning.data_file_layer = Some(StorageLayer(std::sync::Arc::new(move |f| {
+            let f: Box<dyn Storage> = Box::new(Blkdebug::new(f, rules.clone()));
+            if df_raw {
+                Box::new(RawEvents(f))
+            } else {
+                f
+            }
+        })));
+    } else if df_raw {
+        tuning.data_file_layer = Some(StorageLayer(std::sync::Arc::new(|f| {
+            Box::new(RawEvents(f)) as Box<dyn Storage>
+        })));
+    }
+    // A qcow2 image whose file is a qcow2 image (QEMU's nested formats).
+    let mut nested = false;
+    if file_driver.as_deref() == Some("qcow2") {
+        if let Some(d) = opts.remove("file.file.driver") {
+            if d != "file" {
+                return Err(format!("Unknown driver '{d}'"));
+            }
+        }
+        if let Some(f) = opts.remove("file.file.filename") {
+            opts.insert("file.filename".into(), f);
+        }
+        nested = true;
+        file_driver = None;
     }
     let mut filename = opts
         .remove("file.filename")
@@ -262,14 +264,19 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         let Some((conf, image)) = rest.split_once(':') else {
             return Err("Could not parse blkdebug filename".into());
         };
-        if !conf.is_empty() {
-            blkdebug_config(conf)?;
-        }
+        let mut rules = if conf.is_empty() {
+            Vec::new()
+        } else {
+            blkdebug_config(conf, &accepted_below)?
+        };
         filename = Some(image.to_string());
-        blkdebug = true;
-    }
-    if blkdebug {
-        blkdebug_options(&mut opts, "file.")?;
+        rules.extend(blkdebug_options(&mut opts, "file.", &accepted_below)?);
+        below.get_or_insert_with(Vec::new).extend(rules);
+    } else if blkdebug {
+        let more = blkdebug_options(&mut opts, "file.", &accepted_below)?;
+        if !more.is_empty() {
+            below.get_or_insert_with(Vec::new).extend(more);
+        }
     }
     if let Some(d) = &file_driver {
         if d != "file" {
@@ -473,7 +480,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         return Ok(Opened {
             dev: Dev::Null { size, read_zeroes },
             read_only,
-            copy_on_read: spec.copy_on_read,
+            copy_on_read,
             spec: spec.clone(),
         });
     }
@@ -493,7 +500,13 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                     return Err("Refcount cache size too big".into());
                 }
             }
-            let img = open_qcow2(&path, &tuning)?;
+            let img = if nested {
+                let inner = open_qcow2(&path, &tuning, below.take())?;
+                Image::open_with_storage(Box::new(inner), &path, &tuning)
+                    .map_err(|e| error_text(&e))?
+            } else {
+                open_qcow2(&path, &tuning, below.take())?
+            };
             if let Some(e) = entry_size {
                 let cs = img.cluster_size();
                 if !e.is_power_of_two() || e < 512 || e as u64 > cs {
@@ -508,19 +521,61 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         "raw" | "file" | "host_device" | "host_cdrom" => open_raw(&path, &tuning, &fmt)?,
         other => return Err(format!("Unknown driver '{other}'")),
     };
+    if below.is_some_and(|r| !r.is_empty()) {
+        return Err(format!(
+            "blkdebug: error injection below a '{fmt}' device is not supported by this engine"
+        ));
+    }
+    let dev = match above {
+        Some(rules) => Dev::Debug {
+            dev: Box::new(dev),
+            rules: Rules::new(rules),
+        },
+        None => dev,
+    };
+    if copy_on_read && read_only && !spec.snapshot {
+        return Err(if cor_filter {
+            "Block node is read-only"
+        } else {
+            "Can't use copy-on-read on read-only device"
+        }
+        .into());
+    }
     Ok(Opened {
         dev,
         read_only: read_only && !spec.snapshot,
-        copy_on_read: spec.copy_on_read,
+        copy_on_read,
         spec: spec.clone(),
     })
 }
 
-/// Request limits of QEMU's blkdebug driver: accepted (the engine takes
-/// requests of any size and alignment, so they change nothing it does);
-/// its error injection (`config`, `inject-error`, `set-state`) is not
-/// implemented: refused, never silently ignored.
-fn blkdebug_options(opts: &mut BTreeMap<String, String>, prefix: &str) -> Result<(), String> {
+/// Events a blkdebug layer under the image file sees: what the engine
+/// reports and what the layer reports itself (QEMU's block layer events of
+/// a request), plus the two QEMU never reports.
+fn accepted_below(e: DebugEvent) -> bool {
+    qcow2_ops::blkdebug_accepts(e)
+}
+
+/// Events a blkdebug layer above the image sees: those of its own
+/// requests and copy-on-read writes (the image's events go to its file).
+fn accepted_above(e: DebugEvent) -> bool {
+    e == DebugEvent::CorWrite || accepted_anywhere(e)
+}
+
+fn accepted_anywhere(e: DebugEvent) -> bool {
+    Blkdebug::<FileStorage>::OWN_EVENTS.contains(&e)
+        || matches!(e, DebugEvent::RefblockUpdate | DebugEvent::None)
+}
+
+/// QEMU's blkdebug driver options under `prefix`: the request limits are
+/// accepted (the engine takes requests of any size and alignment, so they
+/// change nothing it does); the rules of `config` and of the
+/// `inject-error.N.*` / `set-state.N.*` lists are returned.
+fn blkdebug_options(
+    opts: &mut BTreeMap<String, String>,
+    prefix: &str,
+    accepts: &dyn Fn(DebugEvent) -> bool,
+) -> Result<Vec<Rule>, String> {
     for limit in [
         "align",
         "max-transfer",
@@ -537,43 +592,13 @@ fn blkdebug_options(opts: &mut BTreeMap<String, String>, prefix: &str) -> Result
             }
         }
     }
-    if let Some(c) = opts.remove(&format!("{prefix}config")) {
-        blkdebug_config(&c)?;
-    }
-    let rules: Vec<String> = opts
-        .keys()
-        .filter(|k| {
-            let k = k.strip_prefix(prefix).unwrap_or(k);
-            k.starts_with("inject-error") || k.starts_with("set-state")
-        })
-        .cloned()
-        .collect();
-    if let Some(k) = rules.first() {
-        return Err(format!(
-            "blkdebug: '{k}': error injection is not supported by this engine"
-        ));
-    }
-    Ok(())
+    qcow2_ops::io::take_rules(opts, prefix, accepts)
 }
 
-/// A blkdebug configuration file: only one without rules is accepted.
-fn blkdebug_config(path: &str) -> Result<(), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "Could not read blkdebug config file: {}",
-            strerror(e.raw_os_error().unwrap_or(5))
-        )
-    })?;
-    let rule = text
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("#"));
-    if let Some(r) = rule {
-        return Err(format!(
-            "blkdebug: {r} rules ({path}) are not supported by this engine: error injection is not implemented"
-        ));
-    }
-    Ok(())
+/// The rules of a blkdebug configuration file.
+fn blkdebug_config(path: &str, accepts: &dyn Fn(DebugEvent) -> bool) -> Result<Vec<Rule>, String> {
+    let mut o = BTreeMap::from([("config".to_string(), path.to_string())]);
+    qcow2_ops::io::take_rules(&mut o, "", accepts)
 }
 
 /// The cluster size a qcow2 file's header names (None: unreadable).
@@ -589,11 +614,25 @@ fn could_not_open(path: &Path, errno: i32) -> String {
     format!("Could not open '{}': {}", path.display(), strerror(errno))
 }
 
-fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
+fn open_qcow2(path: &Path, o: &OpenOptions, rules: Option<Vec<Rule>>) -> Result<Image, String> {
     if let Err(e) = std::fs::metadata(path) {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
-    Image::open(path, o).map_err(|e| match &e {
+    let r = match rules {
+        // Error injection under the image file.
+        Some(rules) => {
+            let mode = OpenMode {
+                writable: o.writable,
+                direct: o.cache.direct(),
+                create: false,
+            };
+            let file = FileStorage::open(path, mode)
+                .map_err(|e| could_not_open(path, e.raw_os_error().unwrap_or(5)))?;
+            Image::open_with_storage(Box::new(Blkdebug::new(file, rules)), path, o)
+        }
+        None => Image::open(path, o),
+    };
+    r.map_err(|e| match &e {
         // QEMU's wording for a backing file that cannot be opened.
         qcow2_ops::Error::Io { context, source } => {
             match context
@@ -661,7 +700,7 @@ fn open_snapshot(path: &Path, fmt: &str, o: &OpenOptions) -> Result<Dev, String>
             ..o.clone()
         };
         match fmt {
-            "qcow2" => open_qcow2(path, &ro)?.virtual_size(),
+            "qcow2" => open_qcow2(path, &ro, None)?.virtual_size(),
             _ => open_raw(path, &ro, "raw")?
                 .size()
                 .map_err(|e| error_text(&e))?,
