@@ -630,6 +630,59 @@ impl Layer for Image {
 
 pub(crate) use crate::error::ioerr;
 
+/// The image file as the engine writes it: a write that fails may have
+/// reached the file in part, so the next flush syncs, as QEMU's does after
+/// any write to a file (a persistent error shows there too).
+struct FailedWrites<S> {
+    inner: S,
+    sh: Arc<Shared>,
+}
+
+impl<S: Storage> FailedWrites<S> {
+    fn note<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if r.is_err() {
+            self.sh.dur.wrote();
+        }
+        r
+    }
+}
+
+impl<S: Storage> Storage for FailedWrites<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.note(self.inner.write_at(buf, offset))
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.note(self.inner.write_vectored_at(bufs, offset))
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.note(self.inner.punch_hole(offset, len))
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.note(self.inner.set_len(len))
+    }
+    fn next_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        self.inner.next_data(offset)
+    }
+    fn next_hole(&self, offset: u64) -> std::io::Result<u64> {
+        self.inner.next_hole(offset)
+    }
+    fn allocated_size(&self) -> std::io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
+    fn event(&self, ev: DebugEvent) {
+        self.inner.event(ev)
+    }
+}
+
 impl Inner {
     fn open(path: &Path, opts: &OpenOptions) -> Result<Inner> {
         let name = path.display().to_string();
@@ -727,6 +780,11 @@ impl Inner {
         // and of check, goes through the sticky failure state.
         let file = qcow2_io::StickySync::new(file, !opts.cache.direct());
         let sync_failed = file.failed_errno();
+        let sh = Arc::new(Shared::default());
+        let file = FailedWrites {
+            inner: file,
+            sh: Arc::clone(&sh),
+        };
         let mut me = Inner {
             name,
             path: path.to_path_buf(),
@@ -747,7 +805,7 @@ impl Inner {
             metadata_prealloc: None,
             l2_tables: Default::default(),
             bitmaps: Default::default(),
-            sh: Arc::new(Shared::default()),
+            sh,
             frees: Frees::default(),
             sync_failed,
             meta: MetaRanges::default(),
