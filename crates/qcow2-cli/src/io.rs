@@ -27,8 +27,37 @@ use open::{OpenSpec, Opened};
 /// SIGPIPE and goes on).
 macro_rules! out {
     ($($t:tt)*) => {{
-        let _ = writeln!(std::io::stdout(), $($t)*);
+        crate::io::emit(format_args!($($t)*));
     }};
+}
+
+thread_local! {
+    /// Output of an asynchronous request, printed when it is collected.
+    static CAPTURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Prints a line on standard output, or keeps it for later in a thread
+/// running an asynchronous request.
+pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
+    let kept = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+        Some(buf) => {
+            use std::fmt::Write as _;
+            let _ = buf.write_fmt(args);
+            buf.push('\n');
+            true
+        }
+        None => false,
+    });
+    if !kept {
+        let _ = writeln!(std::io::stdout(), "{args}");
+    }
+}
+
+/// Runs `f`, returning what it printed with `out!` instead of printing it.
+pub(crate) fn captured(f: impl FnOnce()) -> String {
+    CAPTURE.with(|c| *c.borrow_mut() = Some(String::new()));
+    f();
+    CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default()
 }
 pub(crate) use out;
 
@@ -80,6 +109,44 @@ pub(crate) struct Ctx {
     size: u64,
     /// Engine tuning from the command line (used by `open`).
     tuning: OpenOptions,
+    /// Asynchronous requests in flight.
+    aio: Aio,
+}
+
+/// `aio_read` / `aio_write` run to completion at once, as the engine
+/// serves them, except once a breakpoint was set (`break`): then each runs
+/// on a thread of its own, so that one suspended at a breakpoint lets the
+/// others go on, and their results are printed at `aio_flush` or close, in
+/// the order they were issued (qemu-io prints them as they complete: the
+/// same order where one waited for another, as with a breakpoint).
+#[derive(Default)]
+pub(crate) struct Aio {
+    threaded: bool,
+    running: Vec<std::thread::JoinHandle<String>>,
+}
+
+impl Aio {
+    /// Waits for every request and prints their results (a failed
+    /// request does not fail the program, as in qemu-io). A request still
+    /// suspended at a breakpoint is resumed first: qemu-io would wait for
+    /// ever.
+    pub(crate) fn drain(&mut self, debug: Option<&qcow2_ops::io::Rules>) {
+        if let Some(r) = debug {
+            if !self.running.is_empty() {
+                r.resume_all();
+            }
+        }
+        for t in self.running.drain(..) {
+            if let Ok(text) = t.join() {
+                let _ = write!(std::io::stdout(), "{text}");
+            }
+        }
+    }
+
+    /// Whether any request is still running.
+    pub(crate) fn busy(&self) -> bool {
+        self.running.iter().any(|t| !t.is_finished())
+    }
 }
 
 impl Ctx {
@@ -369,7 +436,7 @@ pub(crate) fn cmd_read(ctx: &Ctx, name: &str, args: &[String]) -> bool {
         eio("read");
         return false;
     }
-    let mut buf = vec![0u8; count as usize];
+    let mut buf = vec![0xabu8; count as usize];
     let t = Instant::now();
     if vmstate {
         if let Err(e) = ctx.dev().vmstate_read(offset, &mut buf) {
@@ -1269,6 +1336,7 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
         cur: None,
         size: 0,
         tuning,
+        aio: Aio::default(),
     };
     if let Some(file) = pos.first() {
         if image_opts {
@@ -1320,6 +1388,8 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
             }
         }
     }
+    let debug = ctx.cur.as_ref().and_then(|o| o.debug.clone());
+    ctx.aio.drain(debug.as_deref());
     if let Some(o) = ctx.cur.take() {
         let name = o.spec.name.clone().unwrap_or_default();
         if let (Some(fmt), Dev::Qcow2(img)) = (stats, o.dev.base()) {
@@ -1330,7 +1400,7 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
             }
             print_stats(img, fmt);
         }
-        if let Err(e) = o.dev.close() {
+        if let Err(e) = o.close() {
             ok &= report_close_error(&name, &e);
         }
     }

@@ -1264,3 +1264,153 @@ fn blkdebug_event_without_a_place_is_refused() {
     );
     assert!(!r.stdout.contains("read 512/512"), "{}", r.stdout);
 }
+
+/// Breakpoints (`break`, `wait_break`, `resume`, `remove_break`) with
+/// requests in flight: a write suspended at `write_aio` holds back a second
+/// write to the same cluster, both complete after `resume`, in that order,
+/// and the image is what qemu-io leaves.
+#[test]
+fn blkdebug_breakpoints() {
+    for (name, script) in [
+        (
+            "same cluster",
+            &[
+                "break write_aio A",
+                "aio_write -P 10 0x38000 0x2000",
+                "wait_break A",
+                "aio_write -P 11 0x32000 0x2000",
+                "resume A",
+                "aio_flush",
+                "read -P 10 0x38000 0x2000",
+                "read -P 11 0x32000 0x2000",
+                "read -P 5 0x30000 0x2000",
+            ][..],
+        ),
+        (
+            "errors",
+            &[
+                "break foo A",
+                "remove_break B",
+                "resume A",
+                "break write_aio A",
+                "remove_break A",
+                "write -P 12 0 4k",
+            ][..],
+        ),
+    ] {
+        let mut args = Vec::new();
+        for c in script {
+            args.push("-c".to_string());
+            args.push(c.to_string());
+        }
+        args.push("blkdebug::top.qcow2".into());
+        run_case(&Case {
+            name,
+            setup: &chain,
+            args,
+            images: vec![("top.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+}
+
+/// QEMU's compress filter (`driver=compress`): writes widened to whole
+/// clusters and stored compressed, as qemu-io leaves them.
+#[test]
+fn compress_filter() {
+    run_case(&Case {
+        name: "compress filter",
+        setup: &plain,
+        args: sv(&[
+            "-c",
+            "open -o driver=compress,file.driver=qcow2,file.file.filename=img.qcow2",
+            "-c",
+            "write -P 0xbb 8M 229376",
+            "-c",
+            "write -P 0xcc 8405000 100000",
+            "-c",
+            "read -P 0xbb 8M 4096",
+        ]),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}
+
+/// A qcow2 image inside a qcow2 image (`file.driver=qcow2`), a null-co
+/// external data file, and the header's refcount lost (allocation at
+/// offset 0 refused in QEMU's words), each as qemu-io does them.
+#[test]
+fn nested_null_data_file_and_offset_zero() {
+    let nested = |dir: &Path| {
+        plain(dir);
+        let r = qemu_img(
+            dir,
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "img.qcow2",
+                "outer.qcow2",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    run_case(&Case {
+        name: "nested",
+        setup: &nested,
+        args: sv(&[
+            "-c",
+            "read -P 0x11 0 4k",
+            "-c",
+            "write -P 0x44 4k 4k",
+            "-c",
+            "read -P 0x44 4k 4k",
+            "json:{'driver': 'qcow2', 'file': {'driver': 'qcow2', 'file': {'filename': 'outer.qcow2'}}}",
+        ]),
+        images: vec![("outer.qcow2", "qcow2")],
+        stdout: true,
+    });
+    let datafile = |dir: &Path| {
+        let r = qemu_img(
+            dir,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "data_file=img.data",
+                "img.qcow2",
+                "64M",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    run_case(&Case {
+        name: "null-co data file",
+        setup: &datafile,
+        args: sv(&[
+            "-c",
+            "write -P 0x21 64k 128k",
+            "-c",
+            "read -P 0 64k 4k",
+            "json:{'driver': 'qcow2', 'file': {'filename': 'img.qcow2'}, 'data-file': {'driver': 'null-co', 'size': '67108864'}}",
+        ]),
+        images: vec![],
+        stdout: true,
+    });
+    let zero = |dir: &Path| {
+        qemu_create(dir, "img.qcow2", 64 << 20, &ImgOpts::default(), None);
+        // Refcounts of clusters 0..3 (header, refcount table and block, L1) lost.
+        set_refcount(&p(dir, "img.qcow2"), 0, 0);
+        set_refcount(&p(dir, "img.qcow2"), 1, 0);
+    };
+    run_case(&Case {
+        name: "offset 0",
+        setup: &zero,
+        args: sv(&["-c", "write 64k 64k", "img.qcow2"]),
+        images: vec![],
+        stdout: true,
+    });
+}

@@ -70,6 +70,12 @@ pub enum Action {
         /// The state after the event.
         new_state: i64,
     },
+    /// Suspend the request that reported the event until
+    /// [`Rules::resume`] names `tag` (a breakpoint; used once).
+    Suspend {
+        /// The breakpoint's name.
+        tag: String,
+    },
 }
 
 /// One rule.
@@ -278,6 +284,14 @@ pub fn take_rules(
     Ok(rules)
 }
 
+/// QEMU's blkdebug prints its breakpoint messages on standard output.
+fn print_line(l: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{l}");
+    let _ = out.flush();
+}
+
 /// The C library's text for `errno`.
 fn strerror(errno: i32) -> String {
     io::Error::from_raw_os_error(errno)
@@ -295,12 +309,16 @@ struct State {
     /// Active injection rules (indexes into `rules`), first match wins.
     active: Vec<usize>,
     state: i64,
+    /// Tags of suspended requests, and whether each was resumed.
+    suspended: Vec<(String, bool)>,
 }
 
 /// The rules and state of one blkdebug node.
 #[derive(Debug)]
 pub struct Rules {
     st: Mutex<State>,
+    /// Signalled when a request is suspended or resumed.
+    changed: std::sync::Condvar,
 }
 
 impl Rules {
@@ -311,7 +329,9 @@ impl Rules {
                 rules: rules.into_iter().map(Some).collect(),
                 active: Vec::new(),
                 state: 1,
+                suspended: Vec::new(),
             }),
+            changed: std::sync::Condvar::new(),
         }
     }
 
@@ -319,12 +339,15 @@ impl Rules {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The event happened: its rules for the current state act.
+    /// The event happened: its rules for the current state act. A
+    /// breakpoint on it suspends the calling thread (printing QEMU's
+    /// "blkdebug: Suspended request 'TAG'") until it is resumed.
     pub fn event(&self, ev: DebugEvent) {
         let mut st = self.lock();
         let cur = st.state;
         let mut new_state = cur;
         let mut injected = false;
+        let mut suspend: Vec<String> = Vec::new();
         // QEMU keeps each event's rules newest first and puts each
         // activated rule at the head of the active list.
         for i in (0..st.rules.len()).rev() {
@@ -332,7 +355,7 @@ impl Rules {
             if r.event != ev || (r.state != 0 && r.state != cur) {
                 continue;
             }
-            match r.action {
+            match r.action.clone() {
                 Action::InjectError { .. } => {
                     if !injected {
                         st.active.clear();
@@ -341,9 +364,116 @@ impl Rules {
                     st.active.insert(0, i);
                 }
                 Action::SetState { new_state: n } => new_state = n,
+                Action::Suspend { tag } => {
+                    // A breakpoint acts once.
+                    suspend.push(tag);
+                    st.rules[i] = None;
+                }
             }
         }
         st.state = new_state;
+        for tag in suspend {
+            st.suspended.push((tag.clone(), false));
+            print_line(&format!("blkdebug: Suspended request '{tag}'"));
+            self.changed.notify_all();
+            loop {
+                let pos = st.suspended.iter().position(|(t, _)| *t == tag);
+                match pos {
+                    Some(p) if st.suspended[p].1 => {
+                        st.suspended.remove(p);
+                        break;
+                    }
+                    Some(_) => {
+                        st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    None => break,
+                }
+            }
+            print_line(&format!("blkdebug: Resuming request '{tag}'"));
+        }
+    }
+
+    /// Adds a breakpoint: the next request reporting `ev` is suspended
+    /// under `tag`.
+    pub fn add_breakpoint(&self, ev: DebugEvent, tag: &str) {
+        self.lock().rules.push(Some(Rule {
+            event: ev,
+            state: 0,
+            action: Action::Suspend {
+                tag: tag.to_string(),
+            },
+        }));
+    }
+
+    /// Removes the breakpoints named `tag`; whether there was one.
+    pub fn remove_breakpoint(&self, tag: &str) -> bool {
+        let mut st = self.lock();
+        let mut found = false;
+        for r in st.rules.iter_mut() {
+            if matches!(r, Some(Rule { action: Action::Suspend { tag: t }, .. }) if t == tag) {
+                *r = None;
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// Resumes the request suspended under `tag`; whether there was one.
+    pub fn resume(&self, tag: &str) -> bool {
+        let mut st = self.lock();
+        match st.suspended.iter_mut().find(|(t, r)| t == tag && !*r) {
+            Some(s) => {
+                s.1 = true;
+                self.changed.notify_all();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Resumes every suspended request (and those about to be: the
+    /// breakpoints go too).
+    pub fn resume_all(&self) {
+        let mut st = self.lock();
+        for r in st.rules.iter_mut() {
+            if matches!(
+                r,
+                Some(Rule {
+                    action: Action::Suspend { .. },
+                    ..
+                })
+            ) {
+                *r = None;
+            }
+        }
+        for s in st.suspended.iter_mut() {
+            s.1 = true;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Whether a request is suspended under `tag`.
+    pub fn is_suspended(&self, tag: &str) -> bool {
+        self.lock().suspended.iter().any(|(t, r)| t == tag && !*r)
+    }
+
+    /// Waits until a request is suspended under `tag`, or until `gone`
+    /// says none can be any more (checked every 10 ms). Whether one is.
+    pub fn wait_suspended(&self, tag: &str, gone: &dyn Fn() -> bool) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.suspended.iter().any(|(t, r)| t == tag && !*r) {
+                return true;
+            }
+            if gone() {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// A request of `kind` on `[offset, offset + len)` is about to be
@@ -400,16 +530,19 @@ impl Rules {
 /// before a sync), as QEMU's block layer does for the node.
 pub struct Blkdebug<S> {
     inner: S,
-    rules: Rules,
+    rules: std::sync::Arc<Rules>,
 }
 
 impl<S: Storage> Blkdebug<S> {
     /// `inner` under `rules`.
     pub fn new(inner: S, rules: Vec<Rule>) -> Self {
-        Blkdebug {
-            inner,
-            rules: Rules::new(rules),
-        }
+        Self::with_rules(inner, std::sync::Arc::new(Rules::new(rules)))
+    }
+
+    /// `inner` under rules shared with the caller (who may add
+    /// breakpoints and resume requests).
+    pub fn with_rules(inner: S, rules: std::sync::Arc<Rules>) -> Self {
+        Blkdebug { inner, rules }
     }
 
     /// Events this layer reports by itself.

@@ -26,7 +26,7 @@ pub use events::DebugEvent;
 #[cfg(any(test, feature = "test-support"))]
 pub use fault::{FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenMode};
-pub use mem::MemStorage;
+pub use mem::{MemStorage, NullStorage};
 
 use std::io;
 use std::sync::atomic::Ordering;

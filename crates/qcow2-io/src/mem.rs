@@ -78,6 +78,44 @@ impl Storage for MemStorage {
     }
 }
 
+/// QEMU's `null-co` device: a fixed size, writes go nowhere, reads leave
+/// the buffer as it was (or fill it with zeroes, QEMU's `read-zeroes`).
+pub struct NullStorage {
+    size: u64,
+    read_zeroes: bool,
+}
+
+impl NullStorage {
+    /// A null device of `size` bytes.
+    pub fn new(size: u64, read_zeroes: bool) -> Self {
+        NullStorage { size, read_zeroes }
+    }
+}
+
+impl Storage for NullStorage {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        if self.read_zeroes {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(true)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.size)
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,13 @@ impl Inner {
 
     /// Allocates `n` contiguous host clusters (refcount 1). Returns the first index.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.alloc_clusters_for(n, None)
+    }
+
+    /// [`Inner::alloc_clusters`] for a structure QEMU names when the
+    /// allocator hands out offset 0 (the header's refcount was lost):
+    /// "Preventing invalid allocation of L2 table at offset 0".
+    pub(crate) fn alloc_clusters_for(&mut self, n: u64, what: Option<&str>) -> Result<u64> {
         // Refcount slices only ever hold increments and decrements whose
         // L2/L1 change is durable (the others wait in pending_frees), so
         // evicting them needs no ordering.
@@ -39,7 +46,13 @@ impl Inner {
         let r = self.refs.alloc_guarded(&*self.file, n, &guard);
         r.map_err(|e| {
             let overlap = matches!(e, RefcountError::Overlap { .. });
-            let e = refcount_err(&self.name, e);
+            let e = match (e, what) {
+                (RefcountError::Overlap { offset: 0, .. }, Some(what)) => Error::Corrupt(format!(
+                    "{}: Preventing invalid allocation of {what} at offset 0",
+                    self.name
+                )),
+                (e, _) => refcount_err(&self.name, e),
+            };
             if overlap {
                 self.mark_corrupt();
             }

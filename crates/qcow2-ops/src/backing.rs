@@ -143,6 +143,20 @@ fn open_json(text: &str) -> Result<(PathBuf, Box<dyn Storage>, Option<String>)> 
         }
         rules = Some(take_rules(&mut opts, "file.", &crate::blkdebug_accepts).map_err(bad)?);
     }
+    // A raw node between the format and the file, limiting the size the
+    // format sees (QEMU's `size` option of the raw driver).
+    let mut limit = None;
+    if file_driver.as_deref() == Some("raw") {
+        file_driver = opts.remove("file.file.driver");
+        if let Some(f) = opts.remove("file.file.filename") {
+            opts.insert("file.filename".into(), f);
+        }
+        if let Some(v) = opts.remove("file.size") {
+            limit = Some(v.trim().parse::<u64>().map_err(|_| {
+                bad("Parameter 'size' expects a non-negative number below 2^64".into())
+            })?);
+        }
+    }
     if let Some(d) = file_driver.filter(|d| d != "file") {
         return Err(bad(format!("Unknown driver '{d}'")));
     }
@@ -167,7 +181,54 @@ fn open_json(text: &str) -> Result<(PathBuf, Box<dyn Storage>, Option<String>)> 
         Some(r) => Box::new(Blkdebug::new(f, r)),
         None => Box::new(f),
     };
+    let file = match limit {
+        Some(size) => Box::new(SizeLimit { inner: file, size }),
+        None => file,
+    };
     Ok((path, file, format))
+}
+
+/// A file seen through a raw node of a fixed size: reads past it return
+/// zeroes, writes past it fail (ENOSPC), its length is the size.
+struct SizeLimit {
+    inner: Box<dyn Storage>,
+    size: u64,
+}
+
+impl Storage for SizeLimit {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let n = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[n..].fill(0);
+        if n > 0 {
+            self.inner.read_at(&mut buf[..n], offset)?;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.size {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.inner
+            .punch_hole(offset, len.min(self.size.saturating_sub(offset)))
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len > self.size {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+    fn event(&self, ev: qcow2_io::DebugEvent) {
+        self.inner.event(ev)
+    }
 }
 
 /// A raw backing file: guest offset == file offset.

@@ -162,7 +162,7 @@ impl Inner {
             self.bump_refcount(off >> cb)?;
             off
         } else {
-            let new = self.alloc_clusters(1)? * cs;
+            let new = self.alloc_clusters_for(1, Some("compressed cluster"))? * cs;
             if new == 0 {
                 let msg = format!(
                     "{}: refusing to place a compressed cluster on the header",

@@ -36,6 +36,12 @@ pub(crate) fn open(
     if opts.metadata_only {
         return Ok(None);
     }
+    if let Some(src) = &opts.data_file_storage {
+        let f =
+            (src.0)().map_err(|e| Error::io(format!("{name}: could not open the data file"), e))?;
+        let f = qcow2_io::StickySync::new(f, !opts.cache.direct());
+        return Ok(Some(Arc::new(f)));
+    }
     let path = match (&opts.data_file, h.data_file()) {
         (Some(p), _) => p.clone(),
         (None, Some(n)) => crate::backing::resolve(image, n.as_bytes()),

@@ -330,14 +330,12 @@ impl Io<'_> {
                 &owned[p.1][p.2.clone()]
             }
         };
-        // As QEMU: guest data written together with copied-on-write
-        // regions is a COW write, otherwise a data write.
-        self.file
-            .event(if plan.fills.iter().any(|f| f.base.is_some()) {
-                DebugEvent::CowWrite
-            } else {
-                DebugEvent::WriteAio
-            });
+        // As QEMU: a data write, and one that carries copied-on-write
+        // regions along is a COW write too (one I/O, two events).
+        self.file.event(DebugEvent::WriteAio);
+        if plan.fills.iter().any(|f| f.base.is_some()) {
+            self.file.event(DebugEvent::CowWrite);
+        }
         let mut total = 0u64;
         let mut i = 0;
         while i < pieces.len() {

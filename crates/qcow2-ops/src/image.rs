@@ -1362,7 +1362,7 @@ impl Inner {
             return Ok(cur);
         }
         let cs = self.geo.cluster_size();
-        let c = self.alloc_clusters(1)?;
+        let c = self.alloc_clusters_for(1, Some("L2 table"))?;
         let off = c * cs;
         // The new table must read as zeroes: extend the file over it, or
         // clear a reused cluster.

@@ -116,6 +116,21 @@ pub struct OpenOptions {
     /// injection, a format's debug events): QEMU's node graph above the
     /// `data-file` child.
     pub data_file_layer: Option<StorageLayer>,
+    /// The external data file's storage itself, instead of a file opened
+    /// by name (QEMU's `data-file` given as a node, a `null-co` one say).
+    pub data_file_storage: Option<StorageSource>,
+}
+
+/// Makes a storage (see [`OpenOptions::data_file_storage`]).
+#[derive(Clone)]
+pub struct StorageSource(
+    pub std::sync::Arc<dyn Fn() -> std::io::Result<Box<dyn qcow2_io::Storage>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for StorageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageSource(..)")
+    }
 }
 
 /// A function putting a layer over a storage.
@@ -173,6 +188,7 @@ impl Default for OpenOptions {
             data_file: None,
             metadata_only: false,
             data_file_layer: None,
+            data_file_storage: None,
             backing_driver: None,
         }
     }

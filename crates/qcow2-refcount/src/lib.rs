@@ -406,6 +406,15 @@ impl Refcounts {
             return Err(RefcountError::NoSpace("host offsets exhausted".into()));
         }
         let cs = self.cluster_size();
+        if start == 0 {
+            // The header's refcount was lost.
+            return Err(RefcountError::Overlap {
+                what: "qcow2_header",
+                purpose: "allocation",
+                offset: 0,
+                len: n * cs,
+            });
+        }
         self.refuse_overlap(start * cs, n * cs, "allocation", guard)?;
         for k in 0..n {
             self.set_guarded(storage, start + k, 1, start..start + n, guard)?;
@@ -419,13 +428,15 @@ impl Refcounts {
     /// The first cluster of the lowest run of `n` free clusters, changing
     /// nothing on disk: where [`Refcounts::alloc`] would allocate now.
     pub fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64> {
-        let mut start = self.free_hint.max(1);
+        // From cluster 0: the header's refcount may be lost too, which
+        // `alloc_guarded` then refuses, as QEMU does.
+        let mut start = self.free_hint;
         'search: loop {
             for k in 0..n {
                 let c = start + k;
                 if self.get(storage, c)? != 0 {
                     start = c + 1;
-                    if k == 0 && start - 1 == self.free_hint.max(1) {
+                    if k == 0 && c == self.free_hint {
                         self.free_hint = start;
                     }
                     continue 'search;

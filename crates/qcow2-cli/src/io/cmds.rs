@@ -5,44 +5,85 @@ use super::dev::Dev;
 use super::open::{self, OpenSpec};
 use super::{
     cvtnum, dump, eio, failed, getopt, in_bounds, out, pattern_arg, report, report_err, usage_line,
-    CmdInfo, Ctx, COMMANDS, MAX_REQ,
+    Aio, CmdInfo, Ctx, COMMANDS, MAX_REQ,
 };
 use crate::num::cvtstr;
 use crate::strerror;
+use qcow2_ops::io::DebugEvent;
 use qcow2_ops::{CacheMode, Result, REQ_FUA, REQ_MAY_UNMAP};
 use std::io::Write;
 use std::time::Instant;
 
 /// Runs a command other than read/write/discard/quit.
-pub(crate) fn run(ctx: &mut Ctx, ci: &CmdInfo, name: &str, args: &[String]) -> bool {
+pub(crate) fn run(ctx: &mut Ctx, ci: &'static CmdInfo, name: &str, args: &[String]) -> bool {
     match ci.name {
         "readv" => vread(ctx, name, args, ci, false),
+        "aio_read" | "aio_write" if ctx.aio.threaded => spawn_aio(ctx, ci, name, args),
         "aio_read" => vread(ctx, name, args, ci, true),
         "writev" => vwrite(ctx, name, args, ci, false),
         "aio_write" => vwrite(ctx, name, args, ci, true),
-        "aio_flush" => true,
+        "aio_flush" => {
+            let debug = debug_node(ctx);
+            ctx.aio.drain(debug.as_deref());
+            true
+        }
         "abort" => {
             let _ = std::io::stdout().flush();
             std::process::abort()
         }
-        // Breakpoints need QEMU's blkdebug driver, zones a zoned device:
-        // neither exists here, which QEMU reports like this too.
+        // Breakpoints need a blkdebug node (QEMU reports "Operation not
+        // supported" without one); zones need a zoned device.
         "break" => {
-            out!("Could not set breakpoint: {}", strerror(95));
-            false
+            let Some(rules) = debug_node(ctx) else {
+                out!("Could not set breakpoint: {}", strerror(95));
+                return false;
+            };
+            match DebugEvent::from_name(&args[0]) {
+                Some(ev) if qcow2_ops::blkdebug_accepts(ev) || ev == DebugEvent::CorWrite => {
+                    rules.add_breakpoint(ev, &args[1]);
+                    ctx.aio.threaded = true;
+                    true
+                }
+                _ => {
+                    out!("Could not set breakpoint: {}", strerror(2));
+                    false
+                }
+            }
         }
         "remove_break" => {
-            out!("Could not remove breakpoint {}: {}", args[0], strerror(95));
+            if debug_node(ctx).is_some_and(|r| r.remove_breakpoint(&args[0])) {
+                return true;
+            }
+            let e = if debug_node(ctx).is_some() { 2 } else { 95 };
+            out!("Could not remove breakpoint {}: {}", args[0], strerror(e));
             false
         }
         "resume" => {
-            out!("Could not resume request: {}", strerror(95));
+            if debug_node(ctx).is_some_and(|r| r.resume(&args[0])) {
+                return true;
+            }
+            let e = if debug_node(ctx).is_some() { 2 } else { 95 };
+            out!("Could not resume request: {}", strerror(e));
             false
         }
         "wait_break" => {
-            // qemu-io waits for ever here; we say why we do not.
-            report_err!("wait_break: no breakpoints (blkdebug is not supported)");
-            false
+            let Some(rules) = debug_node(ctx) else {
+                // qemu-io waits for ever here; we say why we do not.
+                report_err!("wait_break: no blkdebug node to break in");
+                return false;
+            };
+            // qemu-io waits for ever when no request will stop there; we
+            // stop waiting once no request is running any more.
+            let aio = &ctx.aio;
+            if rules.wait_suspended(&args[0], &|| !aio.busy()) {
+                true
+            } else {
+                report_err!(
+                    "wait_break: no request is running that could stop at '{}'",
+                    args[0]
+                );
+                false
+            }
         }
         z if z.starts_with("zone_") => {
             if args.iter().any(|a| cvtnum(a).is_none()) {
@@ -187,7 +228,7 @@ fn vread(ctx: &Ctx, name: &str, args: &[String], ci: &CmdInfo, aio: bool) -> boo
         eio("readv");
         return false;
     }
-    let mut buf = vec![0u8; count as usize];
+    let mut buf = vec![0xabu8; count as usize];
     let t = Instant::now();
     if count > 0 {
         if let Err(e) = read_cor(ctx, offset, &mut buf) {
@@ -411,7 +452,9 @@ fn info(ctx: &Ctx) -> bool {
             out!("format name: null-co");
             return false;
         }
-        Dev::Debug { .. } => unreachable!("base() is below every blkdebug layer"),
+        Dev::Debug { .. } | Dev::Compress { .. } => {
+            unreachable!("base() is below every filter")
+        }
     }
     true
 }
@@ -493,9 +536,12 @@ fn sigraise(args: &[String]) -> bool {
 }
 
 pub(crate) fn close(ctx: &mut Ctx) {
+    let debug = debug_node(ctx);
+    ctx.aio.drain(debug.as_deref());
     if let Some(o) = ctx.cur.take() {
-        if let Err(e) = o.dev.close() {
-            super::report_close_error(o.spec.name.as_deref().unwrap_or(""), &e);
+        let name = o.spec.name.clone();
+        if let Err(e) = o.close() {
+            super::report_close_error(name.as_deref().unwrap_or(""), &e);
         }
     }
     ctx.set(None);
@@ -614,7 +660,7 @@ fn unchanged(cur: &open::Opened, k: &str, v: &str) -> bool {
     }
     match k {
         "driver" => v == cur.dev.format_name(),
-        "file.driver" => v == "file" && !matches!(cur.dev, Dev::Null { .. }),
+        "file.driver" => v == "file" && !matches!(*cur.dev, Dev::Null { .. }),
         "backing.driver" => match cur.dev.base() {
             Dev::Qcow2(img) => img.info().backing_format.as_deref() == Some(v),
             _ => false,
@@ -796,6 +842,39 @@ fn truncate(ctx: &Ctx, ci: &CmdInfo, args: &[String]) -> bool {
             report_err!("Image format driver does not support resize");
             false
         }
-        Dev::Debug { .. } => unreachable!("base() is below every blkdebug layer"),
+        Dev::Debug { .. } | Dev::Compress { .. } => {
+            unreachable!("base() is below every filter")
+        }
     }
+}
+
+/// The rules of the device's first blkdebug node.
+fn debug_node(ctx: &Ctx) -> Option<std::sync::Arc<qcow2_ops::io::Rules>> {
+    ctx.cur.as_ref().and_then(|o| o.debug.clone())
+}
+
+/// `aio_read` / `aio_write` on a thread of their own (once breakpoints are
+/// in use): the output is kept until `aio_flush` or close.
+fn spawn_aio(ctx: &mut Ctx, ci: &'static CmdInfo, name: &str, args: &[String]) -> bool {
+    let Some(cur) = ctx.cur.clone() else {
+        return false;
+    };
+    let view = Ctx {
+        cur: Some(cur),
+        size: ctx.size,
+        tuning: ctx.tuning.clone(),
+        aio: Aio::default(),
+    };
+    let (name, args) = (name.to_string(), args.to_vec());
+    let t = std::thread::spawn(move || {
+        super::captured(|| {
+            if ci.name == "aio_read" {
+                vread(&view, &name, &args, ci, true);
+            } else {
+                vwrite(&view, &name, &args, ci, true);
+            }
+        })
+    });
+    ctx.aio.running.push(t);
+    true
 }

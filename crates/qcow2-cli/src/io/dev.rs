@@ -30,7 +30,15 @@ pub enum Dev {
         /// The device below.
         dev: Box<Dev>,
         /// The rules and their state.
-        rules: Rules,
+        rules: std::sync::Arc<Rules>,
+    },
+    /// QEMU's compress filter: every write is widened to whole clusters
+    /// (the edges read as they are) and written compressed.
+    Compress {
+        /// The qcow2 device below.
+        dev: Box<Dev>,
+        /// Its cluster size.
+        cluster: u64,
     },
 }
 
@@ -61,22 +69,27 @@ impl Dev {
             Dev::Raw { .. } => "raw",
             Dev::Null { .. } => "null-co",
             Dev::Debug { .. } => "blkdebug",
+            Dev::Compress { .. } => "compress",
         }
     }
 
     /// The device under any error-injection layers.
     pub fn base(&self) -> &Dev {
         match self {
-            Dev::Debug { dev, .. } => dev.base(),
+            Dev::Debug { dev, .. } | Dev::Compress { dev, .. } => dev.base(),
             d => d,
         }
     }
 
     /// The device reached a named point of its work (`cor_write`).
     pub fn event(&self, ev: DebugEvent) {
-        if let Dev::Debug { dev, rules } = self {
-            rules.event(ev);
-            dev.event(ev);
+        match self {
+            Dev::Debug { dev, rules } => {
+                rules.event(ev);
+                dev.event(ev);
+            }
+            Dev::Compress { dev, .. } => dev.event(ev),
+            _ => {}
         }
     }
 
@@ -86,7 +99,7 @@ impl Dev {
             Dev::Qcow2(i) => Ok(i.virtual_size()),
             Dev::Raw { file, .. } => file.len().map_err(|e| io_err("stat", e)),
             Dev::Null { size, .. } => Ok(*size),
-            Dev::Debug { dev, .. } => dev.size(),
+            Dev::Debug { dev, .. } | Dev::Compress { dev, .. } => dev.size(),
         }
     }
 
@@ -111,6 +124,7 @@ impl Dev {
                     .map_err(injected)?;
                 dev.read(off, buf)
             }
+            Dev::Compress { dev, .. } => dev.read(off, buf),
         }
     }
 
@@ -131,6 +145,20 @@ impl Dev {
                 dev.write(off, buf, flags)?;
                 rules.event(DebugEvent::PwritevDone);
                 Ok(())
+            }
+            Dev::Compress { dev, cluster } => {
+                let start = off / cluster * cluster;
+                let end = (off + buf.len() as u64)
+                    .div_ceil(*cluster)
+                    .saturating_mul(*cluster)
+                    .min(dev.size()?.max(off + buf.len() as u64));
+                let mut whole = vec![0u8; (end - start) as usize];
+                let at = (off - start) as usize;
+                if at > 0 || end > off + buf.len() as u64 {
+                    dev.read(start, &mut whole)?;
+                }
+                whole[at..at + buf.len()].copy_from_slice(buf);
+                dev.write(start, &whole, flags | qcow2_ops::REQ_COMPRESSED)
             }
         }
     }
@@ -177,6 +205,7 @@ impl Dev {
                     .map_err(injected)?;
                 dev.write_zeroes(off, len, flags)
             }
+            Dev::Compress { dev, .. } => dev.write_zeroes(off, len, flags),
         }
     }
 
@@ -197,6 +226,7 @@ impl Dev {
                 rules.check(IoType::Discard, off, len).map_err(injected)?;
                 dev.discard(off, len)
             }
+            Dev::Compress { dev, .. } => dev.discard(off, len),
         }
     }
 
@@ -222,6 +252,7 @@ impl Dev {
                 rules.check(IoType::Flush, 0, 0).map_err(injected)?;
                 dev.flush()
             }
+            Dev::Compress { dev, .. } => dev.flush(),
         }
     }
 
@@ -259,6 +290,7 @@ impl Dev {
                     .map_err(injected)?;
                 dev.is_allocated(off, len)
             }
+            Dev::Compress { dev, .. } => dev.is_allocated(off, len),
         }
     }
 
@@ -266,7 +298,7 @@ impl Dev {
     pub fn close(self) -> Result<()> {
         match self {
             Dev::Qcow2(i) => i.close(),
-            Dev::Debug { dev, .. } => dev.close(),
+            Dev::Debug { dev, .. } | Dev::Compress { dev, .. } => dev.close(),
             raw => raw.flush(),
         }
     }

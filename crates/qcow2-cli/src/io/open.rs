@@ -53,9 +53,12 @@ impl OpenSpec {
 }
 
 /// An open device with what the commands need to know about it.
+#[derive(Clone)]
 pub struct Opened {
-    /// The device.
-    pub dev: Dev,
+    /// The device (shared with requests running on threads of their own).
+    pub dev: std::sync::Arc<Dev>,
+    /// The first blkdebug node's rules (for breakpoints), if any.
+    pub debug: Option<std::sync::Arc<Rules>>,
     /// Opened read-only.
     pub read_only: bool,
     /// Copy-on-read.
@@ -170,6 +173,19 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             })
             .collect();
     }
+    // QEMU's compress filter over a qcow2 image.
+    let mut compress = false;
+    if opts.get("driver").map(String::as_str) == Some("compress") {
+        opts.remove("driver");
+        compress = true;
+        opts = std::mem::take(&mut opts)
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("file.") {
+                Some(rest) => (rest.to_string(), v),
+                None => (k, v),
+            })
+            .collect();
+    }
     let mut driver = opts.remove("driver");
     let mut file_driver = opts.remove("file.driver");
     // QEMU's blkdebug driver as a layer above the image
@@ -178,6 +194,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     let mut blkdebug = false;
     let mut above: Option<Vec<Rule>> = None;
     let mut below: Option<Vec<Rule>> = None;
+    let mut debug: Option<std::sync::Arc<Rules>> = None;
     if driver.as_deref() == Some("blkdebug") {
         blkdebug = true;
         driver = opts.remove("image.driver");
@@ -198,6 +215,23 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             opts.insert("file.filename".into(), v);
         }
         below = Some(blkdebug_options(&mut opts, "file.", &accepted_below)?);
+    }
+    // A null-co data file: reads zeroes, writes go nowhere.
+    if opts.get("data-file.driver").map(String::as_str) == Some("null-co") {
+        opts.remove("data-file.driver");
+        let size = match opts.remove("data-file.size") {
+            Some(v) => crate::num::parse_size(&v).map_err(|_| {
+                "Parameter 'size' expects a non-negative number below 2^64".to_string()
+            })?,
+            None => 1 << 30,
+        };
+        let zeroes = match opts.remove("data-file.read-zeroes") {
+            Some(v) => on_off("read-zeroes", &v)?,
+            None => false,
+        };
+        tuning.data_file_storage = Some(qcow2_ops::StorageSource(std::sync::Arc::new(move || {
+            Ok(Box::new(qcow2_ops::io::NullStorage::new(size, zeroes)) as Box<dyn Storage>)
+        })));
     }
     // The data file's node graph: a raw node (which reports read_aio and
     // write_aio below it), a blkdebug node, the file.
@@ -478,7 +512,8 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             None => 1 << 30,
         };
         return Ok(Opened {
-            dev: Dev::Null { size, read_zeroes },
+            dev: std::sync::Arc::new(Dev::Null { size, read_zeroes }),
+            debug: None,
             read_only,
             copy_on_read,
             spec: spec.clone(),
@@ -500,12 +535,14 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                     return Err("Refcount cache size too big".into());
                 }
             }
+            let below = below.take().map(|r| std::sync::Arc::new(Rules::new(r)));
+            debug = below.clone();
             let img = if nested {
-                let inner = open_qcow2(&path, &tuning, below.take())?;
+                let inner = open_qcow2(&path, &tuning, below)?;
                 Image::open_with_storage(Box::new(inner), &path, &tuning)
                     .map_err(|e| error_text(&e))?
             } else {
-                open_qcow2(&path, &tuning, below.take())?
+                open_qcow2(&path, &tuning, below)?
             };
             if let Some(e) = entry_size {
                 let cs = img.cluster_size();
@@ -526,11 +563,27 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             "blkdebug: error injection below a '{fmt}' device is not supported by this engine"
         ));
     }
-    let dev = match above {
-        Some(rules) => Dev::Debug {
+    let dev = if compress {
+        let cluster = match dev.base() {
+            Dev::Qcow2(img) => img.cluster_size(),
+            _ => return Err("Compression is not supported for this drive".into()),
+        };
+        Dev::Compress {
             dev: Box::new(dev),
-            rules: Rules::new(rules),
-        },
+            cluster,
+        }
+    } else {
+        dev
+    };
+    let dev = match above {
+        Some(rules) => {
+            let rules = std::sync::Arc::new(Rules::new(rules));
+            debug = debug.or_else(|| Some(std::sync::Arc::clone(&rules)));
+            Dev::Debug {
+                dev: Box::new(dev),
+                rules,
+            }
+        }
         None => dev,
     };
     if copy_on_read && read_only && !spec.snapshot {
@@ -542,7 +595,8 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         .into());
     }
     Ok(Opened {
-        dev,
+        dev: std::sync::Arc::new(dev),
+        debug,
         read_only: read_only && !spec.snapshot,
         copy_on_read,
         spec: spec.clone(),
@@ -614,7 +668,11 @@ fn could_not_open(path: &Path, errno: i32) -> String {
     format!("Could not open '{}': {}", path.display(), strerror(errno))
 }
 
-fn open_qcow2(path: &Path, o: &OpenOptions, rules: Option<Vec<Rule>>) -> Result<Image, String> {
+fn open_qcow2(
+    path: &Path,
+    o: &OpenOptions,
+    rules: Option<std::sync::Arc<Rules>>,
+) -> Result<Image, String> {
     if let Err(e) = std::fs::metadata(path) {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
@@ -628,7 +686,7 @@ fn open_qcow2(path: &Path, o: &OpenOptions, rules: Option<Vec<Rule>>) -> Result<
             };
             let file = FileStorage::open(path, mode)
                 .map_err(|e| could_not_open(path, e.raw_os_error().unwrap_or(5)))?;
-            Image::open_with_storage(Box::new(Blkdebug::new(file, rules)), path, o)
+            Image::open_with_storage(Box::new(Blkdebug::with_rules(file, rules)), path, o)
         }
         None => Image::open(path, o),
     };
@@ -747,4 +805,14 @@ fn open_snapshot(path: &Path, fmt: &str, o: &OpenOptions) -> Result<Dev, String>
     let r = Image::open(&tmp_path, &ov);
     remove(());
     Ok(Dev::Qcow2(Box::new(r.map_err(|e| error_text(&e))?)))
+}
+
+impl Opened {
+    /// Closes the device (every request sharing it must have ended).
+    pub fn close(self) -> qcow2_ops::Result<()> {
+        match std::sync::Arc::try_unwrap(self.dev) {
+            Ok(dev) => dev.close(),
+            Err(dev) => dev.flush(),
+        }
+    }
 }
