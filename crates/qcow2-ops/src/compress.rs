@@ -128,7 +128,7 @@ impl Inner {
         .map_err(|e| Error::NoSpace(format!("{}: {e}", self.name)))?;
         self.sh.zcache.invalidate();
         self.write_data(host, &out)?;
-        self.set_alloc_unsynced();
+        self.set_alloc_unsynced()?;
         self.set_l2_entry(table, cg, L2Entry { raw, bitmap: 0 })
     }
 

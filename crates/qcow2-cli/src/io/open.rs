@@ -175,7 +175,6 @@ const IGNORED: &[&str] = &[
     "node-name",
     "auto-read-only",
     "detect-zeroes",
-    "lazy-refcounts",
     "pass-discard-request",
     "pass-discard-snapshot",
     "pass-discard-other",
@@ -300,6 +299,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             }
             "read-only" => read_only = on_off(&k, &v)?,
             "force-share" => force_share = on_off(&k, &v)?,
+            "lazy-refcounts" => tuning.lazy_refcounts = Some(on_off(&k, &v)?),
             "aio" | "file.aio" => {
                 if !super::aio_mode_ok(&v) {
                     return Err(format!("Invalid aio option: {v}"));
@@ -593,7 +593,7 @@ fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
     if let Err(e) = std::fs::metadata(path) {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
-    Image::open(path, o).map_err(|e| match &e {
+    let img = Image::open(path, o).map_err(|e| match &e {
         // QEMU's wording for a backing file that cannot be opened.
         qcow2_ops::Error::Io { context, source } => {
             match context
@@ -608,7 +608,15 @@ fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
             }
         }
         _ => error_text(&e),
-    })
+    })?;
+    // A dirty image (lazy refcounts, then a crash) was repaired on open:
+    // QEMU prints what its check found and did on stderr.
+    if let Some(r) = img.open_repair() {
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
+    }
+    Ok(img)
 }
 
 /// A raw device through QEMU's protocol driver `proto`: `file` takes
