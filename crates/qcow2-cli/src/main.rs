@@ -150,13 +150,21 @@ pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Image, F
         )));
     }
     warn_unvouched_bitmaps(path);
-    Image::open(path, opts).map_err(|e| {
+    let img = Image::open(path, opts).map_err(|e| {
         Fail::new(format!(
             "Could not open '{}': {}",
             path.display(),
             error_text(&e)
         ))
-    })
+    })?;
+    // A dirty image (lazy refcounts, then a crash) was repaired on open:
+    // QEMU prints what its check found and did on stderr.
+    if let Some(r) = img.open_repair() {
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
+    }
+    Ok(img)
 }
 
 /// The warning qemu-img prints when it opens an image whose bitmaps

@@ -353,3 +353,48 @@ fn check_repair_of_dirty_image_matches_qemu_img() {
         "the repaired images differ"
     );
 }
+
+/// `qcow2 amend -o compat=0.10` of a dirty image left by qemu-io: repaired
+/// on open with the messages qemu-img prints, then downgraded: the same
+/// image as `qemu-img amend` makes.
+#[test]
+fn amend_of_dirty_image_matches_qemu_img() {
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1,lazy_refcounts=on",
+            "t.qcow2",
+            "64M",
+        ],
+    )
+    .ok("qemu-img create");
+    let _ = qemu_io_script(
+        dir,
+        "t.qcow2",
+        "qcow2",
+        &cmds(&["write -P 0x2a 0 128k", "flush", "sigraise 9"]),
+    );
+    assert_eq!(
+        incompat(dir, "t.qcow2") & 1,
+        1,
+        "qemu-io left a clean image"
+    );
+    copy(dir, "t.qcow2", "q.qcow2");
+    copy(dir, "t.qcow2", "o.qcow2");
+    let q = qemu_img(dir, &["amend", "-o", "compat=0.10", "q.qcow2"]);
+    let o = ours(dir, &["amend", "-o", "compat=0.10", "o.qcow2"]);
+    assert!(q.stderr.contains("Rebuilding"), "qemu-img: {}", q.stderr);
+    assert_same_run(&q, &o, "qemu-img", "amend of a dirty image");
+    assert_eq!(
+        std::fs::read(dir.join("q.qcow2")).unwrap(),
+        std::fs::read(dir.join("o.qcow2")).unwrap(),
+        "the amended images differ"
+    );
+}
