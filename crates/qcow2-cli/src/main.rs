@@ -151,6 +151,12 @@ pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Image, F
     }
     warn_unvouched_bitmaps(path);
     let img = Image::open(path, opts).map_err(|e| {
+        if let qcow2_ops::Error::DirtyRepair { messages } = &e {
+            // What QEMU's check found, on stderr before the error.
+            for m in messages {
+                eprintln!("{m}");
+            }
+        }
         Fail::new(format!(
             "Could not open '{}': {}",
             path.display(),

@@ -398,3 +398,40 @@ fn amend_of_dirty_image_matches_qemu_img() {
         "the amended images differ"
     );
 }
+
+/// A dirty image whose repair on open fails (a refcount table entry QEMU
+/// cannot follow): the read-write open fails as qemu-io's does, with the
+/// same final error line.
+#[test]
+fn unrepairable_dirty_image_refused_as_qemu_io() {
+    let d = tmpdir();
+    let dir = d.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]).ok("qemu-img create");
+    let mut b = std::fs::read(dir.join("t.qcow2")).unwrap();
+    let rt = u64::from_be_bytes(b[48..56].try_into().unwrap()) as usize;
+    b[rt..rt + 8].copy_from_slice(&0xffff_2a00u64.to_be_bytes());
+    b[79] |= 1;
+    std::fs::write(dir.join("q.qcow2"), &b).unwrap();
+    std::fs::write(dir.join("o.qcow2"), &b).unwrap();
+    let q = qemu_io(dir, &["-f", "qcow2", "-c", "close", "q.qcow2"]);
+    let o = ours(dir, &["io", "-f", "qcow2", "-c", "close", "o.qcow2"]);
+    assert_eq!(q.code, o.code, "exit status: {}\n{}", q.stderr, o.stderr);
+    let last = |s: &str| s.lines().last().unwrap_or("").to_string();
+    assert!(
+        last(&q.stderr).ends_with("Could not repair dirty image: Input/output error"),
+        "qemu-io: {}",
+        q.stderr
+    );
+    assert_eq!(
+        last(&q.stderr)
+            .replace("qemu-io:", "qcow2:")
+            .replace("q.qcow2", "o.qcow2"),
+        last(&o.stderr),
+        "final error line"
+    );
+    assert!(
+        o.stderr.contains("Rebuilding refcount structure"),
+        "{}",
+        o.stderr
+    );
+}

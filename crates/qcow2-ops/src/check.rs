@@ -83,13 +83,24 @@ pub(crate) fn check(
     repair: RepairMode,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckReport> {
+    Ok(check_passes(inner, repair, progress)?.1)
+}
+
+/// [`check`], also returning the internal errors of the first pass (the
+/// repairing one), which the report of the second pass does not count.
+pub(crate) fn check_passes(
+    inner: &mut Inner,
+    repair: RepairMode,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, CheckReport)> {
     if !inner.read_only {
         // Tables are read straight from the file: write back dirty caches.
         inner.flush_all(false)?;
     }
     let first = run(inner, repair, progress)?;
+    let first_errors = first.check_errors;
     if repair == RepairMode::None || (first.leaks_fixed == 0 && first.corruptions_fixed == 0) {
-        return Ok(first);
+        return Ok((first_errors, first));
     }
     let mut second = run(inner, RepairMode::None, progress)?;
     second.leaks_fixed = first.leaks_fixed;
@@ -97,7 +108,7 @@ pub(crate) fn check(
     let mut messages = first.messages;
     messages.append(&mut second.messages);
     second.messages = messages;
-    Ok(second)
+    Ok((first_errors, second))
 }
 
 /// One pass (QEMU's qcow2_check_refcounts).

@@ -808,12 +808,12 @@ impl Inner {
         if !me.read_only && me.header.is_dirty() && !opts.for_repair {
             // Lazy refcounts were not written back: repair them, as QEMU
             // does (what it found and did is kept for `open_repair`).
-            let r = crate::check::check(&mut me, RepairMode::All, &mut |_, _| {})?;
-            if r.corruptions > 0 || r.check_errors > 0 {
-                return Err(Error::Corrupt(format!(
-                    "'{}': Could not repair dirty image ({} corruptions left)",
-                    me.name, r.corruptions
-                )));
+            let (first_errors, r) =
+                crate::check::check_passes(&mut me, RepairMode::All, &mut |_, _| {})?;
+            if r.corruptions > 0 || r.check_errors > 0 || first_errors > 0 {
+                return Err(Error::DirtyRepair {
+                    messages: r.messages,
+                });
             }
             me.set_incompat_bit(header::INCOMPAT_DIRTY, false)?;
             // The repair reloaded the refcount structures.

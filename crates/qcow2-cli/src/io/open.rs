@@ -594,6 +594,13 @@ fn open_qcow2(path: &Path, o: &OpenOptions) -> Result<Image, String> {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
     let img = Image::open(path, o).map_err(|e| match &e {
+        qcow2_ops::Error::DirtyRepair { messages } => {
+            // What QEMU's check found, on stderr before the error.
+            for m in messages {
+                eprintln!("{m}");
+            }
+            error_text(&e)
+        }
         // QEMU's wording for a backing file that cannot be opened.
         qcow2_ops::Error::Io { context, source } => {
             match context
