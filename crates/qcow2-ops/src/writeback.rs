@@ -57,12 +57,13 @@ impl Inner {
     /// the image dirty, written and synced, before it (QEMU's
     /// `qcow2_mark_dirty` in `qcow2_alloc_cluster_link_l2`).
     pub(crate) fn mark_dirty(&mut self) -> Result<()> {
-        if !self.lazy || self.dirtied || self.read_only {
+        if !self.lazy || self.dirtied || self.read_only || self.header.is_dirty() {
+            // Already dirty before this open (opened for repair): its
+            // refcounts are a repair's business; ours keep being written
+            // back and the bit is left alone.
             return Ok(());
         }
-        if !self.header.is_dirty() {
-            self.set_incompat_bit(qcow2_format::header::INCOMPAT_DIRTY, true)?;
-        }
+        self.set_incompat_bit(qcow2_format::header::INCOMPAT_DIRTY, true)?;
         self.dirtied = true;
         Ok(())
     }
