@@ -150,13 +150,27 @@ pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Image, F
         )));
     }
     warn_unvouched_bitmaps(path);
-    Image::open(path, opts).map_err(|e| {
+    let img = Image::open(path, opts).map_err(|e| {
+        if let qcow2_ops::Error::DirtyRepair { messages } = &e {
+            // What QEMU's check found, on stderr before the error.
+            for m in messages {
+                eprintln!("{m}");
+            }
+        }
         Fail::new(format!(
             "Could not open '{}': {}",
             path.display(),
             error_text(&e)
         ))
-    })
+    })?;
+    // A dirty image (lazy refcounts, then a crash) was repaired on open:
+    // QEMU prints what its check found and did on stderr.
+    if let Some(r) = img.open_repair() {
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
+    }
+    Ok(img)
 }
 
 /// The warning qemu-img prints when it opens an image whose bitmaps

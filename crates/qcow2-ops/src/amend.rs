@@ -162,8 +162,11 @@ impl Inner {
         self.validate(o)?;
         let cur = self.header.version;
         let target = o.version.unwrap_or(cur);
-        // Everything written so far is durable before the header changes.
+        // Everything written so far is durable before the header changes,
+        // refcounts included (lazy refcounts: the image marked clean, as
+        // QEMU's amend needs accurate refcounts).
         self.flush_all(true)?;
+        self.mark_clean()?;
         // QEMU's order: upgrade, refcount width, the backing file refusal,
         // lazy refcounts, downgrade.
         if target > cur {
@@ -238,6 +241,8 @@ impl Inner {
     }
 
     fn set_lazy(&mut self, on: bool) -> Result<()> {
+        // The image is clean here (see `amend`): lazy from now on, or not.
+        self.lazy = on;
         let mut h = self.header.clone();
         if on {
             h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;

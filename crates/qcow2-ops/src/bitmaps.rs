@@ -17,9 +17,10 @@
 //!
 //! Bitmaps already in use at open (left by a crash) are inconsistent: they
 //! are neither loaded nor written and stay flagged. Disabled bitmaps (no
-//! auto flag) never change and are left exactly as they are. A directory or
-//! an enabled bitmap QEMU would refuse to load makes the read-write open
-//! fail, as in QEMU. Autoclear bits other than the bitmaps bit are cleared
+//! auto flag) are marked in use too, as QEMU marks every bitmap it loads:
+//! their bits never change, and close only clears the flag again (a crash
+//! leaves them inconsistent, as QEMU leaves them). A directory or a bitmap
+//! QEMU would refuse to load makes the read-write open fail, as in QEMU. Autoclear bits other than the bitmaps bit are cleared
 //! on read-write open (the qcow2 specification requires it); a bitmaps
 //! extension whose autoclear bit is clear is dropped, as QEMU drops it.
 
@@ -45,10 +46,12 @@ pub(crate) struct Bitmaps {
     paused: bool,
 }
 
-/// One maintained (enabled, consistent at open) bitmap.
+/// One maintained (consistent at open, marked in use by this open) bitmap.
 struct Live {
     /// Index in the directory.
     idx: usize,
+    /// Tracks writes (the auto flag); a disabled one is only held in use.
+    enabled: bool,
     /// log2 of the bytes one bit covers.
     granularity_bits: u8,
     /// Bits in the bitmap (disk size / granularity, rounded up).
@@ -110,7 +113,7 @@ impl Inner {
     }
 
     /// Read-write open: clears the autoclear bits not maintained here, drops
-    /// a bitmaps extension no longer vouched for, loads the enabled bitmaps
+    /// a bitmaps extension no longer vouched for, loads the bitmaps
     /// and marks them in use, durably, before any guest write.
     pub(crate) fn open_bitmaps(&mut self) -> Result<()> {
         if self.read_only {
@@ -233,7 +236,7 @@ impl Inner {
     }
 
     /// Reads and validates the directory (QEMU's rules), loads the tables of
-    /// the enabled bitmaps and marks them in use. Returns whether anything
+    /// the consistent bitmaps and marks them in use. Returns whether anything
     /// was written.
     fn load_bitmaps(&mut self) -> Result<bool> {
         let cs = self.geo.cluster_size();
@@ -299,8 +302,8 @@ impl Inner {
         let mut mark = Vec::new();
         let mut live = Vec::new();
         for (idx, e) in entries.iter().enumerate() {
-            if e.in_use() || !e.auto() {
-                // Inconsistent (left by a crash) or disabled: left alone.
+            if e.in_use() {
+                // Inconsistent (left by a crash): left alone.
                 continue;
             }
             mark.push(idx);
@@ -332,7 +335,7 @@ impl Inner {
         Ok(true)
     }
 
-    /// Reads an enabled bitmap's table. `None` when its clusters are not
+    /// Reads a bitmap's table. `None` when its clusters are not
     /// exclusively its own (then it is only marked in use).
     fn load_table(&mut self, idx: usize, e: &BitmapEntry) -> Result<Option<Live>> {
         let cs = self.geo.cluster_size();
@@ -362,6 +365,7 @@ impl Inner {
         }
         Ok(Some(Live {
             idx,
+            enabled: e.auto(),
             granularity_bits: e.granularity_bits,
             nbits: self.header.size.div_ceil(e.granularity()),
             table_offset: e.table_offset,
@@ -377,7 +381,7 @@ impl Inner {
             return;
         }
         let cs = self.geo.cluster_size();
-        for b in &mut self.bitmaps.live {
+        for b in self.bitmaps.live.iter_mut().filter(|b| b.enabled) {
             b.mark(offset, len, cs);
         }
     }
@@ -1406,6 +1410,7 @@ mod tests {
         let cs = 512u64;
         let mut l = Live {
             idx: 0,
+            enabled: true,
             granularity_bits: 9,
             nbits: 5000,
             table_offset: 0,

@@ -12,11 +12,11 @@
 //! rewrites wrong COPIED flags, then the caller-visible report is the result
 //! of a second, read-only pass plus the fixed counts, as qemu-img prints it.
 //!
-//! Where QEMU would rebuild the whole refcount structure (a referenced
-//! cluster with stored refcount zero) this module instead sets the refcount
-//! to the expected value, placing any missing refcount block on a cluster
-//! that nothing references. Refcount blocks that overlap other data cannot
-//! be fixed that way; they are reported and left alone.
+//! Where QEMU rebuilds the whole refcount structure (a referenced cluster
+//! with stored refcount zero, as lazy refcounts leave them; refcount blocks
+//! overlapping other data) so does this module: new refcount blocks, then
+//! the new table, past the end of everything in use; the old structures
+//! are then freed as leaks.
 
 use crate::error::{Error, Result};
 use crate::image::{ioerr, refcount_err, Inner};
@@ -83,13 +83,24 @@ pub(crate) fn check(
     repair: RepairMode,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckReport> {
+    Ok(check_passes(inner, repair, progress)?.1)
+}
+
+/// [`check`], also returning the internal errors of the first pass (the
+/// repairing one), which the report of the second pass does not count.
+pub(crate) fn check_passes(
+    inner: &mut Inner,
+    repair: RepairMode,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, CheckReport)> {
     if !inner.read_only {
         // Tables are read straight from the file: write back dirty caches.
         inner.flush_all(false)?;
     }
     let first = run(inner, repair, progress)?;
+    let first_errors = first.check_errors;
     if repair == RepairMode::None || (first.leaks_fixed == 0 && first.corruptions_fixed == 0) {
-        return Ok(first);
+        return Ok((first_errors, first));
     }
     let mut second = run(inner, RepairMode::None, progress)?;
     second.leaks_fixed = first.leaks_fixed;
@@ -97,7 +108,7 @@ pub(crate) fn check(
     let mut messages = first.messages;
     messages.append(&mut second.messages);
     second.messages = messages;
-    Ok(second)
+    Ok((first_errors, second))
 }
 
 /// One pass (QEMU's qcow2_check_refcounts).
@@ -1117,7 +1128,10 @@ impl Checker<'_> {
             if stored != expected {
                 let leak = stored > expected;
                 if stored == 0 {
+                    // As QEMU: a referenced cluster without a refcount is
+                    // repaired by rebuilding the refcount structures.
                     self.rebuild = true;
+                    self.hard_rebuild = true;
                 }
                 let fixable = if leak {
                     fix != RepairMode::None
@@ -1315,7 +1329,8 @@ impl Checker<'_> {
         for c in start..end {
             imrt.set(c, 1);
         }
-        let table_off = start * cs;
+        // Blocks first, then the table (QEMU's order of allocation).
+        let table_off = (start + blocks) * cs;
         let mut table = vec![0u8; (tclusters * cs) as usize];
         let mut buf = vec![0u8; cs as usize];
         self.wrote = true;
@@ -1325,7 +1340,7 @@ impl Checker<'_> {
             for c in first..(first + epb).min(imrt.len()) {
                 qcow2_format::refcount::set(&mut buf, (c - first) as usize, order, imrt.get(c));
             }
-            let off = (start + tclusters + b) * cs;
+            let off = (start + b) * cs;
             put_be64(&mut table, b as usize * 8, off);
             self.inner
                 .file

@@ -129,7 +129,7 @@ impl Inner {
         self.sh.zcache.invalidate();
         self.file.event(qcow2_io::DebugEvent::WriteCompressed);
         self.write_data(host, &out)?;
-        self.set_alloc_unsynced();
+        self.set_alloc_unsynced()?;
         self.file.event(qcow2_io::DebugEvent::L2UpdateCompressed);
         self.set_l2_entry(table, cg, L2Entry { raw, bitmap: 0 })
     }

@@ -688,6 +688,7 @@ impl Inner {
                 if new != old {
                     let table = self.ensure_l2_table(cg)?;
                     let release = plan.fills[i].release_old && self.can_free(old)?;
+                    self.mark_dirty()?;
                     self.sh.dur.depend_on(gen);
                     self.set_l2_entry(table, cg, new)?;
                     if release {

@@ -5,7 +5,9 @@
 //!    a newly written cluster, are durable before any L2 or L1 entry that
 //!    points at them is written: before an L2 slice (or L1 entry) goes to
 //!    the file, [`Durability::alloc_pending`] must be false (the caller
-//!    writes the refcount cache back, then syncs).
+//!    writes the refcount cache back, then syncs). With lazy refcounts,
+//!    once the dirty bit is durable the refcount half is waived (a dirty
+//!    image is repaired on open): only the data half stands (`writeback`).
 //! 2. **Unreference before release.** A refcount decrease (and a hole
 //!    punched over the cluster) follows the durable L2/L1 change that
 //!    dropped the last reference: deferred frees are applied only after a

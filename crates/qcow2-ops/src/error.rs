@@ -47,6 +47,14 @@ pub enum Error {
     /// The message is QEMU's ("Invalid password, cannot unlock any keyslot").
     #[error("{0}")]
     Key(String),
+    /// A dirty image (lazy refcounts left stale) could not be repaired on
+    /// read-write open; `messages` are what the check found and did (QEMU
+    /// prints them on stderr before its error).
+    #[error("Could not repair dirty image: Input/output error")]
+    DirtyRepair {
+        /// The check's messages.
+        messages: Vec<String>,
+    },
 }
 
 impl Error {
@@ -63,7 +71,7 @@ impl Error {
             Error::Invalid(_) => libc::EINVAL,
             Error::NotSupported(_) => libc::ENOTSUP,
             Error::ReadOnly(_) => libc::EROFS,
-            Error::Corrupt(_) => libc::EIO,
+            Error::Corrupt(_) | Error::DirtyRepair { .. } => libc::EIO,
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Key(_) => libc::EACCES,
         }

@@ -152,6 +152,14 @@ pub(crate) struct Inner {
     pub(crate) df: bool,
     /// The external data file (`None`: none, or opened for metadata only).
     pub(crate) data: Option<Arc<dyn Storage>>,
+    /// Lazy refcounts in use (see `lazy`): the first L2 entry linked to a
+    /// new cluster marks the image dirty, and while it is dirty refcount
+    /// blocks are written back only when evicted or when closing.
+    pub(crate) lazy: bool,
+    /// This open set the dirty bit (close and reopen clear it again).
+    pub(crate) dirtied: bool,
+    /// What the repair of a dirty image at open found and did.
+    pub(crate) open_repair: Option<CheckReport>,
 }
 
 impl Image {
@@ -548,12 +556,13 @@ impl Image {
         // A repair may have reloaded the refcount structures.
         g.protect_in_refcounts();
         let r = r?;
-        if repair == RepairMode::All
-            && g.header.is_corrupt()
-            && r.corruptions == 0
-            && r.check_errors == 0
-        {
-            g.set_incompat_bit(header::INCOMPAT_CORRUPT, false)?;
+        if repair != RepairMode::None && r.corruptions == 0 && r.check_errors == 0 {
+            // As QEMU: a repair that leaves no error marks the image clean
+            // (refcounts exact on disk again) and consistent.
+            g.mark_clean_always()?;
+            if repair == RepairMode::All && g.header.is_corrupt() {
+                g.set_incompat_bit(header::INCOMPAT_CORRUPT, false)?;
+            }
         }
         Ok(r)
     }
@@ -577,7 +586,16 @@ impl Image {
             return Ok(());
         }
         g.flush_close()?;
-        g.store_bitmaps()
+        g.store_bitmaps()?;
+        g.mark_clean()
+    }
+
+    /// What the repair of a dirty image at open (refcounts left stale by
+    /// lazy refcounts and a crash) found and did, as qemu-img check reports
+    /// it (QEMU prints these messages on open); `None` when nothing was
+    /// repaired.
+    pub fn open_repair(&self) -> Option<CheckReport> {
+        self.lock().open_repair.clone()
     }
 }
 
@@ -587,6 +605,7 @@ impl Drop for Image {
         if !g.read_only {
             let _ = g.flush_close();
             let _ = g.store_bitmaps();
+            let _ = g.mark_clean();
         }
     }
 }
@@ -722,6 +741,13 @@ impl Inner {
         let has_df = header.has_data_file();
         let geo = header.geometry();
         let read_only = !opts.writable || opts.metadata_only;
+        let lazy = opts.lazy_refcounts.unwrap_or(header.lazy_refcounts());
+        if lazy && header.version < 3 {
+            return Err(Error::Invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                    .into(),
+            ));
+        }
         if header.is_corrupt() && opts.writable && !opts.for_repair {
             return Err(Error::Corrupt(format!(
                 "'{name}' is marked corrupt; repair it with 'qcow2 check -r all' or open it read-only"
@@ -814,6 +840,9 @@ impl Inner {
             crypt_area: crypto.area,
             df: has_df,
             data,
+            lazy,
+            dirtied: false,
+            open_repair: None,
         };
         me.l2_tables = me
             .l1
@@ -839,22 +868,22 @@ impl Inner {
         me.protect_in_refcounts();
         me.refresh_snapshot_ranges()?;
         me.refresh_bitmap_ranges()?;
-        if !me.read_only && me.header.is_dirty() {
-            // Lazy refcounts were not written back: rebuild them, as QEMU does.
-            let r = crate::check::check(&mut me, RepairMode::All, &mut |_, _| {})?;
-            if r.corruptions > 0 || r.check_errors > 0 {
-                return Err(Error::Corrupt(format!(
-                    "'{}': could not repair dirty image ({} corruptions left)",
-                    me.name, r.corruptions
-                )));
+        if !me.read_only && me.header.is_dirty() && !opts.for_repair {
+            // Lazy refcounts were not written back: repair them, as QEMU
+            // does (what it found and did is kept for `open_repair`).
+            let (first_errors, r) =
+                crate::check::check_passes(&mut me, RepairMode::All, &mut |_, _| {})?;
+            if r.corruptions > 0 || r.check_errors > 0 || first_errors > 0 {
+                return Err(Error::DirtyRepair {
+                    messages: r.messages,
+                });
             }
             me.set_incompat_bit(header::INCOMPAT_DIRTY, false)?;
             // The repair reloaded the refcount structures.
             me.protect_in_refcounts();
+            me.open_repair = Some(r);
         }
         me.open_bitmaps()?;
-        // Lazy-refcount images are written with exact refcounts, a valid
-        // state of such an image: the dirty bit is never set by this engine.
         Ok(me)
     }
 
@@ -1390,6 +1419,22 @@ impl Inner {
         // The new table's refcount and contents must be durable before the
         // L1 entry that points at it (flush_all syncs before writing L1).
         self.set_unsynced();
+        if self.lazy {
+            // As QEMU's L2 allocation: the refcounts go to the file now,
+            // before any cluster this table will map is allocated.
+            let name = self.name.clone();
+            if self
+                .refs
+                .flush(&*self.file)
+                .map_err(|e| refcount_err(&name, e))?
+            {
+                let n = self.sh.dur.wrote();
+                if self.accurate_refcounts() {
+                    // Increments of clusters already linked went out too.
+                    self.sh.dur.depend_on(n);
+                }
+            }
+        }
         self.l2_tables.insert(off);
         self.l1[l1_idx] = L1Entry::new(off).0;
         self.l1_dirty.insert(l1_idx);

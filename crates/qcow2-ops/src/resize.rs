@@ -272,7 +272,7 @@ impl Inner {
                 };
                 let raw = host | FLAG_COPIED;
                 self.set_l2_entry(table, g, L2Entry { raw, bitmap })?;
-                self.set_alloc_unsynced();
+                self.set_alloc_unsynced()?;
             }
             guest += n * cs;
         }
@@ -305,7 +305,7 @@ impl Inner {
                 let bitmap = if self.geo.extended_l2 { 0xffff_ffff } else { 0 };
                 let raw = guest | FLAG_COPIED;
                 self.set_l2_entry(table, guest, L2Entry { raw, bitmap })?;
-                self.set_alloc_unsynced();
+                self.set_alloc_unsynced()?;
             }
             guest += cs;
         }

@@ -94,9 +94,13 @@ pub struct OpenOptions {
     /// Open the backing chain (off: unallocated clusters read as zeroes).
     pub open_backing: bool,
     /// Opened to check and repair (qemu-img check -r): an image marked
-    /// corrupt may be opened read-write; a successful `check(RepairMode::All)`
-    /// clears the corrupt bit.
+    /// corrupt may be opened read-write; a dirty image is not repaired on
+    /// open (the check is to find what it finds); a successful
+    /// `check(RepairMode::All)` clears the corrupt bit.
     pub for_repair: bool,
+    /// Lazy refcounts (QEMU's `lazy-refcounts` option); `None`: as the
+    /// image's compatible bit says. See [`crate::Image::open`].
+    pub lazy_refcounts: Option<bool>,
     /// Passphrase of an encrypted image (QEMU's `encrypt.key-secret`).
     pub key_secret: Option<Secret>,
     /// Passphrase of an encrypted backing file (QEMU's
@@ -183,6 +187,7 @@ impl Default for OpenOptions {
             dirty_granularity: Self::DEFAULT_DIRTY_GRANULARITY,
             open_backing: true,
             for_repair: false,
+            lazy_refcounts: None,
             key_secret: None,
             backing_key_secret: None,
             data_file: None,

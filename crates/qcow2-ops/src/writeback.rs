@@ -2,6 +2,18 @@
 //! applied to the caches (refcounts and data before the L2/L1 entries that
 //! point at them; deferred frees and holes after the L2/L1 changes that
 //! dropped them are durable), and the syncs they need.
+//!
+//! Lazy refcounts (QEMU's semantics): on an image using them, the first L2
+//! entry linked to a new cluster marks the image dirty (incompatible bit 0,
+//! written and synced before that entry can reach the file). From then on
+//! the refcounts on disk are allowed to be stale, as a dirty image is
+//! repaired on its next read-write open: rule 1 of `durability` keeps only
+//! its data half (the data of a new cluster is durable before the entry
+//! pointing at it), and flushes write no refcount block (a block leaves the
+//! cache only when evicted). Every other rule stands. A new L2 table's
+//! refcount is still written when the table is allocated, as QEMU does.
+//! Close (and anything needing exact refcounts on disk) writes the
+//! refcounts, syncs, then clears the dirty bit, durably (`mark_clean`).
 
 use crate::error::{ioerr, Result};
 use crate::image::{refcount_err, runs, Inner};
@@ -30,7 +42,65 @@ impl Inner {
     /// written back and synced (rule 1 of `durability`; a dirty refcount
     /// cache may hold increments).
     pub(crate) fn alloc_pending(&self) -> bool {
-        self.refs.is_dirty() || self.sh.dur.alloc_pending()
+        (self.refs.is_dirty() && self.accurate_refcounts()) || self.sh.dur.alloc_pending()
+    }
+
+    /// Whether refcounts must be written back before the entries that
+    /// depend on them (QEMU's `qcow2_need_accurate_refcounts`): always,
+    /// unless this open marked the image dirty (lazy refcounts).
+    pub(crate) fn accurate_refcounts(&self) -> bool {
+        !self.dirtied
+    }
+
+    /// An L2 entry is about to be linked to a new cluster (or one whose
+    /// entry changes from zero or unallocated): with lazy refcounts, marks
+    /// the image dirty, written and synced, before it (QEMU's
+    /// `qcow2_mark_dirty` in `qcow2_alloc_cluster_link_l2`).
+    pub(crate) fn mark_dirty(&mut self) -> Result<()> {
+        if !self.lazy || self.dirtied || self.read_only || self.header.is_dirty() {
+            // Already dirty before this open (opened for repair): its
+            // refcounts are a repair's business; ours keep being written
+            // back and the bit is left alone.
+            return Ok(());
+        }
+        self.set_incompat_bit(qcow2_format::header::INCOMPAT_DIRTY, true)?;
+        self.dirtied = true;
+        Ok(())
+    }
+
+    /// Makes the refcounts on disk exact again and clears the dirty bit:
+    /// everything written back, refcount blocks included, and synced, then
+    /// the header (QEMU's `qcow2_mark_clean`). Only when this open marked
+    /// the image dirty; see [`Inner::mark_clean_always`].
+    pub(crate) fn mark_clean(&mut self) -> Result<()> {
+        if !self.dirtied {
+            return Ok(());
+        }
+        self.mark_clean_always()
+    }
+
+    /// [`Inner::mark_clean`] whoever set the dirty bit (a repair that left
+    /// no error).
+    pub(crate) fn mark_clean_always(&mut self) -> Result<()> {
+        if self.read_only || !self.header.is_dirty() {
+            self.dirtied = false;
+            return Ok(());
+        }
+        self.flush_close()?;
+        let name = self.name.clone();
+        if self
+            .refs
+            .flush(&*self.file)
+            .map_err(|e| refcount_err(&name, e))?
+        {
+            self.stats.cache_flushes += 1;
+        }
+        // Unconditionally: refcount blocks evicted since the last sync are
+        // not tracked by any flag.
+        self.sync()?;
+        self.set_incompat_bit(qcow2_format::header::INCOMPAT_DIRTY, false)?;
+        self.dirtied = false;
+        Ok(())
     }
 
     /// Something was written that a flush must make durable.
@@ -39,8 +109,10 @@ impl Inner {
     }
 
     /// L2/L1 entries now depend on refcounts or data not yet durable.
-    pub(crate) fn set_alloc_unsynced(&mut self) {
+    pub(crate) fn set_alloc_unsynced(&mut self) -> Result<()> {
+        self.mark_dirty()?;
         self.sh.dur.depend_on_all();
+        Ok(())
     }
 
     /// Refcount decrements or hole punches were written.
@@ -48,11 +120,11 @@ impl Inner {
         self.sh.dur.wrote_optional();
     }
 
-    /// Before any L2 slice is written: refcounts of new clusters and their
-    /// data must be durable.
+    /// Before any L2 slice is written: refcounts of new clusters (unless
+    /// the image is marked dirty) and their data must be durable.
     pub(crate) fn prepare_l2_writeback(&mut self) -> Result<()> {
         let name = self.name.clone();
-        if self.refs.is_dirty() {
+        if self.refs.is_dirty() && self.accurate_refcounts() {
             self.refs
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?;
@@ -90,8 +162,9 @@ impl Inner {
             }
             // 3. L1 entries, after the tables they point at are durable.
             if !self.l1_dirty.is_empty() {
-                // New L2 tables and their refcounts before the L1 entries.
-                if self.refs.is_dirty() {
+                // New L2 tables and their refcounts before the L1 entries
+                // (with lazy refcounts, written when the table was allocated).
+                if self.refs.is_dirty() && self.accurate_refcounts() {
                     self.refs
                         .flush(&*self.file)
                         .map_err(|e| refcount_err(&name, e))?;
@@ -135,6 +208,7 @@ impl Inner {
         }
         if write_decrements
             && self.refs.is_dirty()
+            && self.accurate_refcounts()
             && self
                 .refs
                 .flush(&*self.file)

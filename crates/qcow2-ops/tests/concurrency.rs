@@ -481,6 +481,9 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
     let stats = img.stats();
     img.close().unwrap();
     let t_run = t0.elapsed();
+    // Closed: never left dirty (lazy refcounts are written back on close).
+    let hdr = std::fs::read(&img_path).unwrap();
+    assert_eq!(hdr[79] & 1, 0, "{name}: dirty bit set after close");
 
     match qemu_check_no_corruption(&img_path) {
         Ok(None) => {}
@@ -579,6 +582,20 @@ fn stress_64k_clusters() {
         Prep::Filled(0),
         0x64,
         500,
+    );
+}
+
+/// Lazy refcounts: the image turns dirty under concurrent allocating
+/// writes; close must leave exact refcounts and the bit clear.
+#[test]
+fn stress_lazy_refcounts() {
+    stress(
+        "lazy",
+        "cluster_size=4096,lazy_refcounts=on",
+        4 * K,
+        Prep::Filled(0),
+        0x1a2,
+        400,
     );
 }
 

@@ -117,7 +117,6 @@ const IGNORED: &[&str] = &[
     "node-name",
     "auto-read-only",
     "detect-zeroes",
-    "lazy-refcounts",
     "pass-discard-request",
     "pass-discard-snapshot",
     "pass-discard-other",
@@ -341,6 +340,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             }
             "read-only" => read_only = on_off(&k, &v)?,
             "force-share" => force_share = on_off(&k, &v)?,
+            "lazy-refcounts" => tuning.lazy_refcounts = Some(on_off(&k, &v)?),
             "aio" | "file.aio" => {
                 if !super::aio_mode_ok(&v) {
                     return Err(format!("Invalid aio option: {v}"));
@@ -690,7 +690,14 @@ fn open_qcow2(
         }
         None => Image::open(path, o),
     };
-    r.map_err(|e| match &e {
+    let img = r.map_err(|e| match &e {
+        qcow2_ops::Error::DirtyRepair { messages } => {
+            // What QEMU's check found, on stderr before the error.
+            for m in messages {
+                eprintln!("{m}");
+            }
+            error_text(&e)
+        }
         // QEMU's wording for a backing file that cannot be opened.
         qcow2_ops::Error::Io { context, source } => {
             match context
@@ -705,7 +712,15 @@ fn open_qcow2(
             }
         }
         _ => error_text(&e),
-    })
+    })?;
+    // A dirty image (lazy refcounts, then a crash) was repaired on open:
+    // QEMU prints what its check found and did on stderr.
+    if let Some(r) = img.open_repair() {
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
+    }
+    Ok(img)
 }
 
 /// A raw device through QEMU's protocol driver `proto`: `file` takes

@@ -337,3 +337,44 @@ pub fn keep_failure(name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&p, bytes).unwrap();
     p
 }
+
+/// Whether an image file's header has the dirty bit (lazy refcounts not
+/// written back).
+pub fn is_dirty(bytes: &[u8]) -> bool {
+    bytes.len() >= 80
+        && u32::from_be_bytes(bytes[4..8].try_into().unwrap()) >= 3
+        && bytes[79] & 1 != 0
+}
+
+/// A dirty image (refcounts left stale by lazy refcounts and a crash) as
+/// QEMU treats it: it must have the lazy refcounts bit, open read-only
+/// without repair, and be repaired by a read-write open of ours, which
+/// clears the dirty bit. Returns whether the image at `p` was dirty.
+pub fn repair_if_dirty(p: &Path) -> std::result::Result<bool, String> {
+    let bytes = std::fs::read(p).unwrap();
+    if !is_dirty(&bytes) {
+        return Ok(false);
+    }
+    if bytes[87] & 1 == 0 {
+        return Err("dirty bit set on an image without lazy refcounts".into());
+    }
+    let ro = Image::open(p, &OpenOptions::read_only())
+        .map_err(|e| format!("read-only open of the dirty image: {e}"))?;
+    let mut b = vec![0u8; 4096.min(ro.virtual_size() as usize)];
+    ro.read(0, &mut b)
+        .map_err(|e| format!("read-only read of the dirty image: {e}"))?;
+    drop(ro);
+    if !is_dirty(&std::fs::read(p).unwrap()) {
+        return Err("a read-only open cleared the dirty bit".into());
+    }
+    let rw = Image::open(p, &OpenOptions::read_write())
+        .map_err(|e| format!("read-write open (repair) of the dirty image: {e}"))?;
+    if rw.open_repair().is_none() {
+        return Err("a dirty image opened read-write without a repair".into());
+    }
+    rw.close().map_err(|e| format!("close after repair: {e}"))?;
+    if is_dirty(&std::fs::read(p).unwrap()) {
+        return Err("still dirty after the repairing open".into());
+    }
+    Ok(true)
+}
