@@ -1414,3 +1414,59 @@ fn nested_null_data_file_and_offset_zero() {
         stdout: true,
     });
 }
+
+/// blkdebug request limits above the image split write-zeroes and discard
+/// requests as QEMU's block layer does (pieces below the alignment are
+/// written as zeroes, or dropped for a discard): the image qemu-io leaves,
+/// map included.
+#[test]
+fn blkdebug_limits_split_zeroes_and_discards() {
+    let setup = |dir: &Path| {
+        qemu_create(dir, "base.qcow2", 128 << 20, &ImgOpts::default(), None);
+        qemu_io_script(dir, "base.qcow2", "qcow2", &sv(&["write -P 11 0 128M"])).ok("base");
+        let r = qemu_img(
+            dir,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=1M",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        qemu_io_script(dir, "top.qcow2", "qcow2", &sv(&["write -P 22 0 110M"])).ok("top");
+    };
+    let o = "driver=blkdebug,image.driver=qcow2";
+    for (name, limits, cmd) in [
+        (
+            "opt-write-zero",
+            "align=512,max-transfer=64k,opt-write-zero=1M",
+            "write -z 8003584 2093056",
+        ),
+        (
+            "15M write-zero",
+            "align=512,opt-write-zero=15M,max-write-zero=15M,opt-discard=15M,max-discard=15M",
+            "write -z 32M 32M",
+        ),
+        (
+            "15M discard",
+            "align=512,opt-write-zero=15M,max-write-zero=15M,opt-discard=15M,max-discard=15M",
+            "discard 80000001 30M",
+        ),
+    ] {
+        let open = format!("open -o {o},{limits} blkdebug::top.qcow2");
+        run_case(&Case {
+            name,
+            setup: &setup,
+            args: sv(&["-c", &open, "-c", cmd, "-c", "map"]),
+            images: vec![("top.qcow2", "qcow2")],
+            stdout: true,
+        });
+    }
+}

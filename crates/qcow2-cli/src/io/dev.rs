@@ -31,6 +31,8 @@ pub enum Dev {
         dev: Box<Dev>,
         /// The rules and their state.
         rules: std::sync::Arc<Rules>,
+        /// Its request limits.
+        limits: Limits,
     },
     /// QEMU's compress filter: every write is widened to whole clusters
     /// (the edges read as they are) and written compressed.
@@ -40,6 +42,107 @@ pub enum Dev {
         /// Its cluster size.
         cluster: u64,
     },
+}
+
+/// Request limits of a blkdebug node (bytes; 0: none): QEMU's block layer
+/// splits write-zeroes and discard requests to them before the node passes
+/// them on, and the node refuses pieces below its alignment (zeroes are
+/// then written as data, a discard is dropped).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// `align`: request alignment.
+    pub align: u64,
+    /// `max-transfer`.
+    pub max_transfer: u64,
+    /// `opt-write-zero`: preferred write-zeroes alignment.
+    pub opt_write_zero: u64,
+    /// `max-write-zero`.
+    pub max_write_zero: u64,
+    /// `opt-discard`: preferred discard alignment.
+    pub opt_discard: u64,
+    /// `max-discard`.
+    pub max_discard: u64,
+}
+
+impl Limits {
+    /// The pieces QEMU's block layer cuts a write-zeroes request into,
+    /// each with whether the node takes it as such (else it is written as
+    /// zeroes).
+    fn zero_pieces(&self, mut off: u64, mut len: u64) -> Vec<(u64, u64, bool)> {
+        let align = self.opt_write_zero.max(self.align).max(1);
+        let max = match self.max_write_zero {
+            0 => u64::MAX / 2,
+            m => m,
+        };
+        let max = (max / align * align).max(align);
+        let mut head = off % align;
+        let tail = (off + len) % align;
+        let mut out = Vec::new();
+        while len > 0 {
+            let mut num = len;
+            if head != 0 {
+                num = len.min(align - head);
+                if self.max_transfer != 0 {
+                    num = num.min(self.max_transfer);
+                }
+                head = (head + num) % align;
+            } else if tail != 0 && num > align {
+                num -= tail;
+            }
+            num = num.min(max);
+            out.push((off, num, num >= align));
+            off += num;
+            len -= num;
+        }
+        out
+    }
+
+    /// The discard pieces the node passes on (those below its request
+    /// alignment it drops).
+    fn discard_pieces(&self, mut off: u64, mut len: u64) -> Vec<(u64, u64)> {
+        let req = self.align.max(1);
+        let align = self.opt_discard.max(req);
+        let max = match self.max_discard {
+            0 => u64::MAX / 2,
+            m => m,
+        };
+        let max = (max / align * align).max(req);
+        let mut head = off % align;
+        let mut tail = (off + len) % align;
+        let mut out = Vec::new();
+        while len > 0 {
+            let mut num = len;
+            if head != 0 {
+                num = len.min(align - head);
+                if num % req != 0 {
+                    num %= req;
+                }
+                head = (head + num) % align;
+            } else if tail != 0 {
+                if num > align {
+                    num -= tail;
+                } else if tail % req != 0 && tail > req {
+                    tail %= req;
+                    num -= tail;
+                }
+            }
+            num = num.min(max);
+            if num >= req {
+                out.push((off, num));
+            }
+            off += num;
+            len -= num;
+        }
+        out
+    }
+
+    fn splits(&self) -> bool {
+        self.align > 1
+            || self.opt_write_zero != 0
+            || self.max_write_zero != 0
+            || self.opt_discard != 0
+            || self.max_discard != 0
+    }
 }
 
 fn injected(e: std::io::Error) -> Error {
@@ -84,7 +187,7 @@ impl Dev {
     /// The device reached a named point of its work (`cor_write`).
     pub fn event(&self, ev: DebugEvent) {
         match self {
-            Dev::Debug { dev, rules } => {
+            Dev::Debug { dev, rules, .. } => {
                 rules.event(ev);
                 dev.event(ev);
             }
@@ -118,7 +221,7 @@ impl Dev {
                 }
                 Ok(())
             }
-            Dev::Debug { dev, rules } => {
+            Dev::Debug { dev, rules, .. } => {
                 rules
                     .check(IoType::Read, off, buf.len() as u64)
                     .map_err(injected)?;
@@ -137,7 +240,7 @@ impl Dev {
             ),
             Dev::Raw { file, .. } => file.write_at(buf, off).map_err(|e| io_err("write", e)),
             Dev::Null { .. } => Ok(()),
-            Dev::Debug { dev, rules } => {
+            Dev::Debug { dev, rules, .. } => {
                 rules.event(DebugEvent::Pwritev);
                 rules
                     .check(IoType::Write, off, buf.len() as u64)
@@ -199,11 +302,33 @@ impl Dev {
                 Ok(())
             }
             Dev::Null { .. } => Ok(()),
-            Dev::Debug { dev, rules } => {
-                rules
-                    .check(IoType::WriteZeroes, off, len)
-                    .map_err(injected)?;
-                dev.write_zeroes(off, len, flags)
+            Dev::Debug { dev, rules, limits } => {
+                if !limits.splits() {
+                    rules
+                        .check(IoType::WriteZeroes, off, len)
+                        .map_err(injected)?;
+                    return dev.write_zeroes(off, len, flags);
+                }
+                for (o, n, as_zeroes) in limits.zero_pieces(off, len) {
+                    if as_zeroes {
+                        rules.check(IoType::WriteZeroes, o, n).map_err(injected)?;
+                        dev.write_zeroes(o, n, flags)?;
+                        continue;
+                    }
+                    // Refused by the node: zeroes written as data.
+                    let chunk = match limits.max_transfer {
+                        0 => n,
+                        m => m.min(n),
+                    };
+                    let mut pos = o;
+                    while pos < o + n {
+                        let k = chunk.min(o + n - pos);
+                        let zero = vec![0u8; k as usize];
+                        self.write(pos, &zero, flags & qcow2_ops::REQ_FUA)?;
+                        pos += k;
+                    }
+                }
+                Ok(())
             }
             Dev::Compress { dev, .. } => dev.write_zeroes(off, len, flags),
         }
@@ -222,9 +347,16 @@ impl Dev {
                 Ok(())
             }
             Dev::Null { .. } => Ok(()),
-            Dev::Debug { dev, rules } => {
-                rules.check(IoType::Discard, off, len).map_err(injected)?;
-                dev.discard(off, len)
+            Dev::Debug { dev, rules, limits } => {
+                if !limits.splits() {
+                    rules.check(IoType::Discard, off, len).map_err(injected)?;
+                    return dev.discard(off, len);
+                }
+                for (o, n) in limits.discard_pieces(off, len) {
+                    rules.check(IoType::Discard, o, n).map_err(injected)?;
+                    dev.discard(o, n)?;
+                }
+                Ok(())
             }
             Dev::Compress { dev, .. } => dev.discard(off, len),
         }
@@ -246,7 +378,7 @@ impl Dev {
                 Ok(())
             }
             Dev::Null { .. } => Ok(()),
-            Dev::Debug { dev, rules } => {
+            Dev::Debug { dev, rules, .. } => {
                 rules.event(DebugEvent::FlushToOs);
                 rules.event(DebugEvent::FlushToDisk);
                 rules.check(IoType::Flush, 0, 0).map_err(injected)?;
@@ -284,7 +416,7 @@ impl Dev {
             }
             // A raw file is allocated everywhere for QEMU.
             Dev::Raw { .. } | Dev::Null { .. } => Ok((true, len)),
-            Dev::Debug { dev, rules } => {
+            Dev::Debug { dev, rules, .. } => {
                 rules
                     .check(IoType::BlockStatus, off, len)
                     .map_err(injected)?;

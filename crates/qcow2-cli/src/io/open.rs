@@ -2,7 +2,7 @@
 //! `json:{...}` file names, `--image-opts` / `open -o` option strings,
 //! cache and discard modes, `-s` (a throw-away overlay) and `-r`.
 
-use super::dev::Dev;
+use super::dev::{Dev, Limits};
 use crate::{error_text, strerror};
 use qcow2_ops::io::{Blkdebug, DebugEvent, FileStorage, OpenMode, RawEvents, Rule, Rules, Storage};
 use qcow2_ops::{CacheMode, CreateOptions, DiscardMode, Image, OpenOptions, StorageLayer};
@@ -192,6 +192,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     // (`file.driver=blkdebug`, a `blkdebug:CONF:IMAGE` file name).
     let mut blkdebug = false;
     let mut above: Option<Vec<Rule>> = None;
+    let mut above_limits = Limits::default();
     let mut below: Option<Vec<Rule>> = None;
     let mut debug: Option<std::sync::Arc<Rules>> = None;
     if driver.as_deref() == Some("blkdebug") {
@@ -205,7 +206,9 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                 opts.insert(to.to_string(), v);
             }
         }
-        above = Some(blkdebug_options(&mut opts, "", &accepted_above)?);
+        let (rules, l) = blkdebug_node(&mut opts, "", &accepted_above)?;
+        above = Some(rules);
+        above_limits = l;
     }
     if file_driver.as_deref() == Some("blkdebug") {
         blkdebug = true;
@@ -582,6 +585,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             Dev::Debug {
                 dev: Box::new(dev),
                 rules,
+                limits: above_limits,
             }
         }
         None => dev,
@@ -630,23 +634,31 @@ fn blkdebug_options(
     prefix: &str,
     accepts: &dyn Fn(DebugEvent) -> bool,
 ) -> Result<Vec<Rule>, String> {
-    for limit in [
-        "align",
-        "max-transfer",
-        "opt-write-zero",
-        "max-write-zero",
-        "opt-discard",
-        "max-discard",
+    blkdebug_node(opts, prefix, accepts).map(|(rules, _)| rules)
+}
+
+/// [`blkdebug_options`] with the request limits.
+fn blkdebug_node(
+    opts: &mut BTreeMap<String, String>,
+    prefix: &str,
+    accepts: &dyn Fn(DebugEvent) -> bool,
+) -> Result<(Vec<Rule>, Limits), String> {
+    let mut l = Limits::default();
+    for (limit, field) in [
+        ("align", &mut l.align),
+        ("max-transfer", &mut l.max_transfer),
+        ("opt-write-zero", &mut l.opt_write_zero),
+        ("max-write-zero", &mut l.max_write_zero),
+        ("opt-discard", &mut l.opt_discard),
+        ("max-discard", &mut l.max_discard),
     ] {
         if let Some(v) = opts.remove(&format!("{prefix}{limit}")) {
-            if crate::num::parse_size(&v).is_err() {
-                return Err(format!(
-                    "Parameter '{limit}' expects a non-negative number below 2^64"
-                ));
-            }
+            *field = crate::num::parse_size(&v).map_err(|_| {
+                format!("Parameter '{limit}' expects a non-negative number below 2^64")
+            })?;
         }
     }
-    qcow2_ops::io::take_rules(opts, prefix, accepts)
+    Ok((qcow2_ops::io::take_rules(opts, prefix, accepts)?, l))
 }
 
 /// The rules of a blkdebug configuration file.
