@@ -42,13 +42,21 @@ pub(crate) fn open(
         let f = qcow2_io::StickySync::new(f, !opts.cache.direct());
         return Ok(Some(Arc::new(f)));
     }
+    // The name as given, for messages (QEMU's).
+    let given = match (&opts.data_file, h.data_file()) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => String::new(),
+    };
     let path = match (&opts.data_file, h.data_file()) {
         (Some(p), _) => p.clone(),
         (None, Some(n)) => crate::backing::resolve(image, n.as_bytes()),
         (None, None) => {
-            return Err(Error::Invalid(format!(
-                "'{name}': 'data-file' is required for this image"
-            )))
+            // QEMU's words, without the image name (EINVAL).
+            let _ = name;
+            return Err(Error::Format(qcow2_format::FormatError::Qemu(
+                "'data-file' is required for this image".into(),
+            )));
         }
     };
     let mode = OpenMode {
@@ -57,7 +65,7 @@ pub(crate) fn open(
         create: false,
     };
     let f = FileStorage::open(&path, mode)
-        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+        .map_err(|e| Error::io(format!("Could not open '{given}'"), e))?;
     let mut f: Box<dyn Storage> = Box::new(f);
     if let Some(layer) = &opts.data_file_layer {
         f = (layer.0)(f);

@@ -1363,7 +1363,34 @@ impl Inner {
             l2_entry_problem(e, self.geo.cluster_size())
         };
         if let Some(why) = problem {
-            let msg = if self.geo.extended_l2 {
+            let bitmap = self.geo.extended_l2 && e.bitmap_invalid_in(self.df);
+            let l2_off = self
+                .l1
+                .get(self.geo.l1_index(guest) as usize)
+                .map_or(0, |&l| L1Entry(l).l2_offset());
+            // C's %#x: no prefix for zero.
+            let c_hex = |v: u64| {
+                if v == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{v:#x}")
+                }
+            };
+            let idx = c_hex(self.geo.l2_index(guest));
+            let unaligned = why == "host offset is not cluster aligned";
+            let msg = if bitmap && l2_off != 0 {
+                // QEMU's words (its lookup finds the entry invalid).
+                format!(
+                    "{}: Invalid cluster entry found  (L2 offset: {l2_off:#x}, L2 index: {idx})",
+                    self.name
+                )
+            } else if unaligned && l2_off != 0 {
+                format!(
+                    "{}: Cluster allocation offset {:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {idx})",
+                    self.name,
+                    e.host_offset()
+                )
+            } else if self.geo.extended_l2 {
                 format!(
                     "{}: L2 entry for guest offset {guest:#x} ({:#x}, bitmap {:#x}): {why}",
                     self.name, e.raw, e.bitmap

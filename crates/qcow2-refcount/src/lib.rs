@@ -125,7 +125,9 @@ impl Refcounts {
                 slice_size: slice,
                 capacity: (cache_bytes / slice).max(4),
                 granularity,
-                load_event: Some(DebugEvent::RefblockLoad),
+                // Reported when a block is used for an update, not when it
+                // is read in (QEMU reads blocks for lookups silently).
+                load_event: None,
                 write_event: Some(DebugEvent::RefblockUpdatePart),
             }),
             free_hint: 0,
@@ -334,6 +336,10 @@ impl Refcounts {
             )));
         }
         storage.event(DebugEvent::RefblockAlloc);
+        let block = cluster / self.entries_per_block;
+        if self.table.get(block as usize).is_some_and(|&b| b != 0) {
+            storage.event(DebugEvent::RefblockLoad);
+        }
         let loc = match self.locate(storage, cluster)? {
             Some(l) => l,
             None => {
