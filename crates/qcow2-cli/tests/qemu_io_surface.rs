@@ -1470,3 +1470,56 @@ fn blkdebug_limits_split_zeroes_and_discards() {
         });
     }
 }
+
+/// Copy-on-write of subclusters of clusters shared with an internal
+/// snapshot (extended L2): the new cluster gets the span from the first
+/// allocated subcluster to the last, allocated, as in qemu-io (the map
+/// tells which subclusters are allocated).
+#[test]
+fn subcluster_cow_over_a_snapshot() {
+    let setup = |dir: &Path| {
+        let r = qemu_img(
+            dir,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                "img.qcow2",
+                "1M",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let mut script = Vec::new();
+        for c in 0..6u64 {
+            script.push(format!("write -q -z {}k 2k", 64 * c + 14));
+            script.push(format!("write -q -P {} {}k 2k", 0xd0 + c, 64 * c + 26));
+            script.push(format!("write -q -P {} {}k 2k", 0xe0 + c, 64 * c + 36));
+        }
+        qemu_io_script(dir, "img.qcow2", "qcow2", &script).ok("fill");
+        let r = qemu_img(dir, &["snapshot", "-c", "snap1", "img.qcow2"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    run_case(&Case {
+        name: "subcluster COW over a snapshot",
+        setup: &setup,
+        args: sv(&[
+            "-c",
+            "write -q -P 0xf0 30k 1k",
+            "-c",
+            "write -q -P 0xf1 84k 1k",
+            "-c",
+            "write -q -P 0xf2 168k 1k",
+            "-c",
+            "write -q -P 0xf3 218k 1k",
+            "-c",
+            "write -q -P 0xf4 270k 1k",
+            "-c",
+            "write -q -P 0xf5 321k 1k",
+            "img.qcow2",
+        ]),
+        images: vec![("img.qcow2", "qcow2")],
+        stdout: true,
+    });
+}

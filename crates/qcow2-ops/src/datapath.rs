@@ -573,10 +573,21 @@ impl Inner {
                 return Ok(());
             }
             let partial = start != in_c || end != in_c + n;
-            // A cluster shared with a snapshot: the copy gets the whole
-            // cluster as it reads now, then the touched subclusters.
+            // A cluster shared with a snapshot: as QEMU, the copy gets the
+            // span from the first allocated subcluster (or the write) to
+            // the last one (or the write's end) as it reads now, and that
+            // whole span is allocated in the new entry.
             let whole = !self.df && host != 0 && !reuse;
-            let (r0, r1) = if whole { (0, cs) } else { (start, end) };
+            let (r0, r1) = if whole {
+                let alloc = (e.bitmap & 0xffff_ffff) as u32;
+                let spc = (cs / sub) as u32;
+                let first = (s0 as u32).min(alloc.trailing_zeros());
+                let last =
+                    (s1 as u32 - 1).max(spc - 1 - (spc - s1 as u32).min(alloc.leading_zeros()));
+                (first as u64 * sub, (last as u64 + 1) * sub)
+            } else {
+                (start, end)
+            };
             let base = if whole || partial {
                 let mut b = ReadPlan::new();
                 self.plan_read(cg + r0, (r1 - r0) as usize, 0, &mut b)?;
@@ -593,7 +604,12 @@ impl Inner {
                 (c * cs, Some(c))
             };
             let mut bitmap = e.bitmap;
-            for s in s0..s1 {
+            let (b0, b1) = if whole {
+                (r0 / sub, r1 / sub)
+            } else {
+                (s0, s1)
+            };
+            for s in b0..b1 {
                 bitmap |= 1 << s;
                 bitmap &= !(1u64 << (32 + s));
             }
