@@ -210,6 +210,35 @@ fn run_case(c: &Case) -> Result<(), String> {
     Ok(())
 }
 
+/// A lazy-refcount image `t.qcow2` of `size` that qemu-io left dirty (the
+/// `script` ends with it killed), copied to `q.qcow2` and `o.qcow2`.
+/// Returns qemu-io's run.
+fn dirty_image(dir: &Path, size: &str, script: &[&str]) -> Run {
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1,lazy_refcounts=on",
+            "t.qcow2",
+            size,
+        ],
+    )
+    .ok("qemu-img create");
+    let r = qemu_io_script(dir, "t.qcow2", "qcow2", &cmds(script));
+    assert_eq!(
+        incompat(dir, "t.qcow2") & 1,
+        1,
+        "qemu-io left a clean image"
+    );
+    copy(dir, "t.qcow2", "q.qcow2");
+    copy(dir, "t.qcow2", "o.qcow2");
+    r
+}
+
 /// Each script through both tools: same dirty bit, same `qemu-img check`
 /// verdict (same stale refcounts), same data.
 #[test]
@@ -236,34 +265,12 @@ fn dirty_image_open_matches_qemu_io() {
     }
     let d = tmpdir();
     let dir = d.path();
-    qemu_img(
+    let r = dirty_image(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=1.1,lazy_refcounts=on",
-            "t.qcow2",
-            "128M",
-        ],
-    )
-    .ok("qemu-img create");
-    let r = qemu_io_script(
-        dir,
-        "t.qcow2",
-        "qcow2",
-        &cmds(&["write -P 0x5a 0 512", "write -P 0x5b 1M 64k", "sigraise 9"]),
+        "128M",
+        &["write -P 0x5a 0 512", "write -P 0x5b 1M 64k", "sigraise 9"],
     );
     assert_ne!(r.code, 0, "qemu-io was not killed");
-    assert_eq!(
-        incompat(dir, "t.qcow2") & 1,
-        1,
-        "qemu-io left a clean image"
-    );
-    copy(dir, "t.qcow2", "q.qcow2");
-    copy(dir, "t.qcow2", "o.qcow2");
     // Read-only: no repair, same data, still dirty.
     let read = cmds(&["read -P 0x5a 0 512", "read -P 0x5b 1M 64k"]);
     let mut qa = vec!["-r", "-f", "qcow2"];
@@ -312,33 +319,11 @@ fn dirty_image_open_matches_qemu_io() {
 fn check_repair_of_dirty_image_matches_qemu_img() {
     let d = tmpdir();
     let dir = d.path();
-    qemu_img(
+    let _ = dirty_image(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=1.1,lazy_refcounts=on",
-            "t.qcow2",
-            "128M",
-        ],
-    )
-    .ok("qemu-img create");
-    let _ = qemu_io_script(
-        dir,
-        "t.qcow2",
-        "qcow2",
-        &cmds(&["write -P 0x5a 0 512", "write -P 0x5b 64M 4k", "sigraise 9"]),
+        "128M",
+        &["write -P 0x5a 0 512", "write -P 0x5b 64M 4k", "sigraise 9"],
     );
-    assert_eq!(
-        incompat(dir, "t.qcow2") & 1,
-        1,
-        "qemu-io left a clean image"
-    );
-    copy(dir, "t.qcow2", "q.qcow2");
-    copy(dir, "t.qcow2", "o.qcow2");
     // Without repair: the same errors.
     let q = qemu_img(dir, &["check", "q.qcow2"]);
     let o = ours(dir, &["check", "o.qcow2"]);
@@ -361,33 +346,7 @@ fn check_repair_of_dirty_image_matches_qemu_img() {
 fn amend_of_dirty_image_matches_qemu_img() {
     let d = tmpdir();
     let dir = d.path();
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=1.1,lazy_refcounts=on",
-            "t.qcow2",
-            "64M",
-        ],
-    )
-    .ok("qemu-img create");
-    let _ = qemu_io_script(
-        dir,
-        "t.qcow2",
-        "qcow2",
-        &cmds(&["write -P 0x2a 0 128k", "flush", "sigraise 9"]),
-    );
-    assert_eq!(
-        incompat(dir, "t.qcow2") & 1,
-        1,
-        "qemu-io left a clean image"
-    );
-    copy(dir, "t.qcow2", "q.qcow2");
-    copy(dir, "t.qcow2", "o.qcow2");
+    let _ = dirty_image(dir, "64M", &["write -P 0x2a 0 128k", "flush", "sigraise 9"]);
     let q = qemu_img(dir, &["amend", "-o", "compat=0.10", "q.qcow2"]);
     let o = ours(dir, &["amend", "-o", "compat=0.10", "o.qcow2"]);
     assert!(q.stderr.contains("Rebuilding"), "qemu-img: {}", q.stderr);

@@ -164,26 +164,14 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         opts.remove("driver");
         copy_on_read = true;
         cor_filter = true;
-        opts = std::mem::take(&mut opts)
-            .into_iter()
-            .map(|(k, v)| match k.strip_prefix("file.") {
-                Some(rest) => (rest.to_string(), v),
-                None => (k, v),
-            })
-            .collect();
+        lift(&mut opts, "file.", "");
     }
     // QEMU's compress filter over a qcow2 image.
     let mut compress = false;
     if opts.get("driver").map(String::as_str) == Some("compress") {
         opts.remove("driver");
         compress = true;
-        opts = std::mem::take(&mut opts)
-            .into_iter()
-            .map(|(k, v)| match k.strip_prefix("file.") {
-                Some(rest) => (rest.to_string(), v),
-                None => (k, v),
-            })
-            .collect();
+        lift(&mut opts, "file.", "");
     }
     let mut driver = opts.remove("driver");
     let mut file_driver = opts.remove("file.driver");
@@ -241,13 +229,7 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
     if opts.get("data-file.driver").map(String::as_str) == Some("raw") {
         opts.remove("data-file.driver");
         df_raw = true;
-        opts = std::mem::take(&mut opts)
-            .into_iter()
-            .map(|(k, v)| match k.strip_prefix("data-file.file.") {
-                Some(rest) => (format!("data-file.{rest}"), v),
-                None => (k, v),
-            })
-            .collect();
+        lift(&mut opts, "data-file.file.", "data-file.");
     }
     if opts.get("data-file.driver").map(String::as_str) == Some("blkdebug") {
         opts.remove("data-file.driver");
@@ -605,6 +587,18 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         copy_on_read,
         spec: spec.clone(),
     })
+}
+
+/// Renames the options under `from` to be under `to`: a filter node's
+/// child options move up to where the node was.
+fn lift(opts: &mut BTreeMap<String, String>, from: &str, to: &str) {
+    *opts = std::mem::take(opts)
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix(from) {
+            Some(rest) => (format!("{to}{rest}"), v),
+            None => (k, v),
+        })
+        .collect();
 }
 
 /// Events a blkdebug layer under the image file sees: what the engine
