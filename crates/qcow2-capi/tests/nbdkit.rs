@@ -1608,7 +1608,7 @@ fn options_and_errors() {
     );
     // The engine's own message (qcow2_last_error), not only the errno text.
     assert!(
-        log.contains("qcow2_read: ") && log.contains("not cluster aligned"),
+        log.contains("qcow2_read: ") && log.contains("Cluster allocation offset 0x12200 unaligned"),
         "the server log lacks libqcow2's message:\n{log}"
     );
 }

@@ -1523,3 +1523,152 @@ fn subcluster_cow_over_a_snapshot() {
         stdout: true,
     });
 }
+
+/// An NBD export (`nbd:unix:SOCKET`, `nbd+unix:///?socket=`) served by
+/// qemu-nbd, opened raw or as qcow2 by qemu-io and by ours: the same
+/// reads, `info`, writes (then the same image), and QEMU's errors for a
+/// missing server and for writing to a read-only export.
+#[test]
+fn nbd_exports() {
+    if !tool_or_skip("qemu-nbd", &["--version"], "NBD client") {
+        return;
+    }
+    let d = tmpdir();
+    let dir = d.path();
+    plain(dir);
+    copy(dir, "img.qcow2", "q.qcow2");
+    copy(dir, "img.qcow2", "o.qcow2");
+    let serve = |image: &str, sock: &str, extra: &[&str]| {
+        let _ = std::fs::remove_file(dir.join(sock));
+        let path = dir.join(sock).display().to_string();
+        let mut args = vec!["-t", "-k", path.as_str(), "-f", "qcow2"];
+        args.extend(extra);
+        args.push(image);
+        let child = std::process::Command::new("qemu-nbd")
+            .current_dir(dir)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        let server = KillOnDrop(child);
+        for _ in 0..250 {
+            if dir.join(sock).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(dir.join(sock).exists(), "qemu-nbd did not start");
+        server
+    };
+    let ro = serve("img.qcow2", "ro.sock", &["-r"]);
+    // The image file itself exported raw: qcow2 over NBD.
+    let file = serve("img.qcow2", "file.sock", &["-r", "-f", "raw"]);
+    let file_name = format!("nbd:unix:{}", dir.join("file.sock").display());
+    let ro_name = format!("nbd:unix:{}", dir.join("ro.sock").display());
+    let uri = format!("nbd+unix:///?socket={}", dir.join("ro.sock").display());
+    for (args, what) in [
+        (
+            vec![
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                "read -P 0x11 0 4k",
+                "-c",
+                "info",
+                &ro_name,
+            ],
+            "raw read-only",
+        ),
+        (
+            vec![
+                "-r",
+                "-c",
+                "read -P 0x12 4M 64k",
+                "-c",
+                "read -P 0 1M 64k",
+                &uri,
+            ],
+            "URI, format probed",
+        ),
+        (
+            vec!["-f", "raw", "-c", "read 0 512", &ro_name],
+            "read-only export opened read-write",
+        ),
+        (
+            vec![
+                "-r",
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x11 0 192k",
+                "-c",
+                "map",
+                &file_name,
+            ],
+            "qcow2 over NBD",
+        ),
+        (
+            vec![
+                "-f",
+                "raw",
+                "-c",
+                "read 0 512",
+                "nbd:unix:/nonexistent.sock",
+            ],
+            "no server",
+        ),
+    ] {
+        let q = qemu_io(dir, &args);
+        let mut oa = vec!["io"];
+        oa.extend(&args);
+        let o = ours(dir, &oa);
+        assert_eq!(filtered(&o.stdout), filtered(&q.stdout), "{what}: stdout");
+        assert_eq!(
+            o.stderr.replace("qcow2:", "qemu-io:"),
+            q.stderr,
+            "{what}: stderr"
+        );
+        assert_eq!(o.code, q.code, "{what}: exit status");
+    }
+    drop(ro);
+    drop(file);
+    // Writes through a writable export, each tool on its own copy.
+    for (image, who) in [("q.qcow2", "qemu"), ("o.qcow2", "ours")] {
+        let rw = serve(image, "rw.sock", &[]);
+        let name = format!("nbd:unix:{}", dir.join("rw.sock").display());
+        let cmds = [
+            "-c",
+            "write -P 0x66 100000 70000",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x66 100000 70000",
+        ];
+        let mut args = vec!["-f", "raw"];
+        args.extend(cmds);
+        args.push(&name);
+        let r = if who == "qemu" {
+            qemu_io(dir, &args)
+        } else {
+            let mut oa = vec!["io"];
+            oa.extend(&args);
+            ours(dir, &oa)
+        };
+        assert_eq!(r.code, 0, "{who}: {}{}", r.stdout, r.stderr);
+        drop(rw);
+    }
+    let cmp = qemu_img(dir, &["compare", "q.qcow2", "o.qcow2"]);
+    assert_eq!(cmp.code, 0, "images differ: {}{}", cmp.stdout, cmp.stderr);
+}
+
+/// A server process killed when the test ends, panicking or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

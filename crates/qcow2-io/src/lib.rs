@@ -18,6 +18,7 @@ mod events;
 mod fault;
 mod file;
 mod mem;
+mod nbd;
 
 pub use blkdebug::{take_rules, Action, Blkdebug, IoType, RawEvents, Rule, Rules};
 #[cfg(any(test, feature = "test-support"))]
@@ -27,6 +28,7 @@ pub use events::DebugEvent;
 pub use fault::{FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenMode};
 pub use mem::{MemStorage, NullStorage};
+pub use nbd::{parse_nbd_name, NbdAddress, NbdStorage};
 
 use std::io;
 use std::sync::atomic::Ordering;

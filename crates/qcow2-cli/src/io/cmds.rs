@@ -442,7 +442,12 @@ fn info(ctx: &Ctx) -> bool {
                 out!("    data file: {d}");
             }
         }
-        Dev::Raw { .. } => {
+        Dev::Raw { protocol_info, .. } => {
+            if !*protocol_info {
+                // No driver information (an NBD export): qemu-io fails
+                // after the format name.
+                return false;
+            }
             out!("cluster size: 0 bytes");
             out!("vm state offset: 0 bytes");
         }

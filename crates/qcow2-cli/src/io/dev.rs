@@ -1,7 +1,7 @@
 //! The device `qcow2 io` works on: a qcow2 image through the engine or a
 //! raw file (guest offset == file offset).
 
-use qcow2_ops::io::{DebugEvent, FileStorage, IoType, Rules, Storage};
+use qcow2_ops::io::{DebugEvent, IoType, Rules, Storage};
 use qcow2_ops::{Error, Image, MapEntry, Result, REQ_MAY_UNMAP};
 
 /// A qcow2 image or a raw file.
@@ -11,11 +11,14 @@ pub enum Dev {
     /// A plain file.
     Raw {
         /// The file.
-        file: FileStorage,
+        file: Box<dyn Storage>,
         /// Discard requests punch holes (discard=unmap).
         unmap: bool,
         /// Flushes reach the disk (not cache.no-flush / cache=unsafe).
         flush: bool,
+        /// The protocol below has driver information for `info` (a file
+        /// has, an NBD export has not).
+        protocol_info: bool,
     },
     /// QEMU's `null-co` driver: reads zeroes, writes go nowhere.
     Null {

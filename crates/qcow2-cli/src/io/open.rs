@@ -4,7 +4,10 @@
 
 use super::dev::{Dev, Limits};
 use crate::{error_text, strerror};
-use qcow2_ops::io::{Blkdebug, DebugEvent, FileStorage, OpenMode, RawEvents, Rule, Rules, Storage};
+use qcow2_ops::io::{
+    Blkdebug, DebugEvent, FileStorage, NbdAddress, NbdStorage, OpenMode, RawEvents, Rule, Rules,
+    Storage,
+};
 use qcow2_ops::{CacheMode, CreateOptions, DiscardMode, Image, OpenOptions, StorageLayer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -482,13 +485,39 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
         filename = f.to_string();
     }
     let path = PathBuf::from(&filename);
-    let fmt = match driver.as_deref() {
-        Some(f) => f.to_string(),
-        None => crate::disk::probe(&path).map_err(|f| f.msg)?.to_string(),
-    };
     tuning.writable = !read_only;
     tuning.cache = cache;
     tuning.discard = discard;
+    // An NBD export (QEMU's nbd protocol driver): raw, or an image format
+    // on top of it.
+    let mut nbd: Option<NbdStorage> = None;
+    if let Some(r) = qcow2_ops::io::parse_nbd_name(&filename) {
+        let (addr, export) = r?;
+        let n = NbdStorage::connect(&addr, &export).map_err(|e| {
+            format!(
+                "Failed to connect to '{}': {}",
+                match &addr {
+                    NbdAddress::Unix(p) => p.clone(),
+                    NbdAddress::Tcp(h, port) => format!("{h}:{port}"),
+                },
+                e.raw_os_error().map_or_else(|| e.to_string(), strerror)
+            )
+        })?;
+        if n.read_only() && !read_only {
+            return Err("Could not open image: Permission denied".into());
+        }
+        nbd = Some(n);
+    }
+    let fmt = match (driver.as_deref(), &nbd) {
+        (Some(f), _) => f.to_string(),
+        (None, Some(n)) => {
+            let mut m = [0u8; 4];
+            n.read_at(&mut m, 0)
+                .map_err(|e| format!("Could not read image for determining its format: {e}"))?;
+            if &m == b"QFI\xfb" { "qcow2" } else { "raw" }.to_string()
+        }
+        (None, None) => crate::disk::probe(&path).map_err(|f| f.msg)?.to_string(),
+    };
     if fmt == "null-co" {
         let size = match opts_size {
             Some(v) => crate::num::parse_size(&v).map_err(|_| {
@@ -504,44 +533,56 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             spec: spec.clone(),
         });
     }
-    let dev = match fmt.as_str() {
-        "qcow2" if spec.snapshot => open_snapshot(&path, "qcow2", &tuning)?,
-        "raw" | "file" if spec.snapshot => open_snapshot(&path, "raw", &tuning)?,
-        "qcow2" => {
-            // QEMU's cache limits: at most INT_MAX cache entries.
-            if let Some(cs) = peek_cluster_size(&path) {
-                let e = entry_size.map_or(cs, |e| e as u64).max(1);
-                if (sizes.contains_key("l2-cache-size") || sizes.contains_key("cache-size"))
-                    && tuning.l2_cache_bytes as u64 / e > i32::MAX as u64
-                {
-                    return Err("L2 cache size too big".into());
+    let dev = match (fmt.as_str(), nbd) {
+        ("raw", Some(n)) => Dev::Raw {
+            file: Box::new(n),
+            unmap: discard == DiscardMode::Unmap,
+            flush: cache != CacheMode::Unsafe,
+            protocol_info: false,
+        },
+        ("qcow2", Some(n)) => Dev::Qcow2(Box::new(
+            Image::open_with_storage(Box::new(n), &path, &tuning).map_err(|e| error_text(&e))?,
+        )),
+        (other, Some(_)) => return Err(format!("Unknown driver '{other}'")),
+        (_, None) => match fmt.as_str() {
+            "qcow2" if spec.snapshot => open_snapshot(&path, "qcow2", &tuning)?,
+            "raw" | "file" if spec.snapshot => open_snapshot(&path, "raw", &tuning)?,
+            "qcow2" => {
+                // QEMU's cache limits: at most INT_MAX cache entries.
+                if let Some(cs) = peek_cluster_size(&path) {
+                    let e = entry_size.map_or(cs, |e| e as u64).max(1);
+                    if (sizes.contains_key("l2-cache-size") || sizes.contains_key("cache-size"))
+                        && tuning.l2_cache_bytes as u64 / e > i32::MAX as u64
+                    {
+                        return Err("L2 cache size too big".into());
+                    }
+                    if tuning.refcount_cache_bytes as u64 / cs > i32::MAX as u64 {
+                        return Err("Refcount cache size too big".into());
+                    }
                 }
-                if tuning.refcount_cache_bytes as u64 / cs > i32::MAX as u64 {
-                    return Err("Refcount cache size too big".into());
-                }
-            }
-            let below = below.take().map(|r| std::sync::Arc::new(Rules::new(r)));
-            debug = below.clone();
-            let img = if nested {
-                let inner = open_qcow2(&path, &tuning, below)?;
-                Image::open_with_storage(Box::new(inner), &path, &tuning)
-                    .map_err(|e| error_text(&e))?
-            } else {
-                open_qcow2(&path, &tuning, below)?
-            };
-            if let Some(e) = entry_size {
-                let cs = img.cluster_size();
-                if !e.is_power_of_two() || e < 512 || e as u64 > cs {
-                    let _ = img.close();
-                    return Err(format!(
+                let below = below.take().map(|r| std::sync::Arc::new(Rules::new(r)));
+                debug = below.clone();
+                let img = if nested {
+                    let inner = open_qcow2(&path, &tuning, below)?;
+                    Image::open_with_storage(Box::new(inner), &path, &tuning)
+                        .map_err(|e| error_text(&e))?
+                } else {
+                    open_qcow2(&path, &tuning, below)?
+                };
+                if let Some(e) = entry_size {
+                    let cs = img.cluster_size();
+                    if !e.is_power_of_two() || e < 512 || e as u64 > cs {
+                        let _ = img.close();
+                        return Err(format!(
                         "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
                     ));
+                    }
                 }
+                Dev::Qcow2(Box::new(img))
             }
-            Dev::Qcow2(Box::new(img))
-        }
-        "raw" | "file" | "host_device" | "host_cdrom" => open_raw(&path, &tuning, &fmt)?,
-        other => return Err(format!("Unknown driver '{other}'")),
+            "raw" | "file" | "host_device" | "host_cdrom" => open_raw(&path, &tuning, &fmt)?,
+            other => return Err(format!("Unknown driver '{other}'")),
+        },
     };
     if below.is_some_and(|r| !r.is_empty()) {
         return Err(format!(
@@ -764,9 +805,10 @@ fn open_raw(path: &Path, o: &OpenOptions, proto: &str) -> Result<Dev, String> {
         return Err(could_not_open(path, e.raw_os_error().unwrap_or(5)));
     }
     Ok(Dev::Raw {
-        file,
+        file: Box::new(file),
         unmap: o.discard == DiscardMode::Unmap,
         flush: o.cache != CacheMode::Unsafe,
+        protocol_info: true,
     })
 }
 
