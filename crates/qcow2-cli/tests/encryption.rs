@@ -471,7 +471,7 @@ fn convert_and_compare_with_secrets() {
         a.extend(["-O", "raw", "--object", OBJ, "--image-opts", &s, out]);
         run_in(dir, prog, &a).ok("convert to raw");
     }
-    assert!(std::fs::read(dir.join("q.raw")).unwrap() == std::fs::read(dir.join("o.raw")).unwrap());
+    assert_same_bytes(dir, "q.raw", "o.raw", "raw images converted back");
     let r = ours(
         dir,
         &[

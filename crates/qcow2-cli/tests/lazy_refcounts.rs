@@ -332,11 +332,7 @@ fn check_repair_of_dirty_image_matches_qemu_img() {
     let o = ours(dir, &["check", "-r", "all", "o.qcow2"]);
     assert_same_run(&q, &o, "qemu-img", "check -r all of a dirty image");
     assert_eq!(incompat(dir, "q.qcow2"), incompat(dir, "o.qcow2"));
-    assert_eq!(
-        std::fs::read(dir.join("q.qcow2")).unwrap(),
-        std::fs::read(dir.join("o.qcow2")).unwrap(),
-        "the repaired images differ"
-    );
+    assert_same_bytes(dir, "q.qcow2", "o.qcow2", "the repaired images differ");
 }
 
 /// `qcow2 amend -o compat=0.10` of a dirty image left by qemu-io: repaired
@@ -351,11 +347,7 @@ fn amend_of_dirty_image_matches_qemu_img() {
     let o = ours(dir, &["amend", "-o", "compat=0.10", "o.qcow2"]);
     assert!(q.stderr.contains("Rebuilding"), "qemu-img: {}", q.stderr);
     assert_same_run(&q, &o, "qemu-img", "amend of a dirty image");
-    assert_eq!(
-        std::fs::read(dir.join("q.qcow2")).unwrap(),
-        std::fs::read(dir.join("o.qcow2")).unwrap(),
-        "the amended images differ"
-    );
+    assert_same_bytes(dir, "q.qcow2", "o.qcow2", "the amended images differ");
 }
 
 /// A dirty image whose repair on open fails (a refcount table entry QEMU

@@ -431,11 +431,7 @@ fn snapshot_mode_leaves_the_image_alone() {
     }
     a.push("top.qcow2");
     ours(dir, &a).ok("qcow2 io -s");
-    assert_eq!(
-        std::fs::read(dir.join("top.qcow2")).unwrap(),
-        std::fs::read(dir.join("orig.qcow2")).unwrap(),
-        "-s changed the image"
-    );
+    assert_same_bytes(dir, "top.qcow2", "orig.qcow2", "-s changed the image");
 }
 
 #[test]

@@ -574,3 +574,21 @@ pub fn assert_same_run(q: &Run, o: &Run, prog: &str, what: &str) {
         "{what}: stderr"
     );
 }
+
+/// Asserts that files `a` and `b` in `dir` are byte for byte equal; on a
+/// difference, tells the first differing offset and the lengths (not the
+/// whole contents).
+pub fn assert_same_bytes(dir: &Path, a: &str, b: &str, what: &str) {
+    let (x, y) = (
+        std::fs::read(dir.join(a)).expect("read first file"),
+        std::fs::read(dir.join(b)).expect("read second file"),
+    );
+    if x != y {
+        let at = x.iter().zip(&y).position(|(p, q)| p != q);
+        panic!(
+            "{what}: {a} and {b} differ (first at {at:?}; lengths {} and {})",
+            x.len(),
+            y.len()
+        );
+    }
+}
