@@ -844,6 +844,31 @@ fn vmstate_and_source_file() {
         images: vec![("img.qcow2", "qcow2")],
         stdout: true,
     });
+    // 512-byte clusters: the L1 table that grows to reach the VM state
+    // takes more clusters than one refcount block describes, so that
+    // block cannot describe itself (it goes after the run).
+    run_case(&Case {
+        name: "vmstate with 512-byte clusters",
+        setup: &|d: &Path| {
+            let o = ImgOpts {
+                cluster_size: 512,
+                ..ImgOpts::default()
+            };
+            qemu_create(d, "small.qcow2", 1 << 30, &o, None);
+        },
+        args: with(
+            &["-f", "qcow2"],
+            &[
+                "write -b -P 0x61 0 1M",
+                "read -b -P 0x61 0 1M",
+                "write -P 0x62 1020M 1M",
+                "read -P 0x62 1020M 1M",
+            ],
+            &["small.qcow2"],
+        ),
+        images: vec![("small.qcow2", "qcow2")],
+        stdout: true,
+    });
 }
 
 /// Header fields QEMU refuses, each poked into an image qemu-img made:

@@ -513,25 +513,39 @@ impl Refcounts {
         }
         let epb = self.entries_per_block;
         let first = block * epb;
+        let cs = self.cluster_size();
         // Every cluster of an uncovered block has refcount zero: take the
         // first one the caller does not need. It describes itself.
         let mut r = first;
         while avoid.contains(&r) {
             r += 1;
         }
-        if r >= first + epb {
-            return Err(RefcountError::NoSpace(
-                "no room for a refcount block".into(),
-            ));
+        let self_described = r < first + epb;
+        if !self_described {
+            // The caller is about to use every cluster this block describes
+            // (a run longer than one block covers): the block goes to the
+            // first free cluster after the run, counted in the block that
+            // covers that place (made first if need be). The clusters in
+            // between are in use, so avoiding them too changes nothing.
+            r = avoid.end;
+            while self.get(storage, r)? != 0 {
+                r += 1;
+            }
+            self.refuse_overlap(r * cs, cs, "new refcount block", guard)?;
+            self.set_guarded(storage, r, 1, avoid.start..r + 1, guard)?;
+            if self.table.get(block as usize).is_some_and(|&b| b != 0) {
+                return Ok(());
+            }
         }
-        let cs = self.cluster_size();
         let boff = r * cs;
         // Its refcount reads as zero only because no block covers it: it
         // may still hold metadata whose refcount was lost.
-        self.refuse_overlap(boff, cs, "new refcount block", guard)?;
+        if self_described {
+            self.refuse_overlap(boff, cs, "new refcount block", guard)?;
+        }
         self.table[block as usize] = boff;
         self.blocks.insert(boff);
-        match self.publish_block(storage, block, boff, r) {
+        match self.publish_block(storage, block, boff, self_described.then_some(r)) {
             Ok(synced) => synced,
             Err(e) => {
                 // The table entry did not reach the file: forget the block, so
@@ -544,7 +558,8 @@ impl Refcounts {
         }
     }
 
-    /// Writes a new self-describing block and then the table entry for it.
+    /// Writes a new block (counting itself when it is cluster `own`, else
+    /// counted already in another block) and then the table entry for it.
     /// Outer error: nothing was made reachable; inner error: the entry was
     /// written but the final sync failed.
     fn publish_block(
@@ -552,13 +567,15 @@ impl Refcounts {
         storage: &dyn Storage,
         block: u64,
         boff: u64,
-        r: u64,
+        own: Option<u64>,
     ) -> Result<Result<()>> {
         self.zero_block_in_cache(storage, boff)?;
-        let (id, i) = self
-            .locate(storage, r)?
-            .ok_or_else(|| RefcountError::Corrupt("new block not found".into()))?;
-        self.set_covered(id, i, 1);
+        if let Some(r) = own {
+            let (id, i) = self
+                .locate(storage, r)?
+                .ok_or_else(|| RefcountError::Corrupt("new block not found".into()))?;
+            self.set_covered(id, i, 1);
+        }
         // The block must be on disk before the table entry that points at it.
         storage.event(DebugEvent::RefblockAllocWrite);
         self.cache.flush(storage)?;
@@ -786,6 +803,39 @@ mod tests {
             r.set(&st, c, 1, 0..0).unwrap();
         }
         (st, r)
+    }
+
+    #[test]
+    fn run_longer_than_a_block_covers() {
+        // 16-bit refcounts: a 512-byte block describes 256 clusters. A run
+        // of 600 covers block 1's whole range, so that block cannot
+        // describe itself and goes after the run.
+        let (st, mut r) = setup(4);
+        let start = r.alloc(&st, 600).unwrap();
+        assert_eq!(start, 3);
+        r.flush(&st).unwrap();
+        let blocks: Vec<u64> = r.table().iter().copied().filter(|&b| b != 0).collect();
+        assert_eq!(blocks.len(), 3, "{blocks:x?}");
+        for &b in &blocks {
+            assert!(
+                !(start * CS..(start + 600) * CS).contains(&b),
+                "block {b:#x} inside the run"
+            );
+        }
+        let (toff, tclusters) = r.table_location();
+        let mut again = Refcounts::load(&st, 9, 4, toff, tclusters, 4096, 512).unwrap();
+        for c in start..start + 600 {
+            assert_eq!(again.get(&st, c).unwrap(), 1, "cluster {c}");
+        }
+        for &b in &blocks {
+            assert_eq!(again.get(&st, b / CS).unwrap(), 1, "block at {b:#x}");
+        }
+        let mut used = 0;
+        for c in 0..2000 {
+            used += again.get(&st, c).unwrap();
+        }
+        // header, table, blocks and the run: nothing leaked, nothing lost.
+        assert_eq!(used, 2 + blocks.len() as u64 + 600);
     }
 
     #[test]
