@@ -49,8 +49,48 @@ pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
         None => false,
     });
     if !kept {
-        let _ = writeln!(std::io::stdout(), "{args}");
+        out_bytes(format!("{args}\n").as_bytes());
     }
+}
+
+/// qemu-io's stdout as C stdio keeps it: fully buffered (4 KiB blocks,
+/// the rest at exit) when it is not a terminal (nor `stdbuf -oL`), so what goes to stderr
+/// meanwhile (errors at close, ...) comes first in a shared pipe, as
+/// scripts and QEMU's tests see it. `None`: a terminal, line buffered.
+static OUT: std::sync::Mutex<Option<Vec<u8>>> = std::sync::Mutex::new(None);
+
+/// C stdio's buffer for a pipe or file (`st_blksize`).
+const OUT_BLOCK: usize = 4096;
+
+/// Writes to qemu-io's stdout (see [`OUT`]).
+pub(crate) fn out_bytes(b: &[u8]) {
+    let mut g = OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut so = std::io::stdout();
+    match g.as_mut() {
+        None => {
+            let _ = so.write_all(b);
+        }
+        Some(buf) => {
+            buf.extend_from_slice(b);
+            if buf.len() >= OUT_BLOCK {
+                let n = buf.len() / OUT_BLOCK * OUT_BLOCK;
+                let _ = so.write_all(&buf[..n]);
+                let _ = so.flush();
+                buf.drain(..n);
+            }
+        }
+    }
+}
+
+/// Writes out what qemu-io's stdout holds (`fflush(stdout)`).
+pub(crate) fn out_flush() {
+    let mut g = OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut so = std::io::stdout();
+    if let Some(buf) = g.as_mut() {
+        let _ = so.write_all(buf);
+        buf.clear();
+    }
+    let _ = so.flush();
 }
 
 /// Runs `f`, returning what it printed with `out!` instead of printing it.
@@ -138,7 +178,7 @@ impl Aio {
         }
         for t in self.running.drain(..) {
             if let Ok(text) = t.join() {
-                let _ = write!(std::io::stdout(), "{text}");
+                out_bytes(text.as_bytes());
             }
         }
     }
@@ -1227,6 +1267,19 @@ pub(crate) fn aio_mode_ok(m: &str) -> bool {
 /// `qcow2 io ARGS` or `qemu-io ARGS` (a link named qemu-io): `prog` is the
 /// program's name for messages. Returns the exit status.
 pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
+    use std::io::IsTerminal as _;
+    // As a C program: `stdbuf -oL` / `-o0` (which say so in `_STDBUF_O`)
+    // make stdout line buffered or unbuffered (every line is written at once).
+    let line_mode = matches!(std::env::var("_STDBUF_O").as_deref(), Ok("L") | Ok("0"));
+    if !line_mode && !std::io::stdout().is_terminal() {
+        *OUT.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+    let code = main_args_buffered(prog_name, args);
+    out_flush();
+    code
+}
+
+fn main_args_buffered(prog_name: &str, args: &[String]) -> u8 {
     let _ = PROG.set(prog_name.to_string());
     let (opts, pos) = match getopt_long(args) {
         Ok(p) => p,
@@ -1370,8 +1423,8 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().lines();
         loop {
-            let _ = write!(std::io::stdout(), "{}> ", prog());
-            let _ = std::io::stdout().flush();
+            out_bytes(format!("{}> ", prog()).as_bytes());
+            out_flush();
             let Some(Ok(line)) = lines.next() else { break };
             match run_line(&mut ctx, line.trim()) {
                 Outcome::Ok => {}
@@ -1400,11 +1453,11 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
             }
             print_stats(img, fmt);
         }
-        if let Err(e) = o.close() {
-            ok &= report_close_error(&name, &e);
+        if let Err((e, tables_dirty)) = o.close() {
+            ok &= report_close_error(&name, &e, tables_dirty);
         }
     }
-    let _ = std::io::stdout().flush();
+    out_flush();
     if ok {
         0
     } else {
@@ -1433,10 +1486,16 @@ pub(crate) fn offset_and_length(pos: &[String], limit: Option<&str>) -> Option<(
 /// failing the program (a persistent error fails both). Other errors are
 /// told with the image name and fail the program. Returns whether the
 /// program may still succeed.
-pub(crate) fn report_close_error(name: &str, e: &qcow2_ops::Error) -> bool {
+pub(crate) fn report_close_error(name: &str, e: &qcow2_ops::Error, tables_dirty: bool) -> bool {
     if let qcow2_ops::Error::Io { source, .. } = e {
         let text = strerror(source.raw_os_error().unwrap_or(5));
-        report_err!("Failed to flush the L2 table cache: {text}");
+        // Each cache's flush ends with a flush of the file, which fails
+        // too when the file does; a write refused by the overlap check
+        // fails only the caches with something to write (the L2 cache's
+        // dirty tables flush their refcounts first).
+        if tables_dirty || !e.is_overlap_check() {
+            report_err!("Failed to flush the L2 table cache: {text}");
+        }
         report_err!("Failed to flush the refcount block cache: {text}");
         return true;
     }

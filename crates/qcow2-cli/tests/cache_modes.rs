@@ -16,8 +16,8 @@
 //! punches of freed clusters unsynced by design (DESIGN.md: they only ever
 //! leak clusters in a crash), after the L2 change that makes the request
 //! durable has been synced.
-//! qemu-io's stdout is made line-buffered with stdbuf so that each result
-//! line is its own write(2). Needs strace, stdbuf, qemu-img and qemu-io
+//! Both programs' stdout is made line-buffered with stdbuf so that each
+//! result line is its own write(2) (ours honours stdbuf's `_STDBUF_O`). Needs strace, stdbuf, qemu-img and qemu-io
 //! (missing: fails under CI, else prints "skipped").
 
 mod common;
@@ -192,7 +192,7 @@ fn cache_modes_match_qemu_io() {
             continue;
         }
         let qt = traced(dir, &["stdbuf", "-oL", "qemu-io"], mode, &q);
-        let ot = traced(dir, &[qcow2_bin(), "io"], mode, &o);
+        let ot = traced(dir, &["stdbuf", "-oL", qcow2_bin(), "io"], mode, &o);
         println!(
             "-t {mode:<12} qemu-io: O_DIRECT {:<5} {:>2} writes {:>2} syncs {} acks, {} acked unsynced | \
              qcow2: O_DIRECT {:<5} {:>2} writes {:>2} syncs {} acks, {} acked unsynced",

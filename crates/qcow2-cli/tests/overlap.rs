@@ -465,3 +465,269 @@ fn new_refcount_block_never_lands_on_an_l2_table() {
     let r = ours_io_script(dir, "o.qcow2", &["-r"], &verify);
     assert_eq!(r.code, 0, "{r:?}");
 }
+
+/// `prog args...` in `dir` with stderr sent into the stdout pipe, as
+/// scripts and QEMU's tests run qemu-io (`2>&1 | filter`): the order of
+/// the two streams is part of the output.
+fn combined(dir: &Path, prog: &str, args: &[&str]) -> (String, i32) {
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 2>&1")
+        .arg(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        o.status.code().unwrap_or(-1),
+    )
+}
+
+/// QEMU's `overlap-check.inactive-l2` (and the `all` template): the
+/// snapshots' L2 tables are protected too, and while a snapshot's L1 table
+/// cannot be read (offset not cluster aligned, size too large) every write
+/// to the image file fails with QEMU's errno, the image not marked
+/// corrupt (with bitmaps, the open fails: marking them in use is such a
+/// write); the close that cannot write its refcount blocks says so before
+/// the buffered output. Same combined output, exit status, corrupt bit and
+/// `qemu-img check` verdict as qemu-io.
+#[test]
+fn inactive_l2_check_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmpdir();
+    let dir = t.path();
+    let l = base(dir);
+    // The same history without the bitmap (the layout of interest is the
+    // same: data, a snapshot, then a write that copied the L2 table).
+    qemu_create(dir, "plain.qcow2", 1 << 20, &ImgOpts::default(), None);
+    qemu_io_script(
+        dir,
+        "plain.qcow2",
+        "qcow2",
+        &["write -P 0xaa 0 64k".into(), "write -P 0xbb 64k 64k".into()],
+    )
+    .ok("qemu-io fill");
+    qemu_img(dir, &["snapshot", "-c", "s1", "plain.qcow2"]).ok("snapshot");
+    qemu_io_script(dir, "plain.qcow2", "qcow2", &["write -P 0xcc 0 64k".into()])
+        .ok("qemu-io write after snapshot");
+    let pl = {
+        let b = std::fs::read(p(dir, "plain.qcow2")).expect("read");
+        let h = Header::parse(&b, b.len() as u64).expect("header");
+        let (snaps, _) =
+            snapshot::parse_table(&b[h.snapshots_offset as usize..], h.nb_snapshots, true)
+                .expect("snapshot table");
+        let snap_l1 = snaps[0].l1_table_offset;
+        (
+            be64(&b, h.l1_table_offset as usize) & OFFSET_MASK,
+            h.snapshots_offset,
+            snap_l1,
+            be64(&b, snap_l1 as usize) & OFFSET_MASK,
+        )
+    };
+    let (l2, entry, snap_l1, snap_l2) = pl;
+    assert_ne!(l2, snap_l2, "the active L2 table was copied");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
+    let ours_io = bin.join("qemu-io");
+    type Poke = Box<dyn Fn(&Path)>;
+    let onto_snap_l2: fn(u64, u64) -> Poke =
+        |l2, snap_l2| Box::new(move |f: &Path| set64(f, l2, COPIED | snap_l2));
+    let unaligned: fn(u64, u64) -> Poke =
+        |entry, snap_l1| Box::new(move |f: &Path| set64(f, entry, snap_l1 + 0x200));
+    let too_large: fn(u64) -> Poke = |entry| {
+        Box::new(move |f: &Path| {
+            let mut b = std::fs::read(f).expect("read");
+            let at = entry as usize + 8;
+            b[at..at + 4].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+            std::fs::write(f, b).expect("write");
+        })
+    };
+    // (what, image, open option, poke, command)
+    let cases: Vec<(&str, &str, &str, Poke, &str)> = vec![
+        (
+            "write through an L2 entry onto the snapshot's L2 table",
+            "plain.qcow2",
+            "overlap-check.inactive-l2=on",
+            onto_snap_l2(l2, snap_l2),
+            "write -P 0x5a 0 64k",
+        ),
+        (
+            "the same under the all template",
+            "plain.qcow2",
+            "overlap-check=all",
+            onto_snap_l2(l2, snap_l2),
+            "write -P 0x5a 0 64k",
+        ),
+        (
+            "the same unchecked (cached template)",
+            "plain.qcow2",
+            "overlap-check=cached",
+            onto_snap_l2(l2, snap_l2),
+            "write -P 0x5a 0 64k",
+        ),
+        (
+            "snapshot L1 table offset not aligned",
+            "plain.qcow2",
+            "overlap-check.inactive-l2=on",
+            unaligned(entry, snap_l1),
+            "write -P 0x5a 64k 4k",
+        ),
+        (
+            // An L2 table must be allocated (the entry is zeroed first):
+            // QEMU's first write is then a refcount block, refused.
+            "snapshot L1 table too large",
+            "plain.qcow2",
+            "overlap-check.inactive-l2=on",
+            too_large(entry),
+            "write -P 0x5a 4M 4k",
+        ),
+        (
+            "unaligned snapshot L1 table, check off",
+            "plain.qcow2",
+            "overlap-check.inactive-l2=off",
+            unaligned(entry, snap_l1),
+            "write -P 0x5a 64k 4k",
+        ),
+        (
+            "unaligned snapshot L1 table, bitmaps to mark in use",
+            "base.qcow2",
+            "overlap-check.inactive-l2=on",
+            unaligned(l.snap_table.0, l.snap_l1),
+            "write -P 0x5a 64k 4k",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, (what, src, opt, poke, cmd)) in cases.iter().enumerate() {
+        let (q, o) = (format!("q{i}.qcow2"), format!("o{i}.qcow2"));
+        copy(dir, src, &q);
+        poke(&p(dir, &q));
+        copy(dir, &q, &o);
+        let args = |img: &str| {
+            vec![
+                "-c".to_string(),
+                format!("open -o {opt} {img}"),
+                "-c".to_string(),
+                cmd.to_string(),
+            ]
+        };
+        let (qa, oa) = (args(&q), args(&o));
+        let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
+        let (qout, qcode) = combined(
+            dir,
+            "qemu-io",
+            &strs(&qa).iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let (oout, ocode) = combined(
+            dir,
+            ours_io.to_str().unwrap(),
+            &strs(&oa).iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let lines = |s: &str, name: &str| {
+            s.lines()
+                .filter(|l| !is_timing_line(l))
+                .map(|l| l.replace(name, "IMG"))
+                .collect::<Vec<_>>()
+        };
+        if lines(&oout, &o) != lines(&qout, &q) || ocode != qcode {
+            failures.push(format!(
+                "{what}: output differs (exit {ocode} vs {qcode})\n--- ours:\n{oout}--- qemu-io:\n{qout}"
+            ));
+        }
+        if corrupt_bit(&p(dir, &o)) != corrupt_bit(&p(dir, &q)) {
+            failures.push(format!("{what}: corrupt bit differs"));
+        }
+        let check = |f: &str| {
+            let r = qemu_img(dir, &["check", "-U", f]);
+            (r.code, r.stdout.replace(f, "IMG"))
+        };
+        if check(&o) != check(&q) {
+            failures.push(format!(
+                "{what}: qemu-img check differs\n--- ours:\n{:?}\n--- qemu-io:\n{:?}",
+                check(&o),
+                check(&q)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// After a corruption event on an image open read-write, QEMU makes the
+/// device unusable: every later request fails with "No medium found"
+/// (each command in its own words: `getlength`, `is_allocated`, "Failed
+/// to query image length", "No medium inserted", a silent flush and info)
+/// and the close writes nothing. Same combined output and exit status as
+/// qemu-io, same file afterwards.
+#[test]
+fn device_unusable_after_corruption_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmpdir();
+    let dir = t.path();
+    qemu_create(dir, "base.qcow2", 1 << 20, &ImgOpts::default(), None);
+    qemu_io_script(dir, "base.qcow2", "qcow2", &["write -P 1 0 64k".into()]).ok("fill");
+    // L2 entry 0 now points at the active L1 table: the next write to it
+    // is refused and marks the image corrupt.
+    let b = std::fs::read(p(dir, "base.qcow2")).expect("read");
+    let h = Header::parse(&b, b.len() as u64).expect("header");
+    let l2 = be64(&b, h.l1_table_offset as usize) & OFFSET_MASK;
+    set64(&p(dir, "base.qcow2"), l2, COPIED | h.l1_table_offset);
+    copy(dir, "base.qcow2", "q.qcow2");
+    copy(dir, "base.qcow2", "o.qcow2");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
+    let script = [
+        "write -P 2 0 4k",
+        "read 0 4k",
+        "write 64k 4k",
+        "readv 0 4k",
+        "writev 0 4k",
+        "write -z 0 4k",
+        "discard 0 4k",
+        "alloc 0 4k",
+        "length",
+        "map",
+        "flush",
+        "aio_read 0 4k",
+        "aio_flush",
+        "info",
+        "truncate 2M",
+        "write -c 0 64k",
+        "read -b 0 512",
+    ];
+    let args = |img: &str| {
+        let mut a: Vec<String> = script
+            .iter()
+            .flat_map(|c| ["-c".to_string(), c.to_string()])
+            .collect();
+        a.push(img.to_string());
+        a
+    };
+    let (qa, oa) = (args("q.qcow2"), args("o.qcow2"));
+    let (qout, qcode) = combined(
+        dir,
+        "qemu-io",
+        &qa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (oout, ocode) = combined(
+        dir,
+        bin.join("qemu-io").to_str().unwrap(),
+        &oa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        qout.contains("read failed: No medium found"),
+        "QEMU makes the device unusable:\n{qout}"
+    );
+    assert_eq!(
+        oout.replace("o.qcow2", "IMG"),
+        qout.replace("q.qcow2", "IMG"),
+        "combined output (left ours)"
+    );
+    assert_eq!(ocode, qcode, "exit status");
+    assert_same_bytes(dir, "o.qcow2", "q.qcow2", "the files afterwards");
+}

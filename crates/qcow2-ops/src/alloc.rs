@@ -38,9 +38,16 @@ impl Inner {
         // Metadata whose refcount was lost looks free: the refcount layer
         // refuses to hand it out or to put a new refcount block or table on
         // it (nothing written), and the image is marked corrupt.
+        // While no write can reach the file (`inactive_l2_gate`), the
+        // allocation is left to fail at its first write, with the gate's
+        // errno, as in QEMU (whose allocator checks no overlaps).
         let cs = self.geo.cluster_size();
         let (meta, l2_tables) = (&self.meta, &self.l2_tables);
+        let gated = self.inactive_l2_unknown.is_some();
         let guard = |off: u64, len: u64| {
+            if gated {
+                return None;
+            }
             Kind::first_of(clash_mask(meta, l2_tables, cs, off, len)).map(Kind::name)
         };
         let r = self.refs.alloc_guarded(&*self.file, n, &guard);

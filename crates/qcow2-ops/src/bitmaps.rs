@@ -321,6 +321,14 @@ impl Inner {
             let flags = entries[idx].flags | bitmap::FLAG_IN_USE;
             put_be32(&mut raw, f, flags);
         }
+        if let Err(Error::Io { source, .. }) = self.inactive_l2_gate(0) {
+            // Refused as in QEMU, which updates the directory in place
+            // with the bitmaps bit cleared first (header writes are not
+            // checked): the bit stays cleared, the bitmaps are lost.
+            self.write_autoclear(self.header.autoclear_features & !AUTOCLEAR_BITMAPS, false)?;
+            self.sync()?;
+            return Err(Error::io("Can't update bitmap directory", source));
+        }
         self.file
             .write_at(&raw, ext.directory_offset)
             .map_err(ioerr("write bitmap directory", &self.name))?;

@@ -4,6 +4,9 @@ use qcow2_format::FormatError;
 use std::io;
 use thiserror::Error;
 
+/// Marks the context of an error of the pre-write overlap check.
+pub(crate) const OVERLAP_CHECK: &str = ": overlap check: ";
+
 /// What went wrong in an image operation.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -76,6 +79,15 @@ impl Error {
             Error::Key(_) => libc::EACCES,
         }
     }
+    /// Whether a write was refused by the pre-write metadata check
+    /// ([`crate::OpenOptions::overlap_inactive_l2`] with an unreadable
+    /// snapshot L1 table)
+    /// rather than failed by the storage: a flush of the file would still
+    /// succeed.
+    pub fn is_overlap_check(&self) -> bool {
+        matches!(self, Error::Io { context, .. } if context.contains(OVERLAP_CHECK))
+    }
+
     /// Wraps an I/O error with context.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {

@@ -138,6 +138,12 @@ pub(crate) struct Inner {
     /// Other metadata ranges for the overlap checks (header, L1, snapshot
     /// and bitmap structures); refcount structures live in `refs`.
     pub(crate) meta: MetaRanges,
+    /// With [`OpenOptions::overlap_inactive_l2`]: why the snapshot L1
+    /// tables could not be read (errno, what), which fails every write.
+    pub(crate) inactive_l2_unknown: Option<(i32, String)>,
+    /// A corruption found while open read-write marked the image corrupt
+    /// (and read-only) through this handle.
+    pub(crate) corrupted_here: bool,
     /// Where the next compressed cluster goes (0: a new host cluster).
     pub(crate) free_byte_offset: u64,
     /// The data cipher of an encrypted image (`None`: not encrypted, or
@@ -590,6 +596,20 @@ impl Image {
         g.mark_clean()
     }
 
+    /// Whether a corruption found while the image was open read-write
+    /// marked it corrupt through this handle (it is read-only since). QEMU
+    /// makes such a device unusable ("No medium found" for every request).
+    pub fn corrupted_here(&self) -> bool {
+        self.lock().corrupted_here
+    }
+
+    /// Whether L2 table slices or L1 entries wait to be written (what
+    /// the next flush or close writes besides refcount blocks).
+    pub fn tables_dirty(&self) -> bool {
+        let g = self.lock();
+        g.l2.is_dirty() || !g.l1_dirty.is_empty()
+    }
+
     /// What the repair of a dirty image at open (refcounts left stale by
     /// lazy refcounts and a crash) found and did, as qemu-img check reports
     /// it (QEMU prints these messages on open); `None` when nothing was
@@ -835,6 +855,8 @@ impl Inner {
             frees: Frees::default(),
             sync_failed,
             meta: MetaRanges::default(),
+            inactive_l2_unknown: None,
+            corrupted_here: false,
             crypt: crypto.crypt,
             encryption: crypto.info,
             crypt_area: crypto.area,
@@ -1030,6 +1052,7 @@ impl Inner {
         ign: u32,
         what: &str,
     ) -> Result<()> {
+        self.inactive_l2_gate(ign)?;
         let hit = self.overlap_mask(host, len, ign);
         match Kind::first_of(hit) {
             None => Ok(()),
@@ -1042,6 +1065,21 @@ impl Inner {
                 self.mark_corrupt();
                 Err(Error::Corrupt(msg))
             }
+        }
+    }
+
+    /// Fails (with QEMU's errno, image not marked corrupt) while the
+    /// inactive L2 tables are to be protected but a snapshot's L1 table
+    /// could not be read: no write can be shown not to hit them. QEMU
+    /// fails its first metadata write so (a refcount block flush before
+    /// the data write); this engine fails whichever write comes first.
+    pub(crate) fn inactive_l2_gate(&self, ign: u32) -> Result<()> {
+        match &self.inactive_l2_unknown {
+            Some((errno, what)) if ign & Kind::InactiveL2.bit() == 0 => Err(Error::io(
+                format!("{}{}{what}", self.name, crate::error::OVERLAP_CHECK),
+                std::io::Error::from_raw_os_error(*errno),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -1104,6 +1142,7 @@ impl Inner {
         let n = self.header.nb_snapshots;
         let base = self.header.snapshots_offset;
         let mut new: Vec<(std::ops::Range<u64>, Kind)> = Vec::new();
+        let mut inactive_l2 = None;
         if n > 0 {
             let file_len = self.file.len().map_err(ioerr("stat", &self.name))?;
             let avail = file_len
@@ -1130,6 +1169,9 @@ impl Inner {
                         let o = e.l1_table_offset;
                         (o..o.saturating_add(e.l1_size as u64 * 8), Kind::InactiveL1)
                     }));
+                    if self.opts.overlap_inactive_l2 {
+                        inactive_l2 = Some(self.inactive_l2_tables(&entries)?);
+                    }
                 }
                 None => {
                     let len =
@@ -1138,9 +1180,61 @@ impl Inner {
                 }
             }
         }
-        self.meta
-            .replace(Kind::SnapshotTable.bit() | Kind::InactiveL1.bit(), new);
+        self.inactive_l2_unknown = None;
+        match inactive_l2 {
+            Some(Ok(tables)) => new.extend(tables),
+            Some(Err(why)) => self.inactive_l2_unknown = Some(why),
+            None => {}
+        }
+        self.meta.replace(
+            Kind::SnapshotTable.bit() | Kind::InactiveL1.bit() | Kind::InactiveL2.bit(),
+            new,
+        );
         Ok(())
+    }
+
+    /// The L2 tables of the snapshots (one cluster each), read from their
+    /// L1 tables; or, when an L1 table is not valid, QEMU's errno and what
+    /// is wrong (too large: `EFBIG`; offset not cluster aligned: `EINVAL`).
+    #[allow(clippy::type_complexity)]
+    fn inactive_l2_tables(
+        &self,
+        entries: &[qcow2_format::snapshot::SnapshotEntry],
+    ) -> Result<std::result::Result<Vec<(std::ops::Range<u64>, Kind)>, (i32, String)>> {
+        // QEMU's limit on an L1 table (32 MiB).
+        const MAX_L1_BYTES: u64 = 1 << 25;
+        let cs = self.geo.cluster_size();
+        let mut out = Vec::new();
+        for e in entries {
+            let what = |p: &str| {
+                format!(
+                    "snapshot {} ('{}'): L1 table {p}",
+                    String::from_utf8_lossy(&e.id),
+                    String::from_utf8_lossy(&e.name)
+                )
+            };
+            let bytes = e.l1_size as u64 * 8;
+            if bytes > MAX_L1_BYTES {
+                return Ok(Err((libc::EFBIG, what("too large"))));
+            }
+            let off = e.l1_table_offset;
+            if off % cs != 0
+                || off
+                    .checked_add(bytes)
+                    .is_none_or(|end| end > i64::MAX as u64)
+            {
+                return Ok(Err((libc::EINVAL, what("offset invalid"))));
+            }
+            let mut buf = vec![0u8; bytes as usize];
+            self.file
+                .read_at(&mut buf, off)
+                .map_err(ioerr("read snapshot L1 table", &self.name))?;
+            out.extend(buf.chunks_exact(8).filter_map(|c| {
+                let t = L1Entry(be64(c, 0)).l2_offset();
+                (t != 0).then(|| (t..t.saturating_add(cs), Kind::InactiveL2))
+            }));
+        }
+        Ok(Ok(out))
     }
 
     /// Re-reads the bitmaps extension (from `self.header`) and the bitmap
@@ -1212,6 +1306,7 @@ impl Inner {
         if self.read_only {
             return;
         }
+        self.corrupted_here = true;
         if self.header.version >= 3 {
             let _ = self.set_incompat_bit(header::INCOMPAT_CORRUPT, true);
         }

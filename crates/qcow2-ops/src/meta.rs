@@ -9,8 +9,9 @@
 
 use std::ops::Range;
 
-/// Kinds of metadata, as bits (an "ignore" mask combines them). The order is
-/// QEMU's: when a write overlaps several structures, the lowest bit names it.
+/// Kinds of metadata, as bits (an "ignore" mask combines them), QEMU's bit
+/// numbers. When a write overlaps several structures, the one QEMU tests
+/// first names it (the order of [`Kind::ALL`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub(crate) enum Kind {
@@ -21,20 +22,24 @@ pub(crate) enum Kind {
     RefcountBlock = 1 << 4,
     SnapshotTable = 1 << 5,
     InactiveL1 = 1 << 6,
+    /// Only registered with [`crate::OpenOptions::overlap_inactive_l2`].
+    InactiveL2 = 1 << 7,
     BitmapDirectory = 1 << 8,
     BitmapTable = 1 << 9,
     CryptoHeader = 1 << 10,
 }
 
 impl Kind {
-    const ALL: [Kind; 10] = [
+    /// QEMU's order of the tests (not the bit order).
+    const ALL: [Kind; 11] = [
         Kind::Header,
         Kind::ActiveL1,
-        Kind::ActiveL2,
         Kind::RefcountTable,
-        Kind::RefcountBlock,
         Kind::SnapshotTable,
         Kind::InactiveL1,
+        Kind::ActiveL2,
+        Kind::RefcountBlock,
+        Kind::InactiveL2,
         Kind::BitmapDirectory,
         Kind::BitmapTable,
         Kind::CryptoHeader,
@@ -55,6 +60,7 @@ impl Kind {
             Kind::RefcountBlock => "refcount block",
             Kind::SnapshotTable => "snapshot table",
             Kind::InactiveL1 => "inactive L1 table",
+            Kind::InactiveL2 => "inactive L2 table",
             Kind::BitmapDirectory => "bitmap directory",
             // Not checked by QEMU; this engine protects them too.
             Kind::BitmapTable => "bitmap table",
@@ -169,5 +175,10 @@ mod tests {
             Some(Kind::SnapshotTable)
         );
         assert_eq!(Kind::first_of(0), None);
+        // QEMU tests the snapshot L1 tables before the active L2 tables.
+        assert_eq!(
+            Kind::first_of(Kind::ActiveL2.bit() | Kind::InactiveL1.bit()),
+            Some(Kind::InactiveL1)
+        );
     }
 }

@@ -123,6 +123,14 @@ pub struct OpenOptions {
     /// The external data file's storage itself, instead of a file opened
     /// by name (QEMU's `data-file` given as a node, a `null-co` one say).
     pub data_file_storage: Option<StorageSource>,
+    /// Also protect the L2 tables of internal snapshots from writes (QEMU's
+    /// `overlap-check.inactive-l2`, part of its `all` template): their
+    /// offsets are read from every snapshot's L1 table at open and after
+    /// each snapshot change. While a snapshot's L1 table cannot be read
+    /// (offset not cluster aligned, too large), every write to the image
+    /// file fails with QEMU's errno (`EINVAL`, `EFBIG`) instead, as no
+    /// write can be shown safe.
+    pub overlap_inactive_l2: bool,
 }
 
 /// Makes a storage (see [`OpenOptions::data_file_storage`]).
@@ -195,6 +203,7 @@ impl Default for OpenOptions {
             data_file_layer: None,
             data_file_storage: None,
             backing_driver: None,
+            overlap_inactive_l2: false,
         }
     }
 }

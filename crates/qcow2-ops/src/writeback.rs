@@ -125,6 +125,7 @@ impl Inner {
     pub(crate) fn prepare_l2_writeback(&mut self) -> Result<()> {
         let name = self.name.clone();
         if self.refs.is_dirty() && self.accurate_refcounts() {
+            self.inactive_l2_gate(0)?;
             self.refs
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?;
@@ -152,6 +153,9 @@ impl Inner {
         if self.l2.is_dirty() || !self.l1_dirty.is_empty() {
             self.prepare_l2_writeback()?;
             // 2. L2 slices.
+            if self.l2.is_dirty() {
+                self.inactive_l2_gate(0)?;
+            }
             if self
                 .l2
                 .flush(&*self.file)
@@ -164,6 +168,7 @@ impl Inner {
             if !self.l1_dirty.is_empty() {
                 // New L2 tables and their refcounts before the L1 entries
                 // (with lazy refcounts, written when the table was allocated).
+                self.inactive_l2_gate(0)?;
                 if self.refs.is_dirty() && self.accurate_refcounts() {
                     self.refs
                         .flush(&*self.file)
@@ -206,19 +211,20 @@ impl Inner {
                 }
             }
         }
-        if write_decrements
-            && self.refs.is_dirty()
-            && self.accurate_refcounts()
-            && self
+        if write_decrements && self.refs.is_dirty() && self.accurate_refcounts() {
+            self.inactive_l2_gate(0)?;
+            if self
                 .refs
                 .flush(&*self.file)
                 .map_err(|e| refcount_err(&name, e))?
-        {
-            // Only decrements can be waiting here (increments went out before
-            // the L2/L1 writes that needed them): durability is optional, a
-            // crash before the next sync merely leaks the clusters.
-            self.set_tail_unsynced();
-            self.stats.cache_flushes += 1;
+            {
+                // Only decrements can be waiting here (increments went out
+                // before the L2/L1 writes that needed them): durability is
+                // optional, a crash before the next sync merely leaks the
+                // clusters.
+                self.set_tail_unsynced();
+                self.stats.cache_flushes += 1;
+            }
         }
         if sync_end && self.sh.dur.needs_sync() {
             self.sync()?;

@@ -27,10 +27,8 @@ pub(crate) fn run(ctx: &mut Ctx, ci: &'static CmdInfo, name: &str, args: &[Strin
             ctx.aio.drain(debug.as_deref());
             true
         }
-        "abort" => {
-            let _ = std::io::stdout().flush();
-            std::process::abort()
-        }
+        // As abort(3) in qemu-io: what stdout still buffers is lost.
+        "abort" => std::process::abort(),
         // Breakpoints need a blkdebug node (QEMU reports "Operation not
         // supported" without one); zones need a zoned device.
         "break" => {
@@ -94,17 +92,25 @@ pub(crate) fn run(ctx: &mut Ctx, ci: &'static CmdInfo, name: &str, args: &[Strin
         }
         "flush" => match ctx.dev().flush() {
             Ok(()) => true,
-            Err(e) => {
+            // qemu-io's flush fails silently; under our own name we say so.
+            Err(e) if super::prog() != "qemu-io" => {
                 failed("flush", &e);
                 false
             }
+            Err(_) => false,
         },
         "alloc" => alloc(ctx, args),
         "map" => map(ctx),
-        "length" => {
-            out!("{}", cvtstr(ctx.size as f64));
-            true
-        }
+        "length" => match ctx.dev().size() {
+            Ok(n) => {
+                out!("{}", cvtstr(n as f64));
+                true
+            }
+            Err(e) => {
+                out!("getlength: {}", strerror(e.errno()));
+                false
+            }
+        },
         "info" => info(ctx),
         "help" => help(args),
         "sleep" => sleep(args),
@@ -373,7 +379,14 @@ fn alloc(ctx: &Ctx, args: &[String]) -> bool {
 }
 
 fn map(ctx: &Ctx) -> bool {
-    let (mut off, mut bytes) = (0u64, ctx.size);
+    let size = match ctx.dev().size() {
+        Ok(n) => n,
+        Err(e) => {
+            report_err!("Failed to query image length: {}", strerror(e.errno()));
+            return false;
+        }
+    };
+    let (mut off, mut bytes) = (0u64, size);
     while bytes > 0 {
         // Merge runs of the same status, as qemu-io does.
         let (first, mut num) = match ctx.dev().is_allocated(off, bytes) {
@@ -415,6 +428,10 @@ fn map(ctx: &Ctx) -> bool {
 
 fn info(ctx: &Ctx) -> bool {
     let dev = ctx.dev();
+    if dev.size().is_err() {
+        // A device made unusable (no driver left): qemu-io prints nothing.
+        return false;
+    }
     out!("format name: {}", dev.base().format_name());
     match dev.base() {
         Dev::Qcow2(img) => {
@@ -519,7 +536,7 @@ fn sigraise(args: &[String]) -> bool {
         );
         return false;
     }
-    let _ = std::io::stdout().flush();
+    super::out_flush();
     let _ = std::io::stderr().flush();
     if sig == 0 {
         return true;
@@ -545,8 +562,8 @@ pub(crate) fn close(ctx: &mut Ctx) {
     ctx.aio.drain(debug.as_deref());
     if let Some(o) = ctx.cur.take() {
         let name = o.spec.name.clone();
-        if let Err(e) = o.close() {
-            super::report_close_error(name.as_deref().unwrap_or(""), &e);
+        if let Err((e, tables_dirty)) = o.close() {
+            super::report_close_error(name.as_deref().unwrap_or(""), &e, tables_dirty);
         }
     }
     ctx.set(None);
@@ -823,6 +840,14 @@ fn truncate(ctx: &Ctx, ci: &CmdInfo, args: &[String]) -> bool {
     let Some(size) = cvtnum(&pos[0]) else {
         return false;
     };
+    if let Err(e) = ctx.dev().size() {
+        // QEMU's words for a device made unusable (ENOMEDIUM).
+        match e.errno() {
+            -123 => report_err!("No medium inserted"),
+            n => report_err!("{}", strerror(n)),
+        }
+        return false;
+    }
     match ctx.dev().base() {
         Dev::Raw { file, .. } => {
             use qcow2_ops::io::Storage;

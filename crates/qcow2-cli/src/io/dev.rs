@@ -164,6 +164,16 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     }
 }
 
+/// ENOMEDIUM once a corruption found while the image was open read-write
+/// marked it corrupt: QEMU then makes the node unusable, every request
+/// failing with "No medium found".
+fn medium(i: &Image) -> Result<()> {
+    if i.corrupted_here() {
+        return Err(io_err("no medium", std::io::Error::from_raw_os_error(123)));
+    }
+    Ok(())
+}
+
 /// Zeroes written at once to a raw file.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -202,7 +212,7 @@ impl Dev {
     /// Virtual size in bytes.
     pub fn size(&self) -> Result<u64> {
         match self {
-            Dev::Qcow2(i) => Ok(i.virtual_size()),
+            Dev::Qcow2(i) => medium(i).map(|()| i.virtual_size()),
             Dev::Raw { file, .. } => file.len().map_err(|e| io_err("stat", e)),
             Dev::Null { size, .. } => Ok(*size),
             Dev::Debug { dev, .. } | Dev::Compress { dev, .. } => dev.size(),
@@ -212,7 +222,7 @@ impl Dev {
     /// Reads `buf.len()` bytes at `off`.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         match self {
-            Dev::Qcow2(i) => i.read(off, buf),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.read(off, buf)),
             Dev::Raw { file, .. } => file.read_at(buf, off).map_err(|e| io_err("read", e)),
             Dev::Null { read_zeroes, .. } => {
                 if *read_zeroes {
@@ -237,7 +247,7 @@ impl Dev {
     /// Writes `buf` at `off` (`flags`: REQ_FUA).
     pub fn write(&self, off: u64, buf: &[u8], flags: u32) -> Result<()> {
         match self {
-            Dev::Qcow2(i) => i.write(off, buf, flags),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.write(off, buf, flags)),
             Dev::Raw { .. } | Dev::Null { .. } if flags & qcow2_ops::REQ_COMPRESSED != 0 => Err(
                 qcow2_ops::Error::NotSupported("compressed writes need a qcow2 image".into()),
             ),
@@ -272,7 +282,7 @@ impl Dev {
     /// Writes `buf` at `pos` of the VM state area (qcow2 only, as QEMU).
     pub fn vmstate_write(&self, pos: u64, buf: &[u8]) -> Result<()> {
         match self.base() {
-            Dev::Qcow2(i) => i.vmstate_write(pos, buf),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.vmstate_write(pos, buf)),
             _ => Err(Error::NotSupported("no VM state area".into())),
         }
     }
@@ -280,7 +290,7 @@ impl Dev {
     /// Reads from `pos` of the VM state area.
     pub fn vmstate_read(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         match self.base() {
-            Dev::Qcow2(i) => i.vmstate_read(pos, buf),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.vmstate_read(pos, buf)),
             _ => Err(Error::NotSupported("no VM state area".into())),
         }
     }
@@ -288,7 +298,7 @@ impl Dev {
     /// Writes zeroes over `[off, off + len)`.
     pub fn write_zeroes(&self, off: u64, len: u64, flags: u32) -> Result<()> {
         match self {
-            Dev::Qcow2(i) => i.write_zeroes(off, len, flags),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.write_zeroes(off, len, flags)),
             Dev::Raw { file, unmap, .. } => {
                 if flags & REQ_MAY_UNMAP != 0 && *unmap {
                     if let Ok(true) = file.punch_hole(off, len) {
@@ -340,7 +350,7 @@ impl Dev {
     /// Discards `[off, off + len)`.
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         match self {
-            Dev::Qcow2(i) => i.discard(off, len),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.discard(off, len)),
             Dev::Raw { file, unmap, .. } => {
                 if *unmap {
                     // Like QEMU: a file system that cannot punch holes
@@ -368,7 +378,7 @@ impl Dev {
     /// Flushes to the disk.
     pub fn flush(&self) -> Result<()> {
         match self {
-            Dev::Qcow2(i) => i.flush(),
+            Dev::Qcow2(i) => medium(i).and_then(|()| i.flush()),
             Dev::Raw { file, flush, .. } => {
                 if *flush {
                     match file.sync() {
@@ -402,6 +412,7 @@ impl Dev {
         let len = len.min(size - off);
         match self {
             Dev::Qcow2(i) => {
+                medium(i)?;
                 let m: Vec<MapEntry> = i.block_status(off, len)?;
                 let Some(first) = m.first() else {
                     return Ok((false, len));
@@ -432,6 +443,8 @@ impl Dev {
     /// Closes the device.
     pub fn close(self) -> Result<()> {
         match self {
+            // Unusable since a corruption (QEMU closes nothing then).
+            Dev::Qcow2(i) if i.corrupted_here() => Ok(()),
             Dev::Qcow2(i) => i.close(),
             Dev::Debug { dev, .. } | Dev::Compress { dev, .. } => dev.close(),
             raw => raw.flush(),

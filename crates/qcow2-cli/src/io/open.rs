@@ -353,8 +353,10 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                 sizes.insert(k.clone(), n);
             }
             // Overlap checks: the engine always checks what QEMU's
-            // "cached" template does (plus bitmap tables); the options are
-            // validated as QEMU does.
+            // "cached" template does (plus bitmap tables), and the
+            // snapshots' L2 tables with the "all" template or
+            // `overlap-check.inactive-l2=on`; the options are validated as
+            // QEMU does.
             "overlap-check" | "overlap-check.template" => {
                 if !matches!(v.as_str(), "none" | "constant" | "cached" | "all") {
                     return Err(format!(
@@ -364,7 +366,10 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
                 overlap.insert(k.clone(), v.clone());
             }
             _ if k.starts_with("overlap-check.") => {
-                on_off(&k, &v)?;
+                let on = on_off(&k, &v)?;
+                if k == "overlap-check.inactive-l2" {
+                    overlap.insert(k.clone(), on.to_string());
+                }
             }
             "cache-clean-interval" => {
                 let n = if v.trim_start().starts_with('-') {
@@ -469,6 +474,13 @@ pub fn open(spec: &OpenSpec) -> Result<Opened, String> {
             ));
         }
     }
+    let template = overlap
+        .get("overlap-check")
+        .or(overlap.get("overlap-check.template"));
+    tuning.overlap_inactive_l2 = match overlap.get("overlap-check.inactive-l2") {
+        Some(on) => on == "true",
+        None => template.is_some_and(|t| t == "all"),
+    };
     if native_aio && !cache.direct() {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not specified."
@@ -871,11 +883,18 @@ fn open_snapshot(path: &Path, fmt: &str, o: &OpenOptions) -> Result<Dev, String>
 }
 
 impl Opened {
-    /// Closes the device (every request sharing it must have ended).
-    pub fn close(self) -> qcow2_ops::Result<()> {
+    /// Closes the device (every request sharing it must have ended). On
+    /// failure, also says whether L2 tables were waiting to be written
+    /// (what decides QEMU's messages, see `report_close_error`).
+    pub fn close(self) -> std::result::Result<(), (qcow2_ops::Error, bool)> {
+        let tables_dirty = match self.dev.base() {
+            Dev::Qcow2(img) => img.tables_dirty(),
+            _ => false,
+        };
         match std::sync::Arc::try_unwrap(self.dev) {
             Ok(dev) => dev.close(),
             Err(dev) => dev.flush(),
         }
+        .map_err(|e| (e, tables_dirty))
     }
 }
