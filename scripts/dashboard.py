@@ -430,7 +430,7 @@ def run_fio(args):
             return None
     out = os.path.join(args.out, "fio.json")
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fio_nbd.py"),
-           "--runtime", str(args.fio_runtime), "--json", out]
+           "--runtime", str(args.fio_runtime), "--rounds", str(args.fio_rounds), "--json", out]
     if args.tmpdir:
         cmd += ["--workdir", tempfile.mkdtemp(dir=args.tmpdir)]
     r = subprocess.run(cmd, text=True, capture_output=True)
@@ -752,8 +752,10 @@ def main():
     ap.add_argument("--render-only", action="store_true", help="re-render index.html from results.json")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--no-fio", action="store_true",
-                    help="skip the data path over NBD (scripts/fio_nbd.py, about 3 minutes)")
+                    help="skip the data path over NBD (scripts/fio_nbd.py, about 3 minutes a round)")
     ap.add_argument("--fio-runtime", type=int, default=6, help="seconds per fio workload (default 6)")
+    ap.add_argument("--fio-rounds", type=int, default=3,
+                    help="fio rounds, servers taking turns; medians are shown (default 3)")
     ap.add_argument("--no-convert", action="store_true", help="skip the conversion workload")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -13,6 +13,12 @@ Workloads (one connection, one fio job each): 4 KiB random read / write /
 50-50 at depth 32, 1 MiB sequential read at depth 8, 4 KiB random read at
 depth 1. A benchmark, not a test: it prints figures and writes JSON; the
 targets (issue notes, README) are judged from its output.
+
+The disk under a virtual machine drifts by tens of percent within minutes,
+so the servers take turns: each round runs every workload on every server
+(ours and qemu-nbd one after the other, the raw file last), and the table
+gives each figure's median over the rounds (--rounds, default 3), with the
+spread of the per-round ratios.
 """
 
 import argparse
@@ -158,6 +164,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=int, default=6, help="seconds per workload (default 6)")
     ap.add_argument("--size", default="2G", help="image size (default 2G)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
     ap.add_argument("--json", default=os.path.join(ROOT, "target", "fio-nbd", "results.json"))
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, on /var/tmp)")
     args = ap.parse_args()
@@ -171,36 +178,58 @@ def main():
         raw = os.path.join(work, "ceiling.raw")
         run(["qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", raw, args.size])
 
-        results = {}
+        # One image per server and mode, copied once: the workloads write
+        # only into allocated clusters, so later rounds see the same layout.
         configs = [("ours", "direct"), ("qemu-nbd", "direct"), ("ours", "writeback"), ("qemu-nbd", "writeback")]
+        images = {}
         for kind, mode in configs:
-            img = os.path.join(work, "img.qcow2")
-            shutil.copyfile(base, img)
-            settle()
-            srv = Server(kind, img, mode, plugin, work)
-            try:
-                for name, rw, bs, depth, extra in WORKLOADS:
-                    r = fio(["--ioengine=nbd", "--uri=" + srv.uri], rw, bs, depth, extra,
-                            args.runtime, args.size)
-                    results.setdefault(name, {})["%s-%s" % (kind, mode)] = r
-                    print("%-18s %-20s %9d IOPS %9.1f MiB/s" % (name, kind + " " + mode, r["iops"], r["mib_s"]),
-                          flush=True)
-            finally:
-                srv.stop()
-            run(["qemu-img", "check", "-q", img])
+            images[(kind, mode)] = os.path.join(work, "%s-%s.qcow2" % (kind, mode))
+            shutil.copyfile(base, images[(kind, mode)])
         settle()
-        for name, rw, bs, depth, extra in WORKLOADS:
-            r = fio(["--ioengine=io_uring", "--direct=1", "--filename=" + raw], rw, bs, depth,
-                    extra, args.runtime, args.size)
-            results[name]["raw-io_uring-direct"] = r
-            print("%-18s %-20s %9d IOPS %9.1f MiB/s" % (name, "raw file", r["iops"], r["mib_s"]), flush=True)
+        samples = {}  # workload -> config -> [per-round result]
+        for rnd in range(1, args.rounds + 1):
+            print("round %d of %d" % (rnd, args.rounds), flush=True)
+            for kind, mode in configs:
+                srv = Server(kind, images[(kind, mode)], mode, plugin, work)
+                try:
+                    for name, rw, bs, depth, extra in WORKLOADS:
+                        r = fio(["--ioengine=nbd", "--uri=" + srv.uri], rw, bs, depth, extra,
+                                args.runtime, args.size)
+                        samples.setdefault(name, {}).setdefault("%s-%s" % (kind, mode), []).append(r)
+                        print("  %-18s %-20s %9d IOPS %9.1f MiB/s" % (
+                            name, kind + " " + mode, r["iops"], r["mib_s"]), flush=True)
+                finally:
+                    srv.stop()
+            for name, rw, bs, depth, extra in WORKLOADS:
+                r = fio(["--ioengine=io_uring", "--direct=1", "--filename=" + raw], rw, bs, depth,
+                        extra, args.runtime, args.size)
+                samples[name].setdefault("raw-io_uring-direct", []).append(r)
+                print("  %-18s %-20s %9d IOPS %9.1f MiB/s" % (name, "raw file", r["iops"], r["mib_s"]),
+                      flush=True)
+        for kind, mode in configs:
+            run(["qemu-img", "check", "-q", images[(kind, mode)]])
 
+        def median(xs):
+            xs = sorted(xs)
+            n = len(xs)
+            return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+        results = {}
         ratios = {}
-        for name in results:
+        spread = {}
+        for name, per in samples.items():
+            for cfg, rs in per.items():
+                results.setdefault(name, {})[cfg] = {
+                    "iops": round(median([r["iops"] for r in rs])),
+                    "mib_s": round(median([r["mib_s"] for r in rs]), 1),
+                }
             for mode in ("direct", "writeback"):
                 q = results[name]["qemu-nbd-" + mode]["iops"]
                 o = results[name]["ours-" + mode]["iops"]
                 ratios.setdefault(name, {})[mode] = round(o / q, 2) if q else None
+                per_round = [a["iops"] / b["iops"] for a, b in
+                             zip(per["ours-" + mode], per["qemu-nbd-" + mode]) if b["iops"]]
+                spread.setdefault(name, {})[mode] = [round(min(per_round), 2), round(max(per_round), 2)]
 
         print()
         print("%-18s %12s %12s %7s %12s %12s %7s %12s" % (
@@ -212,14 +241,20 @@ def main():
                 name, r["ours-direct"][unit], r["qemu-nbd-direct"][unit], ratios[name]["direct"] or 0,
                 r["ours-writeback"][unit], r["qemu-nbd-writeback"][unit], ratios[name]["writeback"] or 0,
                 r["raw-io_uring-direct"][unit]))
-        print("(IOPS; seqread in MiB/s; %s image, %d s per workload, %d CPUs, fio %s, qemu-nbd --aio=%s)" % (
-            args.size, args.runtime, os.cpu_count(), run(["fio", "--version"]).stdout.strip(), qemu_aio()))
+        print("(medians of %d rounds; IOPS; seqread in MiB/s; %s image, %d s per workload, %d CPUs, fio %s, "
+              "qemu-nbd --aio=%s)" % (args.rounds, args.size, args.runtime, os.cpu_count(),
+                                      run(["fio", "--version"]).stdout.strip(), qemu_aio()))
+        print("per-round ratio spread (min-max): " + "; ".join(
+            "%s %s-%s / %s-%s" % (name, spread[name]["direct"][0], spread[name]["direct"][1],
+                                   spread[name]["writeback"][0], spread[name]["writeback"][1])
+            for name, *_ in WORKLOADS))
 
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "size": args.size, "runtime": args.runtime, "qemu_aio": qemu_aio(),
-                       "results": results, "ratios": ratios}, f, indent=1)
+                       "size": args.size, "runtime": args.runtime, "rounds": args.rounds,
+                       "qemu_aio": qemu_aio(), "results": results, "ratios": ratios,
+                       "ratio_spread": spread, "samples": samples}, f, indent=1)
         print("wrote", args.json)
     finally:
         if not args.workdir:

@@ -219,7 +219,19 @@ impl FileStorage {
     }
 }
 
-/// A heap buffer aligned for O_DIRECT.
+thread_local! {
+    /// Each thread's O_DIRECT bounce buffer, kept between requests: a
+    /// server thread bouncing every request (clients' buffers are rarely
+    /// page aligned) allocates and zeroes nothing per request. Taken out
+    /// while in use, so nesting merely allocates.
+    static BOUNCE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Bounce buffers up to this size are kept for the thread's next request.
+const BOUNCE_KEEP: usize = 4 << 20;
+
+/// A heap buffer aligned for O_DIRECT (its bytes are whatever an earlier
+/// request left: every user fills what it reads or writes).
 struct AlignedBuf {
     v: Vec<u8>,
     start: usize,
@@ -228,12 +240,24 @@ struct AlignedBuf {
 
 impl AlignedBuf {
     fn new(len: usize) -> Self {
-        let v = vec![0u8; len + DIRECT_ALIGN];
+        let mut v = BOUNCE.try_with(std::cell::Cell::take).unwrap_or_default();
+        if v.len() < len + DIRECT_ALIGN {
+            v = vec![0u8; len + DIRECT_ALIGN];
+        }
         let start = v.as_ptr().align_offset(DIRECT_ALIGN);
         AlignedBuf { v, start, len }
     }
     fn as_mut(&mut self) -> &mut [u8] {
         &mut self.v[self.start..self.start + self.len]
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.v.len() <= BOUNCE_KEEP + DIRECT_ALIGN {
+            let v = std::mem::take(&mut self.v);
+            let _ = BOUNCE.try_with(|c| c.set(v));
+        }
     }
 }
 
@@ -290,6 +314,16 @@ impl Storage for FileStorage {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         if self.direct && !bufs.iter().all(|b| Self::aligned(b.as_ptr(), b.len(), 0)) {
             // One bounce buffer for the whole run.
+            let a = DIRECT_ALIGN as u64;
+            if offset % a == 0 && total % a == 0 {
+                let mut b = AlignedBuf::new(total as usize);
+                let mut at = 0;
+                for piece in bufs {
+                    b.as_mut()[at..at + piece.len()].copy_from_slice(piece);
+                    at += piece.len();
+                }
+                return self.pwrite_full(b.as_mut(), offset);
+            }
             let joined: Vec<u8> = bufs.concat();
             return self.write_at(&joined, offset);
         }
