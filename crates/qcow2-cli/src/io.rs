@@ -1274,9 +1274,15 @@ pub fn main_args(prog_name: &str, args: &[String]) -> u8 {
     if !line_mode && !std::io::stdout().is_terminal() {
         *OUT.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
     }
-    let code = main_args_buffered(prog_name, args);
-    out_flush();
-    code
+    // Written out however the run ends (an engine panic unwinds to main).
+    struct FlushAtEnd;
+    impl Drop for FlushAtEnd {
+        fn drop(&mut self) {
+            out_flush();
+        }
+    }
+    let _flush = FlushAtEnd;
+    main_args_buffered(prog_name, args)
 }
 
 fn main_args_buffered(prog_name: &str, args: &[String]) -> u8 {

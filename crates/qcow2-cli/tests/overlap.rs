@@ -731,3 +731,59 @@ fn device_unusable_after_corruption_like_qemu() {
     assert_eq!(ocode, qcode, "exit status");
     assert_same_bytes(dir, "o.qcow2", "q.qcow2", "the files afterwards");
 }
+
+/// While a snapshot's L1 table cannot be read under `overlap-check=all`,
+/// nothing at all reaches the file, on any path: 401 writes that each need
+/// a new L2 table (512-byte clusters), and with them new refcount blocks
+/// and cache evictions, leave the file byte-identical, as qemu-io does.
+#[test]
+fn inactive_l2_gate_lets_nothing_through() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmpdir();
+    let dir = t.path();
+    let o = ImgOpts {
+        cluster_size: 512,
+        ..ImgOpts::default()
+    };
+    qemu_create(dir, "base.qcow2", 64 << 20, &o, None);
+    qemu_io_script(dir, "base.qcow2", "qcow2", &["write -P 1 0 64k".into()]).ok("fill");
+    qemu_img(dir, &["snapshot", "-c", "s1", "base.qcow2"]).ok("snapshot");
+    let b = std::fs::read(p(dir, "base.qcow2")).expect("read");
+    let h = Header::parse(&b, b.len() as u64).expect("header");
+    let entry = h.snapshots_offset;
+    set64(&p(dir, "base.qcow2"), entry, be64(&b, entry as usize) + 8);
+    copy(dir, "base.qcow2", "q.qcow2");
+    copy(dir, "base.qcow2", "o.qcow2");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
+    let args = |img: &str| {
+        let mut a = vec!["-c".to_string(), format!("open -o overlap-check=all {img}")];
+        for i in 0..401u64 {
+            a.push("-c".into());
+            a.push(format!("write -P 2 {} 512", i * 8192));
+        }
+        a
+    };
+    let (qa, oa) = (args("q.qcow2"), args("o.qcow2"));
+    let (qout, qcode) = combined(
+        dir,
+        "qemu-io",
+        &qa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (oout, ocode) = combined(
+        dir,
+        bin.join("qemu-io").to_str().unwrap(),
+        &oa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        qout.contains("write failed: Invalid argument"),
+        "QEMU refuses the writes:\n{qout}"
+    );
+    assert_eq!(oout, qout, "combined output (left ours)");
+    assert_eq!(ocode, qcode, "exit status");
+    assert_same_bytes(dir, "q.qcow2", "base.qcow2", "qemu-io left the file alone");
+    assert_same_bytes(dir, "o.qcow2", "base.qcow2", "ours left the file alone");
+}

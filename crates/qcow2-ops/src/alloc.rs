@@ -38,9 +38,12 @@ impl Inner {
         // Metadata whose refcount was lost looks free: the refcount layer
         // refuses to hand it out or to put a new refcount block or table on
         // it (nothing written), and the image is marked corrupt.
-        // While no write can reach the file (`inactive_l2_gate`), the
-        // allocation is left to fail at its first write, with the gate's
-        // errno, as in QEMU (whose allocator checks no overlaps).
+        // While no write can reach the file (`inactive_l2_gate`, enforced
+        // by the file itself: `Shared::write_gate`), the allocation is left
+        // to fail at its first write, with the gate's errno, as in QEMU
+        // (whose allocator checks no overlaps); what it hands out can never
+        // be written, and the gate stays for as long as the image is open
+        // (lifting it takes a snapshot change, itself a refused write).
         let cs = self.geo.cluster_size();
         let (meta, l2_tables) = (&self.meta, &self.l2_tables);
         let gated = self.inactive_l2_unknown.is_some();

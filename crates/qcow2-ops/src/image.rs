@@ -75,6 +75,11 @@ pub(crate) struct Shared {
     pub(crate) zcache: ZCache,
     /// Data bytes written by requests (added to `Stats::data_bytes_written`).
     pub(crate) data_bytes: AtomicU64,
+    /// Nonzero: the errno every write past the header fails with, the
+    /// pre-write overlap check being impossible (see
+    /// `Inner::inactive_l2_gate`). Enforced by the file itself, so that no
+    /// path (cache evictions, refcount blocks, table clears) writes around it.
+    pub(crate) write_gate: std::sync::atomic::AtomicI32,
 }
 
 /// The image lock held together with the gate, exclusively: no request is
@@ -672,9 +677,14 @@ pub(crate) use crate::error::ioerr;
 /// The image file as the engine writes it: a write that fails may have
 /// reached the file in part, so the next flush syncs, as QEMU's does after
 /// any write to a file (a persistent error shows there too).
+/// It also refuses, while `Shared::write_gate` is set, every write past
+/// the header (QEMU's header writes are not overlap-checked either); a
+/// refused write never reached the file, so it asks for no sync.
 struct FailedWrites<S> {
     inner: S,
     sh: Arc<Shared>,
+    /// The header cluster's end.
+    header_end: u64,
 }
 
 impl<S: Storage> FailedWrites<S> {
@@ -684,6 +694,14 @@ impl<S: Storage> FailedWrites<S> {
         }
         r
     }
+
+    fn gate(&self, offset: u64) -> std::io::Result<()> {
+        match self.sh.write_gate.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            _ if offset < self.header_end => Ok(()),
+            errno => Err(std::io::Error::from_raw_os_error(errno)),
+        }
+    }
 }
 
 impl<S: Storage> Storage for FailedWrites<S> {
@@ -691,21 +709,25 @@ impl<S: Storage> Storage for FailedWrites<S> {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.gate(offset)?;
         self.note(self.inner.write_at(buf, offset))
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.gate(offset)?;
         self.note(self.inner.write_vectored_at(bufs, offset))
     }
     fn sync(&self) -> std::io::Result<()> {
         self.inner.sync()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.gate(offset)?;
         self.note(self.inner.punch_hole(offset, len))
     }
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.gate(len)?;
         self.note(self.inner.set_len(len))
     }
     fn next_data(&self, offset: u64) -> std::io::Result<Option<u64>> {
@@ -830,6 +852,7 @@ impl Inner {
         let file = FailedWrites {
             inner: file,
             sh: Arc::clone(&sh),
+            header_end: cs,
         };
         let mut me = Inner {
             name,
@@ -1186,6 +1209,8 @@ impl Inner {
             Some(Err(why)) => self.inactive_l2_unknown = Some(why),
             None => {}
         }
+        let errno = self.inactive_l2_unknown.as_ref().map_or(0, |w| w.0);
+        self.sh.write_gate.store(errno, Ordering::Relaxed);
         self.meta.replace(
             Kind::SnapshotTable.bit() | Kind::InactiveL1.bit() | Kind::InactiveL2.bit(),
             new,
