@@ -459,6 +459,112 @@ static void test_cache_modes(void) {
     free(c);
 }
 
+/* The first byte of the incompatible-feature bits' low end (bit 0: dirty). */
+static int header_dirty(const char *path) {
+    uint8_t b[80];
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    size_t n = fread(b, 1, sizeof b, f);
+    fclose(f);
+    return n == sizeof b ? (b[79] & 1) : -1;
+}
+
+static uint64_t be64_at(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* QCOW2_OPEN_LAZY_REFCOUNTS / _NO_LAZY_REFCOUNTS as QEMU's lazy-refcounts
+ * option (the dirty bit on disk while open, clean after close, v3 only),
+ * QCOW2_OPEN_OVERLAP_INACTIVE_L2 as overlap-check.inactive-l2=on (a
+ * snapshot L1 table that cannot be read fails writes with -EINVAL, and
+ * nothing reaches the file). */
+static void test_open_flags_lazy_and_overlap(void) {
+    char path[4200], v2[4200], lazy[4200], snap[4200], copy[4200];
+    uint8_t buf[4096];
+    memset(buf, 0x6b, sizeof buf);
+    Qcow2Image *img = NULL;
+
+    h_path(path, sizeof path, "lazy-flag.qcow2");
+    CHECK_RC(qcow2_create(path, 4 * MiB, NULL), 0);
+    CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR | QCOW2_OPEN_LAZY_REFCOUNTS |
+                                  QCOW2_OPEN_NO_LAZY_REFCOUNTS, &img), -EINVAL);
+    img = NULL;
+    CHECK_RC(qcow2_open(path, QCOW2_OPEN_RDWR | QCOW2_OPEN_LAZY_REFCOUNTS, &img), 0);
+    CHECK_RC(qcow2_write(img, 0, buf, sizeof buf, 0), 0);
+    CHECK(header_dirty(path) == 1);
+    CHECK_RC(qcow2_close(img), 0);
+    CHECK(header_dirty(path) == 0);
+    CHECK(h_qemu_check(path));
+    CHECK(info_has(path, "\"lazy-refcounts\": false"));
+
+    Qcow2CreateOptions o;
+    memset(&o, 0, sizeof o);
+    o.version = 2;
+    h_path(v2, sizeof v2, "lazy-flag-v2.qcow2");
+    CHECK_RC(qcow2_create(v2, 4 * MiB, &o), 0);
+    img = NULL;
+    CHECK_RC(qcow2_open(v2, QCOW2_OPEN_RDWR | QCOW2_OPEN_LAZY_REFCOUNTS, &img), -EINVAL);
+
+    memset(&o, 0, sizeof o);
+    o.version = 3;
+    o.lazy_refcounts = true;
+    h_path(lazy, sizeof lazy, "lazy-header.qcow2");
+    CHECK_RC(qcow2_create(lazy, 4 * MiB, &o), 0);
+    img = NULL;
+    CHECK_RC(qcow2_open(lazy, QCOW2_OPEN_RDWR | QCOW2_OPEN_NO_LAZY_REFCOUNTS, &img), 0);
+    CHECK_RC(qcow2_write(img, 0, buf, sizeof buf, 0), 0);
+    CHECK(header_dirty(lazy) == 0);
+    CHECK_RC(qcow2_close(img), 0);
+    img = NULL;
+    CHECK_RC(qcow2_open(lazy, QCOW2_OPEN_RDWR, &img), 0);
+    CHECK_RC(qcow2_write(img, 65536, buf, sizeof buf, 0), 0);
+    CHECK(header_dirty(lazy) == 1);
+    CHECK_RC(qcow2_close(img), 0);
+    CHECK(h_qemu_check(lazy));
+
+    /* A snapshot whose L1 table offset is not cluster aligned. */
+    h_path(snap, sizeof snap, "inactive-l2.qcow2");
+    h_path(copy, sizeof copy, "inactive-l2-before.qcow2");
+    CHECK_RC(qcow2_create(snap, 4 * MiB, NULL), 0);
+    img = NULL;
+    CHECK_RC(qcow2_open(snap, QCOW2_OPEN_RDWR, &img), 0);
+    CHECK_RC(qcow2_write(img, 0, buf, sizeof buf, 0), 0);
+    CHECK_RC(qcow2_close(img), 0);
+    CHECK(h_sh("qemu-img snapshot -c s1 '%s'", snap) == 0);
+    FILE *f = fopen(snap, "r+b");
+    CHECK(f != NULL);
+    if (f) {
+        uint8_t h[72], e[8];
+        CHECK(fread(h, 1, sizeof h, f) == sizeof h);
+        uint64_t table = be64_at(h + 64);
+        CHECK(fseek(f, (long)table, SEEK_SET) == 0 && fread(e, 1, 8, f) == 8);
+        uint64_t l1 = be64_at(e) + 512;
+        for (int i = 0; i < 8; i++)
+            e[i] = (uint8_t)(l1 >> (56 - 8 * i));
+        CHECK(fseek(f, (long)table, SEEK_SET) == 0 && fwrite(e, 1, 8, f) == 8);
+        fclose(f);
+    }
+    CHECK(h_sh("cp '%s' '%s'", snap, copy) == 0);
+    img = NULL;
+    CHECK_RC(qcow2_open(snap, QCOW2_OPEN_RDWR | QCOW2_OPEN_OVERLAP_INACTIVE_L2, &img), 0);
+    CHECK_RC(qcow2_write(img, 0, buf, sizeof buf, 0), -EINVAL);
+    CHECK_RC(qcow2_write(img, 2 * MiB, buf, sizeof buf, 0), -EINVAL);
+    uint8_t back[4096];
+    CHECK_RC(qcow2_read(img, 0, back, sizeof back), 0);
+    CHECK(memcmp(back, buf, sizeof buf) == 0);
+    qcow2_close(img);
+    CHECK(h_same_file(snap, copy));
+    /* Without the flag the write goes through (QEMU's default checks). */
+    img = NULL;
+    CHECK_RC(qcow2_open(snap, QCOW2_OPEN_RDWR, &img), 0);
+    CHECK_RC(qcow2_write(img, 2 * MiB, buf, sizeof buf, 0), 0);
+    CHECK_RC(qcow2_close(img), 0);
+}
+
 int main(int argc, char **argv) {
     h_init(argc, argv);
     test_strerror();
@@ -468,5 +574,6 @@ int main(int argc, char **argv) {
     test_backing();
     test_read_write();
     test_cache_modes();
+    test_open_flags_lazy_and_overlap();
     return h_finish();
 }

@@ -89,9 +89,31 @@
 #define QCOW2_OPEN_CACHE_NONE 64
 
 /**
+ * Open flag: lazy refcounts on, whatever the header says (QEMU's
+ * `lazy-refcounts=on`; v3 images only, else -EINVAL): the first write
+ * that allocates marks the image dirty, refcount blocks are written at
+ * close or flush-for-close only, and a crash leaves a dirty image that the
+ * next read-write open repairs.
+ */
+#define QCOW2_OPEN_LAZY_REFCOUNTS 128
+
+/**
+ * Open flag: lazy refcounts off even when the header enables them
+ * (QEMU's `lazy-refcounts=off`). Not with QCOW2_OPEN_LAZY_REFCOUNTS.
+ */
+#define QCOW2_OPEN_NO_LAZY_REFCOUNTS 256
+
+/**
+ * Open flag: also protect the L2 tables of internal snapshots from writes
+ * (QEMU's `overlap-check.inactive-l2=on`); while a snapshot's L1 table
+ * cannot be read, every write fails with -EINVAL or -EFBIG as in QEMU.
+ */
+#define QCOW2_OPEN_OVERLAP_INACTIVE_L2 512
+
+/**
  * Every open flag known; other bits make qcow2_open fail with -EINVAL.
  */
-#define QCOW2_OPEN_KNOWN (((((QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP) | QCOW2_OPEN_NO_BACKING) | QCOW2_OPEN_CACHE_WRITETHROUGH) | QCOW2_OPEN_CACHE_UNSAFE) | QCOW2_OPEN_CACHE_NONE)
+#define QCOW2_OPEN_KNOWN ((((((((QCOW2_OPEN_RDWR | QCOW2_OPEN_UNMAP) | QCOW2_OPEN_NO_BACKING) | QCOW2_OPEN_CACHE_WRITETHROUGH) | QCOW2_OPEN_CACHE_UNSAFE) | QCOW2_OPEN_CACHE_NONE) | QCOW2_OPEN_LAZY_REFCOUNTS) | QCOW2_OPEN_NO_LAZY_REFCOUNTS) | QCOW2_OPEN_OVERLAP_INACTIVE_L2)
 
 /**
  * Request flag (write-zeroes): the zeroed range may be deallocated (QEMU's BDRV_REQ_MAY_UNMAP).
@@ -930,11 +952,14 @@ int qcow2_create(const char *path, uint64_t size, const struct Qcow2CreateOption
  *   QCOW2_OPEN_UNMAP (else discard mode ignore), QCOW2_OPEN_NO_BACKING, and at
  *   most one of QCOW2_OPEN_CACHE_WRITETHROUGH, QCOW2_OPEN_CACHE_UNSAFE,
  *   QCOW2_OPEN_CACHE_NONE (none: writeback), or
- *   QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH for `directsync`.
+ *   QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH for `directsync`;
+ *   QCOW2_OPEN_LAZY_REFCOUNTS or QCOW2_OPEN_NO_LAZY_REFCOUNTS (else as the
+ *   header says); QCOW2_OPEN_OVERLAP_INACTIVE_L2.
  * - `out`: receives the new handle on success.
  *
- * Returns 0 on success; -EINVAL for NULL arguments, unknown flag bits or two
- * cache modes (other than directsync); -ENOENT if the file does not exist;
+ * Returns 0 on success; -EINVAL for NULL arguments, unknown flag bits, two
+ * cache modes (other than directsync), both lazy-refcount flags or lazy
+ * refcounts on a v2 image; -ENOENT if the file does not exist;
  * -ENOTSUP for unsupported features; -EINVAL or -EIO for a damaged image;
  * other negative errno values from the file system.
  *

@@ -26,13 +26,29 @@ pub const QCOW2_OPEN_CACHE_UNSAFE: u32 = 0x20;
 /// Open flag: cache mode `none` (O_DIRECT on the image file, writeback otherwise).
 /// With QCOW2_OPEN_CACHE_WRITETHROUGH: `directsync`.
 pub const QCOW2_OPEN_CACHE_NONE: u32 = 0x40;
+/// Open flag: lazy refcounts on, whatever the header says (QEMU's
+/// `lazy-refcounts=on`; v3 images only, else -EINVAL): the first write
+/// that allocates marks the image dirty, refcount blocks are written at
+/// close or flush-for-close only, and a crash leaves a dirty image that the
+/// next read-write open repairs.
+pub const QCOW2_OPEN_LAZY_REFCOUNTS: u32 = 0x80;
+/// Open flag: lazy refcounts off even when the header enables them
+/// (QEMU's `lazy-refcounts=off`). Not with QCOW2_OPEN_LAZY_REFCOUNTS.
+pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 0x100;
+/// Open flag: also protect the L2 tables of internal snapshots from writes
+/// (QEMU's `overlap-check.inactive-l2=on`); while a snapshot's L1 table
+/// cannot be read, every write fails with -EINVAL or -EFBIG as in QEMU.
+pub const QCOW2_OPEN_OVERLAP_INACTIVE_L2: u32 = 0x200;
 /// Every open flag known; other bits make qcow2_open fail with -EINVAL.
 pub const QCOW2_OPEN_KNOWN: u32 = QCOW2_OPEN_RDWR
     | QCOW2_OPEN_UNMAP
     | QCOW2_OPEN_NO_BACKING
     | QCOW2_OPEN_CACHE_WRITETHROUGH
     | QCOW2_OPEN_CACHE_UNSAFE
-    | QCOW2_OPEN_CACHE_NONE;
+    | QCOW2_OPEN_CACHE_NONE
+    | QCOW2_OPEN_LAZY_REFCOUNTS
+    | QCOW2_OPEN_NO_LAZY_REFCOUNTS
+    | QCOW2_OPEN_OVERLAP_INACTIVE_L2;
 
 /// Request flag (write-zeroes): the zeroed range may be deallocated (QEMU's BDRV_REQ_MAY_UNMAP).
 pub const QCOW2_REQ_MAY_UNMAP: u32 = 0x4;

@@ -113,11 +113,14 @@ pub(crate) unsafe fn create_options(
 ///   QCOW2_OPEN_UNMAP (else discard mode ignore), QCOW2_OPEN_NO_BACKING, and at
 ///   most one of QCOW2_OPEN_CACHE_WRITETHROUGH, QCOW2_OPEN_CACHE_UNSAFE,
 ///   QCOW2_OPEN_CACHE_NONE (none: writeback), or
-///   QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH for `directsync`.
+///   QCOW2_OPEN_CACHE_NONE | QCOW2_OPEN_CACHE_WRITETHROUGH for `directsync`;
+///   QCOW2_OPEN_LAZY_REFCOUNTS or QCOW2_OPEN_NO_LAZY_REFCOUNTS (else as the
+///   header says); QCOW2_OPEN_OVERLAP_INACTIVE_L2.
 /// - `out`: receives the new handle on success.
 ///
-/// Returns 0 on success; -EINVAL for NULL arguments, unknown flag bits or two
-/// cache modes (other than directsync); -ENOENT if the file does not exist;
+/// Returns 0 on success; -EINVAL for NULL arguments, unknown flag bits, two
+/// cache modes (other than directsync), both lazy-refcount flags or lazy
+/// refcounts on a v2 image; -ENOENT if the file does not exist;
 /// -ENOTSUP for unsupported features; -EINVAL or -EIO for a damaged image;
 /// other negative errno values from the file system.
 ///
@@ -164,8 +167,21 @@ pub(crate) fn open_options(flags: u32) -> Result<OpenOptions, FfiError> {
             "more than one QCOW2_OPEN_CACHE_* flag (only NONE|WRITETHROUGH, directsync, combine)",
         ),
     };
+    let lazy_refcounts = match (
+        flags & QCOW2_OPEN_LAZY_REFCOUNTS != 0,
+        flags & QCOW2_OPEN_NO_LAZY_REFCOUNTS != 0,
+    ) {
+        (true, true) => {
+            return invalid("QCOW2_OPEN_LAZY_REFCOUNTS with QCOW2_OPEN_NO_LAZY_REFCOUNTS")
+        }
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        (false, false) => None,
+    };
     Ok(OpenOptions {
         writable: flags & QCOW2_OPEN_RDWR != 0,
+        lazy_refcounts,
+        overlap_inactive_l2: flags & QCOW2_OPEN_OVERLAP_INACTIVE_L2 != 0,
         cache,
         discard: if flags & QCOW2_OPEN_UNMAP != 0 {
             DiscardMode::Unmap
