@@ -469,7 +469,7 @@ fn new_refcount_block_never_lands_on_an_l2_table() {
 /// `prog args...` in `dir` with stderr sent into the stdout pipe, as
 /// scripts and QEMU's tests run qemu-io (`2>&1 | filter`): the order of
 /// the two streams is part of the output.
-fn combined(dir: &Path, prog: &str, args: &[&str]) -> (String, i32) {
+fn combined(dir: &Path, prog: &str, args: &[String]) -> (String, i32) {
     let o = std::process::Command::new("sh")
         .arg("-c")
         .arg("exec \"$0\" \"$@\" 2>&1")
@@ -481,6 +481,24 @@ fn combined(dir: &Path, prog: &str, args: &[&str]) -> (String, i32) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         o.status.code().unwrap_or(-1),
+    )
+}
+
+/// The same qemu-io command line through QEMU's qemu-io (`qemu_args`) and
+/// through ours under the name qemu-io (`our_args`), each as [`combined`].
+fn both_combined(
+    dir: &Path,
+    qemu_args: &[String],
+    our_args: &[String],
+) -> ((String, i32), (String, i32)) {
+    let link = dir.join("bin").join("qemu-io");
+    if !link.exists() {
+        std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        std::os::unix::fs::symlink(qcow2_bin(), &link).expect("symlink");
+    }
+    (
+        combined(dir, "qemu-io", qemu_args),
+        combined(dir, link.to_str().expect("utf-8 path"), our_args),
     )
 }
 
@@ -529,10 +547,6 @@ fn inactive_l2_check_like_qemu() {
     };
     let (l2, entry, snap_l1, snap_l2) = pl;
     assert_ne!(l2, snap_l2, "the active L2 table was copied");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
-    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
-    let ours_io = bin.join("qemu-io");
     type Poke = Box<dyn Fn(&Path)>;
     let onto_snap_l2: fn(u64, u64) -> Poke =
         |l2, snap_l2| Box::new(move |f: &Path| set64(f, l2, COPIED | snap_l2));
@@ -614,18 +628,7 @@ fn inactive_l2_check_like_qemu() {
                 cmd.to_string(),
             ]
         };
-        let (qa, oa) = (args(&q), args(&o));
-        let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
-        let (qout, qcode) = combined(
-            dir,
-            "qemu-io",
-            &strs(&qa).iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        let (oout, ocode) = combined(
-            dir,
-            ours_io.to_str().unwrap(),
-            &strs(&oa).iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let ((qout, qcode), (oout, ocode)) = both_combined(dir, &args(&q), &args(&o));
         let lines = |s: &str, name: &str| {
             s.lines()
                 .filter(|l| !is_timing_line(l))
@@ -678,9 +681,6 @@ fn device_unusable_after_corruption_like_qemu() {
     set64(&p(dir, "base.qcow2"), l2, COPIED | h.l1_table_offset);
     copy(dir, "base.qcow2", "q.qcow2");
     copy(dir, "base.qcow2", "o.qcow2");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
-    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
     let script = [
         "write -P 2 0 4k",
         "read 0 4k",
@@ -708,17 +708,7 @@ fn device_unusable_after_corruption_like_qemu() {
         a.push(img.to_string());
         a
     };
-    let (qa, oa) = (args("q.qcow2"), args("o.qcow2"));
-    let (qout, qcode) = combined(
-        dir,
-        "qemu-io",
-        &qa.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let (oout, ocode) = combined(
-        dir,
-        bin.join("qemu-io").to_str().unwrap(),
-        &oa.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let ((qout, qcode), (oout, ocode)) = both_combined(dir, &args("q.qcow2"), &args("o.qcow2"));
     assert!(
         qout.contains("read failed: No medium found"),
         "QEMU makes the device unusable:\n{qout}"
@@ -756,9 +746,6 @@ fn inactive_l2_gate_lets_nothing_through() {
     set64(&p(dir, "base.qcow2"), entry, be64(&b, entry as usize) + 8);
     copy(dir, "base.qcow2", "q.qcow2");
     copy(dir, "base.qcow2", "o.qcow2");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
-    std::os::unix::fs::symlink(qcow2_bin(), bin.join("qemu-io")).expect("symlink");
     let args = |img: &str| {
         let mut a = vec!["-c".to_string(), format!("open -o overlap-check=all {img}")];
         for i in 0..401u64 {
@@ -767,17 +754,7 @@ fn inactive_l2_gate_lets_nothing_through() {
         }
         a
     };
-    let (qa, oa) = (args("q.qcow2"), args("o.qcow2"));
-    let (qout, qcode) = combined(
-        dir,
-        "qemu-io",
-        &qa.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let (oout, ocode) = combined(
-        dir,
-        bin.join("qemu-io").to_str().unwrap(),
-        &oa.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let ((qout, qcode), (oout, ocode)) = both_combined(dir, &args("q.qcow2"), &args("o.qcow2"));
     assert!(
         qout.contains("write failed: Invalid argument"),
         "QEMU refuses the writes:\n{qout}"
