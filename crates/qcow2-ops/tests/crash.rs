@@ -1439,13 +1439,27 @@ fn crash_resize_with_bitmaps() {
     crash_resize(true, false);
 }
 
+/// Grow to 1 GiB (512 B clusters): the new L1 table takes 512 clusters,
+/// more than one refcount block describes (256), so the refcount blocks
+/// for its place are put after it and counted in blocks made first:
+/// power loss at every mutating I/O, as above.
+#[test]
+fn crash_resize_grow_l1_longer_than_a_refcount_block() {
+    crash_resize_to(false, false, 1 << 30);
+}
+
 fn crash_resize(bitmaps: bool, shrink: bool) {
-    let (old, new) = if shrink { (4 * M, M) } else { (64 * K, 4 * M) };
+    crash_resize_to(bitmaps, shrink, if shrink { M } else { 4 * M });
+}
+
+fn crash_resize_to(bitmaps: bool, shrink: bool, new: u64) {
+    let old = if shrink { 4 * M } else { 64 * K };
     let w = Workload {
-        name: match (bitmaps, shrink) {
-            (true, _) => "resize-bitmaps",
-            (false, true) => "resize-shrink",
-            (false, false) => "resize",
+        name: match (bitmaps, shrink, new > 4 * M) {
+            (true, _, _) => "resize-bitmaps",
+            (false, true, _) => "resize-shrink",
+            (false, false, true) => "resize-long-l1",
+            (false, false, false) => "resize",
         },
         create: "cluster_size=512",
         size: old,
