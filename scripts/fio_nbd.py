@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""The data path over NBD: fio's nbd engine against nbdkit + the qcow2 plugin
-and against qemu-nbd, on copies of one fully allocated image, in one run.
-Both servers are measured with O_DIRECT (plugin cache=none; qemu-nbd
---cache=none --aio=io_uring) and in writeback; fio with io_uring and O_DIRECT
-on a raw file of the same size is the ceiling.
+"""The data path over NBD: fio's nbd engine against the project's two NBD
+servers -- nbdkit + the qcow2 plugin, and `qcow2 nbd` -- and against
+qemu-nbd, on copies of one fully allocated image, in one run. Every server
+is measured with O_DIRECT (plugin cache=none; qcow2 nbd and qemu-nbd
+--cache=none, qemu-nbd --aio=io_uring) and in writeback; fio with io_uring
+and O_DIRECT on a raw file of the same size is the ceiling.
 
     python3 scripts/fio_nbd.py                     # table + target/fio-nbd/results.json
     python3 scripts/fio_nbd.py --runtime 3 --size 1G --json out.json
-    PLUGIN=/path/plugin.so python3 scripts/fio_nbd.py
+    PLUGIN=/path/plugin.so QCOW2=/path/qcow2 python3 scripts/fio_nbd.py
 
 Workloads (one connection, one fio job each): 4 KiB random read / write /
 50-50 at depth 32, 1 MiB sequential read at depth 8, 4 KiB random read at
 depth 1. A benchmark, not a test: it prints figures and writes JSON; the
 targets (issue notes, README) are judged from its output.
+
+nbdkit runs a thread per request (the plugin's calls are synchronous);
+`qcow2 nbd` runs one io_uring event loop per connection that moves the data
+of plain reads and writes itself, as qemu-nbd does.
 
 The disk under a virtual machine drifts by tens of percent within minutes,
 so the servers take turns: each round runs every workload on every server
@@ -43,6 +48,9 @@ WORKLOADS = [
 ]
 
 
+LABEL = {"ours": "plugin", "server": "qcow2 nbd", "qemu-nbd": "qemu-nbd"}
+
+
 def need(*tools):
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
@@ -54,6 +62,13 @@ def need(*tools):
 
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
+
+
+def build_server():
+    if os.environ.get("QCOW2"):
+        return os.environ["QCOW2"]
+    run(["cargo", "build", "-q", "--release", "-p", "qcow2-cli"], cwd=ROOT)
+    return os.path.join(ROOT, "target", "release", "qcow2")
 
 
 def build_plugin(work):
@@ -74,18 +89,22 @@ def build_plugin(work):
 
 
 class Server:
-    def __init__(self, kind, image, mode, plugin, work):
+    def __init__(self, kind, image, mode, tools, work, threads):
+        plugin, qcow2 = tools
         self.sock = os.path.join(work, "nbd.sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.log = open(os.path.join(work, "server.log"), "w")
         if kind == "ours":
             cache = "none" if mode == "direct" else "writeback"
-            # -t 32: nbdkit serves at most 16 requests of a connection at
-            # once by default, fewer than the depth-32 workloads keep in
-            # flight (qemu-nbd has no such cap).
-            cmd = ["nbdkit", "-U", self.sock, "-t", "32", "-f", "--exit-with-parent", plugin,
+            # -t: nbdkit's worker threads per connection, each serving one
+            # request at a time (16 is nbdkit's default).
+            cmd = ["nbdkit", "-U", self.sock, "-t", str(threads), "-f", "--exit-with-parent", plugin,
                    "file=" + image, "cache=" + cache, "discard=unmap"]
+        elif kind == "server":
+            cmd = [qcow2, "nbd", "-k", self.sock, "-f", "qcow2", "-t", "-e", "0",
+                   "--discard=unmap", "--cache=" + ("none" if mode == "direct" else "writeback"),
+                   image]
         else:
             cmd = ["qemu-nbd", "-k", self.sock, "-f", "qcow2", "-t", "-e", "0",
                    "--discard=unmap"]
@@ -165,6 +184,8 @@ def main():
     ap.add_argument("--runtime", type=int, default=6, help="seconds per workload (default 6)")
     ap.add_argument("--size", default="2G", help="image size (default 2G)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
+    ap.add_argument("--threads", type=int, default=16,
+                    help="nbdkit worker threads per connection (default 16, nbdkit's own default)")
     ap.add_argument("--json", default=os.path.join(ROOT, "target", "fio-nbd", "results.json"))
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, on /var/tmp)")
     args = ap.parse_args()
@@ -172,7 +193,7 @@ def main():
 
     work = args.workdir or tempfile.mkdtemp(prefix="fio-nbd-", dir="/var/tmp")
     try:
-        plugin = build_plugin(work)
+        tools = (build_plugin(work), build_server())
         base = os.path.join(work, "base.qcow2")
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", base, args.size])
         raw = os.path.join(work, "ceiling.raw")
@@ -180,7 +201,8 @@ def main():
 
         # One image per server and mode, copied once: the workloads write
         # only into allocated clusters, so later rounds see the same layout.
-        configs = [("ours", "direct"), ("qemu-nbd", "direct"), ("ours", "writeback"), ("qemu-nbd", "writeback")]
+        configs = [("ours", "direct"), ("server", "direct"), ("qemu-nbd", "direct"),
+                   ("ours", "writeback"), ("server", "writeback"), ("qemu-nbd", "writeback")]
         images = {}
         for kind, mode in configs:
             images[(kind, mode)] = os.path.join(work, "%s-%s.qcow2" % (kind, mode))
@@ -190,14 +212,14 @@ def main():
         for rnd in range(1, args.rounds + 1):
             print("round %d of %d" % (rnd, args.rounds), flush=True)
             for kind, mode in configs:
-                srv = Server(kind, images[(kind, mode)], mode, plugin, work)
+                srv = Server(kind, images[(kind, mode)], mode, tools, work, args.threads)
                 try:
                     for name, rw, bs, depth, extra in WORKLOADS:
                         r = fio(["--ioengine=nbd", "--uri=" + srv.uri], rw, bs, depth, extra,
                                 args.runtime, args.size)
                         samples.setdefault(name, {}).setdefault("%s-%s" % (kind, mode), []).append(r)
                         print("  %-18s %-20s %9d IOPS %9.1f MiB/s" % (
-                            name, kind + " " + mode, r["iops"], r["mib_s"]), flush=True)
+                            name, LABEL[kind] + " " + mode, r["iops"], r["mib_s"]), flush=True)
                 finally:
                     srv.stop()
             for name, rw, bs, depth, extra in WORKLOADS:
@@ -215,46 +237,54 @@ def main():
             return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
         results = {}
-        ratios = {}
+        ratios = {}  # plugin / qemu-nbd
         spread = {}
+        server_ratios = {}  # qcow2 nbd / qemu-nbd
+        server_spread = {}
         for name, per in samples.items():
             for cfg, rs in per.items():
                 results.setdefault(name, {})[cfg] = {
                     "iops": round(median([r["iops"] for r in rs])),
                     "mib_s": round(median([r["mib_s"] for r in rs]), 1),
                 }
-            for mode in ("direct", "writeback"):
-                q = results[name]["qemu-nbd-" + mode]["iops"]
-                o = results[name]["ours-" + mode]["iops"]
-                ratios.setdefault(name, {})[mode] = round(o / q, 2) if q else None
-                per_round = [a["iops"] / b["iops"] for a, b in
-                             zip(per["ours-" + mode], per["qemu-nbd-" + mode]) if b["iops"]]
-                spread.setdefault(name, {})[mode] = [round(min(per_round), 2), round(max(per_round), 2)]
+            for ours, rat, spr in (("ours", ratios, spread), ("server", server_ratios, server_spread)):
+                for mode in ("direct", "writeback"):
+                    q = results[name]["qemu-nbd-" + mode]["iops"]
+                    o = results[name][ours + "-" + mode]["iops"]
+                    rat.setdefault(name, {})[mode] = round(o / q, 2) if q else None
+                    per_round = [a["iops"] / b["iops"] for a, b in
+                                 zip(per[ours + "-" + mode], per["qemu-nbd-" + mode]) if b["iops"]]
+                    spr.setdefault(name, {})[mode] = [round(min(per_round), 2), round(max(per_round), 2)]
 
-        print()
-        print("%-18s %12s %12s %7s %12s %12s %7s %12s" % (
-            "workload", "ours direct", "qemu direct", "ratio", "ours wb", "qemu wb", "ratio", "raw ceiling"))
-        for name, *_ in WORKLOADS:
-            r = results[name]
-            unit = "mib_s" if name.startswith("seq") else "iops"
-            print("%-18s %12s %12s %6.2fx %12s %12s %6.2fx %12s" % (
-                name, r["ours-direct"][unit], r["qemu-nbd-direct"][unit], ratios[name]["direct"] or 0,
-                r["ours-writeback"][unit], r["qemu-nbd-writeback"][unit], ratios[name]["writeback"] or 0,
-                r["raw-io_uring-direct"][unit]))
+        for ours, rat, spr in (("server", server_ratios, server_spread), ("ours", ratios, spread)):
+            print()
+            print("%s against qemu-nbd" % LABEL[ours])
+            print("%-18s %12s %12s %7s %12s %12s %7s %12s" % (
+                "workload", "ours direct", "qemu direct", "ratio", "ours wb", "qemu wb", "ratio",
+                "raw ceiling"))
+            for name, *_ in WORKLOADS:
+                r = results[name]
+                unit = "mib_s" if name.startswith("seq") else "iops"
+                print("%-18s %12s %12s %6.2fx %12s %12s %6.2fx %12s" % (
+                    name, r[ours + "-direct"][unit], r["qemu-nbd-direct"][unit],
+                    rat[name]["direct"] or 0, r[ours + "-writeback"][unit],
+                    r["qemu-nbd-writeback"][unit], rat[name]["writeback"] or 0,
+                    r["raw-io_uring-direct"][unit]))
+            print("per-round ratio spread (min-max): " + "; ".join(
+                "%s %s-%s / %s-%s" % (name, spr[name]["direct"][0], spr[name]["direct"][1],
+                                       spr[name]["writeback"][0], spr[name]["writeback"][1])
+                for name, *_ in WORKLOADS))
         print("(medians of %d rounds; IOPS; seqread in MiB/s; %s image, %d s per workload, %d CPUs, fio %s, "
-              "qemu-nbd --aio=%s)" % (args.rounds, args.size, args.runtime, os.cpu_count(),
-                                      run(["fio", "--version"]).stdout.strip(), qemu_aio()))
-        print("per-round ratio spread (min-max): " + "; ".join(
-            "%s %s-%s / %s-%s" % (name, spread[name]["direct"][0], spread[name]["direct"][1],
-                                   spread[name]["writeback"][0], spread[name]["writeback"][1])
-            for name, *_ in WORKLOADS))
+              "qemu-nbd --aio=%s, nbdkit -t %d)" % (args.rounds, args.size, args.runtime, os.cpu_count(),
+                                      run(["fio", "--version"]).stdout.strip(), qemu_aio(), args.threads))
 
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "size": args.size, "runtime": args.runtime, "rounds": args.rounds,
+                       "size": args.size, "runtime": args.runtime, "rounds": args.rounds, "nbdkit_threads": args.threads,
                        "qemu_aio": qemu_aio(), "results": results, "ratios": ratios,
-                       "ratio_spread": spread, "samples": samples}, f, indent=1)
+                       "ratio_spread": spread, "server_ratios": server_ratios,
+                       "server_ratio_spread": server_spread, "samples": samples}, f, indent=1)
         print("wrote", args.json)
     finally:
         if not args.workdir:

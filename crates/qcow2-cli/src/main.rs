@@ -15,6 +15,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod nbd;
 mod num;
 mod progress;
 mod qjson;
@@ -80,6 +81,16 @@ enum Cmd {
     Measure(measure::MeasureArgs),
     /// Change format options (like `qemu-img amend`).
     Amend(amend::AmendArgs),
+    /// Serve an image over NBD (like `qemu-nbd`).
+    Nbd(nbd::NbdArgs),
+}
+
+/// The command line of a link named qemu-nbd.
+#[derive(Parser, Debug)]
+#[command(name = "qemu-nbd", version, about = "Serve a qcow2 image over NBD")]
+struct QemuNbd {
+    #[command(flatten)]
+    args: nbd::NbdArgs,
 }
 
 /// An error that ends the program: message for stderr and exit status.
@@ -276,7 +287,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cli = Cli::parse();
+    // A link named qemu-nbd behaves as `qcow2 nbd`.
+    let cli = if prog == "qemu-nbd" {
+        Cli {
+            cmd: Cmd::Nbd(QemuNbd::parse().args),
+        }
+    } else {
+        Cli::parse()
+    };
     let result = std::panic::catch_unwind(move || match cli.cmd {
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
@@ -292,6 +310,7 @@ fn main() -> ExitCode {
         Cmd::Commit(a) => commit::run(a),
         Cmd::Measure(a) => measure::run(a),
         Cmd::Amend(a) => amend::run(a),
+        Cmd::Nbd(a) => nbd::run(a),
     });
     let result = match result {
         Ok(r) => r,

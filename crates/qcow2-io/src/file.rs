@@ -36,9 +36,20 @@ impl OpenMode {
 const DIRECT_ALIGN: usize = 4096;
 
 /// A file opened with `open(2)`, closed on drop.
+///
+/// An O_DIRECT file is opened twice: writes that are not aligned for
+/// O_DIRECT go through a second, buffered descriptor, exactly as asked
+/// (the page cache merges them; a later O_DIRECT read or write of the range
+/// writes back or drops the cached pages first, and fdatasync on either
+/// descriptor syncs them). A read-modify-write of the aligned block would
+/// lose a concurrent write to another part of the same block, and growing
+/// the file to the block's end then trimming it back would cut off a
+/// concurrent write past the old end.
 pub struct FileStorage {
     fd: libc::c_int,
     direct: bool,
+    /// The buffered descriptor of an O_DIRECT file (-1 otherwise).
+    buffered: libc::c_int,
 }
 
 fn cvt(r: libc::ssize_t) -> io::Result<usize> {
@@ -75,9 +86,22 @@ impl FileStorage {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
+        let mut buffered = -1;
+        if mode.direct {
+            let flags = flags & !(libc::O_DIRECT | libc::O_CREAT | libc::O_TRUNC);
+            // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+            buffered = unsafe { libc::open(c.as_ptr(), flags) };
+            if buffered < 0 {
+                let e = io::Error::last_os_error();
+                // SAFETY: `fd` was opened above and is closed exactly once.
+                unsafe { libc::close(fd) };
+                return Err(e);
+            }
+        }
         Ok(FileStorage {
             fd,
             direct: mode.direct,
+            buffered,
         })
     }
 
@@ -110,14 +134,17 @@ impl FileStorage {
         Ok(())
     }
 
-    fn pwrite_full(&self, buf: &[u8], mut offset: u64) -> io::Result<()> {
+    fn pwrite_full(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        Self::pwrite_fd(self.fd, buf, offset)
+    }
+
+    fn pwrite_fd(fd: libc::c_int, buf: &[u8], mut offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             let rest = &buf[done..];
             // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes; fd is open.
-            let n = cvt(unsafe {
-                libc::pwrite(self.fd, rest.as_ptr().cast(), rest.len(), off_t(offset)?)
-            });
+            let n =
+                cvt(unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), off_t(offset)?) });
             match n {
                 Ok(0) => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
                 Ok(n) => {
@@ -139,7 +166,11 @@ impl FileStorage {
     }
 
     /// `pwritev` of all of `bufs` from `offset`, resuming after short writes.
-    fn pwritev_full(&self, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    fn pwritev_full(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        Self::pwritev_fd(self.fd, bufs, offset)
+    }
+
+    fn pwritev_fd(fd: libc::c_int, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
         // At most IOV_MAX (1024 on Linux) vectors per call.
         const MAX_IOV: usize = 1024;
         let mut iov: Vec<libc::iovec> = bufs
@@ -156,12 +187,7 @@ impl FileStorage {
             // SAFETY: the vectors describe live, readable buffers borrowed
             // from `bufs` for the duration of the call; fd is open.
             let r = cvt(unsafe {
-                libc::pwritev(
-                    self.fd,
-                    iov[first..].as_ptr(),
-                    n as libc::c_int,
-                    off_t(offset)?,
-                )
+                libc::pwritev(fd, iov[first..].as_ptr(), n as libc::c_int, off_t(offset)?)
             });
             let mut done = match r {
                 Ok(0) => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
@@ -262,6 +288,13 @@ impl Drop for AlignedBuf {
 }
 
 impl Storage for FileStorage {
+    fn raw_file(&self) -> Option<crate::RawFile> {
+        Some(crate::RawFile {
+            fd: self.fd,
+            align: if self.direct { DIRECT_ALIGN } else { 1 },
+        })
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if !self.direct || Self::aligned(buf.as_ptr(), buf.len(), offset) {
             return self.pread_full(buf, offset);
@@ -283,28 +316,15 @@ impl Storage for FileStorage {
             // trimming (an aligned write ends where it was asked to).
             return self.pwrite_full(buf, offset);
         }
-        let (ws, wl) = Self::window(offset, buf.len());
-        let mut b = AlignedBuf::new(wl);
-        let s = (offset - ws) as usize;
-        if s == 0 && wl == buf.len() {
-            // Aligned range, unaligned memory: one copy, no read-modify-write,
-            // nothing to trim.
+        let a = DIRECT_ALIGN as u64;
+        if offset % a == 0 && buf.len() as u64 % a == 0 {
+            // Aligned range, unaligned memory: one copy.
+            let mut b = AlignedBuf::new(buf.len());
             b.as_mut().copy_from_slice(buf);
             return self.pwrite_full(b.as_mut(), offset);
         }
-        if s != 0 || wl != buf.len() {
-            // Read-modify-write of the partial edges; the file may end inside the window.
-            self.pread_full(b.as_mut(), ws)?;
-        }
-        b.as_mut()[s..s + buf.len()].copy_from_slice(buf);
-        let old_len = self.len()?;
-        self.pwrite_full(b.as_mut(), ws)?;
-        let end = offset + buf.len() as u64;
-        if ws + wl as u64 > old_len.max(end) {
-            // The aligned write extended the file past what was asked: trim it back.
-            self.set_len(old_len.max(end))?;
-        }
-        Ok(())
+        // An unaligned range: exactly these bytes, through the page cache.
+        Self::pwrite_fd(self.buffered, buf, offset)
     }
 
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
@@ -324,12 +344,10 @@ impl Storage for FileStorage {
                 }
                 return self.pwrite_full(b.as_mut(), offset);
             }
-            let joined: Vec<u8> = bufs.concat();
-            return self.write_at(&joined, offset);
+            return Self::pwritev_fd(self.buffered, bufs, offset);
         }
         if self.direct && offset % DIRECT_ALIGN as u64 != 0 {
-            let joined: Vec<u8> = bufs.concat();
-            return self.write_at(&joined, offset);
+            return Self::pwritev_fd(self.buffered, bufs, offset);
         }
         self.pwritev_full(bufs, offset)
     }
@@ -410,9 +428,12 @@ impl Storage for FileStorage {
 
 impl Drop for FileStorage {
     fn drop(&mut self) {
-        // SAFETY: the fd is owned by this value and closed exactly once.
+        // SAFETY: the fds are owned by this value and closed exactly once.
         unsafe {
             libc::close(self.fd);
+            if self.buffered >= 0 {
+                libc::close(self.buffered);
+            }
         }
     }
 }

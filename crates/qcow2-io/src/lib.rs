@@ -7,7 +7,8 @@
 //! feature (tests and benches enable it; the library never does):
 //! `CountingStorage` counts calls of any backend, `FaultStorage` injects
 //! errors and simulates power loss. [`StickySync`] keeps a failed sync
-//! failed.
+//! failed. [`Ring`] runs file I/O asynchronously on io_uring, for servers
+//! that move guest data themselves ([`Storage::raw_file`]).
 #![warn(missing_docs)]
 
 mod blkdebug;
@@ -19,6 +20,9 @@ mod fault;
 mod file;
 mod mem;
 mod nbd;
+pub mod nbd_proto;
+mod signals;
+mod uring;
 
 pub use blkdebug::{take_rules, Action, Blkdebug, IoType, RawEvents, Rule, Rules};
 #[cfg(any(test, feature = "test-support"))]
@@ -29,9 +33,21 @@ pub use fault::{FaultPlan, FaultStorage};
 pub use file::{FileStorage, OpenMode};
 pub use mem::{MemStorage, NullStorage};
 pub use nbd::{parse_nbd_name, NbdAddress, NbdStorage};
+pub use signals::{catch_termination, termination};
+pub use uring::{Completion, IoBuf, Ring, IO_ALIGN};
 
 use std::io;
 use std::sync::atomic::Ordering;
+
+/// A file descriptor data may be moved with directly ([`Storage::raw_file`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawFile {
+    /// The descriptor, valid while the storage is.
+    pub fd: std::os::fd::RawFd,
+    /// Offsets, lengths and memory of direct I/O must be multiples of this
+    /// (O_DIRECT); 1 for buffered files.
+    pub align: usize,
+}
 
 /// Positional I/O on one image file. All methods take `&self`; backends
 /// are safe to share between threads.
@@ -81,6 +97,12 @@ pub trait Storage: Send + Sync {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// The descriptor under this storage when data may be read and written
+    /// with it directly (a plain file, no layer that must see each request),
+    /// and the alignment such I/O needs.
+    fn raw_file(&self) -> Option<RawFile> {
+        None
+    }
     /// The driver above reached a named point of its work (see
     /// [`DebugEvent`]). Plain storage ignores it; error injection acts on it.
     fn event(&self, ev: DebugEvent) {
@@ -119,6 +141,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
     }
+    fn raw_file(&self) -> Option<RawFile> {
+        (**self).raw_file()
+    }
     fn event(&self, ev: DebugEvent) {
         (**self).event(ev)
     }
@@ -154,6 +179,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
+    }
+    fn raw_file(&self) -> Option<RawFile> {
+        (**self).raw_file()
     }
     fn event(&self, ev: DebugEvent) {
         (**self).event(ev)
@@ -229,6 +257,9 @@ impl<S: Storage> Storage for StickySync<S> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         self.inner.allocated_size()
+    }
+    fn raw_file(&self) -> Option<RawFile> {
+        self.inner.raw_file()
     }
     fn event(&self, ev: DebugEvent) {
         self.inner.event(ev)

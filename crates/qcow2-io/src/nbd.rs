@@ -7,25 +7,8 @@ use crate::Storage;
 use std::io::{self, Read, Write};
 use std::sync::Mutex;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const TFLAG_READ_ONLY: u16 = 1 << 1;
-const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-const TFLAG_SEND_TRIM: u16 = 1 << 5;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
+use crate::nbd_proto::*;
+
 /// Largest request sent at once (servers accept at least 32 MiB).
 const MAX_REQUEST: usize = 32 << 20;
 

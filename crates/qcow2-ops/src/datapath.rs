@@ -146,6 +146,10 @@ impl WritePlan {
     pub(crate) fn in_place(&self) -> bool {
         self.fills.is_empty()
     }
+    /// The pieces written in place: (host offset, range of the buffer).
+    pub(crate) fn direct_pieces(&self) -> impl Iterator<Item = (u64, Range<usize>)> + '_ {
+        self.direct.iter().cloned()
+    }
 }
 
 /// The last decompressed cluster, shared by all requests. Its generation
@@ -527,6 +531,46 @@ impl Inner {
         Ok(())
     }
 
+    /// Where the part `[in_c, in_c+n)` of a guest cluster with entry `e`
+    /// is written in place: a data cluster of its own (never shared, not
+    /// compressed, not a zero cluster) with data in every touched
+    /// subcluster. `None`: a write there fills the cluster anew
+    /// (allocation or copy-on-write).
+    pub(crate) fn in_place_host(&self, e: L2Entry, in_c: u64, n: u64) -> Option<u64> {
+        let host = e.host_offset();
+        // With an external data file every allocated cluster is the
+        // guest's own (host = guest), never shared.
+        let reuse = if self.df {
+            e.has_host(true)
+        } else {
+            !e.is_compressed() && host != 0 && e.copied()
+        };
+        if !reuse {
+            return None;
+        }
+        if self.geo.extended_l2 {
+            let sub = self.geo.subcluster_size();
+            let all_normal = (in_c / sub..(in_c + n).div_ceil(sub))
+                .all(|s| e.subcluster_type_in(true, s as u32, self.df) == SubclusterType::Normal);
+            all_normal.then_some(host + in_c)
+        } else {
+            (!e.zero_flag()).then_some(host + in_c)
+        }
+    }
+
+    /// Whether a write of `len` bytes at guest `offset` (range validated)
+    /// goes entirely into clusters it writes in place: then
+    /// [`Inner::plan_write`] allocates nothing and changes no entry.
+    pub(crate) fn writes_in_place(&mut self, offset: u64, len: usize) -> Result<bool> {
+        for (cg, in_c, _, n) in cluster_pieces(offset, len, self.geo.cluster_size()) {
+            let e = self.l2_entry(cg)?;
+            if self.in_place_host(e, in_c, n as u64).is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Plans the part `data` of the request that lands at `in_c` inside the
     /// guest cluster at `cg`.
     fn plan_write_cluster(
@@ -558,20 +602,19 @@ impl Inner {
             self.mark_corrupt();
             return Err(Error::Corrupt(msg));
         }
+        if let Some(h) = self.in_place_host(e, in_c, n) {
+            // A data cluster of its own, every touched subcluster holding
+            // data: written in place.
+            self.data_overlap_check(h, n)?;
+            plan.direct.push((h, data));
+            return Ok(());
+        }
         if ext && !e.is_compressed() {
             // Only the touched subclusters are written and marked allocated.
             let sub = self.geo.subcluster_size();
             let s0 = in_c / sub;
             let s1 = (in_c + n).div_ceil(sub);
             let (start, end) = (s0 * sub, s1 * sub);
-            let all_normal = (s0..s1)
-                .all(|s| e.subcluster_type_in(true, s as u32, self.df) == SubclusterType::Normal);
-            if reuse && all_normal {
-                // All touched subclusters hold data already: write in place.
-                self.data_overlap_check(host + in_c, n)?;
-                plan.direct.push((host + in_c, data));
-                return Ok(());
-            }
             let partial = start != in_c || end != in_c + n;
             // A cluster shared with a snapshot: as QEMU, the copy gets the
             // span from the first allocated subcluster (or the write) to
@@ -629,12 +672,6 @@ impl Inner {
                 release_old: whole,
             });
             return self.data_overlap_check(new_host + r0, r1 - r0);
-        }
-        if reuse && !e.zero_flag() {
-            // Plain overwrite of an allocated data cluster.
-            self.data_overlap_check(host + in_c, n)?;
-            plan.direct.push((host + in_c, data));
-            return Ok(());
         }
         // Copy-on-write: the whole cluster with the untouched parts as they
         // read now (a zero cluster keeping its host cluster reads as zeroes).

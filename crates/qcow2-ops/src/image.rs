@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+mod mapped;
+pub use mapped::{MapPiece, MappedRead, MappedWrite};
+
 /// Deferred refcount decrements are applied at the latest when this many wait.
 const MAX_PENDING_FREES: usize = 1 << 16;
 
@@ -738,6 +741,9 @@ impl<S: Storage> Storage for FailedWrites<S> {
     }
     fn allocated_size(&self) -> std::io::Result<Option<u64>> {
         self.inner.allocated_size()
+    }
+    fn raw_file(&self) -> Option<qcow2_io::RawFile> {
+        self.inner.raw_file()
     }
     fn event(&self, ev: DebugEvent) {
         self.inner.event(ev)
@@ -1541,11 +1547,13 @@ impl Inner {
         let c = self.alloc_clusters_for(1, Some("L2 table"))?;
         let off = c * cs;
         // The new table must read as zeroes: extend the file over it, or
-        // clear a reused cluster.
+        // clear a reused cluster. Extended by writing its last byte, never
+        // with a truncate: data writes run outside the lock and may have
+        // grown the file past this table since its length was read.
         let len = self.file.len().map_err(ioerr("stat", &self.name))?;
         if off >= len {
             self.file
-                .set_len(off + cs)
+                .write_at(&[0], off + cs - 1)
                 .map_err(ioerr("extend file", &self.name))?;
         } else {
             let zeros = vec![0u8; cs as usize];

@@ -41,7 +41,7 @@ pub use copy::{
     SourceExtent, COPY_CHUNK, DEFAULT_SPARSE_SIZE, MAX_SPARSE_SIZE,
 };
 pub use error::{Error, Result};
-pub use image::Image;
+pub use image::{Image, MapPiece, MappedRead, MappedWrite};
 pub use jsonopts::json_options;
 pub use qcow2_format as format;
 pub use qcow2_io as io;

@@ -437,6 +437,26 @@ fn check_shared(
 }
 
 fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u32) {
+    stress_cached(
+        name,
+        create,
+        cluster,
+        prep,
+        seed,
+        nops,
+        CacheMode::Writeback,
+    )
+}
+
+fn stress_cached(
+    name: &str,
+    create: &str,
+    cluster: u64,
+    prep: Prep,
+    seed: u64,
+    nops: u32,
+    cache: CacheMode,
+) {
     if !tools(name) {
         return;
     }
@@ -453,7 +473,14 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
     let orig = d.join("orig.qcow2");
     std::fs::copy(&img_path, &orig).unwrap();
 
-    let img = Image::open(&img_path, &opts(cluster)).unwrap();
+    let img = Image::open(
+        &img_path,
+        &OpenOptions {
+            cache,
+            ..opts(cluster)
+        },
+    )
+    .unwrap();
     assert_eq!(img.cluster_size(), cluster);
     let clock = Clock::new();
     let barrier = Barrier::new(THREADS);
@@ -571,6 +598,22 @@ fn stress(name: &str, create: &str, cluster: u64, prep: Prep, seed: u64, nops: u
 #[test]
 fn stress_512b_clusters() {
     stress("c512", "cluster_size=512", 512, Prep::Filled(0), 0x512, 500);
+}
+
+/// O_DIRECT with clusters smaller than its 4 KiB alignment: requests on
+/// different clusters share file blocks, and new clusters and L2 tables
+/// grow the file while other threads write past its old end.
+#[test]
+fn stress_512b_clusters_o_direct() {
+    stress_cached(
+        "c512d",
+        "cluster_size=512",
+        512,
+        Prep::Empty,
+        0x512d,
+        500,
+        CacheMode::None,
+    );
 }
 
 #[test]

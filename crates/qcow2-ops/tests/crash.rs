@@ -145,6 +145,33 @@ fn wl_inplace() -> Workload {
     }
 }
 
+fn wl_mapped() -> Workload {
+    // Writes the way the NBD server's event loop makes them (mapped, the
+    // caller moving the data) mixed with allocating writes, zeroes and
+    // discards on the engine's own path.
+    Workload {
+        name: "mapped",
+        create: "cluster_size=4096",
+        size: 4 * M,
+        fill: &["write -P 0x61 0 1M"],
+        ops: vec![
+            Op::WriteM(4 * K, 8 * K, 0x62),
+            Op::WriteM(2 * M, 4 * K, 0x63),
+            Op::Flush,
+            Op::WriteM(64 * K, 16 * K, 0x64),
+            Op::Write(3 * M, 8 * K, 0x65),
+            Op::WriteM(3 * M, 4 * K, 0x66),
+            Op::Discard(128 * K, 8 * K),
+            Op::WriteM(128 * K, 4 * K, 0x67),
+            Op::Flush,
+            Op::WriteM(512 * K, 4 * K, 0x68),
+            Op::Zero(520 * K, 4 * K, 0),
+            Op::WriteM(520 * K, 4 * K, 0x69),
+        ],
+        unit: 512,
+    }
+}
+
 fn wl_refcount_growth() -> Workload {
     // 512-byte clusters with 64-bit refcounts: a refcount block covers 64
     // clusters and the one-cluster refcount table 4096 clusters (2 MiB of
@@ -755,6 +782,7 @@ crash_tests! {
     crash_reuse, errors_reuse: wl_reuse(), 60;
     crash_reuse_l2, errors_reuse_l2: wl_reuse_l2(), 60;
     crash_compressed, errors_compressed: wl_compressed(), 60;
+    crash_mapped, errors_mapped: wl_mapped(), 60;
 }
 
 // ----- persistent dirty bitmaps -----

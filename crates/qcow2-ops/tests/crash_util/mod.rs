@@ -22,15 +22,21 @@ pub enum Op {
     Flush,
     /// compressed write(offset, len) of whole clusters, every byte = pattern.
     WriteC(u64, u64, u8),
+    /// write(offset, len) as a server moving its own data does it:
+    /// `try_map_write` + `MappedWrite::write_now` when the engine maps it,
+    /// else an ordinary write.
+    WriteM(u64, u64, u8),
 }
 
 impl Op {
     /// Guest range the op may change (None: flush).
     pub fn range(&self) -> Option<(u64, u64)> {
         match *self {
-            Op::Write(o, l, _) | Op::Zero(o, l, _) | Op::Discard(o, l) | Op::WriteC(o, l, _) => {
-                Some((o, l))
-            }
+            Op::Write(o, l, _)
+            | Op::Zero(o, l, _)
+            | Op::Discard(o, l)
+            | Op::WriteC(o, l, _)
+            | Op::WriteM(o, l, _) => Some((o, l)),
             Op::Flush => None,
         }
     }
@@ -103,7 +109,9 @@ pub fn start_image(dir: &Path, w: &Workload) -> (PathBuf, Vec<u8>, Vec<u8>) {
 /// zeroed and discarded ranges read as zeroes).
 pub fn model_apply(m: &mut [u8], op: Op, cluster: u64) {
     match op {
-        Op::Write(o, l, p) | Op::WriteC(o, l, p) => m[o as usize..(o + l) as usize].fill(p),
+        Op::Write(o, l, p) | Op::WriteC(o, l, p) | Op::WriteM(o, l, p) => {
+            m[o as usize..(o + l) as usize].fill(p)
+        }
         Op::Zero(o, l, _) => m[o as usize..(o + l) as usize].fill(0),
         Op::Discard(o, l) => {
             let s = o.div_ceil(cluster) * cluster;
@@ -139,6 +147,13 @@ pub fn exec(img: &Image, op: Op) -> Result<()> {
         Op::Discard(o, l) => img.discard(o, l),
         Op::Flush => img.flush(),
         Op::WriteC(o, l, p) => img.write(o, &vec![p; l as usize], REQ_COMPRESSED),
+        Op::WriteM(o, l, p) => {
+            let buf = vec![p; l as usize];
+            match img.try_map_write(o, l as usize)? {
+                Some(m) => m.write_now(&buf),
+                None => img.write(o, &buf, 0),
+            }
+        }
     }
 }
 

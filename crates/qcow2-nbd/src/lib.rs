@@ -1,0 +1,933 @@
+//! An NBD server for qcow2 images (`qcow2 nbd`, a qemu-nbd drop-in).
+//!
+//! Each connection is served by one event loop on an io_uring [`Ring`]:
+//! it reads requests off the socket, and the plain ones (a read of data
+//! clusters or zeroes, a write into data clusters the image owns) are
+//! planned by the engine ([`Image::try_map_read`], [`Image::try_map_write`])
+//! and carried out by the loop itself, many at a time, with one system
+//! call per batch. Everything else (allocation, copy-on-write, backing
+//! file, compressed clusters, flush, trim, write-zeroes, FUA) runs on a
+//! small pool of threads through the engine's ordinary calls, which keep
+//! the ordering rules. Replies go out in completion order.
+//!
+//! The protocol: fixed newstyle handshake (`NBD_OPT_GO`, `NBD_OPT_INFO`,
+//! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`), simple replies
+//! (structured replies and meta contexts are refused, clients fall back),
+//! commands READ, WRITE (FUA), DISC, FLUSH, TRIM (FUA), WRITE_ZEROES (FUA,
+//! NO_HOLE, FAST_ZERO).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use crossbeam_channel::{Receiver, Sender};
+use qcow2_ops::io::{Completion, IoBuf, RawFile, Ring};
+use qcow2_ops::{
+    Image, MapPiece, MappedRead, MappedWrite, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK,
+};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use qcow2_ops::io::nbd_proto::*;
+use qcow2_ops::io::nbd_proto::{
+    EINVAL as NBD_EINVAL, EIO as NBD_EIO, ENOMEM as NBD_ENOMEM, ENOSPC as NBD_ENOSPC,
+    ENOTSUP as NBD_ENOTSUP, EOVERFLOW as NBD_EOVERFLOW, EPERM as NBD_EPERM,
+};
+
+/// The largest request served (and advertised as the maximum block size).
+pub const MAX_REQUEST: usize = 32 << 20;
+/// Requests a connection runs at once; reading stops beyond it.
+const MAX_INFLIGHT: usize = 256;
+/// Buffers kept for reuse, and the largest kept.
+const SPARE_BUFFERS: usize = 256;
+const SPARE_MAX: usize = (1 << 20) + 2 * qcow2_ops::io::IO_ALIGN;
+/// Option payloads accepted during the handshake.
+const MAX_OPTION: usize = 64 << 10;
+
+/// How an export is served.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The export's name ("" by default, as qemu-nbd).
+    pub export_name: String,
+    /// Refuse writes (and advertise the export read-only).
+    pub read_only: bool,
+    /// The event loop moves the data of plain requests itself; `false`:
+    /// every request goes through the thread pool (qemu-nbd `--aio=threads`).
+    pub mapped_io: bool,
+    /// Threads per connection for the requests the loop does not carry out.
+    pub workers: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            export_name: String::new(),
+            read_only: false,
+            mapped_io: true,
+            workers: 4,
+        }
+    }
+}
+
+/// A client connection.
+pub enum Conn {
+    /// Over a Unix domain socket.
+    Unix(UnixStream),
+    /// Over TCP.
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_nonblocking(on),
+            Conn::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+    fn fd(&self) -> RawFd {
+        match self {
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write_vectored(bufs),
+            Conn::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+/// Serves one client until it disconnects: the handshake, then requests.
+/// Returns when the client is gone; an error is the connection's (a
+/// protocol violation, the socket), never a request's (those are replied).
+pub fn serve(img: &Image, mut conn: Conn, opts: &ServeOptions) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    if !handshake(img, &mut conn, opts)? {
+        return Ok(());
+    }
+    conn.set_nonblocking(true)?;
+    Loop::new(img, conn, opts)?.run()
+}
+
+fn option_reply(conn: &mut Conn, opt: u32, typ: u32, data: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    conn.write_all(&b)
+}
+
+fn tflags(opts: &ServeOptions) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
+    if opts.read_only {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    f
+}
+
+/// The fixed newstyle handshake; `Ok(true)`: go on to transmission.
+fn handshake(img: &Image, conn: &mut Conn, opts: &ServeOptions) -> io::Result<bool> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    conn.write_all(&hello)?;
+    let mut b4 = [0u8; 4];
+    conn.read_exact(&mut b4)?;
+    let cflags = u32::from_be_bytes(b4);
+    if cflags & !u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("client flags {cflags:#x} not understood"),
+        ));
+    }
+    let no_zeroes = cflags & u32::from(FLAG_NO_ZEROES) != 0;
+    let size = img.virtual_size();
+    loop {
+        let mut h = [0u8; 16];
+        conn.read_exact(&mut h)?;
+        if be64(&h) != IHAVEOPT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad option magic",
+            ));
+        }
+        let opt = be32(&h[8..]);
+        let len = be32(&h[12..]) as usize;
+        if len > MAX_OPTION {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("option {opt} of {len} bytes is too long"),
+            ));
+        }
+        let mut data = vec![0u8; len];
+        conn.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                if data != opts.export_name.as_bytes() {
+                    // No way to say why: the connection ends.
+                    return Ok(false);
+                }
+                let mut b = Vec::with_capacity(134);
+                b.extend_from_slice(&size.to_be_bytes());
+                b.extend_from_slice(&tflags(opts).to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                conn.write_all(&b)?;
+                return Ok(true);
+            }
+            OPT_ABORT => {
+                let _ = option_reply(conn, opt, REP_ACK, &[]);
+                return Ok(false);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_reply(conn, opt, REP_ERR_INVALID, b"")?;
+                    continue;
+                }
+                let name = opts.export_name.as_bytes();
+                let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                d.extend_from_slice(name);
+                option_reply(conn, opt, REP_SERVER, &d)?;
+                option_reply(conn, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                // name length, name, number of information requests, requests
+                let parsed = (|| {
+                    let n = be32(data.get(..4)?) as usize;
+                    let name = data.get(4..4usize.checked_add(n)?)?;
+                    let rest = &data[4 + n..];
+                    let k = be16(rest.get(..2)?) as usize;
+                    let reqs = rest.get(2..)?;
+                    (reqs.len() == 2 * k).then_some(name)
+                })();
+                let Some(name) = parsed else {
+                    option_reply(conn, opt, REP_ERR_INVALID, b"malformed request")?;
+                    continue;
+                };
+                if name != opts.export_name.as_bytes() {
+                    option_reply(conn, opt, REP_ERR_UNKNOWN, b"export not found")?;
+                    continue;
+                }
+                let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+                export.extend_from_slice(&size.to_be_bytes());
+                export.extend_from_slice(&tflags(opts).to_be_bytes());
+                option_reply(conn, opt, REP_INFO, &export)?;
+                let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                for v in [1u32, 4096, MAX_REQUEST as u32] {
+                    bs.extend_from_slice(&v.to_be_bytes());
+                }
+                option_reply(conn, opt, REP_INFO, &bs)?;
+                option_reply(conn, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    return Ok(true);
+                }
+            }
+            _ => option_reply(conn, opt, REP_ERR_UNSUP, b"")?,
+        }
+    }
+}
+
+/// The NBD error number for an engine error.
+fn nbd_errno(e: &qcow2_ops::Error) -> u32 {
+    if std::env::var_os("QCOW2_NBD_DEBUG").is_some() {
+        eprintln!("request failed: {e}");
+    }
+    match -e.errno() {
+        libc::EPERM | libc::EROFS | libc::EACCES => NBD_EPERM,
+        libc::ENOMEM => NBD_ENOMEM,
+        libc::EINVAL => NBD_EINVAL,
+        libc::ENOSPC | libc::EDQUOT => NBD_ENOSPC,
+        libc::EFBIG | libc::EOVERFLOW => NBD_EOVERFLOW,
+        libc::ENOTSUP => NBD_ENOTSUP,
+        _ => NBD_EIO,
+    }
+}
+
+fn io_errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
+        Some(libc::ENOMEM) => NBD_ENOMEM,
+        _ => NBD_EIO,
+    }
+}
+
+/// A request header off the wire.
+#[derive(Clone, Copy, Debug)]
+struct Req {
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// Work for the pool.
+enum Job {
+    Read(Req),
+    Write(Req, IoBuf),
+    Flush(Req),
+    Trim(Req),
+    Zero(Req),
+}
+
+/// A reply's payload.
+enum Payload {
+    None,
+    Buf(IoBuf),
+    Vec(Vec<u8>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::None => &[],
+            Payload::Buf(b) => b,
+            Payload::Vec(v) => v,
+        }
+    }
+}
+
+/// A reply waiting to be sent.
+struct Reply {
+    header: [u8; 16],
+    data: Payload,
+}
+
+fn reply(cookie: u64, error: u32, data: Payload) -> Reply {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    header[4..8].copy_from_slice(&error.to_be_bytes());
+    header[8..].copy_from_slice(&cookie.to_be_bytes());
+    Reply { header, data }
+}
+
+/// Runs a job through the engine's ordinary calls.
+fn run_job(img: &Image, job: Job) -> Reply {
+    let err = |e: qcow2_ops::Error| nbd_errno(&e);
+    match job {
+        Job::Read(r) => {
+            let mut v = vec![0u8; r.len as usize];
+            match img.read(r.offset, &mut v) {
+                Ok(()) => reply(r.cookie, 0, Payload::Vec(v)),
+                Err(e) => reply(r.cookie, err(e), Payload::None),
+            }
+        }
+        Job::Write(r, buf) => {
+            let flags = if r.flags & CMD_FLAG_FUA != 0 {
+                REQ_FUA
+            } else {
+                0
+            };
+            let res = img.write(r.offset, &buf, flags);
+            reply(r.cookie, res.err().map_or(0, err), Payload::None)
+        }
+        Job::Flush(r) => reply(r.cookie, img.flush().err().map_or(0, err), Payload::None),
+        Job::Trim(r) => {
+            // The image's discard mode decides what a discard does.
+            let mut res = img.discard(r.offset, u64::from(r.len));
+            if res.is_ok() && r.flags & CMD_FLAG_FUA != 0 {
+                res = img.flush();
+            }
+            reply(r.cookie, res.err().map_or(0, err), Payload::None)
+        }
+        Job::Zero(r) => {
+            let mut flags = 0;
+            if r.flags & CMD_FLAG_FUA != 0 {
+                flags |= REQ_FUA;
+            }
+            if r.flags & CMD_FLAG_NO_HOLE == 0 {
+                flags |= REQ_MAY_UNMAP;
+            }
+            if r.flags & CMD_FLAG_FAST_ZERO != 0 {
+                flags |= REQ_NO_FALLBACK;
+            }
+            let res = img.write_zeroes(r.offset, u64::from(r.len), flags);
+            reply(r.cookie, res.err().map_or(0, err), Payload::None)
+        }
+    }
+}
+
+/// A request the loop carries out itself.
+enum Mapped<'a> {
+    Read { req: Req, _map: MappedRead<'a> },
+    Write { req: Req, map: MappedWrite<'a> },
+}
+
+/// Ring tokens of the loop's own waits.
+const TOKEN_SOCKET_IN: u64 = u64::MAX;
+const TOKEN_SOCKET_OUT: u64 = u64::MAX - 1;
+const TOKEN_WAKER: u64 = u64::MAX - 2;
+
+struct Loop<'a> {
+    img: &'a Image,
+    opts: &'a ServeOptions,
+    conn: Conn,
+    ring: Ring,
+    raw: Option<RawFile>,
+    size: u64,
+    /// Bytes read off the socket and not parsed yet.
+    inbuf: Vec<u8>,
+    inpos: usize,
+    /// A write whose payload is still arriving: (request, buffer, bytes in).
+    partial: Option<(Req, IoBuf, usize)>,
+    out: VecDeque<Reply>,
+    /// Bytes of the front reply already sent.
+    sent: usize,
+    mapped: HashMap<u64, Mapped<'a>>,
+    next_token: u64,
+    /// Requests in flight (loop and pool).
+    inflight: usize,
+    readable: bool,
+    writable: bool,
+    armed_in: bool,
+    armed_out: bool,
+    armed_waker: bool,
+    /// The client sent DISC or the socket closed: read nothing more.
+    closing: bool,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Reply>,
+    /// The pool's ends of the channels, until the pool starts.
+    pool_ends: Option<(Receiver<Job>, Sender<Reply>)>,
+    waker: UnixStream,
+    waker_tx: UnixStream,
+    /// Buffers of finished requests, reused (not zeroed again: every use
+    /// fills the whole buffer before anything reads it).
+    spare: Vec<IoBuf>,
+}
+
+impl<'a> Loop<'a> {
+    fn new(img: &'a Image, conn: Conn, opts: &'a ServeOptions) -> io::Result<Loop<'a>> {
+        let ring = Ring::new(256)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot set up io_uring: {e}")))?;
+        let (waker, waker_tx) = UnixStream::pair()?;
+        waker.set_nonblocking(true)?;
+        waker_tx.set_nonblocking(true)?;
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done) = crossbeam_channel::unbounded::<Reply>();
+        Ok(Loop {
+            img,
+            opts,
+            conn,
+            ring,
+            raw: if opts.mapped_io {
+                img.data_file()
+            } else {
+                None
+            },
+            size: img.virtual_size(),
+            inbuf: Vec::with_capacity(256 << 10),
+            inpos: 0,
+            partial: None,
+            out: VecDeque::new(),
+            sent: 0,
+            mapped: HashMap::new(),
+            next_token: 0,
+            inflight: 0,
+            readable: true,
+            writable: true,
+            armed_in: false,
+            armed_out: false,
+            armed_waker: false,
+            closing: false,
+            jobs: Some(jobs),
+            done,
+            pool_ends: Some((jobs_rx, done_tx)),
+            waker,
+            waker_tx,
+            spare: Vec::new(),
+        })
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        std::thread::scope(|s| {
+            let (jobs_rx, done_tx) = self.pool_ends.take().expect("the pool starts once");
+            let img = self.img;
+            for _ in 0..self.opts.workers.max(1) {
+                let rx = jobs_rx.clone();
+                let tx = done_tx.clone();
+                let mut wake = self.waker_tx.try_clone()?;
+                s.spawn(move || {
+                    for job in rx.iter() {
+                        let r = run_job(img, job);
+                        if tx.send(r).is_err() {
+                            break;
+                        }
+                        // One byte is enough to wake the loop; a full
+                        // socket means a wake-up is pending already.
+                        let _ = wake.write(&[1]);
+                    }
+                });
+            }
+            drop(done_tx);
+            let r = self.event_loop();
+            // Stop the pool: it finishes what it has.
+            self.jobs = None;
+            r
+        })
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
+        let mut done = Vec::new();
+        loop {
+            if self.readable && !self.closing && self.inflight < MAX_INFLIGHT {
+                self.read_socket()?;
+            }
+            self.parse()?;
+            while let Ok(r) = self.done.try_recv() {
+                self.inflight -= 1;
+                self.out.push_back(r);
+            }
+            if self.writable && !self.out.is_empty() {
+                self.send()?;
+            }
+            if self.closing && self.inflight == 0 && self.out.is_empty() {
+                return Ok(());
+            }
+            if !self.readable && !self.armed_in && !self.closing && self.inflight < MAX_INFLIGHT {
+                self.ring
+                    .poll(self.conn.fd(), libc::POLLIN as u32, TOKEN_SOCKET_IN)?;
+                self.armed_in = true;
+            }
+            if !self.writable && !self.armed_out && !self.out.is_empty() {
+                self.ring
+                    .poll(self.conn.fd(), libc::POLLOUT as u32, TOKEN_SOCKET_OUT)?;
+                self.armed_out = true;
+            }
+            if !self.armed_waker {
+                self.ring
+                    .poll(self.waker.as_raw_fd(), libc::POLLIN as u32, TOKEN_WAKER)?;
+                self.armed_waker = true;
+            }
+            // Wait for something to happen only when nothing can be done now.
+            let busy = (self.readable && !self.closing && self.inflight < MAX_INFLIGHT)
+                || (self.writable && !self.out.is_empty())
+                || !self.done.is_empty();
+            self.ring.submit_and_wait(if busy { 0 } else { 1 })?;
+            self.ring.complete(&mut done);
+            for c in done.drain(..) {
+                self.completed(c);
+            }
+        }
+    }
+
+    fn read_socket(&mut self) -> io::Result<()> {
+        if let Some((_, buf, got)) = &mut self.partial {
+            // A write's payload goes straight into its buffer.
+            match self.conn.read(&mut buf[*got..]) {
+                Ok(0) => {
+                    self.closing = true;
+                    self.partial = None;
+                }
+                Ok(n) => {
+                    *got += n;
+                    self.readable = *got == buf.len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+        if self.inpos > 0 {
+            self.inbuf.drain(..self.inpos);
+            self.inpos = 0;
+        }
+        let have = self.inbuf.len();
+        let room = (256 << 10).max(have + (64 << 10));
+        self.inbuf.resize(room, 0);
+        match self.conn.read(&mut self.inbuf[have..]) {
+            Ok(0) => {
+                self.inbuf.truncate(have);
+                self.closing = true;
+            }
+            Ok(n) => {
+                self.inbuf.truncate(have + n);
+                // A short read drained the socket: wait for more with a
+                // poll (submitted with the next batch) instead of a read
+                // that would fail with EAGAIN.
+                self.readable = have + n == room;
+            }
+            Err(e) => {
+                self.inbuf.truncate(have);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => self.readable = false,
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::ConnectionReset => self.closing = true,
+                    _ => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the bytes read into requests.
+    fn parse(&mut self) -> io::Result<()> {
+        loop {
+            if let Some((req, buf, got)) = self.partial.take() {
+                if got < buf.len() {
+                    self.partial = Some((req, buf, got));
+                    return Ok(());
+                }
+                self.write(req, buf);
+                continue;
+            }
+            if self.closing || self.inflight >= MAX_INFLIGHT {
+                return Ok(());
+            }
+            let avail = &self.inbuf[self.inpos..];
+            if avail.len() < 28 {
+                return Ok(());
+            }
+            if be32(avail) != REQUEST_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad request magic",
+                ));
+            }
+            let req = Req {
+                flags: be16(&avail[4..]),
+                typ: be16(&avail[6..]),
+                cookie: be64(&avail[8..]),
+                offset: be64(&avail[16..]),
+                len: be32(&avail[24..]),
+            };
+            self.inpos += 28;
+            if req.typ == CMD_WRITE {
+                let len = req.len as usize;
+                if len > MAX_REQUEST {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("write of {len} bytes is larger than {MAX_REQUEST}"),
+                    ));
+                }
+                let mut buf = self.take_buf(len);
+                let avail = &self.inbuf[self.inpos..];
+                let n = avail.len().min(len);
+                buf[..n].copy_from_slice(&avail[..n]);
+                self.inpos += n;
+                self.partial = Some((req, buf, n));
+                continue;
+            }
+            self.dispatch(req);
+        }
+    }
+
+    /// A buffer of `len` bytes, reused when one is spare.
+    fn take_buf(&mut self, len: usize) -> IoBuf {
+        match self.spare.iter().rposition(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.spare.swap_remove(i);
+                b.resize(len);
+                b
+            }
+            None => IoBuf::new(len),
+        }
+    }
+
+    fn give_buf(&mut self, b: IoBuf) {
+        if self.spare.len() < SPARE_BUFFERS && b.capacity() <= SPARE_MAX {
+            self.spare.push(b);
+        }
+    }
+
+    fn reply_now(&mut self, cookie: u64, error: u32) {
+        self.out.push_back(reply(cookie, error, Payload::None));
+    }
+
+    fn send_to_pool(&mut self, job: Job) {
+        self.inflight += 1;
+        if let Some(j) = &self.jobs {
+            let _ = j.send(job);
+        }
+    }
+
+    fn in_range(&self, req: &Req) -> bool {
+        req.offset
+            .checked_add(u64::from(req.len))
+            .is_some_and(|e| e <= self.size)
+    }
+
+    fn dispatch(&mut self, req: Req) {
+        match req.typ {
+            CMD_READ => {
+                if req.len as usize > MAX_REQUEST || !self.in_range(&req) {
+                    return self.reply_now(req.cookie, NBD_EINVAL);
+                }
+                self.read(req)
+            }
+            CMD_DISC => self.closing = true,
+            CMD_FLUSH => self.send_to_pool(Job::Flush(req)),
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if self.opts.read_only {
+                    return self.reply_now(req.cookie, NBD_EPERM);
+                }
+                if !self.in_range(&req) {
+                    return self.reply_now(req.cookie, NBD_EINVAL);
+                }
+                if req.typ == CMD_TRIM {
+                    self.send_to_pool(Job::Trim(req))
+                } else {
+                    self.send_to_pool(Job::Zero(req))
+                }
+            }
+            _ => self.reply_now(req.cookie, NBD_EINVAL),
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token = (self.next_token + 1) % (u64::MAX - 16);
+        self.next_token
+    }
+
+    /// Whether a host range can be moved by the loop: offset and length
+    /// aligned as the file needs (the buffers always are).
+    fn direct_ok(&self, host: u64, len: usize) -> Option<RawFd> {
+        let raw = self.raw?;
+        let a = raw.align as u64;
+        (host % a == 0 && len as u64 % a == 0).then_some(raw.fd)
+    }
+
+    fn read(&mut self, req: Req) {
+        let len = req.len as usize;
+        if self.raw.is_some() {
+            match self.img.try_map_read(req.offset, len) {
+                Ok(Some(map)) => {
+                    let p = map.pieces();
+                    if p.iter().all(|p| p.host.is_none()) {
+                        drop(map);
+                        return self.out.push_back(reply(
+                            req.cookie,
+                            0,
+                            Payload::Vec(vec![0; len]),
+                        ));
+                    }
+                    if let [MapPiece { host: Some(h), .. }] = *p {
+                        if let Some(fd) = self.direct_ok(h, len) {
+                            let token = self.token();
+                            let buf = self.take_buf(len);
+                            return match self.ring.read(fd, h, buf, token) {
+                                Ok(()) => {
+                                    self.inflight += 1;
+                                    self.mapped.insert(token, Mapped::Read { req, _map: map });
+                                }
+                                Err(e) => self.reply_now(req.cookie, io_errno(&e)),
+                            };
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return self.reply_now(req.cookie, nbd_errno(&e)),
+            }
+        }
+        self.send_to_pool(Job::Read(req))
+    }
+
+    fn write(&mut self, req: Req, buf: IoBuf) {
+        if self.opts.read_only {
+            return self.reply_now(req.cookie, NBD_EPERM);
+        }
+        if !self.in_range(&req) {
+            return self.reply_now(req.cookie, NBD_EINVAL);
+        }
+        if self.raw.is_some() && req.flags & CMD_FLAG_FUA == 0 && !buf.is_empty() {
+            match self.img.try_map_write(req.offset, buf.len()) {
+                Ok(Some(map)) => {
+                    if let [(h, r)] = map.pieces() {
+                        let h = *h;
+                        if r.len() == buf.len() {
+                            if self.raw.is_some_and(|r| r.align == 1) {
+                                // Buffered: a copy into the page cache, done
+                                // here (io_uring would hand it to a worker).
+                                let err = map.write_now(&buf).err().map_or(0, |e| nbd_errno(&e));
+                                self.give_buf(buf);
+                                return self.reply_now(req.cookie, err);
+                            }
+                            if let Some(fd) = self.direct_ok(h, buf.len()) {
+                                let token = self.token();
+                                return match self.ring.write(fd, h, buf, token) {
+                                    Ok(()) => {
+                                        self.inflight += 1;
+                                        self.mapped.insert(token, Mapped::Write { req, map });
+                                    }
+                                    Err(e) => {
+                                        let errno = io_errno(&e);
+                                        let _ = map.finish(Err(e));
+                                        self.reply_now(req.cookie, errno);
+                                    }
+                                };
+                            }
+                        }
+                    }
+                    // Pieces the loop does not move: written through the
+                    // engine after all (the mapping is let go unused).
+                    let _ = map.finish(Ok(0));
+                }
+                Ok(None) => {}
+                Err(e) => return self.reply_now(req.cookie, nbd_errno(&e)),
+            }
+        }
+        self.send_to_pool(Job::Write(req, buf))
+    }
+
+    fn completed(&mut self, c: Completion) {
+        match c.token {
+            TOKEN_SOCKET_IN => {
+                self.armed_in = false;
+                self.readable = true;
+                return;
+            }
+            TOKEN_SOCKET_OUT => {
+                self.armed_out = false;
+                self.writable = true;
+                return;
+            }
+            TOKEN_WAKER => {
+                self.armed_waker = false;
+                let mut b = [0u8; 256];
+                while matches!(self.waker.read(&mut b), Ok(n) if n > 0) {}
+                return;
+            }
+            _ => {}
+        }
+        let Some(m) = self.mapped.remove(&c.token) else {
+            return;
+        };
+        self.inflight -= 1;
+        match m {
+            Mapped::Read { req, _map } => {
+                let buf = c.buf.expect("a read returns its buffer");
+                match c.result {
+                    Ok(n) if n == buf.len() => {
+                        drop(_map);
+                        self.out.push_back(reply(req.cookie, 0, Payload::Buf(buf)));
+                    }
+                    Ok(_) => {
+                        // Short (the file ends inside the range): the
+                        // engine's own read says what the rest reads as.
+                        drop(_map);
+                        self.give_buf(buf);
+                        self.send_to_pool(Job::Read(req));
+                    }
+                    Err(e) => {
+                        self.give_buf(buf);
+                        self.reply_now(req.cookie, io_errno(&e))
+                    }
+                }
+            }
+            Mapped::Write { req, map } => {
+                let len = req.len as usize;
+                let res = match c.result {
+                    Ok(n) if n == len => Ok(n as u64),
+                    Ok(n) => Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("short write: {n} of {len} bytes"),
+                    )),
+                    Err(e) => Err(e),
+                };
+                let err = map.finish(res).err().map_or(0, |e| nbd_errno(&e));
+                if let Some(b) = c.buf {
+                    self.give_buf(b);
+                }
+                self.reply_now(req.cookie, err);
+            }
+        }
+    }
+
+    /// Sends queued replies until the socket would block.
+    fn send(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(64);
+            let mut skip = self.sent;
+            for r in self.out.iter().take(32) {
+                for part in [&r.header[..], r.data.bytes()] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
+            }
+            match self.conn.write_vectored(&slices) {
+                Ok(n) => {
+                    drop(slices);
+                    let mut n = n + self.sent;
+                    self.sent = 0;
+                    while let Some(r) = self.out.front() {
+                        let l = 16 + r.data.bytes().len();
+                        if n < l {
+                            self.sent = n;
+                            break;
+                        }
+                        n -= l;
+                        if let Some(Reply {
+                            data: Payload::Buf(b),
+                            ..
+                        }) = self.out.pop_front()
+                        {
+                            self.give_buf(b);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // The client is gone: nobody to answer.
+                    self.out.clear();
+                    self.sent = 0;
+                    self.closing = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
