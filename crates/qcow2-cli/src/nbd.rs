@@ -44,9 +44,10 @@ pub struct NbdArgs {
     /// Same as --cache=none.
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
-    /// threads: every request through the engine on the thread pool;
-    /// native or io_uring: plain reads and writes moved by the connection's
-    /// io_uring loop.
+    /// io_uring or native: one io_uring event loop per connection moves the
+    /// data of plain reads and writes, a thread pool runs the rest; threads:
+    /// a reader thread per connection hands every request to the pool (also
+    /// where io_uring cannot be set up).
     #[arg(long = "aio", default_value = "io_uring")]
     aio: String,
     /// Discard requests: ignore (or off) or unmap (or on).
@@ -150,6 +151,9 @@ pub fn run(a: NbdArgs) -> Result<u8, Fail> {
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Fail::new(format!("Failed to write pid file {}: {e}", p.display())))?;
+    }
+    if mapped_io && !qcow2_nbd::io_uring_available() {
+        eprintln!("qcow2: warning: io_uring cannot be set up here: serving with --aio=threads");
     }
     let serve = ServeOptions {
         export_name: a.export_name.clone(),

@@ -50,6 +50,44 @@ pub struct FileStorage {
     direct: bool,
     /// The buffered descriptor of an O_DIRECT file (-1 otherwise).
     buffered: libc::c_int,
+    /// Whether a failed sync may have lost page-cache data.
+    pages: PageCacheSync,
+}
+
+/// Sync failures of an O_DIRECT file that also writes through the page
+/// cache. A failed fdatasync with no buffered write since the last one
+/// lost nothing a retry would not catch (O_DIRECT data never sat in the
+/// page cache: QEMU's rule, no sticky state). After buffered writes the
+/// kernel may have marked their pages clean despite the failure, so a
+/// retried sync would report success over lost data: from then on every
+/// sync fails with the first errno, as a buffered file's does.
+#[derive(Default)]
+struct PageCacheSync {
+    dirty: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicI32,
+}
+
+impl PageCacheSync {
+    fn wrote(&self) {
+        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Runs `sync` with the rule above.
+    fn sync(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let errno = self.failed.load(SeqCst);
+        if errno != 0 {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let dirty = self.dirty.swap(false, SeqCst);
+        let r = sync();
+        if let Err(e) = &r {
+            if dirty {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                let _ = self.failed.compare_exchange(0, errno, SeqCst, SeqCst);
+            }
+        }
+        r
+    }
 }
 
 fn cvt(r: libc::ssize_t) -> io::Result<usize> {
@@ -88,9 +126,16 @@ impl FileStorage {
         }
         let mut buffered = -1;
         if mode.direct {
+            // The same open file, not whatever the path names by now.
             let flags = flags & !(libc::O_DIRECT | libc::O_CREAT | libc::O_TRUNC);
-            // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-            buffered = unsafe { libc::open(c.as_ptr(), flags) };
+            let same = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+            // SAFETY: both strings are valid NUL-terminated strings that
+            // outlive the calls.
+            buffered = unsafe { libc::open(same.as_ptr(), flags) };
+            if buffered < 0 {
+                // SAFETY: as above.
+                buffered = unsafe { libc::open(c.as_ptr(), flags) };
+            }
             if buffered < 0 {
                 let e = io::Error::last_os_error();
                 // SAFETY: `fd` was opened above and is closed exactly once.
@@ -102,6 +147,7 @@ impl FileStorage {
             fd,
             direct: mode.direct,
             buffered,
+            pages: PageCacheSync::default(),
         })
     }
 
@@ -324,6 +370,7 @@ impl Storage for FileStorage {
             return self.pwrite_full(b.as_mut(), offset);
         }
         // An unaligned range: exactly these bytes, through the page cache.
+        self.pages.wrote();
         Self::pwrite_fd(self.buffered, buf, offset)
     }
 
@@ -344,21 +391,25 @@ impl Storage for FileStorage {
                 }
                 return self.pwrite_full(b.as_mut(), offset);
             }
+            self.pages.wrote();
             return Self::pwritev_fd(self.buffered, bufs, offset);
         }
         if self.direct && offset % DIRECT_ALIGN as u64 != 0 {
+            self.pages.wrote();
             return Self::pwritev_fd(self.buffered, bufs, offset);
         }
         self.pwritev_full(bufs, offset)
     }
 
     fn sync(&self) -> io::Result<()> {
-        // SAFETY: fdatasync on an open fd has no memory-safety requirements.
-        let r = unsafe { libc::fdatasync(self.fd) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.pages.sync(|| {
+            // SAFETY: fdatasync on an open fd has no memory-safety requirements.
+            let r = unsafe { libc::fdatasync(self.fd) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
@@ -520,5 +571,34 @@ mod tests {
         f.read_at(&mut got, 100).unwrap();
         assert_eq!(got, want);
         assert_eq!(f.len().unwrap(), 100 + want.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod page_cache_sync_tests {
+    use super::*;
+
+    fn eio() -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn a_failure_after_buffered_writes_stays_failed() {
+        let p = PageCacheSync::default();
+        // Only O_DIRECT data since the last sync: a retry is meaningful.
+        assert!(p.sync(eio).is_err());
+        assert!(p.sync(|| Ok(())).is_ok());
+        // Buffered writes, then a failure: every later sync fails.
+        p.wrote();
+        assert!(p.sync(|| Ok(())).is_ok());
+        p.wrote();
+        assert_eq!(p.sync(eio).unwrap_err().raw_os_error(), Some(libc::EIO));
+        let mut called = false;
+        let r = p.sync(|| {
+            called = true;
+            Ok(())
+        });
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert!(!called, "not issued again");
     }
 }

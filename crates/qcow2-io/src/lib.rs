@@ -34,7 +34,7 @@ pub use file::{FileStorage, OpenMode};
 pub use mem::{MemStorage, NullStorage};
 pub use nbd::{parse_nbd_name, NbdAddress, NbdStorage};
 pub use signals::{catch_termination, termination};
-pub use uring::{Completion, IoBuf, Ring, IO_ALIGN};
+pub use uring::{Completion, IoBuf, Ring, IO_ALIGN, IO_HUGE_MIN};
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -192,7 +192,9 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
 /// have marked the dirty pages clean (Linux does), so a retried sync would
 /// return 0 over lost data: every later `sync` fails with the errno of the
 /// first failure and is not issued at all, as in QEMU's file driver. Off for
-/// O_DIRECT files (no page cache involved), as in QEMU.
+/// O_DIRECT files, as in QEMU (their data never sits in the page cache; the
+/// unaligned writes a `FileStorage` sends through its buffered descriptor
+/// get the same rule from `FileStorage` itself).
 pub struct StickySync<S> {
     inner: S,
     enabled: bool,

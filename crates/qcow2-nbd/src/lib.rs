@@ -19,7 +19,7 @@
 #![warn(missing_docs)]
 
 use crossbeam_channel::{Receiver, Sender};
-use qcow2_ops::io::{Completion, IoBuf, RawFile, Ring};
+use qcow2_ops::io::{Completion, IoBuf, RawFile, Ring, IO_HUGE_MIN};
 use qcow2_ops::{
     Image, MapPiece, MappedRead, MappedWrite, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK,
 };
@@ -37,11 +37,15 @@ use qcow2_ops::io::nbd_proto::{
 
 /// The largest request served (and advertised as the maximum block size).
 pub const MAX_REQUEST: usize = 32 << 20;
-/// Requests a connection runs at once; reading stops beyond it.
+/// Requests a connection runs at once (with the replies not sent yet);
+/// reading stops beyond it, or beyond `MAX_QUEUED_BYTES` of replies.
 const MAX_INFLIGHT: usize = 256;
-/// Buffers kept for reuse, and the largest kept.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Buffers kept for reuse: small ones, large ones (huge pages), and the
+/// largest kept.
 const SPARE_BUFFERS: usize = 256;
-const SPARE_MAX: usize = (1 << 20) + 2 * qcow2_ops::io::IO_ALIGN;
+const SPARE_LARGE: usize = 16;
+const SPARE_MAX: usize = 4 << 20;
 /// Option payloads accepted during the handshake.
 const MAX_OPTION: usize = 64 << 10;
 
@@ -52,8 +56,10 @@ pub struct ServeOptions {
     pub export_name: String,
     /// Refuse writes (and advertise the export read-only).
     pub read_only: bool,
-    /// The event loop moves the data of plain requests itself; `false`:
-    /// every request goes through the thread pool (qemu-nbd `--aio=threads`).
+    /// One io_uring event loop per connection that moves the data of
+    /// plain requests itself; `false` (qemu-nbd `--aio=threads`), or where
+    /// io_uring cannot be set up: a reader thread per connection hands
+    /// every request to the thread pool.
     pub mapped_io: bool,
     /// Threads per connection for the requests the loop does not carry out.
     pub workers: usize,
@@ -79,6 +85,12 @@ pub enum Conn {
 }
 
 impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
             Conn::Unix(s) => s.set_nonblocking(on),
@@ -138,8 +150,114 @@ pub fn serve(img: &Image, mut conn: Conn, opts: &ServeOptions) -> io::Result<()>
     if !handshake(img, &mut conn, opts)? {
         return Ok(());
     }
-    conn.set_nonblocking(true)?;
-    Loop::new(img, conn, opts)?.run()
+    if opts.mapped_io && io_uring_available() {
+        conn.set_nonblocking(true)?;
+        return Loop::new(img, conn, opts)?.run();
+    }
+    serve_threads(img, conn, opts)
+}
+
+/// Whether io_uring can be set up here (kernels and sandboxes may refuse it).
+pub fn io_uring_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| Ring::new(2).is_ok())
+}
+
+/// Sends one reply on a blocking connection.
+fn send_reply(conn: &mut Conn, r: &Reply) -> io::Result<()> {
+    let data = r.data.bytes();
+    let mut bufs = [IoSlice::new(&r.header), IoSlice::new(data)];
+    let mut bufs = &mut bufs[..];
+    while !bufs.is_empty() {
+        match conn.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The thread model: this thread reads requests, the pool runs them and
+/// sends the replies (one at a time on the socket).
+fn serve_threads(img: &Image, conn: Conn, opts: &ServeOptions) -> io::Result<()> {
+    let size = img.virtual_size();
+    let writer = std::sync::Mutex::new(conn.try_clone()?);
+    let mut conn = conn;
+    let (jobs, rx) = crossbeam_channel::bounded::<Job>(MAX_INFLIGHT);
+    let answer = |r: Reply| {
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        // A client that is gone cannot be answered; reading ends it.
+        let _ = send_reply(&mut w, &r);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..opts.workers.max(1) {
+            let rx = rx.clone();
+            let answer = &answer;
+            s.spawn(move || {
+                for job in rx.iter() {
+                    answer(run_job(img, job));
+                }
+            });
+        }
+        let r = (|| -> io::Result<()> {
+            loop {
+                let mut h = [0u8; 28];
+                match conn.read_exact(&mut h) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                if be32(&h) != REQUEST_MAGIC {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "bad request magic",
+                    ));
+                }
+                let req = Req {
+                    flags: be16(&h[4..]),
+                    typ: be16(&h[6..]),
+                    cookie: be64(&h[8..]),
+                    offset: be64(&h[16..]),
+                    len: be32(&h[24..]),
+                };
+                let job = match req.typ {
+                    CMD_DISC => return Ok(()),
+                    CMD_WRITE => {
+                        let len = req.len as usize;
+                        if len > MAX_REQUEST {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("write of {len} bytes is larger than {MAX_REQUEST}"),
+                            ));
+                        }
+                        let mut buf = IoBuf::new(len);
+                        match conn.read_exact(&mut buf) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                            Err(e) => return Err(e),
+                        }
+                        Job::Write(req, buf)
+                    }
+                    CMD_READ => Job::Read(req),
+                    CMD_FLUSH => Job::Flush(req),
+                    CMD_TRIM => Job::Trim(req),
+                    _ => Job::Zero(req),
+                };
+                if let Some(e) = refuse(&req, opts, size) {
+                    answer(reply(req.cookie, e, Payload::None));
+                    continue;
+                }
+                if jobs.send(job).is_err() {
+                    return Ok(());
+                }
+            }
+        })();
+        // The pool finishes what it has, then ends.
+        drop(jobs);
+        r
+    })
 }
 
 fn option_reply(conn: &mut Conn, opt: u32, typ: u32, data: &[u8]) -> io::Result<()> {
@@ -266,28 +384,63 @@ fn handshake(img: &Image, conn: &mut Conn, opts: &ServeOptions) -> io::Result<bo
     }
 }
 
-/// The NBD error number for an engine error.
-fn nbd_errno(e: &qcow2_ops::Error) -> u32 {
-    if std::env::var_os("QCOW2_NBD_DEBUG").is_some() {
-        eprintln!("request failed: {e}");
-    }
-    match -e.errno() {
-        libc::EPERM | libc::EROFS | libc::EACCES => NBD_EPERM,
+/// The NBD error number for an OS errno, as qemu-nbd maps them
+/// (anything without a counterpart is EINVAL).
+fn wire_errno(errno: i32) -> u32 {
+    match errno {
+        libc::EPERM | libc::EROFS => NBD_EPERM,
+        libc::EIO => NBD_EIO,
         libc::ENOMEM => NBD_ENOMEM,
-        libc::EINVAL => NBD_EINVAL,
-        libc::ENOSPC | libc::EDQUOT => NBD_ENOSPC,
-        libc::EFBIG | libc::EOVERFLOW => NBD_EOVERFLOW,
+        libc::EDQUOT | libc::EFBIG | libc::ENOSPC => NBD_ENOSPC,
+        libc::EOVERFLOW => NBD_EOVERFLOW,
         libc::ENOTSUP => NBD_ENOTSUP,
-        _ => NBD_EIO,
+        libc::ESHUTDOWN => ESHUTDOWN,
+        _ => NBD_EINVAL,
     }
 }
 
+/// The NBD error number for an engine error.
+fn nbd_errno(e: &qcow2_ops::Error) -> u32 {
+    wire_errno(-e.errno())
+}
+
 fn io_errno(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
-        Some(libc::ENOMEM) => NBD_ENOMEM,
-        _ => NBD_EIO,
+    wire_errno(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Why a request is refused before it runs, as qemu-nbd refuses it: an
+/// unknown command or flag (EINVAL), a change to a read-only export
+/// (EPERM), a range past the end (ENOSPC for writes and write-zeroes,
+/// EINVAL otherwise), a read larger than the maximum block size.
+fn refuse(req: &Req, opts: &ServeOptions, size: u64) -> Option<u32> {
+    let allowed = match req.typ {
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        _ => return Some(NBD_EINVAL),
+    };
+    if req.flags & !allowed != 0 {
+        return Some(NBD_EINVAL);
     }
+    let mutating = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if mutating && opts.read_only {
+        return Some(NBD_EPERM);
+    }
+    if req.typ == CMD_READ && req.len as usize > MAX_REQUEST {
+        return Some(NBD_EINVAL);
+    }
+    if req.typ != CMD_FLUSH
+        && req
+            .offset
+            .checked_add(u64::from(req.len))
+            .is_none_or(|end| end > size)
+    {
+        return Some(if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
+            NBD_ENOSPC
+        } else {
+            NBD_EINVAL
+        });
+    }
+    None
 }
 
 /// A request header off the wire.
@@ -421,8 +574,14 @@ struct Loop<'a> {
     armed_in: bool,
     armed_out: bool,
     armed_waker: bool,
-    /// The client sent DISC or the socket closed: read nothing more.
-    closing: bool,
+    /// The socket reached its end: nothing more to read (what was read
+    /// is still served).
+    eof: bool,
+    /// The client sent DISC (or cannot be answered): nothing more is
+    /// taken; what is in flight finishes.
+    disc: bool,
+    /// Bytes of the replies waiting in `out`.
+    out_bytes: usize,
     jobs: Option<Sender<Job>>,
     done: Receiver<Reply>,
     /// The pool's ends of the channels, until the pool starts.
@@ -430,8 +589,10 @@ struct Loop<'a> {
     waker: UnixStream,
     waker_tx: UnixStream,
     /// Buffers of finished requests, reused (not zeroed again: every use
-    /// fills the whole buffer before anything reads it).
+    /// fills the whole buffer before anything reads it): small ones, and
+    /// large ones on huge pages.
     spare: Vec<IoBuf>,
+    spare_large: Vec<IoBuf>,
 }
 
 impl<'a> Loop<'a> {
@@ -448,11 +609,7 @@ impl<'a> Loop<'a> {
             opts,
             conn,
             ring,
-            raw: if opts.mapped_io {
-                img.data_file()
-            } else {
-                None
-            },
+            raw: img.data_file(),
             size: img.virtual_size(),
             inbuf: Vec::with_capacity(256 << 10),
             inpos: 0,
@@ -467,13 +624,16 @@ impl<'a> Loop<'a> {
             armed_in: false,
             armed_out: false,
             armed_waker: false,
-            closing: false,
+            eof: false,
+            disc: false,
+            out_bytes: 0,
             jobs: Some(jobs),
             done,
             pool_ends: Some((jobs_rx, done_tx)),
             waker,
             waker_tx,
             spare: Vec::new(),
+            spare_large: Vec::new(),
         })
     }
 
@@ -481,10 +641,14 @@ impl<'a> Loop<'a> {
         std::thread::scope(|s| {
             let (jobs_rx, done_tx) = self.pool_ends.take().expect("the pool starts once");
             let img = self.img;
-            for _ in 0..self.opts.workers.max(1) {
+            // Everything that can fail first: a pool started and then
+            // abandoned would wait for jobs for ever.
+            let wakers = (0..self.opts.workers.max(1))
+                .map(|_| self.waker_tx.try_clone())
+                .collect::<io::Result<Vec<_>>>()?;
+            for mut wake in wakers {
                 let rx = jobs_rx.clone();
                 let tx = done_tx.clone();
-                let mut wake = self.waker_tx.try_clone()?;
                 s.spawn(move || {
                     for job in rx.iter() {
                         let r = run_job(img, job);
@@ -508,21 +672,23 @@ impl<'a> Loop<'a> {
     fn event_loop(&mut self) -> io::Result<()> {
         let mut done = Vec::new();
         loop {
-            if self.readable && !self.closing && self.inflight < MAX_INFLIGHT {
+            if self.readable && self.taking() {
                 self.read_socket()?;
             }
             self.parse()?;
             while let Ok(r) = self.done.try_recv() {
                 self.inflight -= 1;
-                self.out.push_back(r);
+                self.queue(r);
             }
             if self.writable && !self.out.is_empty() {
                 self.send()?;
             }
-            if self.closing && self.inflight == 0 && self.out.is_empty() {
+            // After the end of the socket, parse has taken every complete
+            // request it could (nothing in flight limits it any more).
+            if (self.eof || self.disc) && self.inflight == 0 && self.out.is_empty() {
                 return Ok(());
             }
-            if !self.readable && !self.armed_in && !self.closing && self.inflight < MAX_INFLIGHT {
+            if !self.readable && !self.armed_in && self.taking() {
                 self.ring
                     .poll(self.conn.fd(), libc::POLLIN as u32, TOKEN_SOCKET_IN)?;
                 self.armed_in = true;
@@ -538,7 +704,7 @@ impl<'a> Loop<'a> {
                 self.armed_waker = true;
             }
             // Wait for something to happen only when nothing can be done now.
-            let busy = (self.readable && !self.closing && self.inflight < MAX_INFLIGHT)
+            let busy = (self.readable && self.taking())
                 || (self.writable && !self.out.is_empty())
                 || !self.done.is_empty();
             self.ring.submit_and_wait(if busy { 0 } else { 1 })?;
@@ -549,12 +715,32 @@ impl<'a> Loop<'a> {
         }
     }
 
+    /// Whether more requests may be taken: no DISC, and fewer than
+    /// `MAX_INFLIGHT` requests in flight or answered but not sent (a client
+    /// that does not read its replies stops being read).
+    fn room(&self) -> bool {
+        !self.disc
+            && self.inflight + self.out.len() < MAX_INFLIGHT
+            && self.out_bytes < MAX_QUEUED_BYTES
+    }
+
+    /// Whether the socket is to be read.
+    fn taking(&self) -> bool {
+        !self.eof && self.room()
+    }
+
+    fn queue(&mut self, r: Reply) {
+        self.out_bytes += r.data.bytes().len();
+        self.out.push_back(r);
+    }
+
     fn read_socket(&mut self) -> io::Result<()> {
         if let Some((_, buf, got)) = &mut self.partial {
             // A write's payload goes straight into its buffer.
             match self.conn.read(&mut buf[*got..]) {
                 Ok(0) => {
-                    self.closing = true;
+                    // A write cut short: dropped unanswered.
+                    self.eof = true;
                     self.partial = None;
                 }
                 Ok(n) => {
@@ -577,7 +763,7 @@ impl<'a> Loop<'a> {
         match self.conn.read(&mut self.inbuf[have..]) {
             Ok(0) => {
                 self.inbuf.truncate(have);
-                self.closing = true;
+                self.eof = true;
             }
             Ok(n) => {
                 self.inbuf.truncate(have + n);
@@ -591,7 +777,7 @@ impl<'a> Loop<'a> {
                 match e.kind() {
                     io::ErrorKind::WouldBlock => self.readable = false,
                     io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::ConnectionReset => self.closing = true,
+                    io::ErrorKind::ConnectionReset => self.eof = true,
                     _ => return Err(e),
                 }
             }
@@ -610,7 +796,7 @@ impl<'a> Loop<'a> {
                 self.write(req, buf);
                 continue;
             }
-            if self.closing || self.inflight >= MAX_INFLIGHT {
+            if !self.room() {
                 return Ok(());
             }
             let avail = &self.inbuf[self.inpos..];
@@ -653,9 +839,14 @@ impl<'a> Loop<'a> {
 
     /// A buffer of `len` bytes, reused when one is spare.
     fn take_buf(&mut self, len: usize) -> IoBuf {
-        match self.spare.iter().rposition(|b| b.capacity() >= len) {
+        let list = if len >= IO_HUGE_MIN {
+            &mut self.spare_large
+        } else {
+            &mut self.spare
+        };
+        match list.iter().rposition(|b| b.capacity() >= len) {
             Some(i) => {
-                let mut b = self.spare.swap_remove(i);
+                let mut b = list.swap_remove(i);
                 b.resize(len);
                 b
             }
@@ -664,13 +855,18 @@ impl<'a> Loop<'a> {
     }
 
     fn give_buf(&mut self, b: IoBuf) {
-        if self.spare.len() < SPARE_BUFFERS && b.capacity() <= SPARE_MAX {
-            self.spare.push(b);
+        let (list, max) = if b.capacity() >= IO_HUGE_MIN {
+            (&mut self.spare_large, SPARE_LARGE)
+        } else {
+            (&mut self.spare, SPARE_BUFFERS)
+        };
+        if list.len() < max && b.capacity() <= SPARE_MAX {
+            list.push(b);
         }
     }
 
     fn reply_now(&mut self, cookie: u64, error: u32) {
-        self.out.push_back(reply(cookie, error, Payload::None));
+        self.queue(reply(cookie, error, Payload::None));
     }
 
     fn send_to_pool(&mut self, job: Job) {
@@ -680,36 +876,19 @@ impl<'a> Loop<'a> {
         }
     }
 
-    fn in_range(&self, req: &Req) -> bool {
-        req.offset
-            .checked_add(u64::from(req.len))
-            .is_some_and(|e| e <= self.size)
-    }
-
     fn dispatch(&mut self, req: Req) {
+        if req.typ == CMD_DISC {
+            self.disc = true;
+            return;
+        }
+        if let Some(e) = refuse(&req, self.opts, self.size) {
+            return self.reply_now(req.cookie, e);
+        }
         match req.typ {
-            CMD_READ => {
-                if req.len as usize > MAX_REQUEST || !self.in_range(&req) {
-                    return self.reply_now(req.cookie, NBD_EINVAL);
-                }
-                self.read(req)
-            }
-            CMD_DISC => self.closing = true,
+            CMD_READ => self.read(req),
             CMD_FLUSH => self.send_to_pool(Job::Flush(req)),
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                if self.opts.read_only {
-                    return self.reply_now(req.cookie, NBD_EPERM);
-                }
-                if !self.in_range(&req) {
-                    return self.reply_now(req.cookie, NBD_EINVAL);
-                }
-                if req.typ == CMD_TRIM {
-                    self.send_to_pool(Job::Trim(req))
-                } else {
-                    self.send_to_pool(Job::Zero(req))
-                }
-            }
-            _ => self.reply_now(req.cookie, NBD_EINVAL),
+            CMD_TRIM => self.send_to_pool(Job::Trim(req)),
+            _ => self.send_to_pool(Job::Zero(req)),
         }
     }
 
@@ -734,11 +913,7 @@ impl<'a> Loop<'a> {
                     let p = map.pieces();
                     if p.iter().all(|p| p.host.is_none()) {
                         drop(map);
-                        return self.out.push_back(reply(
-                            req.cookie,
-                            0,
-                            Payload::Vec(vec![0; len]),
-                        ));
+                        return self.queue(reply(req.cookie, 0, Payload::Vec(vec![0; len])));
                     }
                     if let [MapPiece { host: Some(h), .. }] = *p {
                         if let Some(fd) = self.direct_ok(h, len) {
@@ -762,11 +937,8 @@ impl<'a> Loop<'a> {
     }
 
     fn write(&mut self, req: Req, buf: IoBuf) {
-        if self.opts.read_only {
-            return self.reply_now(req.cookie, NBD_EPERM);
-        }
-        if !self.in_range(&req) {
-            return self.reply_now(req.cookie, NBD_EINVAL);
+        if let Some(e) = refuse(&req, self.opts, self.size) {
+            return self.reply_now(req.cookie, e);
         }
         if self.raw.is_some() && req.flags & CMD_FLAG_FUA == 0 && !buf.is_empty() {
             match self.img.try_map_write(req.offset, buf.len()) {
@@ -838,7 +1010,7 @@ impl<'a> Loop<'a> {
                 match c.result {
                     Ok(n) if n == buf.len() => {
                         drop(_map);
-                        self.out.push_back(reply(req.cookie, 0, Payload::Buf(buf)));
+                        self.queue(reply(req.cookie, 0, Payload::Buf(buf)));
                     }
                     Ok(_) => {
                         // Short (the file ends inside the range): the
@@ -899,6 +1071,7 @@ impl<'a> Loop<'a> {
                             break;
                         }
                         n -= l;
+                        self.out_bytes -= l - 16;
                         if let Some(Reply {
                             data: Payload::Buf(b),
                             ..
@@ -921,8 +1094,10 @@ impl<'a> Loop<'a> {
                 {
                     // The client is gone: nobody to answer.
                     self.out.clear();
+                    self.out_bytes = 0;
                     self.sent = 0;
-                    self.closing = true;
+                    self.eof = true;
+                    self.disc = true;
                     return Ok(());
                 }
                 Err(e) => return Err(e),

@@ -127,11 +127,19 @@ fn with_server(
 
 #[test]
 fn handshake_options_and_errors() {
+    for mapped_io in [true, false] {
+        handshake_options_and_errors_in(mapped_io);
+    }
+}
+
+/// `mapped_io`: the io_uring event loop, else the thread model.
+fn handshake_options_and_errors_in(mapped_io: bool) {
     let dir = tempfile::tempdir().unwrap();
     let p = image(&dir, 65536);
     let img = Image::open(&p, &OpenOptions::read_write()).unwrap();
     let opts = ServeOptions {
         export_name: "disk".into(),
+        mapped_io,
         ..ServeOptions::default()
     };
     with_server(&img, opts, |c| {
@@ -170,7 +178,16 @@ fn handshake_options_and_errors() {
         c.request(0, 0, 4, (4 << 20) - 512, 1024, &[]);
         assert_eq!(c.reply(), (22, 4), "EINVAL past the end");
         c.request(1, 0, 5, (4 << 20) - 512, 1024, &[1; 1024]);
-        assert_eq!(c.reply(), (22, 5), "EINVAL past the end, payload consumed");
+        assert_eq!(c.reply(), (28, 5), "ENOSPC past the end, payload consumed");
+        c.request(6, 0, 51, (4 << 20) - 512, 1024, &[]);
+        assert_eq!(c.reply(), (28, 51), "ENOSPC past the end");
+        c.request(4, 0, 52, (4 << 20) - 512, 1024, &[]);
+        assert_eq!(c.reply(), (22, 52), "EINVAL past the end");
+        // Flags the command does not take: DF (not negotiated), NO_HOLE on a write.
+        c.request(0, 4, 53, 0, 512, &[]);
+        assert_eq!(c.reply(), (22, 53));
+        c.request(1, 2, 54, 0, 512, &[7; 512]);
+        assert_eq!(c.reply(), (22, 54));
         c.request(42, 0, 6, 0, 0, &[]);
         assert_eq!(c.reply(), (22, 6), "EINVAL for an unknown command");
         // Write-zeroes, trim, flush.
@@ -245,4 +262,98 @@ fn protocol_violations_end_the_connection() {
         c.option(7, &[0, 0]);
     });
     assert!(r.is_err());
+}
+
+#[test]
+fn requests_read_before_the_end_are_all_served() {
+    for mapped_io in [true, false] {
+        requests_read_before_the_end_are_all_served_in(mapped_io);
+    }
+}
+
+fn requests_read_before_the_end_are_all_served_in(mapped_io: bool) {
+    // More requests than run at once, then DISC and the end of the
+    // socket: every one is carried out and answered.
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(&dir, 512);
+    let img = Image::open(&p, &OpenOptions::read_write()).unwrap();
+    const N: u64 = 600;
+    let opts = ServeOptions {
+        mapped_io,
+        ..ServeOptions::default()
+    };
+    with_server(&img, opts, |c| {
+        c.greet();
+        c.go("");
+        let mut w = Client {
+            s: c.s.try_clone().unwrap(),
+        };
+        let writer = std::thread::spawn(move || {
+            for i in 0..N {
+                w.request(1, 0, i, i * 4096, 512, &[(i % 250) as u8 + 1; 512]);
+            }
+            w.request(2, 0, N, 0, 0, &[]);
+            w.s.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..N {
+            let (err, cookie) = c.reply();
+            assert_eq!(err, 0);
+            assert!(seen.insert(cookie));
+        }
+        writer.join().unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.s.read(&mut b).unwrap(), 0, "closed after the last reply");
+    })
+    .unwrap();
+    let mut b = [0u8; 512];
+    for i in 0..N {
+        img.read(i * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == (i % 250) as u8 + 1), "write {i}");
+    }
+    img.close().unwrap();
+}
+
+#[test]
+fn a_client_that_reads_no_replies_stops_being_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(&dir, 65536);
+    let img = Image::open(&p, &OpenOptions::read_write()).unwrap();
+    with_server(&img, ServeOptions::default(), |c| {
+        c.greet();
+        c.go("");
+        c.s.set_nonblocking(true).unwrap();
+        // 64 KiB reads, never answered by reading: the server stops taking
+        // them once its queue is full, so the socket fills up.
+        let mut sent = 0u64;
+        let mut req = Vec::new();
+        let mut blocked = 0;
+        while sent < 20_000 && blocked < 20 {
+            req.clear();
+            req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&sent.to_be_bytes());
+            req.extend_from_slice(&0u64.to_be_bytes());
+            req.extend_from_slice(&65536u32.to_be_bytes());
+            match c.s.write(&req) {
+                Ok(28) => {
+                    sent += 1;
+                    blocked = 0;
+                }
+                Ok(n) => panic!("short write of {n}"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    blocked += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            sent < 20_000,
+            "the server read all {sent} requests without anyone reading a reply"
+        );
+        c.s.shutdown(std::net::Shutdown::Both).unwrap();
+    })
+    .unwrap();
 }
