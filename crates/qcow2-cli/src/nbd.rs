@@ -59,6 +59,10 @@ pub struct NbdArgs {
     /// Threads per connection for requests the loop does not carry out.
     #[arg(long = "workers", default_value_t = 4)]
     workers: usize,
+    /// Microseconds an idle connection keeps reading its socket before it
+    /// sleeps (0, the default: sleep at once; not in qemu-nbd).
+    #[arg(long = "poll-us", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    poll_us: u64,
     /// The image.
     image: PathBuf,
 }
@@ -160,6 +164,7 @@ pub fn run(a: NbdArgs) -> Result<u8, Fail> {
         read_only: a.read_only,
         mapped_io,
         workers: a.workers.max(1),
+        poll: std::time::Duration::from_micros(a.poll_us),
     };
     let active = AtomicUsize::new(0);
     let served = AtomicUsize::new(0);

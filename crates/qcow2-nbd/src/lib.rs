@@ -28,6 +28,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use qcow2_ops::io::nbd_proto::*;
 use qcow2_ops::io::nbd_proto::{
@@ -63,6 +64,12 @@ pub struct ServeOptions {
     pub mapped_io: bool,
     /// Threads per connection for the requests the loop does not carry out.
     pub workers: usize,
+    /// How long an event loop with nothing in flight keeps reading the
+    /// socket (yielding the CPU between reads) before it sleeps; zero, the
+    /// default: it sleeps at once. Waking a sleeping thread can cost more
+    /// than a request served from the page cache; polling takes CPU time
+    /// the rest of the machine may need.
+    pub poll: Duration,
 }
 
 impl Default for ServeOptions {
@@ -72,6 +79,7 @@ impl Default for ServeOptions {
             read_only: false,
             mapped_io: true,
             workers: 4,
+            poll: Duration::ZERO,
         }
     }
 }
@@ -558,8 +566,11 @@ struct Loop<'a> {
     raw: Option<RawFile>,
     size: u64,
     /// Bytes read off the socket and not parsed yet.
+    /// Bytes read off the socket: `inbuf[inpos..inend]` not parsed yet (the
+    /// vector keeps its length, so a read zeroes nothing).
     inbuf: Vec<u8>,
     inpos: usize,
+    inend: usize,
     /// A write whose payload is still arriving: (request, buffer, bytes in).
     partial: Option<(Req, IoBuf, usize)>,
     out: VecDeque<Reply>,
@@ -611,8 +622,9 @@ impl<'a> Loop<'a> {
             ring,
             raw: img.data_file(),
             size: img.virtual_size(),
-            inbuf: Vec::with_capacity(256 << 10),
+            inbuf: vec![0; 256 << 10],
             inpos: 0,
+            inend: 0,
             partial: None,
             out: VecDeque::new(),
             sent: 0,
@@ -707,6 +719,9 @@ impl<'a> Loop<'a> {
             let busy = (self.readable && self.taking())
                 || (self.writable && !self.out.is_empty())
                 || !self.done.is_empty();
+            if !busy && self.inflight == 0 && self.out.is_empty() && self.poll_socket()? {
+                continue;
+            }
             self.ring.submit_and_wait(if busy { 0 } else { 1 })?;
             self.ring.complete(&mut done);
             for c in done.drain(..) {
@@ -734,55 +749,83 @@ impl<'a> Loop<'a> {
         self.out.push_back(r);
     }
 
-    fn read_socket(&mut self) -> io::Result<()> {
+    /// Reads the socket until bytes come or `opts.poll` has passed;
+    /// whether any came (or the socket ended).
+    fn poll_socket(&mut self) -> io::Result<bool> {
+        if self.opts.poll.is_zero() || !self.taking() {
+            return Ok(false);
+        }
+        let start = Instant::now();
+        loop {
+            if self.read_socket()? > 0 || self.eof {
+                return Ok(true);
+            }
+            if start.elapsed() >= self.opts.poll {
+                return Ok(false);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reads what the socket has; the number of bytes read.
+    fn read_socket(&mut self) -> io::Result<usize> {
         if let Some((_, buf, got)) = &mut self.partial {
             // A write's payload goes straight into its buffer.
-            match self.conn.read(&mut buf[*got..]) {
+            return match self.conn.read(&mut buf[*got..]) {
                 Ok(0) => {
                     // A write cut short: dropped unanswered.
                     self.eof = true;
                     self.partial = None;
+                    Ok(0)
                 }
                 Ok(n) => {
                     *got += n;
                     self.readable = *got == buf.len();
+                    Ok(n)
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-            return Ok(());
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    Ok(0)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+                Err(e) => Err(e),
+            };
         }
         if self.inpos > 0 {
-            self.inbuf.drain(..self.inpos);
+            self.inbuf.copy_within(self.inpos..self.inend, 0);
+            self.inend -= self.inpos;
             self.inpos = 0;
         }
-        let have = self.inbuf.len();
-        let room = (256 << 10).max(have + (64 << 10));
-        self.inbuf.resize(room, 0);
-        match self.conn.read(&mut self.inbuf[have..]) {
+        if self.inbuf.len() - self.inend < (64 << 10) {
+            self.inbuf.resize(self.inend + (64 << 10), 0);
+        }
+        let room = self.inbuf.len();
+        match self.conn.read(&mut self.inbuf[self.inend..]) {
             Ok(0) => {
-                self.inbuf.truncate(have);
                 self.eof = true;
+                Ok(0)
             }
             Ok(n) => {
-                self.inbuf.truncate(have + n);
+                self.inend += n;
                 // A short read drained the socket: wait for more with a
                 // poll (submitted with the next batch) instead of a read
                 // that would fail with EAGAIN.
-                self.readable = have + n == room;
+                self.readable = self.inend == room;
+                Ok(n)
             }
-            Err(e) => {
-                self.inbuf.truncate(have);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => self.readable = false,
-                    io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::ConnectionReset => self.eof = true,
-                    _ => return Err(e),
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    Ok(0)
                 }
-            }
+                io::ErrorKind::Interrupted => Ok(0),
+                io::ErrorKind::ConnectionReset => {
+                    self.eof = true;
+                    Ok(0)
+                }
+                _ => Err(e),
+            },
         }
-        Ok(())
     }
 
     /// Turns the bytes read into requests.
@@ -799,7 +842,7 @@ impl<'a> Loop<'a> {
             if !self.room() {
                 return Ok(());
             }
-            let avail = &self.inbuf[self.inpos..];
+            let avail = &self.inbuf[self.inpos..self.inend];
             if avail.len() < 28 {
                 return Ok(());
             }
@@ -826,7 +869,7 @@ impl<'a> Loop<'a> {
                     ));
                 }
                 let mut buf = self.take_buf(len);
-                let avail = &self.inbuf[self.inpos..];
+                let avail = &self.inbuf[self.inpos..self.inend];
                 let n = avail.len().min(len);
                 buf[..n].copy_from_slice(&avail[..n]);
                 self.inpos += n;

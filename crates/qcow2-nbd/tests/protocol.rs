@@ -266,12 +266,15 @@ fn protocol_violations_end_the_connection() {
 
 #[test]
 fn requests_read_before_the_end_are_all_served() {
-    for mapped_io in [true, false] {
-        requests_read_before_the_end_are_all_served_in(mapped_io);
+    // The event loop polling its socket before it sleeps, and sleeping at
+    // once; the thread model.
+    let poll = std::time::Duration::from_micros(50);
+    for (mapped_io, poll) in [(true, poll), (true, Default::default()), (false, poll)] {
+        requests_read_before_the_end_are_all_served_in(mapped_io, poll);
     }
 }
 
-fn requests_read_before_the_end_are_all_served_in(mapped_io: bool) {
+fn requests_read_before_the_end_are_all_served_in(mapped_io: bool, poll: std::time::Duration) {
     // More requests than run at once, then DISC and the end of the
     // socket: every one is carried out and answered.
     let dir = tempfile::tempdir().unwrap();
@@ -280,6 +283,7 @@ fn requests_read_before_the_end_are_all_served_in(mapped_io: bool) {
     const N: u64 = 600;
     let opts = ServeOptions {
         mapped_io,
+        poll,
         ..ServeOptions::default()
     };
     with_server(&img, opts, |c| {
