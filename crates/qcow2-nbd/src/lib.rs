@@ -565,7 +565,6 @@ struct Loop<'a> {
     ring: Ring,
     raw: Option<RawFile>,
     size: u64,
-    /// Bytes read off the socket and not parsed yet.
     /// Bytes read off the socket: `inbuf[inpos..inend]` not parsed yet (the
     /// vector keeps its length, so a read zeroes nothing).
     inbuf: Vec<u8>,
