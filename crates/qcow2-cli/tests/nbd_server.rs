@@ -249,24 +249,11 @@ fn backing_file_and_read_only_export() {
     }
     let d = tmpdir();
     let dir = d.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]).ok("base");
+    qemu_create(dir, "base.qcow2", 64 << 20, &ImgOpts::default(), None);
     qemu_io(dir, &["-c", "write -P 0x11 0 4M", "base.qcow2"]).ok("base data");
     for n in ["a.qcow2", "b.qcow2"] {
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                n,
-            ],
-        )
-        .ok("overlay");
+        let base = Some(("base.qcow2", "qcow2"));
+        qemu_create(dir, n, 64 << 20, &ImgOpts::default(), base);
     }
     let s: Vec<String> = [
         "read -P 0x11 0 64k",
@@ -375,20 +362,11 @@ fn termination_signal_closes_cleanly() {
     }
     let d = tmpdir();
     let dir = d.path();
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "a.qcow2",
-            "64M",
-        ],
-    )
-    .ok("create");
+    let o = ImgOpts {
+        cluster_size: 4096,
+        ..ImgOpts::default()
+    };
+    qemu_create(dir, "a.qcow2", 64 << 20, &o, None);
     let srv = Server::start(dir, true, "a.qcow2", &["-t", "--cache=writeback"]);
     // Allocating writes, never flushed by the client: only the server's
     // close writes their L2 tables and refcounts.
